@@ -1,0 +1,194 @@
+#!/usr/bin/env bash
+# build.sh: build byteback.pyz, or install what the tests need and run them.
+#
+#   ./build.sh              build byteback.pyz (a zipapp) beside this script
+#   ./build.sh test [ARGS]  install test dependencies, build, run every test;
+#                           ARGS go to each pytest run (e.g. -k guard, -x)
+#
+# The zipapp is byte-identical for the same tree, whatever the files' mtimes,
+# modes, the umask or readdir order (STYLE.md #18), so it is not built with
+# `python3 -m zipapp`, whose output depends on all of those.
+#
+# Environment (defaults in brackets):
+#   BYTEBACK_SRC_DIR   tree to build from: byteback.py, simulate/ [this script's directory]
+#   BYTEBACK_OUT_DIR   directory byteback.pyz is written to [BYTEBACK_SRC_DIR]
+#   SOURCE_DATE_EPOCH  timestamp of every zip entry [1980-01-01 00:00:00]
+#   PYTHON             interpreter for the build step and the main test run [python3]
+# tests/unit/test_build.py uses the first two to build from temporary copies.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+src_dir="${BYTEBACK_SRC_DIR:-$here}"
+out_dir="${BYTEBACK_OUT_DIR:-$src_dir}"
+python="${PYTHON:-python3}"
+
+APT_PACKAGES=(rsync btrfs-progs openssh-server openssh-client sudo attr acl
+              e2fsprogs util-linux iproute2 procps)
+PIP_PACKAGES=(pytest freezegun pyfakefs hypothesis)
+
+usage() {
+    echo "usage: ./build.sh          build byteback.pyz"
+    echo "       ./build.sh test [PYTEST-ARGS]   install test dependencies, build, run all tests"
+}
+
+phase() {
+    printf '\n=== %s ===\n' "$*"
+}
+
+build() {
+    "$python" - "$src_dir" "$out_dir" <<'PYEOF'
+import os, sys, tempfile, time, zipfile
+
+src, out = sys.argv[1], sys.argv[2]
+SHEBANG = b"#!/usr/bin/env python3\n"
+MAIN = b"import sys\nimport byteback\nsys.exit(byteback.main())\n"
+
+epoch = os.environ.get("SOURCE_DATE_EPOCH")
+if epoch:
+    try:
+        stamp = time.gmtime(int(epoch))[:6]
+    except ValueError:
+        sys.exit("build.sh: SOURCE_DATE_EPOCH=%r is not a whole number of seconds" % epoch)
+    # A zip (DOS) timestamp cannot be before 1980.
+    date_time = max(stamp, (1980, 1, 1, 0, 0, 0))
+else:
+    date_time = (1980, 1, 1, 0, 0, 0)
+
+main_py = os.path.join(src, "byteback.py")
+if not os.path.isfile(main_py):
+    sys.exit("build.sh: %s not found; run from the repository or set BYTEBACK_SRC_DIR" % main_py)
+
+entries = {"__main__.py": MAIN}
+with open(main_py, "rb") as f:
+    entries["byteback.py"] = f.read()
+simulate = os.path.join(src, "simulate")
+if os.path.isdir(simulate):
+    for dirpath, dirnames, filenames in os.walk(simulate):
+        dirnames[:] = [d for d in dirnames if d != "__pycache__"]
+        for name in filenames:
+            if name.endswith(".py"):
+                path = os.path.join(dirpath, name)
+                arcname = os.path.relpath(path, src).replace(os.sep, "/")
+                with open(path, "rb") as f:
+                    entries[arcname] = f.read()
+
+os.makedirs(out, exist_ok=True)
+target = os.path.join(out, "byteback.pyz")
+fd, tmp = tempfile.mkstemp(prefix=".byteback.pyz.", dir=out)
+try:
+    with os.fdopen(fd, "wb") as f:
+        f.write(SHEBANG)
+        with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED) as zf:
+            for arcname in sorted(entries):
+                info = zipfile.ZipInfo(arcname, date_time=date_time)
+                info.external_attr = 0o644 << 16
+                info.compress_type = zipfile.ZIP_STORED
+                zf.writestr(info, entries[arcname])
+    os.chmod(tmp, 0o755)
+    os.replace(tmp, target)
+except BaseException:
+    os.unlink(tmp)
+    raise
+print("built %s (%d entries)" % (target, len(entries)))
+PYEOF
+}
+
+# Installs the Debian packages the integration tests use. Skipped when they are
+# all installed already, so a repeated run needs no network.
+install_apt() {
+    if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then
+        echo "not root or no apt-get: not installing ${APT_PACKAGES[*]}"
+        return 0
+    fi
+    local missing=() pkg log
+    for pkg in "${APT_PACKAGES[@]}"; do
+        if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+            missing+=("$pkg")
+        fi
+    done
+    if [ "${#missing[@]}" = 0 ]; then
+        echo "apt packages already installed"
+        return 0
+    fi
+    echo "installing: ${missing[*]}"
+    log="$(mktemp)"
+    export DEBIAN_FRONTEND=noninteractive
+    if ! apt-get update -q >"$log" 2>&1; then
+        cat "$log"
+        echo "build.sh: apt-get update failed; trying to install anyway" >&2
+    fi
+    if ! apt-get install -y -q --no-install-recommends "${missing[@]}" >"$log" 2>&1; then
+        cat "$log"
+        rm -f "$log"
+        echo "build.sh: apt-get install failed (output above)" >&2
+        return 1
+    fi
+    rm -f "$log"
+}
+
+# pip_install PYTHON: installs the test packages into that interpreter.
+pip_install() {
+    PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
+        "$1" -m pip install -q "${PIP_PACKAGES[@]}"
+}
+
+# Prints a Python 3.8 interpreter if one is installed, else nothing.
+find_python38() {
+    local candidate
+    for candidate in "$HOME"/.pyenv/versions/3.8*/bin/python3 "$(command -v python3.8 || true)"; do
+        # The pyenv shim for python3.8 exists even when it cannot run, so try it.
+        if [ -n "$candidate" ] && [ -x "$candidate" ] &&
+           "$candidate" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 8))' 2>/dev/null; then
+            echo "$candidate"
+            return 0
+        fi
+    done
+}
+
+run_tests() {
+    cd "$here"
+    local failed=() py38 rc
+    phase "install: apt packages"
+    install_apt || failed+=("apt install")
+    phase "install: pip packages into $("$python" -c 'import sys; print(sys.executable)')"
+    pip_install "$python" || failed+=("pip install")
+    phase "build byteback.pyz"
+    build || failed+=("build")
+
+    phase "pytest (all tests) under $("$python" --version 2>&1)"
+    rc=0
+    "$python" -m pytest "$@" || rc=$?
+    [ "$rc" = 0 ] || failed+=("pytest (exit $rc)")
+
+    py38="$(find_python38)"
+    if [ -z "$py38" ]; then
+        phase "Python 3.8 not found: unit tests under 3.8 skipped"
+    else
+        phase "install: pip packages into $py38"
+        if ! pip_install "$py38"; then
+            failed+=("pip install for 3.8")
+        else
+            phase "pytest tests/unit under $("$py38" --version 2>&1)"
+            rc=0
+            "$py38" -m pytest tests/unit "$@" || rc=$?
+            # 5 = no tests collected: only fine while tests/unit has no tests.
+            if [ "$rc" = 5 ] && [ -z "$(find tests/unit -name 'test_*.py' -o -name '*_test.py' 2>/dev/null)" ]; then
+                rc=0
+            fi
+            [ "$rc" = 0 ] || failed+=("pytest 3.8 (exit $rc)")
+        fi
+    fi
+
+    if [ "${#failed[@]}" != 0 ]; then
+        phase "FAILED: ${failed[*]}"
+        return 1
+    fi
+    phase "all passed"
+}
+
+case "${1:-}" in
+    "") build ;;
+    test) shift; run_tests "$@" ;;
+    -h|--help) usage ;;
+    *) usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,146 @@
+"""build.sh makes a byte-identical zipapp (STYLE.md #18), tested as shiv does:
+build twice from copies with different mtimes, modes, umask and file order."""
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+BUILD_SH = REPO / "build.sh"
+SHEBANG = b"#!/usr/bin/env python3\n"
+MAIN_PY = b"import sys\nimport byteback\nsys.exit(byteback.main())\n"
+
+
+def _build(src: Path, out: Path, *, umask: int, epoch: str | None = None) -> Path:
+    """Run the real build.sh on tree `src`, writing out/byteback.pyz under `umask`."""
+    env = dict(os.environ, BYTEBACK_SRC_DIR=str(src), BYTEBACK_OUT_DIR=str(out))
+    env.pop("SOURCE_DATE_EPOCH", None)
+    if epoch is not None:
+        env["SOURCE_DATE_EPOCH"] = epoch
+    subprocess.run(["bash", "-c", 'umask "$1" && exec "$0"', str(BUILD_SH), "%04o" % umask],
+                   env=env, check=True, stdout=subprocess.DEVNULL)
+    return out / "byteback.pyz"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _vary(tree: Path, mtime: int, mode: int) -> None:
+    """Give every file and directory in `tree` this mtime and file mode."""
+    for path in sorted(tree.rglob("*"), reverse=True):
+        if path.is_file():
+            path.chmod(mode)
+        os.utime(path, (mtime, mtime))
+
+
+def _synthetic_tree(root: Path, reverse: bool) -> Path:
+    """A small stand-in tree, files created in either order (readdir order differs)."""
+    files = {
+        "byteback.py": "def main():\n    print('hello from pyz')\n    return 3\n",
+        "simulate/__init__.py": "",
+        "simulate/engine.py": "import byteback\n",
+        "simulate/report.py": "X = 1\n",
+        "simulate/sub/__init__.py": "",
+        "simulate/sub/deep.py": "Y = 2\n",
+        "simulate/notes.txt": "not python: left out\n",
+        "simulate/__pycache__/engine.cpython-311.pyc": "junk",
+        "simulate/sub/__pycache__/deep.cpython-38.pyc": "junk",
+        "__pycache__/byteback.cpython-311.pyc": "junk",
+        "unrelated.py": "left out\n",
+    }
+    for name in sorted(files, reverse=reverse):
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(files[name])
+    return root
+
+
+def test_synthetic_tree_builds_identically(tmp_path):
+    a = _synthetic_tree(tmp_path / "a", reverse=False)
+    b = _synthetic_tree(tmp_path / "b", reverse=True)
+    _vary(a, 1_000_000_000, 0o600)
+    _vary(b, 1_700_000_000, 0o755)
+    pyz_a = _build(a, tmp_path / "out_a", umask=0o022)
+    pyz_b = _build(b, tmp_path / "out_b", umask=0o077)
+    assert _sha256(pyz_a) == _sha256(pyz_b)
+
+    data = pyz_a.read_bytes()
+    assert data.startswith(SHEBANG)
+    assert pyz_a.stat().st_mode & 0o777 == 0o755
+    assert pyz_b.stat().st_mode & 0o777 == 0o755
+    with zipfile.ZipFile(pyz_a) as zf:
+        names = zf.namelist()
+        assert names == ["__main__.py", "byteback.py", "simulate/__init__.py",
+                         "simulate/engine.py", "simulate/report.py",
+                         "simulate/sub/__init__.py", "simulate/sub/deep.py"]
+        assert zf.read("__main__.py") == MAIN_PY
+        for info in zf.infolist():
+            assert info.date_time == (1980, 1, 1, 0, 0, 0)
+            assert info.external_attr == 0o644 << 16
+            assert info.compress_type == zipfile.ZIP_STORED
+    # No temporary file left beside the result.
+    assert sorted(p.name for p in (tmp_path / "out_a").iterdir()) == ["byteback.pyz"]
+
+
+def test_built_pyz_runs_main_and_returns_its_code(tmp_path):
+    pyz = _build(_synthetic_tree(tmp_path / "src", reverse=False), tmp_path / "out", umask=0o022)
+    result = subprocess.run([sys.executable, str(pyz)], capture_output=True, text=True)
+    assert (result.returncode, result.stdout) == (3, "hello from pyz\n")
+
+
+def test_source_date_epoch_sets_every_timestamp(tmp_path):
+    src = _synthetic_tree(tmp_path / "src", reverse=False)
+    pyz = _build(src, tmp_path / "out", umask=0o022, epoch="1767225600")  # 2026-01-01 UTC
+    with zipfile.ZipFile(pyz) as zf:
+        assert {i.date_time for i in zf.infolist()} == {(2026, 1, 1, 0, 0, 0)}
+
+
+def test_tree_without_simulate_builds(tmp_path):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "src" / "byteback.py").write_text("def main():\n    return 0\n")
+    pyz = _build(tmp_path / "src", tmp_path / "out", umask=0o022)
+    with zipfile.ZipFile(pyz) as zf:
+        assert zf.namelist() == ["__main__.py", "byteback.py"]
+
+
+def test_unknown_argument_prints_usage_and_exits_2():
+    result = subprocess.run([str(BUILD_SH), "--frobnicate"], capture_output=True, text=True)
+    assert result.returncode == 2
+    assert "usage:" in result.stderr
+
+
+@pytest.mark.skipif(not (REPO / "byteback.py").exists(),
+                    reason="byteback.py does not exist yet: nothing real to build")
+def test_real_tree_builds_identically(tmp_path):
+    copies = []
+    for name, mtime, mode in (("a", 1_000_000_000, 0o600), ("b", 1_700_000_000, 0o755)):
+        tree = tmp_path / name
+        tree.mkdir()
+        shutil.copy(REPO / "byteback.py", tree / "byteback.py")
+        if (REPO / "simulate").is_dir():
+            shutil.copytree(REPO / "simulate", tree / "simulate",
+                            ignore=shutil.ignore_patterns("__pycache__"))
+        _vary(tree, mtime, mode)
+        copies.append(tree)
+    pyz_a = _build(copies[0], tmp_path / "out_a", umask=0o022)
+    pyz_b = _build(copies[1], tmp_path / "out_b", umask=0o077)
+    assert _sha256(pyz_a) == _sha256(pyz_b)
+    assert pyz_a.read_bytes().startswith(SHEBANG)
+    with zipfile.ZipFile(pyz_a) as zf:
+        names = zf.namelist()
+        assert names == sorted(names)
+        assert names[:2] == ["__main__.py", "byteback.py"]
+        assert not any("__pycache__" in n for n in names)
+        simulate = REPO / "simulate"
+        py_files = simulate.rglob("*.py") if simulate.is_dir() else []
+        expected_simulate = sorted(p.relative_to(REPO).as_posix() for p in py_files
+                                   if "__pycache__" not in p.parts)
+        assert names[2:] == expected_simulate
