@@ -204,6 +204,10 @@ class Lock:
             raise
         return self
 
+    def keep_across_exec(self) -> None:
+        """Let a program we exec into hold the lock until it exits."""
+        os.set_inheritable(self._fd, True)
+
     def __exit__(self, *exc) -> None:
         if self._fd >= 0:
             os.close(self._fd)
@@ -329,6 +333,13 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 < value < 65536:
+        raise ValueError(f"{text!r} is not a port number")
+    return value
+
+
 def _order(text: str) -> str:
     if text not in ("importance", "age"):
         raise ValueError(f"{text!r} is not an order; use 'importance' or 'age'")
@@ -364,6 +375,7 @@ SERVER_OPTIONS: Dict[str, Option] = {
                       "importance target ages, in days"),
     "headroom": Option("1.5", _positive_float, "free space kept = headroom x mean backup size"),
     "history": Option("10", _positive_int, "how many recent backups the mean is taken over"),
+    "rsync_timeout": Option("600", _positive_int, "the server rsync's I/O timeout, in seconds"),
 }
 
 
@@ -375,6 +387,7 @@ class ServerConfig(NamedTuple):
     targets: tuple = tuple(float(d) for d in DEFAULT_TARGET_DAYS)
     headroom: float = 1.5
     history: int = 10
+    rsync_timeout: int = 600
 
 
 def _line_of_key(lines: Sequence[str], section: str, key: str) -> int:
@@ -745,8 +758,17 @@ class Store:
         return current
 
     def rsync_options(self, host: str) -> List[str]:
-        """Options the receiving rsync needs for this backend."""
-        raise NotImplementedError
+        """Options the receiving rsync needs, decided by what current is.
+
+        The forced command runs as the byteback user, which may not be able to
+        tell the backend from the filesystem alone; current itself says it.
+        """
+        if is_btrfs_subvolume(self.current(host)):
+            return ["--inplace"]   # only changed blocks are written; snapshots share the rest
+        # Never --inplace here: current shares inodes with the newest snapshot,
+        # and writing in place would change history through the shared inode.
+        snaps = self.snapshots(host)
+        return [f"--link-dest={self.snapshot_path(snaps[-1])}"] if snaps else []
 
     def take_snapshot(self, host: str, name: str, previous: Optional[dict]) -> dict:
         """Turn current into the read-only snapshot `name`; return its size record."""
@@ -797,14 +819,6 @@ class HardlinkStore(Store):
     def _create_current(self, path: Path) -> None:
         path.mkdir(mode=0o755)
 
-    def rsync_options(self, host: str) -> List[str]:
-        # Never --inplace here: current shares inodes with the newest snapshot,
-        # and writing in place would change history through the shared inode.
-        snaps = self.snapshots(host)
-        if not snaps:
-            return []
-        return [f"--link-dest={self.snapshot_path(snaps[-1])}"]
-
     def take_snapshot(self, host: str, name: str, previous: Optional[dict]) -> dict:
         current = self.current(host)
         size, added = tree_size(current)   # files linked from the last snapshot are not new
@@ -843,9 +857,6 @@ class BtrfsStore(Store):
 
     def _create_current(self, path: Path) -> None:
         self._btrfs("subvolume", "create", str(path))
-
-    def rsync_options(self, host: str) -> List[str]:
-        return ["--inplace"]   # only changed blocks are written, so snapshots share the rest
 
     def generation(self, path: Path) -> int:
         """The subvolume's current transaction id ('transid marker')."""
@@ -1247,7 +1258,7 @@ def _server_store(args: argparse.Namespace, config: ServerConfig, runner: Runner
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """snapshot: make host's current a read-only snapshot (refused inside the interval), then prune."""
-    _refuse_under_sudo(args, "store", "force", "config_dir")
+    _refuse_under_sudo(args, "store", "force")
     config = load_server_config(args.config_dir)
     store = _server_store(args, config, Runner())
     host = check_host_name(args.host)
@@ -1274,7 +1285,7 @@ def _print_plan(plan: Sequence[Decision], now: dt.datetime) -> None:
 
 def cmd_prune(args: argparse.Namespace) -> int:
     """prune: delete snapshots, least important first, until the store has its target free space."""
-    _refuse_under_sudo(args, "store", "force", "config_dir")
+    _refuse_under_sudo(args, "store", "force")
     config = load_server_config(args.config_dir)
     store = _server_store(args, config, Runner(dry_run=args.dry_run))
     order = args.order or config.order
@@ -1290,6 +1301,565 @@ def cmd_prune(args: argparse.Namespace) -> int:
     if args.dry_run and not result.deleted:
         print(f"nothing to delete: {format_size(result.free)} free, target {format_size(result.target)}")
     return EXIT_OK
+
+
+# --- 7b. The receive guard (the forced command) ------------------------------
+#
+# authorized_keys runs `byteback.pyz receive --host NAME` for every client key;
+# the client's own command arrives in SSH_ORIGINAL_COMMAND.  Everything in it
+# is hostile until proven otherwise.  The option policy is the tables below;
+# each refusal names the attack it stops.  Nothing here may write to stdout
+# before rsync runs: stdout is rsync's protocol channel.
+
+RSYNC_PROGRAM = "/usr/bin/rsync"
+MIN_RSYNC = (3, 4, 0)           # CVE-2024-12084/12085: hostile client on restore
+CONFINE_RSYNC = (3, 5, 0)       # --confine-root (refuses operator paths outside the host)
+
+# Single-letter options, by direction.  NOTE: build_rsync_argv (section 8) and
+# the restore client send these; keep the tables and the client in step.
+PUSH_LETTERS = frozenset("vlogDtpXrRHnzSxcWIuq")
+SEND_LETTERS = frozenset("vlogDtpXrRHnzq")
+REFUSED_LETTERS = {
+    "s": "secluded args hide the real options from this check",
+    "L": "--copy-links follows symlinks a client planted, out of the host's tree",
+    "k": "--copy-dirlinks follows symlinks a client planted",
+    "K": "--keep-dirlinks writes through symlinks a client planted",
+    "b": "--backup makes the server write files by name",
+    "T": "--temp-dir names a server path",
+    "A": "ACL parsing is attack surface byteback does not need (CVE-2026-53799)",
+    "P": "--partial-dir names a server path",
+}
+
+# Long options the byteback client sends, with a value check, the directions
+# they may come in, and whether the server keeps the client's value or uses
+# its own.  Values must come joined (--opt=value): the client always does.
+_ANY, _INT, _LEVEL, _ITEMIZE = None, r"\d{1,9}", r"[0-9]", r"%i"
+LONG_OPTIONS = {
+    #  option              value      push   send   keep
+    "--timeout":          (_INT,      True,  True,  False),  # the server sets its own
+    "--inplace":          (_ANY,      True,  True,  False),  # the backend decides
+    "--fake-super":       (_ANY,      True,  True,  False),  # the server always adds it
+    "--delete":           (_ANY,      True,  False, True),
+    "--delete-during":    (_ANY,      True,  False, True),
+    "--delete-excluded":  (_ANY,      True,  False, True),
+    "--numeric-ids":      (_ANY,      True,  True,  True),
+    "--partial":          (_ANY,      True,  False, True),
+    "--bwlimit":          (_INT,      True,  True,  True),
+    "--compress-level":   (_LEVEL,    True,  True,  True),
+    "--size-only":        (_ANY,      True,  False, True),
+    "--ignore-times":     (_ANY,      True,  False, True),
+    "--stats":            (_ANY,      True,  True,  True),
+    "--log-format":       (_ITEMIZE,  True,  True,  True),   # only what --itemize-changes sends
+}
+# Refused by name so the refusal says why.  Everything not in LONG_OPTIONS is
+# refused anyway; these are the ones an attacker would reach for.
+REFUSED_LONG_OPTIONS = {
+    "--rsh": "runs a program of the client's choosing",
+    "--rsync-path": "runs a program of the client's choosing",
+    "--daemon": "would start an rsync daemon",
+    "--config": "reads a server file of the client's choosing",
+    "--log-file": "writes a server file of the client's choosing (CVE-2026-53802)",
+    "--write-batch": "writes a server file of the client's choosing",
+    "--only-write-batch": "writes a server file of the client's choosing",
+    "--read-batch": "reads a server file of the client's choosing",
+    "--backup": "writes files outside current",
+    "--backup-dir": "writes into a server path (CVE-2026-70460)",
+    "--suffix": "goes with --backup",
+    "--partial-dir": "writes into a server path (CVE-2026-70460)",
+    "--temp-dir": "writes into a server path (CVE-2026-53795)",
+    "--link-dest": "links from a server path; only the server picks one (CVE-2026-53795)",
+    "--copy-dest": "copies from a server path (CVE-2026-53795)",
+    "--compare-dest": "reads a server path (CVE-2026-53795)",
+    "--files-from": "reads a list from a server path",
+    "--include-from": "reads a server file", "--exclude-from": "reads a server file",
+    "--filter": "merge files can read outside the host's tree",
+    "--remove-source-files": "deletes files on the sending side (CVE-2026-53800)",
+    "--remove-sent-files": "deletes files on the sending side",
+    "--copy-links": "follows symlinks a client planted", "--copy-dirlinks": "follows planted symlinks",
+    "--keep-dirlinks": "writes through planted symlinks",
+    "--copy-unsafe-links": "follows symlinks out of the tree",
+    "--safe-links": "not needed: every symlink is munged (CVE-2024-12088)",
+    "--no-munge-links": "would store usable symlinks", "--munge-links": "the server sets it",
+    "--secluded-args": "hides the real options from this check",
+    "--protect-args": "hides the real options from this check",
+    "--super": "would act as root on the server", "--no-super": "the server decides",
+    "--iconv": "character conversion is attack surface byteback does not need",
+    "--chmod": "changes what is stored", "--chown": "changes what is stored",
+    "--usermap": "changes what is stored", "--groupmap": "changes what is stored",
+    "--debug": "writes server debug output", "--max-alloc": "can lift the memory cap (CVE-2026-53794)",
+    "--compress-threads": "unbounded threads (CVE-2026-70455)",
+    "--preallocate": "reserves disc beyond the data",
+    "--max-size": "huge values overflow (CVE-2026-70457)", "--min-size": "not needed",
+    "--confine-root": "the server sets it", "--write-devices": "writes to devices",
+    "--copy-devices": "reads devices", "--sender": "only in the restore form",
+    "--server": "only once, at the start",
+}
+
+
+class Refused(ByteBackError):
+    """The guard's verdict on a command it will not run."""
+
+
+class Request(NamedTuple):
+    """A client command the guard accepted: verb, and for rsync the checked parts."""
+    verb: str                   # ping | complete | push | restore
+    letters: str = ""           # rsync short options, without the capability blob
+    capabilities: str = ""      # the 'e<ver>.<flags>' blob rsync passes to its server
+    options: tuple = ()         # long options the server keeps, as given
+    paths: tuple = ()           # restore: paths below the host directory
+
+
+def _check_restore_path(path: str) -> str:
+    """A restore path: relative, no '..', first component a snapshot or current."""
+    if "\0" in path or "\n" in path:
+        raise Refused("a path with a NUL or newline")
+    if path.startswith("/"):
+        raise Refused(f"absolute path {path!r}: restore paths start with a snapshot name")
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    if ".." in parts:
+        # Climbing out of the host's tree to another host or the store's state.
+        raise Refused(f"path {path!r} climbs with '..'")
+    if not parts or (parts[0] != "current" and parse_snapshot_name(parts[0]) is None):
+        raise Refused(f"path {path!r} does not start with a snapshot name or 'current'")
+    return path
+
+
+def check_receive_command(original: str) -> Request:
+    """Decide what a client may run, from SSH_ORIGINAL_COMMAND alone.  Raises Refused.
+
+    Pure: it never touches the disc, so a table of hostile strings can test it.
+    """
+    if not original or not original.strip():
+        raise Refused("no command given; byteback clients send ping, complete or rsync")
+    if len(original) > 65536:
+        raise Refused("command too long")
+    if "\0" in original or "\n" in original or "\r" in original:
+        # A second line would be a second command to anything that reads lines.
+        raise Refused("control characters in the command")
+    try:
+        # Split like a POSIX shell would quote, but never run one: there is no
+        # expansion, substitution or redirection, so ';', '|', '$(...)' stay
+        # plain words, and those words are then refused as unknown.
+        words = shlex.split(original, comments=False, posix=True)
+    except ValueError as e:
+        raise Refused(f"unparsable command ({e})") from None
+    if not words:
+        raise Refused("empty command")
+    if words in (["ping"], ["complete"]):
+        return Request(words[0])
+    if words[0] != "rsync":
+        raise Refused(f"{words[0]!r} is not a command byteback runs")
+    return _check_rsync_words(words[1:])
+
+
+def _check_rsync_words(words: List[str]) -> Request:
+    """The rsync server command line, option by option, against the tables above."""
+    options = list(words)
+    while options and options[0] == "--fake-super":   # from --rsync-path "rsync --fake-super"
+        options.pop(0)
+    if not options or options[0] != "--server":
+        # Without --server rsync would act as a client: any transfer anywhere.
+        raise Refused("rsync without --server")
+    options.pop(0)
+    sender = bool(options) and options[0] == "--sender"
+    if sender:
+        options.pop(0)
+    allowed_letters = SEND_LETTERS if sender else PUSH_LETTERS
+    letters, capabilities, kept = "", "", []
+    while options and options[0] != ".":
+        word = options.pop(0)
+        if word.startswith("--"):
+            name, has_value, value = word.partition("=")
+            if name in REFUSED_LONG_OPTIONS:
+                raise Refused(f"rsync option {name}: {REFUSED_LONG_OPTIONS[name]}")
+            if name not in LONG_OPTIONS:
+                raise Refused(f"rsync option {name} is not on byteback's allow-list")
+            pattern, push_ok, send_ok, keep = LONG_OPTIONS[name]
+            if not (send_ok if sender else push_ok):
+                raise Refused(f"rsync option {name} is not allowed when "
+                              f"{'restoring' if sender else 'backing up'}")
+            if (pattern is None) != (not has_value):
+                raise Refused(f"rsync option {name} {'takes no' if pattern is None else 'needs a'} value")
+            if pattern is not None and not re.fullmatch(pattern, value):
+                raise Refused(f"rsync option {name} has a bad value {value!r}")
+            if keep:
+                kept.append(word)
+        elif word.startswith("-") and len(word) > 1:
+            cluster, e, blob = word[1:].partition("e")
+            if e:
+                # The capability blob rsync always ends its cluster with:
+                # 'e' + protocol sub-version + '.' + capability letters.
+                if not re.fullmatch(r"\d*\.[A-Za-z]*", blob) or capabilities:
+                    raise Refused(f"bad rsync capability string in {word!r}")
+                capabilities = "e" + blob
+            for letter in cluster:
+                if letter in REFUSED_LETTERS:
+                    raise Refused(f"rsync option -{letter}: {REFUSED_LETTERS[letter]}")
+                if letter not in allowed_letters:
+                    raise Refused(f"rsync option -{letter} is not on byteback's allow-list")
+                if letter not in letters:
+                    letters += letter
+        else:
+            raise Refused(f"unexpected word {word!r} before '.'")
+    if not options:
+        raise Refused("rsync command without the '.' that separates options from paths")
+    paths = options[1:]
+    if not sender:
+        # The client's destination is ignored: the server writes into this
+        # host's current, whatever path was asked for.
+        if len(paths) != 1:
+            raise Refused("a backup names exactly one destination")
+        return Request("push", letters, capabilities, tuple(kept))
+    if not paths:
+        raise Refused("a restore names at least one path")
+    return Request("restore", letters, capabilities, tuple(kept),
+                   tuple(_check_restore_path(p) for p in paths))
+
+
+def rsync_version(text: str) -> tuple:
+    """(3, 5, 0) from `rsync --version` output; (0,) when unknown."""
+    m = re.search(r"rsync\s+version\s+v?(\d+)\.(\d+)\.(\d+)", text)
+    return tuple(int(x) for x in m.groups()) if m else (0,)
+
+
+def server_rsync_argv(request: Request, *, host_dir: str, current: str, backend_options: Sequence[str],
+                      timeout: int, version: tuple) -> List[str]:
+    """The rsync command the server runs for an accepted request, built from scratch."""
+    argv = [RSYNC_PROGRAM, "--server"]
+    if request.verb == "restore":
+        argv.append("--sender")
+    if request.letters or request.capabilities:
+        argv.append("-" + request.letters + request.capabilities)
+    argv += list(request.options)
+    # --fake-super: owners and modes live in xattrs, so the byteback user keeps
+    # them without root.  --munge-links: a symlink a client uploads is stored
+    # harmless, so neither rsync nor any server tool ever follows it (and a
+    # restore un-munges it again on the way out).
+    argv += ["--fake-super", "--munge-links", f"--timeout={timeout}"]
+    if version >= CONFINE_RSYNC:
+        argv.append(f"--confine-root={host_dir}")
+    if request.verb == "push":
+        argv += list(backend_options)
+        return argv + ["--", ".", current + "/"]
+    return argv + ["--", ".", *request.paths]
+
+
+def _ssh_client_address() -> str:
+    return (os.environ.get("SSH_CONNECTION") or "local").split(" ")[0]
+
+
+def _store_for_user(config: ServerConfig, runner: Optional[Runner] = None) -> Store:
+    """The store of the user running the forced command: server.conf's, else its home."""
+    import pwd
+    return open_store(config.store or pwd.getpwuid(os.getuid()).pw_dir, runner)
+
+
+def _run_snapshot_for_client(args: argparse.Namespace, host: str) -> int:
+    """`complete`: snapshot as root through sudo, or as this user where sudo is not set up."""
+    program = os.path.abspath(sys.argv[0])
+    argv = [program]
+    if args.config_dir != DEFAULT_CONFIG_DIR:
+        argv += ["--config-dir", args.config_dir]
+    argv += ["snapshot", "--host", host]
+    allowed = shutil.which("sudo") and subprocess.run(
+        ["sudo", "-n", "-l", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    if allowed:
+        return subprocess.run(["sudo", "-n", *argv], stdin=subprocess.DEVNULL).returncode
+    log.warning("sudo is not set up for byteback on this server: snapshotting as %s; "
+                "history is protected only by the forced command (run setup-server as root)",
+                os.environ.get("USER", "this user"))
+    args.store, args.force = None, False
+    return cmd_snapshot(args)
+
+
+def cmd_receive(args: argparse.Namespace) -> int:
+    """receive: the forced command.  Checks SSH_ORIGINAL_COMMAND and runs only what is allowed."""
+    # The host comes from authorized_keys (our own argv), never from the client.
+    host = check_host_name(args.host)
+    original = os.environ.get("SSH_ORIGINAL_COMMAND", "")
+    client = _ssh_client_address()
+    try:
+        request = check_receive_command(original)
+    except Refused as e:
+        log.warning("REFUSED host=%s client=%s command=%r: %s", host, client, original[:500], e)
+        raise ByteBackError(f"refused: {e}") from None
+    log.info("ACCEPTED host=%s client=%s verb=%s command=%r", host, client, request.verb, original[:500])
+    config = load_server_config(args.config_dir)
+    store = _store_for_user(config)
+    host_dir, current = store.host_dir(host), store.current(host)
+    # lstat, not stat: a symlinked host directory or current would send the
+    # client's data (or its restore) somewhere else entirely.
+    for path in (host_dir, current):
+        try:
+            if not stat.S_ISDIR(os.lstat(path).st_mode):
+                raise OSError(errno.ENOTDIR, "not a directory")
+        except OSError:
+            raise ByteBackError(f"host {host} is not set up on this server ({path} is missing or "
+                                "not a directory); run setup-client again") from None
+    if request.verb == "ping":
+        print(f"pong byteback {VERSION} host={host}")
+        return EXIT_OK
+    # One session per host: a second one racing the first is how symlink and
+    # rename races are won (CVE-2024-12747, CVE-2026-53797).
+    lock = Lock(store.run_dir / f"{host}.lock", f"session for host {host}").__enter__()
+    if request.verb == "complete":
+        return _run_snapshot_for_client(args, host)
+    version = rsync_version(Runner().run([RSYNC_PROGRAM, "--version"]).stdout)
+    if version < MIN_RSYNC:
+        raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
+                            "and has known holes (CVE-2024-12084); upgrade rsync on the server")
+    if request.verb == "push":
+        store.mark_dirty(host, now_local())
+    argv = server_rsync_argv(request, host_dir=str(host_dir), current=str(current),
+                             backend_options=store.rsync_options(host),
+                             timeout=config.rsync_timeout, version=version)
+    if request.verb == "restore":
+        real_host_dir = os.path.realpath(host_dir)
+        for path in request.paths:
+            resolved = os.path.realpath(os.path.join(host_dir, path))
+            if not _is_within(resolved, real_host_dir):
+                raise ByteBackError(f"refused: {path!r} leads outside host {host}'s backups")
+    log.debug("exec %s", shlex.join(argv))
+    os.chdir(host_dir)
+    lock.keep_across_exec()     # held until rsync exits
+    # exec, so rsync's own exit code reaches the client unchanged.
+    os.execve(RSYNC_PROGRAM, argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
+    return EXIT_FAILURE     # pragma: no cover - execve does not return
+
+
+# --- 7c. Server set-up (setup-server, and setup-host for setup-client) -------
+
+DEFAULT_INSTALL_PATH = "/usr/local/bin/byteback.pyz"
+# Paths that go into sudoers and authorized_keys lines: nothing to quote there.
+SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9/._+-]*\Z")
+KNOWN_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
+                   "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
+                   "sk-ecdsa-sha2-nistp256@openssh.com")
+
+
+def parse_public_key(text: str) -> str:
+    """A client's public key, checked and re-written as 'type base64' (its comment dropped).
+
+    Anything else in an authorized_keys line is an option (command=, from=,
+    environment=...), so only a bare, well-formed key of a known type passes.
+    """
+    import base64
+    import binascii
+    lines = [l for l in text.splitlines() if l.strip()]
+    if len(lines) != 1:
+        raise ByteBackError("the public key must be exactly one line")
+    fields = lines[0].split()
+    if len(fields) not in (2, 3) or fields[0] not in KNOWN_KEY_TYPES:
+        raise ByteBackError(f"not a public key of a known type ({', '.join(KNOWN_KEY_TYPES)}), "
+                            "or it carries options")
+    key_type, body = fields[0], fields[1]
+    if not re.fullmatch(r"[A-Za-z0-9+/]+={0,2}", body):
+        raise ByteBackError("the public key's body is not base64")
+    try:
+        blob = base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise ByteBackError("the public key's body is not base64") from None
+    size = int.from_bytes(blob[:4], "big")
+    if blob[4:4 + size] != key_type.encode():
+        raise ByteBackError("the public key's body does not match its type")
+    return f"{key_type} {body}"
+
+
+def _authorized_host(line: str) -> Optional[str]:
+    m = re.search(r'command="[^"]* receive --host ([A-Za-z0-9.-]+)"', line)
+    return m.group(1) if m else None
+
+
+def authorized_keys_line(program: str, config_args: Sequence[str], host: str, address: str, key: str) -> str:
+    """The one line that lets a client in: restricted, from its address, forced to receive."""
+    command = " ".join([program, *config_args, "receive", "--host", check_host_name(host)])
+    return f'restrict,from="{address}",command="{command}" {key}'
+
+
+def _config_args(args: argparse.Namespace) -> List[str]:
+    if args.config_dir == DEFAULT_CONFIG_DIR:
+        return []
+    if not SAFE_PATH_RE.match(args.config_dir):
+        raise UsageError(f"config dir {args.config_dir!r} must be an absolute path of plain characters")
+    return ["--config-dir", args.config_dir]
+
+
+def _require_root(command: str) -> None:
+    if os.geteuid() != 0:
+        raise ByteBackError(f"{command} must run as root (try: sudo byteback.pyz {command} ...)")
+
+
+def cmd_setup_host(args: argparse.Namespace) -> int:
+    """setup-host: the root half of setup-client; adds one client's restricted key and its host."""
+    import ipaddress
+    _require_root("setup-host")
+    host = check_host_name(args.host)
+    try:
+        address = str(ipaddress.ip_address(args.client_address))
+    except ValueError:
+        raise ByteBackError(f"{args.client_address!r} is not an IP address") from None
+    key = parse_public_key(sys.stdin.read(16384))
+    config = load_server_config(args.config_dir)
+    store = _server_store(argparse.Namespace(store=None), config, Runner())
+    try:
+        run_st = os.lstat(store.run_dir)
+    except FileNotFoundError:
+        raise ByteBackError(f"{store.run_dir} is missing: run setup-server on this server first") from None
+    program = os.path.abspath(sys.argv[0])
+    if not SAFE_PATH_RE.match(program):
+        raise ByteBackError(f"byteback is installed at {program!r}; install it at a plain path")
+    keys_file = store.root / ".ssh" / "authorized_keys"
+    try:
+        lines = keys_file.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    key_body = key.split()[1]
+    for line in lines:
+        other = _authorized_host(line)
+        if key_body in line.split():
+            if other == host:
+                store.prepare_host(host, owner=(run_st.st_uid, run_st.st_gid))
+                print(f"host {host} is already set up with this key; nothing changed")
+                return EXIT_OK
+            raise ByteBackError(f"this key is already used by {other or 'another login'}; "
+                                "generate a new key for this client")
+        if other == host:
+            raise ByteBackError(f"host {host} is already set up with another key; an administrator "
+                                f"must remove its line from {keys_file} first")
+    store.prepare_host(host, owner=(run_st.st_uid, run_st.st_gid))
+    line = authorized_keys_line(program, _config_args(args), host, address, key)
+    write_file_atomically(keys_file, "\n".join(lines + [line]) + "\n", mode=0o644)
+    log.info("setup-host host=%s client=%s key added", host, address)
+    print(f"host {host} set up: its key may log in from {address} and only run byteback receive")
+    return EXIT_OK
+
+
+def _sudoers_text(user: str, program: str, config_args: Sequence[str]) -> str:
+    prefix = " ".join([program, *config_args])
+    return (f"# Written by byteback setup-server.  {user} may run exactly these as root:\n"
+            f"# taking a snapshot of a host, and adding a client host (setup-client).\n"
+            f"Defaults:{user} !requiretty\n"
+            f"{user} ALL = (root) NOPASSWD: {prefix} snapshot --host *\n"
+            f"{user} ALL = (root) NOPASSWD: {prefix} setup-host *\n")
+
+
+def _install_file(path: Path, data: bytes, mode: int, done: List[str], check: Optional[Callable] = None) -> None:
+    """Put data at path (root-owned, mode) atomically, unless it is there already."""
+    try:
+        if path.read_bytes() == data and stat.S_IMODE(os.lstat(path).st_mode) == mode:
+            done.append(f"unchanged  {path}")
+            return
+    except FileNotFoundError:
+        pass
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.new")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.chown(tmp, 0, 0)
+    os.chmod(tmp, mode)
+    if check:
+        check(tmp)
+    os.replace(tmp, path)
+    done.append(f"wrote      {path}")
+
+
+def _ensure_dir(path: Path, uid: int, gid: int, mode: int, done: List[str]) -> None:
+    if os.path.islink(path):
+        raise ByteBackError(f"{path} is a symlink; move it away and run setup-server again")
+    if not path.is_dir():
+        path.mkdir(mode=mode, parents=True)
+        done.append(f"created    {path}")
+    st = os.lstat(path)
+    if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (uid, gid, mode):
+        os.chown(path, uid, gid)
+        os.chmod(path, mode)
+        done.append(f"fixed      {path} (owner {uid}:{gid}, mode {mode:o})")
+
+
+def cmd_setup_server(args: argparse.Namespace) -> int:
+    """setup-server: the seed README's server steps, done idempotently."""
+    import pwd
+    _require_root("setup-server")
+    store = Path(os.path.abspath(args.store))
+    install = args.install_path
+    if not SAFE_PATH_RE.match(str(store)) or not SAFE_PATH_RE.match(install):
+        raise UsageError("--store and --install-path must be absolute paths of plain characters")
+    if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", args.user):
+        raise UsageError(f"{args.user!r} is not a plain user name")
+    config_args = _config_args(args)
+    done: List[str] = []
+    if not store.is_dir():
+        store.mkdir(parents=True, mode=0o755)
+        done.append(f"created    {store}")
+    fstype = filesystem_type(os.path.realpath(store), _read_mounts())
+    runner = Runner()
+    try:
+        account = pwd.getpwnam(args.user)
+    except KeyError:
+        runner.run(["useradd", "--system", "--user-group", "--home-dir", str(store),
+                    "--no-create-home", "--shell", "/bin/sh", args.user])
+        # '*' rather than useradd's locked '!': sshd without PAM refuses locked accounts.
+        runner.run(["usermod", "--password", "*", args.user])
+        account = pwd.getpwnam(args.user)
+        done.append(f"created    user {args.user} (home {store})")
+    if os.path.realpath(account.pw_dir) != os.path.realpath(store):
+        raise ByteBackError(f"user {args.user} exists with home {account.pw_dir}, not {store}; "
+                            "give the matching --store, or another --user")
+    # Root owns everything the user must not change: the store root (else it
+    # could rename hosts away), .ssh and authorized_keys (else it could add an
+    # unrestricted key), and the history.  It owns only run/ (and current).
+    _ensure_dir(store, 0, 0, 0o755, done)
+    _ensure_dir(store / ".ssh", 0, 0, 0o755, done)
+    keys = store / ".ssh" / "authorized_keys"
+    if not keys.exists():
+        _install_file(keys, b"", 0o644, done)
+    os.chown(keys, 0, 0)
+    os.chmod(keys, 0o644)
+    _ensure_dir(store / STATE_DIR_NAME, 0, 0, 0o755, done)
+    _ensure_dir(store / STATE_DIR_NAME / "history", 0, 0, 0o755, done)
+    _ensure_dir(store / STATE_DIR_NAME / "run", account.pw_uid, account.pw_gid, 0o755, done)
+    _install_file(Path(install), Path(os.path.realpath(sys.argv[0])).read_bytes(), 0o755, done)
+    config_dir = Path(args.config_dir)
+    _ensure_dir(config_dir, 0, 0, 0o755, done)
+    conf = config_dir / "server.conf"
+    if conf.exists():
+        configured = load_server_config(str(config_dir)).store
+        if configured and os.path.realpath(configured) != os.path.realpath(store):
+            raise ByteBackError(f"{conf} names the store {configured}, not {store}; fix one of them")
+        done.append(f"unchanged  {conf}")
+    else:
+        _install_file(conf, _server_conf_example(str(store)).encode(), 0o644, done)
+    sudoers_name = "byteback" if args.user == "byteback" else f"byteback-{args.user}"
+
+    def visudo_check(path: Path) -> None:
+        runner.run(["visudo", "-cf", str(path)])
+
+    _install_file(Path("/etc/sudoers.d") / sudoers_name,
+                  _sudoers_text(args.user, install, config_args).encode(), 0o440, done, visudo_check)
+    for line in done:
+        print(line)
+    if all(line.startswith("unchanged") for line in done):
+        print("nothing changed: this server was already set up")
+    if fstype != "btrfs":
+        print(f"WARNING: {store} is on {fstype}, not btrfs: snapshots are hard-linked trees, which a "
+              f"client that escapes its forced command could alter. Put the store on btrfs for "
+              "read-only snapshots.")
+    print(f"\nStill to do by hand:\n"
+          f"  - let {args.user} log in over ssh (AllowUsers/AllowGroups in sshd_config, if you use them);\n"
+          f"    keep PermitUserEnvironment no (the default)\n"
+          f"  - to add clients with setup-client, put an administrator's public key (or set a password)\n"
+          f"    for {args.user}: {keys} is root's to edit\n"
+          f"  - run 'byteback.pyz prune' from root's cron daily, if you like (snapshots prune too)")
+    return EXIT_OK
+
+
+def _server_conf_example(store: str) -> str:
+    lines = ["# byteback server settings; each commented line shows the default.", "[server]",
+             f"store = {store}"]
+    for name, opt in SERVER_OPTIONS.items():
+        if name != "store":
+            lines.append(f"# {opt.help}\n#{name} = {opt.default}")
+    return "\n".join(lines) + "\n"
 
 
 # === 8. Client commands (backup) =============================================
@@ -1362,7 +1932,8 @@ def resolve_backup_plan(args: argparse.Namespace) -> BackupPlan:
     if not text:
         raise UsageError(f"no destination: give --destination (a local path, or user@host:) "
                          f"or write one into {config_dir}/destination")
-    destination = parse_destination(text)
+    port = args.port or read_setting(config_dir, "port", None, _port)
+    destination = parse_destination(text, port)
     host = check_host_name(args.host or default_host_name())
     sources = [os.path.abspath(os.path.expanduser(s)).rstrip("/") or "/" for s in (args.source or ["/"])]
     for source in sources:
@@ -1381,6 +1952,7 @@ def resolve_backup_plan(args: argparse.Namespace) -> BackupPlan:
 
 
 def build_rsync_argv(plan: BackupPlan, target: str, *, backend_options: Sequence[str] = (),
+                     transport: Sequence[str] = (),
                      auto_excludes: Sequence[str] = (), fake_super: bool = False,
                      progress: bool = False, dry_run: bool = False) -> List[str]:
     """The client's rsync command line (pure).
@@ -1390,7 +1962,7 @@ def build_rsync_argv(plan: BackupPlan, target: str, *, backend_options: Sequence
     argv = ["rsync", "--archive", "--hard-links", "--xattrs", "--numeric-ids",
             "--delete-excluded", "--delete-during", "--relative", "--partial",
             f"--timeout={plan.io_timeout}", "--stats"]
-    argv += list(backend_options)
+    argv += list(backend_options) + list(transport)
     if fake_super:
         argv.append("--fake-super")   # keep owners and modes in xattrs without root
     if progress:
@@ -1501,8 +2073,7 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
         raise ByteBackError(refusal)
     current = store.prepare_host(plan.host)
     store.mark_dirty(plan.host, now_local())
-    config_files = [str(Path(plan.config_dir) / "key")]
-    auto = automatic_excludes(plan.sources, _read_mounts(), [str(store.root)] + config_files)
+    auto = automatic_excludes(plan.sources, _read_mounts(), [str(store.root)] + _client_config_files(plan))
     argv = build_rsync_argv(plan, f"{current}/", backend_options=store.rsync_options(plan.host),
                             auto_excludes=auto, fake_super=os.geteuid() != 0,
                             progress=args.progress, dry_run=args.dry_run)
@@ -1517,12 +2088,140 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     return parse_rsync_stats(output)
 
 
+def ssh_argv(config_dir: str, port: Optional[int]) -> List[str]:
+    """ssh as backups use it: our key, the pinned host key, no prompts, keepalives."""
+    argv = ["ssh", "-i", str(Path(config_dir) / "key"), "-o", "IdentitiesOnly=yes",
+            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={Path(config_dir) / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=30",
+            "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=60"]
+    if port:
+        argv += ["-p", str(port)]
+    return argv
+
+
+def _login(destination: Destination) -> str:
+    host = f"[{destination.host}]" if ":" in destination.host else destination.host
+    return f"{destination.user}@{host}" if destination.user else host
+
+
+def call_server(plan: BackupPlan, verb: str) -> subprocess.CompletedProcess:
+    """Run one of the forced command's verbs (ping, complete) on the server."""
+    argv = ssh_argv(plan.config_dir, plan.destination.port) + [_login(plan.destination), verb]
+    log.debug("run: %s", shlex.join(argv))
+    try:
+        return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, errors="replace")
+    except FileNotFoundError:
+        raise missing_program("ssh") from None
+
+
+def ping_server(plan: BackupPlan) -> None:
+    """Check the server answers before any data moves; retry while it cannot be reached."""
+    for attempt in range(1, plan.retries + 1):
+        proc = call_server(plan, "ping")
+        if proc.returncode == 0:
+            log.info("server: %s", proc.stdout.strip())
+            return
+        problem = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
+        if proc.returncode == 255 and attempt < plan.retries:
+            log.warning("cannot reach %s (%s); trying again in %s (try %d of %d)",
+                        _login(plan.destination), problem, format_duration(plan.retry_delay),
+                        attempt + 1, plan.retries)
+            time.sleep(plan.retry_delay)
+            continue
+        raise ByteBackError(f"the server {_login(plan.destination)} did not answer ping: {problem}")
+
+
+def backup_remote(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
+    """Back up to a server over ssh: ping, rsync (retried), then ask it to snapshot."""
+    if not (Path(plan.config_dir) / "key").is_file():
+        raise ByteBackError(f"{plan.config_dir}/key is missing: run setup-client first")
+    ping_server(plan)
+    auto = automatic_excludes(plan.sources, _read_mounts(), _client_config_files(plan))
+    transport = ["--rsh", shlex.join(ssh_argv(plan.config_dir, plan.destination.port)),
+                 "--rsync-path", "rsync --fake-super"]
+    argv = build_rsync_argv(plan, f"{_login(plan.destination)}:current/", transport=transport,
+                            auto_excludes=auto, progress=args.progress, dry_run=args.dry_run)
+    rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay,
+                                    show=args.verbose > 0 or args.progress or args.dry_run)
+    if not args.dry_run:
+        proc = call_server(plan, "complete")
+        if proc.returncode != 0:
+            said = " ".join(proc.stderr.strip().splitlines()[-2:]) or f"exit {proc.returncode}"
+            raise ByteBackError(f"the files were copied, but the server took no snapshot: {said}")
+        log.info("server: %s", proc.stdout.strip())
+    return parse_rsync_stats(output)
+
+
+def _client_config_files(plan: BackupPlan) -> List[str]:
+    """Config files never backed up: the private key is this machine's secret."""
+    return [str(Path(plan.config_dir) / "key")]
+
+
+def cmd_setup_client(args: argparse.Namespace) -> int:
+    """setup-client: make this machine's key and have the server accept it, restricted."""
+    config_dir = Path(args.config_dir)
+    destination = parse_destination(args.destination, args.port)
+    if destination.is_local:
+        raise UsageError("setup-client needs a server: give --destination user@host:")
+    host = check_host_name(args.hostname or default_host_name())
+    config_dir.mkdir(parents=True, exist_ok=True)
+    key = config_dir / "key"
+    runner = Runner()
+    if not key.exists():
+        runner.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", f"byteback@{host}", "-f", str(key)])
+        print(f"created    {key}")
+    os.chmod(key, 0o600)
+    try:
+        public = Path(f"{key}.pub").read_text()
+    except OSError:
+        public = runner.run(["ssh-keygen", "-y", "-f", str(key)]).stdout
+    server_args = ["sudo", "-n", args.server_program]
+    if args.server_config_dir:
+        server_args += ["--config-dir", args.server_config_dir]
+    # The client's address as the server sees it goes into from="...": the
+    # server's shell reads it from this very connection.
+    remote = shlex.join(server_args + ["setup-host", "--host", host]) + \
+        ' --client-address "${SSH_CONNECTION%% *}"'
+    # The administrator's own credentials (agent, key or password) log in this
+    # once; the server's host key is pinned here on first sight.
+    argv = ["ssh", "-o", f"UserKnownHostsFile={config_dir / 'known_hosts'}",
+            "-o", "StrictHostKeyChecking=accept-new"]
+    if destination.port:
+        argv += ["-p", str(destination.port)]
+    argv += [_login(destination), remote]
+    log.info("run: %s", shlex.join(argv))
+    try:
+        proc = subprocess.run(argv, input=public, universal_newlines=True)
+    except FileNotFoundError:
+        raise missing_program("ssh") from None
+    if proc.returncode != 0:
+        raise ByteBackError(f"the server did not set up host {host} (exit {proc.returncode}); "
+                            "its reason is above. Check that you can log in as "
+                            f"{_login(destination)} and that setup-server ran there")
+    dest_text = f"{_login(destination)}:{destination.path}"
+    _write_setting(config_dir / "destination", dest_text)
+    if destination.port:
+        _write_setting(config_dir / "port", str(destination.port))
+    print(f"This machine backs up as {host} to {dest_text}. Take the first backup now and watch it:\n"
+          f"  byteback.pyz backup --verbose\n"
+          f"then run 'byteback.pyz backup' daily from cron.")
+    return EXIT_OK
+
+
+def _write_setting(path: Path, value: str) -> None:
+    try:
+        if path.read_text().strip() == value:
+            return
+    except FileNotFoundError:
+        pass
+    write_file_atomically(path, value + "\n")
+    print(f"wrote      {path}")
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     """backup: copy this machine's files to the destination, then have a snapshot taken."""
     plan = resolve_backup_plan(args)
-    if not plan.destination.is_local:
-        raise UsageError(f"{plan.destination.host}: backups to a remote server are not supported "
-                         "by this version yet; give a local store path as --destination")
     state_dir = client_state_dir()
     with Lock(state_dir / "backup.lock", "backup"):
         started = now_local()
@@ -1530,7 +2229,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
                  "destination": plan.destination.path, "result": "failed"}
         try:
             run_hooks(plan.config_dir, "pre-backup")
-            entry["bytes_sent"] = backup_local(plan, args)
+            run = backup_local if plan.destination.is_local else backup_remote
+            entry["bytes_sent"] = run(plan, args)
             entry["result"] = "ok"
         except ByteBackError as e:
             entry["error"] = str(e)
@@ -1551,14 +2251,12 @@ def cmd_backup(args: argparse.Namespace) -> int:
 
 # === 9. CLI dispatch =========================================================
 
-CRON_COMMANDS = ("backup", "prune", "snapshot")   # quiet unless something is wrong
+QUIET_COMMANDS = ("backup", "prune", "snapshot", "receive")   # silent unless something is wrong
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="say what is done (-vv: also every command run)")
-    parser.add_argument("--config-dir", default=argparse.SUPPRESS, metavar="DIR",
-                        help="configuration directory (default: $BYTEBACK_CONFIG_DIR or /etc/byteback)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -1584,6 +2282,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="an rsync exclude pattern; repeat for several (adds to <config-dir>/excludes)")
     p.add_argument("--host", metavar="NAME", help="this machine's name in the store (default: its FQDN)")
+    p.add_argument("--port", type=_port, help="the server's ssh port (default: <config-dir>/port, else 22)")
     p.add_argument("--io-timeout", type=_positive_int, metavar="SECONDS",
                    help="rsync's I/O timeout (default: <config-dir>/io_timeout or 300)")
     p.add_argument("--retry-number", type=_positive_int, default=5, metavar="N",
@@ -1615,6 +2314,44 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--force", action="store_true",
                    help="accept a suspiciously large backup and prune for it (administrators only)")
     p.set_defaults(func=cmd_prune)
+
+    p = sub.add_parser("receive", help="(server) the forced command in authorized_keys; not run by hand",
+                       description="Check SSH_ORIGINAL_COMMAND against byteback's allow-list and run "
+                       "only ping, complete, or rsync into (or, to restore, out of) this host's backups.")
+    _add_common(p)
+    p.add_argument("--host", required=True, help="the client's host name, fixed in authorized_keys")
+    p.set_defaults(func=cmd_receive)
+
+    p = sub.add_parser("setup-server", help="(server, root) create the backup user, store and sudo rules",
+                       description="Idempotently: create the user with its home on the store, set the "
+                       "store's ownership, install this program, and allow snapshots through sudo.")
+    _add_common(p)
+    p.add_argument("--store", required=True, metavar="ROOT", help="the store root, ideally a btrfs filesystem")
+    p.add_argument("--user", default="byteback", help="the backup user (default: byteback)")
+    p.add_argument("--install-path", default=DEFAULT_INSTALL_PATH, metavar="PATH",
+                   help=f"where to install this program (default: {DEFAULT_INSTALL_PATH})")
+    p.set_defaults(func=cmd_setup_server)
+
+    p = sub.add_parser("setup-host", help="(server, root via sudo) the server half of setup-client",
+                       description="Add one client: its host directory, and its public key (read from "
+                       "standard input) as a restricted authorized_keys line.")
+    _add_common(p)
+    p.add_argument("--host", required=True, help="the client's host name")
+    p.add_argument("--client-address", required=True, metavar="IP", help="the client's address, for from=")
+    p.set_defaults(func=cmd_setup_host)
+
+    p = sub.add_parser("setup-client", help="(client, root) set this machine up to back up to a server",
+                       description="Create <config-dir>/key, log in to the server once with your own "
+                       "credentials to register it, pin the server's host key, write the destination.")
+    _add_common(p)
+    p.add_argument("--destination", required=True, metavar="USER@HOST:", help="the server, e.g. byteback@backuphost:")
+    p.add_argument("--port", type=_port, help="the server's ssh port (default: 22)")
+    p.add_argument("--hostname", metavar="NAME", help="this machine's name on the server (default: its FQDN)")
+    p.add_argument("--server-program", default=DEFAULT_INSTALL_PATH, metavar="PATH",
+                   help=f"byteback's path on the server (default: {DEFAULT_INSTALL_PATH})")
+    p.add_argument("--server-config-dir", metavar="DIR",
+                   help="the server's --config-dir, if setup-server was given one")
+    p.set_defaults(func=cmd_setup_client)
     return parser
 
 
@@ -1627,7 +2364,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return int(e.code or 0)
     if not getattr(args, "config_dir", None):
         args.config_dir = os.environ.get("BYTEBACK_CONFIG_DIR") or DEFAULT_CONFIG_DIR
-    setup_logging(getattr(args, "verbose", 0), quiet=args.command in CRON_COMMANDS)
+    setup_logging(getattr(args, "verbose", 0), quiet=args.command in QUIET_COMMANDS)
     try:
         return int(args.func(args) or EXIT_OK)
     except ByteBackError as e:
