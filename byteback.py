@@ -1402,11 +1402,11 @@ class Refused(ByteBackError):
 
 class Request(NamedTuple):
     """A client command the guard accepted: verb, and for rsync the checked parts."""
-    verb: str                   # ping | complete | push | restore
+    verb: str                   # ping | complete | list | push | restore
     letters: str = ""           # rsync short options, without the capability blob
     capabilities: str = ""      # the 'e<ver>.<flags>' blob rsync passes to its server
     options: tuple = ()         # long options the server keeps, as given
-    paths: tuple = ()           # restore: paths below the host directory
+    paths: tuple = ()           # restore: paths below the host directory; list: patterns
 
 
 def _check_restore_path(path: str) -> str:
@@ -1447,6 +1447,8 @@ def check_receive_command(original: str) -> Request:
         raise Refused("empty command")
     if words in (["ping"], ["complete"]):
         return Request(words[0])
+    if words[0] == "list":
+        return parse_list_words(words[1:])
     if words[0] != "rsync":
         raise Refused(f"{words[0]!r} is not a command byteback runs")
     return _check_rsync_words(words[1:])
@@ -1604,6 +1606,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
     lock = Lock(store.run_dir / f"{host}.lock", f"session for host {host}").__enter__()
     if request.verb == "complete":
         return _run_snapshot_for_client(args, host)
+    if request.verb == "list":
+        return serve_list(store, host, request)
     version = rsync_version(Runner().run([RSYNC_PROGRAM, "--version"]).stdout)
     if version < MIN_RSYNC:
         raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
@@ -1625,6 +1629,222 @@ def cmd_receive(args: argparse.Namespace) -> int:
     # exec, so rsync's own exit code reaches the client unchanged.
     os.execve(RSYNC_PROGRAM, argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
     return EXIT_FAILURE     # pragma: no cover - execve does not return
+
+
+# --- 7d. Listing files in snapshots (restore's server half) ------------------
+
+FAKE_SUPER_XATTR = "user.rsync.%stat"
+MUNGED_PREFIX = "/rsyncd-munged/"
+_GLOB_CHARS_RE = re.compile(r"[*?\[]")
+
+
+def glob_to_regex(pattern: str) -> "re.Pattern":
+    """A shell-style glob over absolute paths: * ? [...] within a name, ** across names."""
+    out, i, n = "", 0, len(pattern)
+    while i < n:
+        c = pattern[i]
+        if pattern.startswith("**", i):
+            if out.endswith("/") and (i + 2 == n or pattern[i + 2] == "/"):
+                out = out[:-1] + "(?:/.*)?"     # '/**/' and a trailing '/**': any depth, even none
+            else:
+                out += ".*"
+            i += 2
+            continue
+        if c == "*":
+            out += "[^/]*"
+        elif c == "?":
+            out += "[^/]"
+        elif c == "[":
+            end = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            if end == -1:
+                out += re.escape(c)
+            else:
+                body = pattern[i + 1:end]
+                body = "^" + body[1:] if body.startswith("!") else body
+                out += "[" + body.replace("\\", "\\\\") + "]"
+                i = end
+        else:
+            out += re.escape(c)
+        i += 1
+    return re.compile(out + r"\Z", re.S)
+
+
+def glob_base(pattern: str) -> tuple:
+    """(the directory a glob can only match below, how deep it reaches: None for any depth)."""
+    parts = pattern.strip("/").split("/")
+    for k, part in enumerate(parts):
+        if _GLOB_CHARS_RE.search(part):
+            deep = any("**" in p for p in parts[k:])
+            return "/" + "/".join(parts[:k]), (None if deep else len(parts) - k)
+    return pattern, 0
+
+
+def check_list_pattern(pattern: str) -> str:
+    """A listing pattern from a client: an absolute glob that does not climb."""
+    if "\0" in pattern or "\n" in pattern:
+        raise Refused("a pattern with a NUL or newline")
+    if not pattern.startswith("/"):
+        raise Refused(f"pattern {pattern!r} must be absolute")
+    if ".." in pattern.split("/"):
+        raise Refused(f"pattern {pattern!r} climbs with '..'")
+    return pattern
+
+
+class Entry(NamedTuple):
+    """One file in one snapshot, with the owner and mode it had on the client."""
+    snapshot: str
+    path: str
+    kind: str          # f d l o (file, directory, symlink, other)
+    mode: int
+    size: int
+    uid: int
+    gid: int
+    mtime: int
+    target: str = ""
+
+
+def _stored_attributes(path: str, st: os.stat_result) -> tuple:
+    """(mode, uid, gid) as the client had them: --fake-super keeps them in an xattr."""
+    try:
+        raw = os.getxattr(path, FAKE_SUPER_XATTR, follow_symlinks=False).decode("ascii", "replace")
+        m = re.match(r"(\d+) \d+,\d+ (\d+):(\d+)", raw)
+        if m:
+            return int(m.group(1), 8), int(m.group(2)), int(m.group(3))
+    except OSError:
+        pass
+    return st.st_mode, st.st_uid, st.st_gid
+
+
+def _entry(snapshot: str, root: str, path: str, st: os.stat_result) -> Entry:
+    mode, uid, gid = _stored_attributes(path, st)
+    kind = ("d" if stat.S_ISDIR(st.st_mode) else "f" if stat.S_ISREG(st.st_mode)
+            else "l" if stat.S_ISLNK(st.st_mode) else "o")
+    target = ""
+    if kind == "l":
+        target = os.readlink(path)
+        target = target[len(MUNGED_PREFIX):] if target.startswith(MUNGED_PREFIX) else target
+    return Entry(snapshot, path[len(root):] or "/", kind, mode, st.st_size if kind == "f" else 0,
+                 uid, gid, int(st.st_mtime), target)
+
+
+def list_snapshot(snapshot: str, root: str, patterns: Sequence[str]) -> List[Entry]:
+    """Entries of one snapshot tree (root) whose client path matches any pattern."""
+    found: Dict[str, Entry] = {}
+    for pattern in patterns:
+        regex = glob_to_regex(pattern)
+        base, depth = glob_base(pattern)
+        start = root + base.rstrip("/")
+        try:
+            st = os.lstat(start or "/")
+        except OSError:
+            continue
+        if depth == 0 or regex.match(base):
+            found.setdefault(base, _entry(snapshot, root, start, st))
+        if depth == 0 or not stat.S_ISDIR(st.st_mode):
+            continue
+        stack = [(start, 1)]
+        while stack:
+            top, level = stack.pop()
+            try:
+                with os.scandir(top) as it:
+                    children = list(it)
+            except OSError:
+                continue
+            for child in children:
+                client_path = child.path[len(root):]
+                if regex.match(client_path) and client_path not in found:
+                    try:
+                        found[client_path] = _entry(snapshot, root, child.path,
+                                                    child.stat(follow_symlinks=False))
+                    except OSError:
+                        continue
+                if (depth is None or level < depth) and child.is_dir(follow_symlinks=False):
+                    stack.append((child.path, level + 1))
+    return [found[p] for p in sorted(found)]
+
+
+def fold_versions(entries: Iterable[Entry], order: Sequence[str]) -> List[Entry]:
+    """Each path's distinct versions, oldest first: the same kind, size and mtime is one version."""
+    rank = {name: i for i, name in enumerate(order)}
+    by_path: Dict[str, List[Entry]] = {}
+    for e in entries:
+        by_path.setdefault(e.path, []).append(e)
+    result = []
+    for path in sorted(by_path):
+        last = None
+        for e in sorted(by_path[path], key=lambda e: rank.get(e.snapshot, len(rank))):
+            if last is None or (e.kind, e.size, e.mtime, e.target) != (last.kind, last.size, last.mtime, last.target):
+                result.append(e)
+                last = e
+    return result
+
+
+def list_store(store: Store, host: str, patterns: Sequence[str], *, snapshot: Optional[str] = None,
+               every: bool = False) -> List[Entry]:
+    """Match patterns in the newest snapshot, one named snapshot, or (every) all of them."""
+    names = [s.name for s in store.snapshots(host)]
+    if snapshot:
+        if snapshot != "current" and snapshot not in names:
+            raise ByteBackError(f"host {host} has no snapshot {snapshot}; "
+                                f"the newest is {names[-1] if names else 'none yet'}")
+        chosen = [snapshot]
+    elif every:
+        chosen = names
+    else:
+        chosen = names[-1:]
+    if not chosen:
+        raise ByteBackError(f"host {host} has no snapshots yet; take a backup first")
+    entries = []
+    for name in chosen:
+        entries += list_snapshot(name, str(store.host_dir(host) / name), patterns)
+    return fold_versions(entries, chosen + ["current"]) if every else entries
+
+
+def _mode_string(kind: str, mode: int) -> str:
+    chars = "".join(c if mode & (1 << (8 - i)) else "-" for i, c in enumerate("rwxrwxrwx"))
+    return {"f": "-", "d": "d", "l": "l"}.get(kind, "?") + chars
+
+
+def format_entries(entries: Sequence[Entry]) -> str:
+    """A table a person reads: snapshot, mode, size, owner, mtime, path."""
+    rows = [("snapshot", "mode", "size", "owner", "modified", "path")]
+    for e in entries:
+        when = dt.datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
+        path = e.path + (f" -> {e.target}" if e.kind == "l" else "")
+        name = e.snapshot + (" (incomplete)" if e.snapshot == "current" else "")
+        rows.append((name, _mode_string(e.kind, e.mode), str(e.size), f"{e.uid}:{e.gid}", when, path))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5] for r in rows)
+
+
+def parse_list_words(words: Sequence[str]) -> Request:
+    """`list [--all] [--snapshot=NAME] PATTERN...` from a client, checked."""
+    options, patterns = [], []
+    for word in words:
+        if word == "--all" and not patterns:
+            options.append(word)
+        elif word.startswith("--snapshot=") and not patterns:
+            name = word.partition("=")[2]
+            if name != "current" and parse_snapshot_name(name) is None:
+                raise Refused(f"{name!r} is not a snapshot name")
+            options.append(word)
+        elif word.startswith("-"):
+            raise Refused(f"list option {word!r} is not allowed")
+        else:
+            patterns.append(check_list_pattern(word))
+    if not patterns or len(patterns) > 100:
+        raise Refused("list takes from 1 to 100 patterns")
+    return Request("list", options=tuple(options), paths=tuple(patterns))
+
+
+def serve_list(store: Store, host: str, request: Request) -> int:
+    """Answer a client's list with one JSON object a line (the client formats it)."""
+    snapshot = next((o.partition("=")[2] for o in request.options if o.startswith("--snapshot=")), None)
+    entries = list_store(store, host, request.paths, snapshot=snapshot, every="--all" in request.options)
+    out = sys.stdout
+    for e in entries:
+        out.write(json.dumps(e._asdict(), ensure_ascii=True, separators=(",", ":")) + "\n")
+    return EXIT_OK
 
 
 # --- 7c. Server set-up (setup-server, and setup-host for setup-client) -------
@@ -2249,6 +2469,265 @@ def cmd_backup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _client_target(args: argparse.Namespace) -> tuple:
+    """(destination, host) for restore and status, from options or the config files."""
+    text = args.destination or read_setting(args.config_dir, "destination")
+    if not text:
+        raise UsageError(f"no destination: give --destination or write one into "
+                         f"{args.config_dir}/destination (setup-client does)")
+    port = getattr(args, "port", None) or read_setting(args.config_dir, "port", None, _port)
+    return parse_destination(text, port), check_host_name(args.host or default_host_name())
+
+
+def absolute_patterns(patterns: Sequence[str], cwd: str) -> List[str]:
+    """Patterns as absolute client paths: relative ones are taken from cwd."""
+    result = []
+    for pattern in patterns:
+        full = pattern if pattern.startswith("/") else os.path.join(cwd, pattern)
+        full = os.path.normpath(full)
+        result.append("/" + full.lstrip("/"))
+    return result
+
+
+def topmost_paths(paths: Iterable[str]) -> List[str]:
+    """Drop paths inside another one: restoring a directory brings what is in it."""
+    result: List[str] = []
+    for path in sorted(set(paths)):
+        if not any(_is_within(path, top) for top in result):
+            result.append(path)
+    return result
+
+
+def restore_sources(paths: Sequence[str], cwd: str) -> List[tuple]:
+    """(anchor, relative path) pairs: below cwd a path comes back relative to it, else whole."""
+    pairs = []
+    for path in paths:
+        if cwd != "/" and _is_within(path, cwd) and path != cwd:
+            pairs.append((cwd, os.path.relpath(path, cwd)))
+        else:
+            pairs.append(("/", path.lstrip("/")))
+    return pairs
+
+
+def _remote_list(destination: Destination, config_dir: str, words: Sequence[str]) -> List[Entry]:
+    argv = ssh_argv(config_dir, destination.port) + [_login(destination), shlex.join(["list", *words])]
+    log.debug("run: %s", shlex.join(argv))
+    try:
+        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, universal_newlines=True, errors="replace")
+    except FileNotFoundError:
+        raise missing_program("ssh") from None
+    if proc.returncode != 0:
+        said = " ".join(proc.stderr.strip().splitlines()[-2:]) or f"exit {proc.returncode}"
+        raise ByteBackError(f"the server could not list: {said}")
+    try:
+        return [Entry(**json.loads(line)) for line in proc.stdout.splitlines() if line.strip()]
+    except (ValueError, TypeError) as e:
+        raise ByteBackError(f"the server's listing is garbled ({e}); is it running the same byteback?") from None
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    """restore: list the versions of files in the snapshots, and copy them back."""
+    destination, host = _client_target(args)
+    if args.restore and args.all:
+        raise UsageError("--all lists every version; to restore one, pick it with --snapshot NAME")
+    cwd = os.getcwd()
+    patterns = absolute_patterns(args.pattern, cwd)
+    if destination.is_local:
+        store = open_store(destination.path)
+        entries = list_store(store, host, patterns, snapshot=args.snapshot, every=args.all)
+    else:
+        words = (["--all"] if args.all else []) + ([f"--snapshot={args.snapshot}"] if args.snapshot else [])
+        entries = _remote_list(destination, args.config_dir, words + patterns)
+    if not entries:
+        where = args.snapshot or ("any snapshot" if args.all else "the newest snapshot")
+        raise ByteBackError(f"nothing matches {' '.join(args.pattern)} in {where} of host {host}; "
+                            "try --all, or a pattern with * or **")
+    if not args.restore:
+        print(format_entries(entries))
+        return EXIT_OK
+    snapshot = entries[0].snapshot
+    target = Path(args.to or cwd)
+    pairs = restore_sources(topmost_paths(e.path for e in entries), cwd)
+    clashes = [str(target / rel) for _, rel in pairs if os.path.lexists(target / rel)]
+    if clashes and not args.overwrite:
+        more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
+        verb = "exists" if len(clashes) == 1 else "exist"
+        raise ByteBackError(f"{', '.join(clashes[:3])}{more} already {verb}; nothing was restored. "
+                            "Use --overwrite to replace them, or --to DIR to restore elsewhere")
+    if destination.is_local:
+        root = store.host_dir(host) / snapshot
+        sources = [f"{root}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
+        transport = ["--fake-super"] if os.geteuid() != 0 else []
+    else:
+        sources = [f"{_login(destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
+        transport = ["--rsh", shlex.join(ssh_argv(args.config_dir, destination.port)),
+                     "--rsync-path", "rsync --fake-super"]
+    target.mkdir(parents=True, exist_ok=True)
+    # NOTE: the receive guard's SEND_LETTERS must allow every letter this sends.
+    for chunk in range(0, len(sources), 200):
+        argv = ["rsync", "--archive", "--hard-links", "--xattrs", "--numeric-ids", "--relative",
+                "--timeout=300", *transport, "--", *sources[chunk:chunk + 200], f"{target}/"]
+        rc, output = run_rsync(argv, show=args.verbose > 0)
+        if rc not in RSYNC_OK_CODES:
+            raise ByteBackError(f"rsync failed with exit code {rc} "
+                                f"({RSYNC_EXIT_MEANINGS.get(rc, 'unknown error')}): "
+                                + " | ".join(output.strip().splitlines()[-3:]))
+    print(f"restored {len(pairs)} path{'s' if len(pairs) != 1 else ''} from {snapshot} into {target}")
+    return EXIT_OK
+
+
+# --- status ------------------------------------------------------------------
+
+def flock_held(path: Path) -> bool:
+    """Whether any process holds a flock on path (read from /proc/locks, taking nothing)."""
+    try:
+        inode = os.stat(path).st_ino
+        with open("/proc/locks") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
+                    return True
+    except OSError:
+        pass
+    return False
+
+
+def nagios_state(age: Optional[float], warning: float, critical: float, running: bool) -> int:
+    """OK, WARNING or CRITICAL for the age of the last good backup; a running backup is never late."""
+    if running and age is not None:
+        return NAGIOS_OK
+    if age is None or age >= critical:
+        return NAGIOS_CRITICAL
+    return NAGIOS_WARNING if age >= warning else NAGIOS_OK
+
+
+NAGIOS_NAMES = {NAGIOS_OK: "OK", NAGIOS_WARNING: "WARNING", NAGIOS_CRITICAL: "CRITICAL",
+                NAGIOS_UNKNOWN: "UNKNOWN"}
+
+
+def _parse_time(text) -> Optional[dt.datetime]:
+    try:
+        when = dt.datetime.fromisoformat(str(text))
+    except ValueError:
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def client_status(state: dict, now: dt.datetime, running: bool) -> dict:
+    """The client's status as plain values: last success, last attempt, running now."""
+    success = state.get("last_success") or {}
+    attempt = state.get("last_attempt") or {}
+    ended = _parse_time(success.get("end")) if success else None
+    started = _parse_time(success.get("start")) if success else None
+    return {
+        "running": running,
+        "last_success": success.get("end"),
+        "age_seconds": (now - ended).total_seconds() if ended else None,
+        "duration_seconds": (ended - started).total_seconds() if ended and started else None,
+        "bytes_sent": success.get("bytes_sent"),
+        "last_attempt": attempt.get("end") or attempt.get("start"),
+        "last_result": attempt.get("result"),
+        "last_error": attempt.get("error"),
+    }
+
+
+def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
+    """Per host: newest and oldest snapshot, count, sizes; for the store: free space and target."""
+    hosts = {}
+    histories = {}
+    for host in store.hosts():
+        snaps = store.snapshots(host)
+        backups = store.read_history(host)
+        histories[host] = backups
+        sizes = counted_sizes(backups)[-config.history:]
+        dirty = store.dirty_since(host)
+        hosts[host] = {
+            "snapshots": len(snaps),
+            "newest": snaps[-1].name if snaps else None,
+            "age_seconds": (now - snaps[-1].when).total_seconds() if snaps else None,
+            "oldest": snaps[0].name if snaps else None,
+            "last_size": int(backups[-1].get("size", 0)) if backups else None,
+            "last_added": int(backups[-1].get("added", 0)) if backups else None,
+            "mean_added": int(mean(sizes)) if sizes else None,
+            "incomplete_since": dirty.isoformat() if dirty else None,
+            "running": flock_held(store.run_dir / f"{host}.lock"),
+            "suspicious": bool(backups and backups[-1].get("suspicious") and not backups[-1].get("accepted")),
+        }
+    return {"store": str(store.root), "backend": store.kind, "free_bytes": store.free_bytes(),
+            "total_bytes": store.total_bytes(),
+            "target_bytes": store_target(store, config, histories), "hosts": hosts}
+
+
+def _age_text(seconds: Optional[float]) -> str:
+    return "never" if seconds is None else format_duration(seconds) + " ago"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """status: is backing up happening?  Human table, --json, or a Nagios plugin line."""
+    now = now_local()
+    warning, critical = args.warning, args.critical
+    if args.store:
+        config = load_server_config(args.config_dir)
+        report = server_status(open_store(args.store), config, now)
+        states = {h: nagios_state(i["age_seconds"], warning, critical, i["running"])
+                  for h, i in report["hosts"].items()}
+        code = max(states.values(), default=NAGIOS_OK)
+        late = [h for h, c in states.items() if c != NAGIOS_OK]
+        summary = (f"{len(report['hosts'])} hosts, {len(late)} late ({', '.join(late)})" if late
+                   else f"{len(report['hosts'])} hosts backed up")
+        summary += f", {format_size(report['free_bytes'])} free"
+        perf = f"free={report['free_bytes']}B target={report['target_bytes']}B late={len(late)}"
+    else:
+        state_dir = client_state_dir()
+        try:
+            state = read_json(state_dir / "last-backup.json", {})
+        except ByteBackError as e:
+            raise ByteBackError(str(e), NAGIOS_UNKNOWN) from None
+        if not isinstance(state, dict):
+            raise ByteBackError(f"{state_dir}/last-backup.json is not a byteback state file", NAGIOS_UNKNOWN)
+        report = client_status(state, now, flock_held(state_dir / "backup.lock"))
+        code = nagios_state(report["age_seconds"], warning, critical, report["running"])
+        summary = f"last backup {_age_text(report['age_seconds'])}"
+        if report["running"]:
+            summary += ", one running now"
+        if report["last_result"] == "failed":
+            summary += f"; last attempt failed: {report['last_error']}"
+        perf = f"age={int(report['age_seconds'] or 0)}s;{int(warning)};{int(critical)}"
+    report["state"] = NAGIOS_NAMES[code]
+    if args.json:
+        print(json.dumps(report, indent=1, sort_keys=True))
+    elif args.nagios:
+        print(f"BYTEBACK {NAGIOS_NAMES[code]} - {summary}|{perf}")
+    else:
+        print(_format_status(report, summary))
+    return code
+
+
+def _format_status(report: dict, summary: str) -> str:
+    if "hosts" not in report:
+        lines = [f"state:          {report['state']} ({summary})",
+                 f"last success:   {report['last_success'] or 'never'}",
+                 f"duration:       {format_duration(report['duration_seconds'] or 0)}",
+                 f"bytes sent:     {report['bytes_sent'] if report['bytes_sent'] is not None else '-'}",
+                 f"last attempt:   {report['last_attempt'] or 'never'} ({report['last_result'] or '-'})",
+                 f"running now:    {'yes' if report['running'] else 'no'}"]
+        if report["last_error"]:
+            lines.append(f"last error:     {report['last_error']}")
+        return "\n".join(lines)
+    rows = [("host", "newest", "age", "count", "oldest", "last", "mean", "note")]
+    for host, i in sorted(report["hosts"].items()):
+        note = "running" if i["running"] else f"incomplete since {i['incomplete_since']}" if i["incomplete_since"] else ""
+        note += " SUSPICIOUS: prune held" if i["suspicious"] else ""
+        rows.append((host, i["newest"] or "-", _age_text(i["age_seconds"]), str(i["snapshots"]),
+                     i["oldest"] or "-", format_size(i["last_added"] or 0), format_size(i["mean_added"] or 0), note))
+    widths = [max(len(r[k]) for r in rows) for k in range(8)]
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    return (f"store {report['store']} ({report['backend']}): {format_size(report['free_bytes'])} free of "
+            f"{format_size(report['total_bytes'])}, prune target {format_size(report['target_bytes'])}; "
+            f"{report['state']}: {summary}\n{table}")
+
+
 # === 9. CLI dispatch =========================================================
 
 QUIET_COMMANDS = ("backup", "prune", "snapshot", "receive")   # silent unless something is wrong
@@ -2315,6 +2794,36 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accept a suspiciously large backup and prune for it (administrators only)")
     p.set_defaults(func=cmd_prune)
 
+    p = sub.add_parser("restore", help="list the versions of files in the snapshots, and get them back",
+                       description="List files matching shell-style patterns (* ? [...] and ** for any "
+                       "depth; relative ones are taken from the current directory) in the newest "
+                       "snapshot, and with --restore copy them back.")
+    _add_common(p)
+    p.add_argument("pattern", nargs="+", help="what to look for, e.g. /etc/ssh/** or notes.txt")
+    p.add_argument("--all", action="store_true", help="list every distinct version in every snapshot")
+    p.add_argument("--snapshot", metavar="NAME", help="look in this snapshot ('current': the unfinished one)")
+    p.add_argument("--list", action="store_true", help="list the matches (the default)")
+    p.add_argument("--restore", action="store_true", help="copy the matches back")
+    p.add_argument("--to", metavar="DIR", help="restore into DIR (default: the current directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace files that exist where they are restored")
+    p.add_argument("--destination", metavar="DEST", help="the store (default: <config-dir>/destination)")
+    p.add_argument("--host", metavar="NAME", help="whose backups (default: this machine's FQDN)")
+    p.add_argument("--port", type=_port, help="the server's ssh port (default: <config-dir>/port, else 22)")
+    p.set_defaults(func=cmd_restore)
+
+    p = sub.add_parser("status", help="when did backups last succeed? (a Nagios plugin too)",
+                       description="On a client, the last backup; with --store, every host of a server "
+                       "store. Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
+    _add_common(p)
+    p.add_argument("--store", metavar="ROOT", help="report on this server store instead of this client")
+    p.add_argument("--json", action="store_true", help="print JSON for scripts")
+    p.add_argument("--nagios", action="store_true", help="print one plugin line: BYTEBACK OK - ...|perfdata")
+    p.add_argument("--warning", type=parse_duration, default=26 * 3600.0, metavar="AGE",
+                   help="WARNING when the last good backup is this old (default: 26h)")
+    p.add_argument("--critical", type=parse_duration, default=50 * 3600.0, metavar="AGE",
+                   help="CRITICAL when the last good backup is this old (default: 50h)")
+    p.set_defaults(func=cmd_status)
+
     p = sub.add_parser("receive", help="(server) the forced command in authorized_keys; not run by hand",
                        description="Check SSH_ORIGINAL_COMMAND against byteback's allow-list and run "
                        "only ping, complete, or rsync into (or, to restore, out of) this host's backups.")
@@ -2358,26 +2867,30 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, dispatch, and map failures to exit codes; the only place they are printed."""
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
         args = parser.parse_args(argv)
     except SystemExit as e:          # argparse: --help (0) or a usage error (2)
-        return int(e.code or 0)
+        code = int(e.code or 0)
+        # A monitoring system reads 2 as CRITICAL: status's bad arguments are UNKNOWN.
+        return NAGIOS_UNKNOWN if code == EXIT_USAGE and "status" in argv else code
     if not getattr(args, "config_dir", None):
         args.config_dir = os.environ.get("BYTEBACK_CONFIG_DIR") or DEFAULT_CONFIG_DIR
     setup_logging(getattr(args, "verbose", 0), quiet=args.command in QUIET_COMMANDS)
+    unknown = NAGIOS_UNKNOWN if args.command == "status" else None
     try:
         return int(args.func(args) or EXIT_OK)
     except ByteBackError as e:
         log.error("%s", e)
-        return e.exit_code
+        return unknown or e.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
-        return 130
+        return unknown or 130
     except Exception:
         import traceback
         traceback.print_exc()
         log.critical("internal error in %s; please report it with the traceback above", args.command)
-        return EXIT_FAILURE
+        return unknown or EXIT_FAILURE
 
 
 if __name__ == "__main__":
