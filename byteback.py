@@ -2439,6 +2439,41 @@ def _write_setting(path: Path, value: str) -> None:
     print(f"wrote      {path}")
 
 
+def cron_line(program: str, config_dir: str, minute: int, hour: int) -> str:
+    """The /etc/cron.d line for a daily backup at a fixed (randomised once) time."""
+    config = [] if config_dir == DEFAULT_CONFIG_DIR else ["--config-dir", config_dir]
+    command = shlex.join([program, *config, "backup"])
+    return f"{minute} {hour} * * * root {command}\n"
+
+
+def cmd_install_cron(args: argparse.Namespace) -> int:
+    """install-cron: back this client up daily, at a random minute so clients spread out."""
+    import random
+    program = os.path.abspath(sys.argv[0])
+    if not program.endswith(".pyz"):
+        log.warning("%s is not the zipapp; cron will run it as it is", program)
+    path = Path(args.cron_file)
+    try:
+        old = path.read_text()
+    except FileNotFoundError:
+        old = ""
+    m = re.search(r"^(\d+) (\d+) \* \* \* root ", old, re.M)
+    # Keep a time chosen before: re-running must not move every client's backup.
+    minute, hour = (int(m.group(1)), int(m.group(2))) if m else (random.randrange(60), random.randrange(24))
+    if args.hour is not None:
+        hour = args.hour
+    text = ("# byteback: a daily backup; the minute was chosen at random so that many clients\n"
+            "# do not reach one server at once.  Written by 'byteback.pyz install-cron'.\n"
+            "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            + cron_line(program, args.config_dir, minute, hour))
+    if text == old:
+        print(f"{path} is already in place; nothing changed (daily at {hour:02d}:{minute:02d})")
+        return EXIT_OK
+    write_file_atomically(path, text, mode=0o644)
+    print(f"wrote {path}: a backup every day at {hour:02d}:{minute:02d}")
+    return EXIT_OK
+
+
 def cmd_backup(args: argparse.Namespace) -> int:
     """backup: copy this machine's files to the destination, then have a snapshot taken."""
     plan = resolve_backup_plan(args)
@@ -2771,6 +2806,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--progress", action="store_true", help="show rsync's overall progress")
     p.add_argument("--dry-run", action="store_true", help="show what would be copied; change nothing")
     p.set_defaults(func=cmd_backup)
+
+    p = sub.add_parser("install-cron", help="(client, root) back up daily at a random minute",
+                       description="Write a cron.d file that runs this program's backup once a day at a "
+                       "time picked at random (and kept on re-runs), so clients spread out.")
+    _add_common(p)
+    p.add_argument("--cron-file", default="/etc/cron.d/byteback", metavar="PATH",
+                   help="where to write it (default: /etc/cron.d/byteback)")
+    p.add_argument("--hour", type=int, choices=range(24), metavar="H", help="run in this hour (0-23) instead of a random one")
+    p.set_defaults(func=cmd_install_cron)
 
     p = sub.add_parser("snapshot", help="(server) snapshot a host's current backup, then prune",
                        description="Make <store>/<host>/current a read-only snapshot named by the "
