@@ -558,8 +558,14 @@ def parse_destination(text: str, port: Optional[int] = None) -> Destination:
 
 
 def default_host_name() -> str:
-    """This machine's name as the server will know it: its FQDN."""
-    return socket.getfqdn() or socket.gethostname()
+    """This machine's name as the server will know it: its FQDN, else its host name.
+
+    getfqdn() answers 'localhost' on machines whose name resolves only through
+    /etc/hosts' loopback line; every such client would then share one name.
+    """
+    short = socket.gethostname()
+    fqdn = socket.getfqdn()
+    return fqdn if fqdn.split(".")[0] == short.split(".")[0] else short
 
 
 # === 5. Store backends =======================================================
