@@ -404,9 +404,19 @@ def _line_of_key(lines: Sequence[str], section: str, key: str) -> int:
 
 def parse_server_config(text: str, source: str = "server.conf") -> ServerConfig:
     """Parse server.conf text: one [server] section of SERVER_OPTIONS keys; unknown keys are errors."""
-    parser = configparser.ConfigParser(interpolation=None)
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
     try:
         parser.read_string(text, source=source)
+    except configparser.MissingSectionHeaderError as e:
+        raise ByteBackError(f"{source} line {e.lineno}: a setting before any section; "
+                            "put settings under a [server] line") from None
+    except configparser.ParsingError as e:
+        line = e.errors[0][0] if e.errors else 0
+        raise ByteBackError(f"{source} line {line}: not a 'key = value' line") from None
+    except configparser.DuplicateOptionError as e:
+        raise ByteBackError(f"{source} line {e.lineno}: '{e.option}' is set twice") from None
+    except configparser.DuplicateSectionError as e:
+        raise ByteBackError(f"{source} line {e.lineno}: [{e.section}] appears twice") from None
     except configparser.Error as e:
         first = str(e).splitlines()[0]
         raise ByteBackError(f"{source}: cannot parse: {first}") from None
@@ -441,31 +451,13 @@ def load_server_config(config_dir: str) -> ServerConfig:
     return parse_server_config(text, str(path))
 
 
-def _setting_lines(text: str) -> List[str]:
-    """Non-empty lines of a one-value-per-file setting, without '#' comment lines."""
-    return [line.strip() for line in text.splitlines()
+def _setting_lines(text: str) -> List[tuple]:
+    """(line number, value) of each non-empty, non-comment line of a one-value-per-file setting."""
+    return [(number, line.strip()) for number, line in enumerate(text.splitlines(), 1)
             if line.strip() and not line.lstrip().startswith("#")]
 
 
-def read_setting(config_dir: str, name: str, default=None, convert: Callable = str):
-    """One value from the original byteback's one-file-per-setting layout, or default."""
-    path = Path(config_dir) / name
-    try:
-        lines = _setting_lines(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return default
-    except (OSError, UnicodeDecodeError) as e:
-        raise ByteBackError(f"cannot read {path}: {e}") from None
-    if not lines:
-        return default
-    try:
-        return convert(lines[0])
-    except ValueError as e:
-        raise ByteBackError(f"{path} line 1: bad value: {e}") from None
-
-
-def read_setting_lines(config_dir: str, name: str) -> List[str]:
-    """Every value line of a setting file such as excludes (missing file: none)."""
+def _read_setting_file(config_dir: str, name: str) -> List[tuple]:
     path = Path(config_dir) / name
     try:
         return _setting_lines(path.read_text(encoding="utf-8"))
@@ -473,6 +465,23 @@ def read_setting_lines(config_dir: str, name: str) -> List[str]:
         return []
     except (OSError, UnicodeDecodeError) as e:
         raise ByteBackError(f"cannot read {path}: {e}") from None
+
+
+def read_setting(config_dir: str, name: str, default=None, convert: Callable = str):
+    """One value from the original byteback's one-file-per-setting layout, or default."""
+    lines = _read_setting_file(config_dir, name)
+    if not lines:
+        return default
+    number, value = lines[0]
+    try:
+        return convert(value)
+    except ValueError as e:
+        raise ByteBackError(f"{Path(config_dir) / name} line {number}: bad value: {e}") from None
+
+
+def read_setting_lines(config_dir: str, name: str) -> List[str]:
+    """Every value line of a setting file such as excludes (missing file: none)."""
+    return [value for _, value in _read_setting_file(config_dir, name)]
 
 
 def client_state_dir() -> Path:
@@ -545,10 +554,17 @@ def parse_destination(text: str, port: Optional[int] = None) -> Destination:
     text = text.strip()
     if not text:
         raise ByteBackError("the destination is empty; give user@host: or a local path")
-    colon, slash = text.find(":"), text.find("/")
-    if colon == -1 or (slash != -1 and slash < colon):
-        return Destination(None, None, None, os.path.abspath(os.path.expanduser(text)))
-    login, path = text[:colon], text[colon + 1:]
+    login = text
+    if "[" in text:                       # user@[2001:db8::1]:path
+        m = re.fullmatch(r"((?:[^@/\[]+@)?\[[0-9A-Fa-f:.]+\]):(.*)", text, re.S)
+        if not m:
+            raise ByteBackError(f"{text!r}: write an IPv6 server as user@[address]:")
+        login, path = m.group(1), m.group(2)
+    else:
+        colon, slash = text.find(":"), text.find("/")
+        if colon == -1 or (slash != -1 and slash < colon):
+            return Destination(None, None, None, os.path.abspath(os.path.expanduser(text)))
+        login, path = text[:colon], text[colon + 1:]
     user, _, host = login.rpartition("@")
     if not host or not re.fullmatch(r"[A-Za-z0-9.:_-]+|\[[0-9A-Fa-f:.]+\]", host) or host.startswith("-"):
         raise ByteBackError(f"{text!r}: {host!r} is not a host name or address")
@@ -712,7 +728,10 @@ class Store:
     def read_history(self, host: str) -> List[dict]:
         data = read_json(self.history_path(host), {"backups": []})
         backups = data.get("backups") if isinstance(data, dict) else None
-        if not isinstance(backups, list) or not all(isinstance(b, dict) for b in backups):
+        if not isinstance(backups, list) or not all(
+                isinstance(b, dict) and all(isinstance(b.get(k, 0), int) and not isinstance(b.get(k, 0), bool)
+                                            and b.get(k, 0) >= 0 for k in ("added", "size"))
+                for b in backups):
             path = self.history_path(host)
             raise ByteBackError(f"{path} is not a byteback history; move it aside "
                                 f"(mv {path} {path}.bad) and byteback will start it afresh")
@@ -733,13 +752,21 @@ class Store:
             write_json_atomically(path, {"since": when.isoformat()})
 
     def dirty_since(self, host: str) -> Optional[dt.datetime]:
-        """When the unfinished backup in current began, or None.  run/ is untrusted input."""
+        """When the unfinished backup in current began, or None.  run/ is untrusted input:
+        the backup user could have put a symlink or a FIFO there for root to trip over."""
         try:
-            with open(self.dirty_path(host), encoding="utf-8") as f:
-                since = dt.datetime.fromisoformat(str(json.load(f)["since"]))
+            fd = os.open(self.dirty_path(host), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        except OSError:
+            return None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                return None
+            since = dt.datetime.fromisoformat(str(json.loads(os.read(fd, 4096))["since"]))
             return since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
         except (OSError, ValueError, KeyError, TypeError):
             return None
+        finally:
+            os.close(fd)
 
     def clear_dirty(self, host: str) -> None:
         with contextlib.suppress(FileNotFoundError):
@@ -804,6 +831,14 @@ class Store:
 
 
 HISTORY_KEEP = 100   # entries kept per host; the mean uses the last `history` of them
+
+
+def _history_int(entry: Optional[dict], key: str) -> int:
+    """A number from a history entry, 0 when it is missing or not a number."""
+    try:
+        return max(0, int(entry.get(key, 0))) if entry else 0
+    except (TypeError, ValueError):
+        return 0
 
 
 def _make_writable_and_retry(func, path, _exc_info) -> None:
@@ -880,7 +915,7 @@ class BtrfsStore(Store):
         if not is_btrfs_subvolume(current):
             raise ByteBackError(f"{current} is not a btrfs subvolume; move it aside and run "
                                 "the backup again, which creates it as one")
-        since = int(previous.get("generation", 0)) + 1 if previous else 0
+        since = _history_int(previous, "generation") + 1 if previous else 0
         size, _ = tree_size(current)
         added = self.bytes_written_since(current, since)
         generation = self.generation(current)
@@ -937,7 +972,7 @@ def open_store(root, runner: Optional[Runner] = None, create: bool = False) -> S
     if fstype == "btrfs" and os.geteuid() == 0:
         return BtrfsStore(root, runner)
     if fstype == "btrfs":
-        log.info("store %s is on btrfs, but read-only snapshots need root: "
+        log.debug("store %s is on btrfs, but read-only snapshots need root: "
                  "using hard-linked snapshots instead", root)
     return HardlinkStore(root, runner)
 
@@ -1006,14 +1041,14 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
     last = len(ages) - 1
     for i in range(1, len(ages)):
         age = ages[i]
-        if i in claims:
+        if i == last:
+            key = (2, 0.0, -age)
+            reason = "importance: the oldest snapshot, which goes only after every other"
+        elif i in claims:
             k = claims[i]
             key = (1, -k, -age)
             reason = (f"importance: nearest to the {ordered_targets[k]:g}-day mark, the least "
                       f"important target age still held ({k + 1} of {len(ordered_targets)})")
-        elif i == last:
-            key = (2, 0.0, -age)
-            reason = "importance: the oldest snapshot, which goes only after every other"
         else:
             gap = ages[i + 1] - ages[i - 1]
             relative = gap / max(age, 1e-9)
@@ -1128,13 +1163,6 @@ def interval_refusal(newest: Optional[Snapshot], now: dt.datetime, min_interval:
 
 
 # === 7. Server commands (snapshot, prune) ====================================
-
-def _history_int(entry: Optional[dict], key: str) -> int:
-    try:
-        return max(0, int(entry.get(key, 0))) if entry else 0
-    except (TypeError, ValueError):
-        return 0
-
 
 def snapshot_host(store: Store, host: str, config: ServerConfig, *, now: dt.datetime,
                   force: bool = False) -> Snapshot:
