@@ -150,7 +150,8 @@ class Runner:
             capture: bool = True, env: Optional[Dict[str, str]] = None
             ) -> subprocess.CompletedProcess:
         """Run argv; under --dry-run skip it when destructive.  Raises CommandFailed."""
-        assert isinstance(argv, (list, tuple)), "argv must be a list, never a shell string"
+        if not isinstance(argv, (list, tuple)):
+            raise TypeError("argv must be a list, never a shell string")
         argv = [str(a) for a in argv]
         log.debug("run: %s", shlex.join(argv))
         if destructive and self.dry_run:
@@ -404,7 +405,8 @@ def _line_of_key(lines: Sequence[str], section: str, key: str) -> int:
 
 def parse_server_config(text: str, source: str = "server.conf") -> ServerConfig:
     """Parse server.conf text: one [server] section of SERVER_OPTIONS keys; unknown keys are errors."""
-    parser = configparser.ConfigParser(interpolation=None, default_section="\0none")
+    parser = configparser.ConfigParser(interpolation=None, default_section="\0none",
+                                       inline_comment_prefixes=("#", ";"))
     try:
         parser.read_string(text, source=source)
     except configparser.MissingSectionHeaderError as e:
@@ -652,6 +654,14 @@ def tree_size(root: Path) -> tuple:
     return total, unique
 
 
+def _is_real_dir(path: Path) -> bool:
+    """A directory, not a symlink to one; False if it vanished meanwhile."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False
+
+
 class Store:
     """A store root: <root>/<host>/current, <root>/<host>/<snapshot>, <root>/.byteback/.
 
@@ -694,8 +704,7 @@ class Store:
             names = sorted(os.listdir(self.root))
         except OSError as e:
             raise ByteBackError(f"cannot read the store {self.root}: {e.strerror}") from None
-        return [n for n in names if HOSTNAME_RE.match(n) and ".." not in n
-                and stat.S_ISDIR(os.lstat(self.root / n).st_mode)]
+        return [n for n in names if HOSTNAME_RE.match(n) and ".." not in n and _is_real_dir(self.root / n)]
 
     def snapshots(self, host: Optional[str] = None) -> List[Snapshot]:
         """Finished snapshots, oldest first, of one host or of all."""
@@ -707,7 +716,7 @@ class Store:
                 continue
             for name in names:
                 when = parse_snapshot_name(name)
-                if when is not None and stat.S_ISDIR(os.lstat(self.host_dir(h) / name).st_mode):
+                if when is not None and _is_real_dir(self.host_dir(h) / name):
                     found.append(Snapshot(h, name, when))
         return sorted(found, key=lambda s: (s.host, s.when, s.name))
 
@@ -1047,8 +1056,8 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
         elif i in claims:
             k = claims[i]
             key = (1, -k, -age)
-            reason = (f"importance: nearest to the {ordered_targets[k]:g}-day mark, the least "
-                      f"important target age still held ({k + 1} of {len(ordered_targets)})")
+            reason = (f"importance: holds the {ordered_targets[k]:g}-day mark (the nearest snapshot "
+                      f"to it), the least important target still held ({k + 1} of {len(ordered_targets)})")
         else:
             gap = ages[i + 1] - ages[i - 1]
             relative = gap / max(age, 1e-9)
@@ -1634,6 +1643,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
                                 "not a directory); run setup-client again") from None
     if request.verb == "ping":
         print(f"pong byteback {VERSION} host={host}")
+        snaps = store.snapshots(host)
+        # Tell the client now, not after it has sent everything, that a
+        # snapshot would be refused.
+        refusal = interval_refusal(snaps[-1] if snaps else None, now_local(), config.min_interval)
+        if refusal:
+            print(f"wait: {refusal}")
         return EXIT_OK
     # One session per host: a second one racing the first is how symlink and
     # rename races are won (CVE-2024-12747, CVE-2026-53797).
@@ -1646,7 +1661,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     if version < MIN_RSYNC:
         raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
                             "and has known holes (CVE-2024-12084); upgrade rsync on the server")
-    if request.verb == "push":
+    if request.verb == "push" and "n" not in request.letters:   # a dry run writes nothing
         store.mark_dirty(host, now_local())
     argv = server_rsync_argv(request, host_dir=str(host_dir), current=str(current),
                              backend_options=store.rsync_options(host),
@@ -1665,7 +1680,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     return EXIT_FAILURE     # pragma: no cover - execve does not return
 
 
-# --- 7d. Listing files in snapshots (restore's server half) ------------------
+# --- 7c. Listing files in snapshots (restore's server half) ------------------
 
 FAKE_SUPER_XATTR = "user.rsync.%stat"
 MUNGED_PREFIX = "/rsyncd-munged/"
@@ -1881,7 +1896,7 @@ def serve_list(store: Store, host: str, request: Request) -> int:
     return EXIT_OK
 
 
-# --- 7c. Server set-up (setup-server, and setup-host for setup-client) -------
+# --- 7d. Server set-up (setup-server, and setup-host for setup-client) -------
 
 DEFAULT_INSTALL_PATH = "/usr/local/bin/byteback.pyz"
 # Paths that go into sudoers and authorized_keys lines: nothing to quote there.
@@ -2156,13 +2171,24 @@ def automatic_excludes(sources: Sequence[str], mounts: Sequence[tuple],
         inside = any(_is_within(path, s) for s in sources)
         covers_source = any(_is_within(s, path) for s in sources)
         if inside and not covers_source:
-            patterns.append(rsync_escape(path) + ("" if path in exact else "/*"))
+            patterns.append(exclude_pattern(path, contents_only=path not in exact))
     return patterns
 
 
 def rsync_escape(path: str) -> str:
     """Escape rsync's wildcard characters so a pattern matches only this path."""
     return re.sub(r"([*?\[\\])", r"\\\1", path)
+
+
+def exclude_pattern(path: str, contents_only: bool) -> str:
+    """An rsync exclude for exactly this path (or, contents_only, what is in it).
+
+    rsync reads backslashes as escapes only in patterns with a wildcard, so a
+    plain path is left as it is and one with a wildcard is escaped whole.
+    """
+    if contents_only:
+        return rsync_escape(path) + "/*"
+    return rsync_escape(path) if re.search(r"[*?\[]", path) else path
 
 
 class BackupPlan(NamedTuple):
@@ -2218,7 +2244,10 @@ def build_rsync_argv(plan: BackupPlan, target: str, *, backend_options: Sequence
             f"--timeout={plan.io_timeout}", "--stats"]
     argv += list(backend_options) + list(transport)
     if fake_super:
-        argv.append("--fake-super")   # keep owners and modes in xattrs without root
+        # Keep owners and modes in xattrs without root.  On a local copy plain
+        # --fake-super would also make the *sender* believe a source file's own
+        # user.rsync.%stat xattr; -M gives it to the receiving side alone.
+        argv.append("-M--fake-super")
     if progress:
         argv.append("--info=progress2")
     if dry_run:
@@ -2293,6 +2322,14 @@ def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show:
             return rc, output
         meaning = RSYNC_EXIT_MEANINGS.get(rc, "unknown error")
         last_lines = " | ".join(l for l in output.strip().splitlines()[-3:] if l.strip())
+        # rsync says 11 (file I/O) for a full disc too; trying again in ten
+        # minutes would not help, since running out of space never prunes.
+        full = re.search(r"^.*(?:No space left on device|Disk quota exceeded).*$", output, re.M)
+        if full:
+            raise ByteBackError(f"the destination is full ({full.group(0).strip()}); nothing was "
+                                "snapshotted. Free space there (a server prunes by itself after each "
+                                "snapshot: see 'byteback.pyz prune --list') or exclude large files, "
+                                "then back up again")
         if rc in RSYNC_RETRY_CODES and attempt < retries:
             log.warning("rsync exit %d (%s); trying again in %s (try %d of %d)", rc, meaning,
                         format_duration(delay), attempt + 1, retries)
@@ -2319,16 +2356,21 @@ def record_backup_result(state_dir: Path, entry: dict) -> None:
 def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     """Back up into a store on this machine: rsync, then the server's own snapshot and prune."""
     runner = Runner()
-    store = open_store(plan.destination.path, runner, create=True)
+    # A dry run changes nothing: no store, host or marker is created for it.
+    store = open_store(plan.destination.path, runner, create=not args.dry_run)
     config = load_server_config(plan.config_dir)
     snaps = store.snapshots(plan.host)
     refusal = interval_refusal(snaps[-1] if snaps else None, now_local(), config.min_interval)
     if refusal and not args.dry_run:    # say so before copying anything, not after
         raise ByteBackError(refusal)
-    current = store.prepare_host(plan.host)
-    store.mark_dirty(plan.host, now_local())
+    if args.dry_run:
+        current = store.current(plan.host)
+    else:
+        current = store.prepare_host(plan.host)
+        store.mark_dirty(plan.host, now_local())
     auto = automatic_excludes(plan.sources, _read_mounts(), [str(store.root)] + _client_config_files(plan))
-    argv = build_rsync_argv(plan, f"{current}/", backend_options=store.rsync_options(plan.host),
+    backend = store.rsync_options(plan.host) if current.is_dir() else []
+    argv = build_rsync_argv(plan, f"{current}/", backend_options=backend,
                             auto_excludes=auto, fake_super=os.geteuid() != 0,
                             progress=args.progress, dry_run=args.dry_run)
     rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay,
@@ -2369,12 +2411,25 @@ def call_server(plan: BackupPlan, verb: str) -> subprocess.CompletedProcess:
         raise missing_program("ssh") from None
 
 
-def ping_server(plan: BackupPlan) -> None:
-    """Check the server answers before any data moves; retry while it cannot be reached."""
+def _server_said(proc: subprocess.CompletedProcess) -> str:
+    """The server's last words on stderr, without its 'byteback: ' prefix."""
+    lines = [re.sub(r"^byteback: ", "", l) for l in proc.stderr.strip().splitlines()[-2:]]
+    return " ".join(lines) or f"exit {proc.returncode}"
+
+
+def ping_server(plan: BackupPlan, *, dry_run: bool = False) -> None:
+    """Check the server answers, and will take a snapshot, before any data moves.
+
+    Retries while the server cannot be reached.
+    """
     for attempt in range(1, plan.retries + 1):
         proc = call_server(plan, "ping")
         if proc.returncode == 0:
-            log.info("server: %s", proc.stdout.strip())
+            lines = proc.stdout.strip().splitlines()
+            log.info("server: %s", lines[0] if lines else "")
+            wait = next((l[len("wait: "):] for l in lines if l.startswith("wait: ")), None)
+            if wait and not dry_run:
+                raise ByteBackError(f"{wait}; nothing was sent")
             return
         problem = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
         if proc.returncode == 255 and attempt < plan.retries:
@@ -2390,7 +2445,7 @@ def backup_remote(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     """Back up to a server over ssh: ping, rsync (retried), then ask it to snapshot."""
     if not (Path(plan.config_dir) / "key").is_file():
         raise ByteBackError(f"{plan.config_dir}/key is missing: run setup-client first")
-    ping_server(plan)
+    ping_server(plan, dry_run=args.dry_run)
     auto = automatic_excludes(plan.sources, _read_mounts(), _client_config_files(plan))
     transport = ["--rsh", shlex.join(ssh_argv(plan.config_dir, plan.destination.port)),
                  "--rsync-path", "rsync --fake-super"]
@@ -2401,7 +2456,7 @@ def backup_remote(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     if not args.dry_run:
         proc = call_server(plan, "complete")
         if proc.returncode != 0:
-            said = " ".join(proc.stderr.strip().splitlines()[-2:]) or f"exit {proc.returncode}"
+            said = _server_said(proc)
             raise ByteBackError(f"the files were copied, but the server took no snapshot: {said}")
         log.info("server: %s", proc.stdout.strip())
     return parse_rsync_stats(output)
@@ -2514,8 +2569,9 @@ def cmd_backup(args: argparse.Namespace) -> int:
     state_dir = client_state_dir()
     with Lock(state_dir / "backup.lock", "backup"):
         started = now_local()
-        entry = {"start": started.isoformat(), "host": plan.host,
-                 "destination": plan.destination.path, "result": "failed"}
+        where = (plan.destination.path if plan.destination.is_local
+                 else f"{_login(plan.destination)}:{plan.destination.path}")
+        entry = {"start": started.isoformat(), "host": plan.host, "destination": where, "result": "failed"}
         try:
             run_hooks(plan.config_dir, "pre-backup")
             run = backup_local if plan.destination.is_local else backup_remote
@@ -2587,8 +2643,7 @@ def _remote_list(destination: Destination, config_dir: str, words: Sequence[str]
     except FileNotFoundError:
         raise missing_program("ssh") from None
     if proc.returncode != 0:
-        said = " ".join(proc.stderr.strip().splitlines()[-2:]) or f"exit {proc.returncode}"
-        raise ByteBackError(f"the server could not list: {said}")
+        raise ByteBackError(f"the server could not list: {_server_said(proc)}")
     try:
         return [Entry(**json.loads(line)) for line in proc.stdout.splitlines() if line.strip()]
     except (ValueError, TypeError) as e:
@@ -2627,7 +2682,9 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if destination.is_local:
         root = store.host_dir(host) / snapshot
         sources = [f"{root}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
-        transport = ["--fake-super"] if os.geteuid() != 0 else []
+        # The store keeps owners in xattrs when made without root: read them on
+        # the sending side only, and write plainly here.
+        transport = ["--fake-super", "-M--no-super"] if os.geteuid() != 0 else []
     else:
         sources = [f"{_login(destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
         transport = ["--rsh", shlex.join(ssh_argv(args.config_dir, destination.port)),
@@ -2646,7 +2703,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-# --- status ------------------------------------------------------------------
+# --- 8b. status ---------------------------------------------------------------
 
 def flock_held(path: Path) -> bool:
     """Whether any process holds a flock on path (read from /proc/locks, taking nothing)."""
@@ -2802,6 +2859,17 @@ def _format_status(report: dict, summary: str) -> str:
 QUIET_COMMANDS = ("backup", "prune", "snapshot", "receive")   # silent unless something is wrong
 
 
+def _arg(convert: Callable) -> Callable:
+    """An argparse type that shows the converter's own message for a bad value."""
+    def converted(text: str):
+        try:
+            return convert(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    converted.__name__ = convert.__name__.lstrip("_")
+    return converted
+
+
 def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("-v", "--verbose", action="count", default=0,
                         help="say what is done (-vv: also every command run)")
@@ -2830,12 +2898,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--exclude", action="append", metavar="PATTERN",
                    help="an rsync exclude pattern; repeat for several (adds to <config-dir>/excludes)")
     p.add_argument("--host", metavar="NAME", help="this machine's name in the store (default: its FQDN)")
-    p.add_argument("--port", type=_port, help="the server's ssh port (default: <config-dir>/port, else 22)")
-    p.add_argument("--io-timeout", type=_positive_int, metavar="SECONDS",
+    p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: <config-dir>/port, else 22)")
+    p.add_argument("--io-timeout", type=_arg(_positive_int), metavar="SECONDS",
                    help="rsync's I/O timeout (default: <config-dir>/io_timeout or 300)")
-    p.add_argument("--retry-number", type=_positive_int, default=5, metavar="N",
+    p.add_argument("--retry-number", type=_arg(_positive_int), default=5, metavar="N",
                    help="tries before giving up on network failures (default: 5)")
-    p.add_argument("--retry-delay", type=parse_duration, default=600.0, metavar="DURATION",
+    p.add_argument("--retry-delay", type=_arg(parse_duration), default=600.0, metavar="DURATION",
                    help="pause between tries, e.g. 600 or 10m (default: 10m)")
     p.add_argument("--progress", action="store_true", help="show rsync's overall progress")
     p.add_argument("--dry-run", action="store_true", help="show what would be copied; change nothing")
@@ -2886,7 +2954,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace files that exist where they are restored")
     p.add_argument("--destination", metavar="DEST", help="the store (default: <config-dir>/destination)")
     p.add_argument("--host", metavar="NAME", help="whose backups (default: this machine's FQDN)")
-    p.add_argument("--port", type=_port, help="the server's ssh port (default: <config-dir>/port, else 22)")
+    p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: <config-dir>/port, else 22)")
     p.set_defaults(func=cmd_restore)
 
     p = sub.add_parser("status", help="when did backups last succeed? (a Nagios plugin too)",
@@ -2896,9 +2964,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="ROOT", help="report on this server store instead of this client")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--nagios", action="store_true", help="print one plugin line: BYTEBACK OK - ...|perfdata")
-    p.add_argument("--warning", type=parse_duration, default=26 * 3600.0, metavar="AGE",
+    p.add_argument("--warning", type=_arg(parse_duration), default=26 * 3600.0, metavar="AGE",
                    help="WARNING when the last good backup is this old (default: 26h)")
-    p.add_argument("--critical", type=parse_duration, default=50 * 3600.0, metavar="AGE",
+    p.add_argument("--critical", type=_arg(parse_duration), default=50 * 3600.0, metavar="AGE",
                    help="CRITICAL when the last good backup is this old (default: 50h)")
     p.set_defaults(func=cmd_status)
 
@@ -2932,7 +3000,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "credentials to register it, pin the server's host key, write the destination.")
     _add_common(p)
     p.add_argument("--destination", required=True, metavar="USER@HOST:", help="the server, e.g. byteback@backuphost:")
-    p.add_argument("--port", type=_port, help="the server's ssh port (default: 22)")
+    p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: 22)")
     p.add_argument("--hostname", metavar="NAME", help="this machine's name on the server (default: its FQDN)")
     p.add_argument("--server-program", default=DEFAULT_INSTALL_PATH, metavar="PATH",
                    help=f"byteback's path on the server (default: {DEFAULT_INSTALL_PATH})")

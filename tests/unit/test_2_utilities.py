@@ -1,0 +1,263 @@
+"""Section 2: durations and sizes, atomic JSON, the lock, the Runner, logging."""
+from __future__ import annotations
+
+import json
+import os
+import stat
+
+import pytest
+
+import byteback
+from byteback import ByteBackError
+
+
+# -- parse_duration / format_duration --
+
+@pytest.mark.parametrize("text,seconds", [
+    ("90", 90.0),
+    ("90s", 90.0),
+    ("10m", 600.0),
+    ("6h", 21600.0),
+    ("6H", 21600.0),
+    ("1.5h", 5400.0),
+    ("2d", 172800.0),
+    ("1w", 604800.0),
+    (" 6 h ", 21600.0),
+    ("0", 0.0),
+])
+def test_parse_duration(text, seconds):
+    assert byteback.parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "h", "six hours", "-1h", "6x", "6hh", "1e3", "6h30m", "1,5h"])
+def test_parse_duration_refuses_what_is_not_a_duration(text):
+    with pytest.raises(ValueError, match="is not a duration"):
+        byteback.parse_duration(text)
+
+
+@pytest.mark.parametrize("seconds,text", [
+    (0, "0s"),
+    (-5, "0s"),
+    (45, "45s"),
+    (59.9, "59s"),
+    (60, "1m"),
+    (3599, "59m"),
+    (3600, "1h 0m"),
+    (5 * 3600 + 3 * 60 + 59, "5h 3m"),
+    (86399, "23h 59m"),
+    (86400, "1d 0h"),
+    (3 * 86400 + 4 * 3600 + 1799, "3d 4h"),
+])
+def test_format_duration(seconds, text):
+    assert byteback.format_duration(seconds) == text
+
+
+# -- parse_size / format_size --
+
+@pytest.mark.parametrize("text,size", [
+    ("0", 0),
+    ("500", 500),
+    ("500b", 500),
+    ("500B", 500),
+    ("10k", 10240),
+    ("10K", 10240),
+    ("10KiB", 10240),
+    ("10kb", 10240),
+    ("1M", 1048576),
+    ("2.5G", int(2.5 * 1024 ** 3)),
+    ("2T", 2 * 1024 ** 4),
+    ("1P", 1024 ** 5),
+    (" 3 G ", 3 * 1024 ** 3),
+])
+def test_parse_size(text, size):
+    assert byteback.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["", "G", "ten", "-1G", "1X", "1GG", "1 2"])
+def test_parse_size_refuses_what_is_not_a_size(text):
+    with pytest.raises(ValueError, match="is not a size"):
+        byteback.parse_size(text)
+
+
+@pytest.mark.parametrize("size,text", [
+    (0, "0B"),
+    (512, "512B"),
+    (1023, "1023B"),
+    (1024, "1.0K"),
+    (1536, "1.5K"),
+    (1024 ** 2, "1.0M"),
+    (int(3.1 * 1024 ** 3), "3.1G"),
+    (2 * 1024 ** 4, "2.0T"),
+    (1024 ** 5, "1024.0T"),      # T is the largest unit
+])
+def test_format_size(size, text):
+    assert byteback.format_size(size) == text
+
+
+# -- write_json_atomically / read_json --
+
+def test_json_round_trip_leaves_only_the_file(tmp_path):
+    path = tmp_path / "state" / "history" / "web1.json"       # parents are created
+    data = {"host": "web1", "backups": [{"size": 5, "added": 1}]}
+    byteback.write_json_atomically(path, data)
+    assert byteback.read_json(path, None) == data
+    assert os.listdir(path.parent) == ["web1.json"]            # no temporary file left
+    text = path.read_text()
+    assert text.endswith("\n") and json.loads(text) == data
+    assert text.index('"backups"') < text.index('"host"')       # keys sorted: stable diffs
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o644
+
+
+def test_write_json_replaces_the_old_content(tmp_path):
+    path = tmp_path / "x.json"
+    byteback.write_json_atomically(path, {"n": 1})
+    byteback.write_json_atomically(path, {"n": 2})
+    assert byteback.read_json(path, None) == {"n": 2}
+
+
+def test_a_failed_write_keeps_the_old_file_and_leaves_no_temporary(tmp_path):
+    path = tmp_path / "x.json"
+    byteback.write_json_atomically(path, {"n": 1})
+    with pytest.raises(TypeError):
+        byteback.write_json_atomically(path, {"n": object()})   # not serialisable
+    assert byteback.read_json(path, None) == {"n": 1}
+    assert os.listdir(tmp_path) == ["x.json"]
+
+
+def test_read_json_of_a_missing_file_gives_the_default(tmp_path):
+    assert byteback.read_json(tmp_path / "nope.json", {"backups": []}) == {"backups": []}
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"", b'{"a": 1', b"\xff\xfe\x00garbage"])
+def test_read_json_of_a_corrupt_file_is_one_line_that_says_what_to_do(tmp_path, content):
+    path = tmp_path / "web1.json"
+    path.write_bytes(content)
+    with pytest.raises(ByteBackError) as exc:
+        byteback.read_json(path, {})
+    message = str(exc.value)
+    assert "\n" not in message
+    assert message.startswith(f"{path} is corrupt")
+    assert f"mv {path} {path}.bad" in message
+    assert exc.value.exit_code == 1
+
+
+def test_read_json_of_a_directory_says_it_cannot_read(tmp_path):
+    with pytest.raises(ByteBackError, match=r"cannot read .*: Is a directory"):
+        byteback.read_json(tmp_path, {})
+
+
+# -- Lock --
+
+def test_lock_refuses_a_second_holder_and_is_free_again_after(tmp_path):
+    path = tmp_path / "run" / "store.lock"                      # parent created on demand
+    with byteback.Lock(path, "snapshot or prune on this store"):
+        with pytest.raises(ByteBackError) as exc:
+            with byteback.Lock(path, "snapshot or prune on this store"):
+                pytest.fail("a second holder got the lock")
+        assert str(exc.value) == (f"another snapshot or prune on this store is running (lock {path}); "
+                                  "try again when it has finished")
+    with byteback.Lock(path, "prune"):                          # released on exit
+        pass
+
+
+def test_lock_is_released_when_the_body_raises(tmp_path):
+    path = tmp_path / "backup.lock"
+    with pytest.raises(RuntimeError):
+        with byteback.Lock(path, "backup"):
+            raise RuntimeError("boom")
+    with byteback.Lock(path, "backup"):
+        pass
+
+
+def test_lock_refuses_a_symlinked_lock_file(tmp_path):
+    target = tmp_path / "elsewhere"
+    (tmp_path / "backup.lock").symlink_to(target)
+    with pytest.raises(ByteBackError, match="cannot open lock file"):
+        with byteback.Lock(tmp_path / "backup.lock", "backup"):
+            pass
+    assert not target.exists()                                  # nothing created through it
+
+
+# -- Runner --
+
+def test_runner_refuses_a_string_argv_and_runs_nothing(tmp_path):
+    made = tmp_path / "made"
+    with pytest.raises((AssertionError, TypeError)):
+        byteback.Runner().run(f"touch {made}")
+    assert not made.exists()
+
+
+def test_runner_returns_output_and_sets_lc_all_c(tmp_path):
+    env = {"PATH": os.environ["PATH"], "LC_ALL": "de_DE.UTF-8"}
+    proc = byteback.Runner().run(["sh", "-c", 'printf "%s|%s" "$LC_ALL" "$1"', "sh", "a b"], env=env)
+    assert proc.returncode == 0
+    assert proc.stdout == "C|a b"                               # one argument, not split by a shell
+
+
+def test_runner_raises_command_failed_with_the_stderr_tail():
+    with pytest.raises(byteback.CommandFailed) as exc:
+        byteback.Runner().run(["sh", "-c", "echo one >&2; echo two >&2; exit 3"])
+    assert exc.value.returncode == 3
+    assert str(exc.value) == "sh failed with exit code 3: sh -c 'echo one >&2; echo two >&2; exit 3' (one two)"
+
+
+def test_runner_check_false_returns_the_failure():
+    proc = byteback.Runner().run(["sh", "-c", "exit 4"], check=False)
+    assert proc.returncode == 4
+
+
+@pytest.mark.parametrize("program,package", [
+    ("btrfs", "btrfs-progs"),
+    ("rsync", "rsync"),
+    ("ssh-keygen", "openssh-client"),
+    ("/opt/nowhere/visudo", "sudo"),
+    ("frobnicate", "frobnicate"),
+])
+def test_runner_says_how_to_install_a_missing_program(monkeypatch, tmp_path, program, package):
+    monkeypatch.setenv("PATH", str(tmp_path))                   # nothing is installed here
+    with pytest.raises(ByteBackError) as exc:
+        byteback.Runner().run([program, "--version"])
+    name = os.path.basename(program)
+    assert str(exc.value) == f"{name} is not installed; install it with: apt-get install {package}"
+
+
+def test_runner_timeout_is_a_byteback_error():
+    with pytest.raises(ByteBackError, match=r"sleep 5 did not finish within 0s"):
+        byteback.Runner().run(["sleep", "5"], timeout=0.2)
+
+
+def test_dry_run_skips_destructive_commands_only(tmp_path):
+    runner = byteback.Runner(dry_run=True)
+    skipped = runner.run(["touch", str(tmp_path / "destroyed")], destructive=True)
+    assert skipped.returncode == 0 and skipped.stdout == ""
+    assert not (tmp_path / "destroyed").exists()
+    runner.run(["touch", str(tmp_path / "looked")])             # e.g. btrfs subvolume show
+    assert (tmp_path / "looked").exists()
+    byteback.Runner().run(["touch", str(tmp_path / "real")], destructive=True)
+    assert (tmp_path / "real").exists()
+
+
+def test_dry_run_still_fails_on_a_failing_read_only_command():
+    with pytest.raises(byteback.CommandFailed):
+        byteback.Runner(dry_run=True).run(["false"])
+
+
+# -- logging --
+
+@pytest.mark.parametrize("verbosity,quiet,shown", [
+    (0, True, ["warning"]),                    # cron: a good run prints nothing
+    (0, False, ["info", "warning"]),           # interactive commands say what they did
+    (1, True, ["info", "warning"]),
+    (2, True, ["debug", "info", "warning"]),
+])
+def test_setup_logging_levels(capsys, verbosity, quiet, shown):
+    byteback.setup_logging(verbosity, quiet=quiet)
+    byteback.log.debug("debug")
+    byteback.log.info("info")
+    byteback.log.warning("warning")
+    assert capsys.readouterr().err == "".join(f"byteback: {m}\n" for m in shown)
+
+
+def test_now_local_is_aware():
+    now = byteback.now_local()
+    assert now.tzinfo is not None and now.utcoffset() is not None

@@ -1,0 +1,342 @@
+"""Section 6: the pure retention core, with the expected orders written out by hand.
+
+Snapshots are given as ages in days at a fixed `now` (noon), so every age is
+an exact number and the tables can be checked with pencil and paper.  How
+each expected order was reasoned out is written beside it.
+"""
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from freezegun import freeze_time
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import byteback
+from unit_helpers import at, snap_at, snaps_aged
+
+NOW = at(2026, 3, 31, 12, 0)
+DEFAULT = byteback.DEFAULT_TARGET_DAYS
+
+
+def deleted_ages(ages, order="importance", targets=DEFAULT, now=NOW):
+    """The ages (days) of the deletions, first to go first, for one host."""
+    decisions = byteback.deletion_order(snaps_aged("web1", now, ages), now=now, order=order,
+                                        targets=targets)
+    return [round(byteback.age_days(d.snapshot, now), 4) for d in decisions]
+
+
+# -- claim_targets: each target, smallest first, takes the nearest unclaimed snapshot --
+
+@pytest.mark.parametrize("ages,targets,claims", [
+    # one snapshot on every target: each takes its own
+    ([0, 1, 2, 3, 7, 14, 21, 28, 56, 112], DEFAULT, {i: i for i in range(10)}),
+    # 0->0, 1->1d, 2->2d, 3->3d; 7 then takes the only one left, the 6-hour-old
+    ([0, 0.25, 1, 2, 3], DEFAULT, {0: 0, 2: 1, 3: 2, 4: 3, 1: 4}),
+    # more targets than snapshots: the rest stay unheld
+    ([0.1, 5], (0, 1, 2), {0: 0, 1: 1}),
+    # a tie goes to the younger snapshot
+    ([1, 2], (1.5,), {0: 0}),
+    # targets are taken smallest first, whatever order they come in; k indexes the sorted list
+    ([0, 10, 20], (12, 0), {0: 0, 1: 1}),
+    # 7 takes 6 (a tie with 8: the younger); 7.5 then skips it and takes 8
+    ([0, 6, 8], (7, 7.5), {1: 0, 2: 1}),
+    # 30 daily snapshots: 0..3, 7, 14, 21, 28 on the mark; 56 takes the oldest (29),
+    # and 112 the oldest still free (27)
+    (list(range(30)), DEFAULT, {0: 0, 1: 1, 2: 2, 3: 3, 7: 4, 14: 5, 21: 6, 28: 7, 29: 8, 27: 9}),
+    ([], DEFAULT, {}),
+])
+def test_claim_targets(ages, targets, claims):
+    assert byteback.claim_targets(ages, targets) == claims
+
+
+# -- deletion_order, one host --
+
+def test_age_order_deletes_oldest_first_and_never_the_newest():
+    assert deleted_ages(range(30), order="age") == [float(a) for a in range(29, 0, -1)]
+
+
+def test_age_order_sorts_by_instant_not_by_name():
+    # 01:00-0100 is 02:00Z and 01:30+0100 is 00:30Z: by name the first sorts
+    # first, but the second is the older snapshot.
+    older = byteback.Snapshot("web1", "2026-03-29T01:30+0100", byteback.parse_snapshot_name("2026-03-29T01:30+0100"))
+    newer = byteback.Snapshot("web1", "2026-03-29T01:00-0100", byteback.parse_snapshot_name("2026-03-29T01:00-0100"))
+    newest = snap_at("web1", at(2026, 3, 30, 3, 0))
+    order = [d.snapshot.name for d in byteback.deletion_order([newest, newer, older], now=NOW, order="age")]
+    assert order == ["2026-03-29T01:30+0100", "2026-03-29T01:00-0100"]
+
+
+def test_importance_30_daily_snapshots_first_deletions():
+    # Claims (see test_claim_targets): 0,1,2,3,7,14,21,28 on their marks, 29
+    # holds 56, 27 holds 112.  The rest hold nothing and go first, the one
+    # whose loss leaves the smallest gap relative to its age first.  Between
+    # daily neighbours the gap is 2 days, so relative = 2/age: 26 goes first
+    # (2/26).  Then, each time over what is left:
+    #   24: 2/24 = .083  (25's gap is now 3/25 = .12, 23's 2/23 = .087)
+    #   22: 2/22 = .091  (23 now 3/23, 25 now 4/25)
+    #   20: 2/20 = .100  (19: 2/19 = .105)
+    #   18: 2/18 = .111  (19 now 3/19, 17: 2/17 = .118)
+    #   16: 2/16 = .125  (17 now 3/17, 15: 2/15 = .133)
+    #   13: 2/13 = .154  (15 now 3/15 = .2, 25: 4/25 = .16, 23: 4/23 = .174, 12: .167)
+    #   25: 4/25 = .160  (12 now 3/12 = .25, 23: .174)
+    #   11: 2/11 = .182  (23 now 6/23 = .26, 10: .2, 15: .2, 19: 4/19 = .21)
+    assert deleted_ages(range(30))[:9] == [26, 24, 22, 20, 18, 16, 13, 25, 11]
+
+
+def test_importance_deletes_every_snapshot_without_a_target_before_any_with_one():
+    order = deleted_ages(range(30))
+    unheld = set(range(30)) - {0, 1, 2, 3, 7, 14, 21, 28, 29, 27}
+    assert len(order) == 29
+    assert set(order[:20]) == unheld
+    # then those holding targets, least important target first: 27 holds 112 days
+    assert order[20] == 27
+
+
+def test_importance_120_daily_snapshots_first_deletions():
+    # Now every target has a snapshot on its mark, and the oldest (119) holds
+    # none: it is kept for last.  Unheld ones go by relative gap:
+    #   118: 2/118 = .0169 (its neighbours 117 and 119)
+    #   116: 2/116 = .0172 (117 now 3/117 = .026; 115: 2/115 = .0174)
+    #   114: 2/114 = .0175 (115 now 3/115; 113: 2/113 = .0177)
+    #   111: 2/111 = .0180 (113 now 3/113 = .027; 112 holds a target; 110: .0182)
+    order = deleted_ages(range(120))
+    assert order[:4] == [118, 116, 114, 111]
+    held = {0, 1, 2, 3, 7, 14, 21, 28, 56, 112}
+    assert set(order[:109]) == set(range(120)) - held - {119}
+    assert order[109] == 112                         # the least important target held
+
+
+def test_importance_120_daily_the_oldest_goes_last():
+    assert deleted_ages(range(120))[109:] == [112, 56, 28, 21, 14, 7, 3, 2, 1, 119]
+
+
+def test_importance_a_six_hour_old_snapshot_goes_before_the_daily_ones():
+    # 0 on its mark, 1/2/3 days on theirs, and the 6-hour-old holds only the
+    # 7-day mark, the least important held: it goes first.  Age order would
+    # take the 3-day-old.
+    assert deleted_ages([0, 0.25, 1, 2, 3])[0] == 0.25
+    assert deleted_ages([0, 0.25, 1, 2, 3], order="age")[0] == 3
+
+
+@pytest.mark.parametrize("ages,expected", [
+    # 0.25 first (holds the 7-day mark); of 1, 2, 3 the oldest stays: 2 (2-day
+    # mark) before 1 (1-day mark); the oldest, 3, last.  (Before the fix the
+    # oldest went by its target's rank: [0.25, 3, 2, 1], age order after one step.)
+    ([0, 0.25, 1, 2, 3], [0.25, 2, 1, 3]),
+    # 2 (2-day mark) before 1 (1-day mark); 40, the oldest, last although it
+    # is the one nearest to the 56-day mark
+    ([0, 1, 2, 40], [2, 1, 40]),
+])
+def test_importance_keeps_the_oldest_for_last(ages, expected):
+    assert deleted_ages(ages) == expected
+
+
+def test_importance_30_daily_the_oldest_goes_last():
+    # After the 20 unheld ones: the held targets from the least important
+    # (27 holds 112) down to the 1-day mark, and the oldest (29) last.
+    assert deleted_ages(range(30))[20:] == [27, 28, 21, 14, 7, 3, 2, 1, 29]
+
+
+def test_importance_custom_targets():
+    # targets 0 and 10: 0 on its mark, 10 takes 10; the others (5, 8, 12)
+    # hold nothing.  relative gaps: 5: (8-0)/5 = 1.6; 8: (10-5)/8 = .625;
+    # 12 is the oldest and goes last.  So 8, then 5 ((10-0)/5 = 2), then 10
+    # (holding a target), then 12.
+    assert deleted_ages([0, 5, 8, 10, 12], targets=(0, 10)) == [8, 5, 10, 12]
+
+
+def test_a_single_snapshot_is_never_deleted():
+    assert deleted_ages([3]) == []
+    assert deleted_ages([3], order="age") == []
+    assert list(byteback.deletion_order([], now=NOW)) == []
+
+
+def test_an_unknown_order_is_refused():
+    with pytest.raises(ValueError, match="unknown prune order 'random'"):
+        list(byteback.deletion_order(snaps_aged("web1", NOW, [0, 1]), now=NOW, order="random"))
+
+
+# -- fairness between hosts --
+
+def _two_hosts():
+    return snaps_aged("a", NOW, range(10)) + snaps_aged("b", NOW, [0, 5, 20])
+
+
+def test_age_order_is_fair_between_hosts():
+    # a has 10, b has 3: a loses its oldest until both have 3 (9..3).  Then a
+    # tie: the host whose candidate is older goes (b's 20 days against a's 2),
+    # then whoever has more, and so on, until each keeps only its newest.
+    order = [(d.snapshot.host, round(byteback.age_days(d.snapshot, NOW)))
+             for d in byteback.deletion_order(_two_hosts(), now=NOW, order="age")]
+    assert order == [("a", 9), ("a", 8), ("a", 7), ("a", 6), ("a", 5), ("a", 4), ("a", 3),
+                     ("b", 20), ("a", 2), ("b", 5), ("a", 1)]
+
+
+@pytest.mark.parametrize("order", ["importance", "age"])
+def test_no_host_is_stripped_while_another_keeps_many(order):
+    counts = {"a": 10, "b": 3}
+    hosts = []
+    for d in byteback.deletion_order(_two_hosts(), now=NOW, order=order):
+        assert counts[d.snapshot.host] == max(counts.values())     # always from a fullest host
+        counts[d.snapshot.host] -= 1
+        hosts.append(d.snapshot.host)
+    assert hosts[:7] == ["a"] * 7
+    assert sorted(hosts[7:9]) == ["a", "b"] and sorted(hosts[9:]) == ["a", "b"]
+    assert counts == {"a": 1, "b": 1}
+
+
+def test_several_hosts_reason_says_which_host_had_the_most():
+    first = next(byteback.deletion_order(_two_hosts(), now=NOW, order="age"))
+    assert first.reason == "age: the oldest snapshot of host a (9d 0h old); host a has the most snapshots (10)"
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.lists(st.lists(st.integers(0, 400 * 24), min_size=1, max_size=15, unique=True),
+                min_size=1, max_size=3),
+       st.sampled_from(["importance", "age"]))
+def test_deletion_order_invariants(hours_by_host, order):
+    snaps = [snap_at(f"h{i}", NOW - dt.timedelta(hours=h))
+             for i, hours in enumerate(hours_by_host) for h in hours]
+    newest = {max((s for s in snaps if s.host == h), key=lambda s: s.when) for h in {s.host for s in snaps}}
+    counts = {h: sum(1 for s in snaps if s.host == h) for h in {s.host for s in snaps}}
+    seen = set()
+    for d in byteback.deletion_order(snaps, now=NOW, order=order):
+        assert d.delete and d.reason
+        assert d.snapshot not in newest and d.snapshot not in seen
+        assert counts[d.snapshot.host] == max(counts.values())
+        counts[d.snapshot.host] -= 1
+        seen.add(d.snapshot)
+    assert seen == set(snaps) - newest
+
+
+# -- plan_prune: every snapshot once, deletions in order, keeps last --
+
+@pytest.mark.parametrize("order", ["importance", "age"])
+def test_plan_prune_lists_every_snapshot_once_with_keeps_last(order):
+    snaps = snaps_aged("web1", NOW, [0, 1, 2, 5, 9]) + snaps_aged("db1", NOW, [0.5, 3])
+    plan = byteback.plan_prune(snaps, now=NOW, order=order)
+    assert sorted(d.snapshot for d in plan) == sorted(snaps)
+    assert [d.delete for d in plan] == [True] * 5 + [False] * 2
+    assert [d.snapshot for d in plan[:5]] == [d.snapshot for d in byteback.deletion_order(
+        snaps, now=NOW, order=order)]
+    kept = plan[5:]
+    assert [(d.snapshot.host, round(byteback.age_days(d.snapshot, NOW), 2)) for d in kept] == [
+        ("db1", 0.5), ("web1", 0.0)]
+    assert [d.reason for d in kept] == ["kept: the newest snapshot of host db1",
+                                        "kept: the newest snapshot of host web1"]
+
+
+def test_plan_prune_reasons_are_sentences_a_sysadmin_can_read():
+    plan = byteback.plan_prune(snaps_aged("web1", NOW, range(30)), now=NOW)
+    for d in plan:
+        assert isinstance(d.reason, str) and len(d.reason) > 20 and " " in d.reason
+        assert "\n" not in d.reason
+    by_age = {round(byteback.age_days(d.snapshot, NOW)): d.reason for d in plan}
+    assert by_age[26].startswith("importance: nearest to no target age; without it the gap around "
+                                 "26d 0h ago is 2d 0h (0.08 of its age)")
+    assert "holds the 112-day mark" in by_age[27]
+    assert by_age[0] == "kept: the newest snapshot of host web1"
+
+
+def test_plan_prune_of_nothing_is_empty():
+    assert byteback.plan_prune([], now=NOW) == []
+
+
+# -- free_space_target --
+
+@pytest.mark.parametrize("sizes,headroom,history,target", [
+    ({"web1": [100, 200, 300]}, 1.5, 10, 300),                 # 1.5 x mean 200
+    ({"web1": [100, 300], "db1": [1000]}, 1.5, 10, 1800),       # 1.5 x (200 + 1000)
+    ({"web1": [10 ** 9, 10, 20]}, 1.5, 2, 22),                  # only the last 2: 1.5 x 15 = 22.5
+    ({"web1": [100] * 5 + [400] * 10}, 1.5, 10, 600),           # the window drops the old 100s
+    ({"web1": [100, 200]}, 2.0, 10, 300),
+    ({"web1": []}, 1.5, 10, 0),                                 # no history yet
+    ({"web1": [], "db1": [50]}, 1.5, 10, 75),
+    ({}, 1.5, 10, 0),
+])
+def test_free_space_target(sizes, headroom, history, target):
+    assert byteback.free_space_target(sizes, headroom=headroom, history=history) == target
+
+
+# -- is_suspicious --
+
+@pytest.mark.parametrize("added,prior,suspicious", [
+    (10 ** 12, [], False),                  # a first backup is large by nature
+    (10 ** 12, [100], False),
+    (10 ** 12, [100, 100], False),          # fewer than 3 prior: never
+    (150, [100, 100, 100], False),          # exactly at 1.5 x mean: allowed
+    (151, [100, 100, 100], True),           # just above
+    (10 ** 12, [100, 100, 100], True),
+    (0, [100, 100, 100], False),
+    (151, [10 ** 9, 100, 100, 100], True),  # with history=3 only the last 3 count
+])
+def test_is_suspicious(added, prior, suspicious):
+    assert byteback.is_suspicious(added, prior, headroom=1.5, history=3) is suspicious
+
+
+def test_is_suspicious_uses_the_whole_window():
+    # history=10: the 10**9 is inside the window, so the mean is large
+    assert not byteback.is_suspicious(151, [10 ** 9, 100, 100, 100], headroom=1.5, history=10)
+
+
+# -- counted_sizes --
+
+def test_counted_sizes_skips_suspicious_backups_until_accepted():
+    backups = [{"added": 100}, {"added": 5000, "suspicious": True},
+               {"added": 7000, "suspicious": True, "accepted": True},
+               {"added": 300, "suspicious": False}, {"size": 9}]
+    assert byteback.counted_sizes(backups) == [100, 7000, 300, 0]
+
+
+# -- interval_refusal --
+
+NEWEST = snap_at("web1", at(2026, 3, 1, 3, 0))
+
+
+@pytest.mark.parametrize("now,refused", [
+    (at(2026, 3, 1, 3, 0), True),
+    (at(2026, 3, 1, 8, 59, 59), True),       # 5h 59m 59s
+    (at(2026, 3, 1, 9, 0, 0), False),        # exactly 6h: allowed
+    (at(2026, 3, 1, 9, 0, 1), False),
+    (at(2026, 3, 8, 3, 0), False),
+])
+def test_interval_refusal_at_the_edge(now, refused):
+    result = byteback.interval_refusal(NEWEST, now, 6 * 3600)
+    assert (result is not None) is refused
+
+
+def test_interval_refusal_says_how_long_to_wait():
+    message = byteback.interval_refusal(NEWEST, at(2026, 3, 1, 8, 59, 59), 6 * 3600)
+    assert message == ("host web1: the newest snapshot 2026-03-01T03:00+0000 is 5h 59m old and the "
+                       "minimum interval is 6h 0m; the next snapshot can be taken in 1s")
+    message = byteback.interval_refusal(NEWEST, at(2026, 3, 1, 5, 0), 6 * 3600)
+    assert message.endswith("the next snapshot can be taken in 4h 0m")
+
+
+def test_interval_refusal_without_a_snapshot_allows():
+    assert byteback.interval_refusal(None, NOW, 6 * 3600) is None
+
+
+def test_interval_refusal_compares_instants_across_time_zones():
+    # 2026-03-01T04:00+0100 is 03:00Z: 6h later is 09:00Z whatever the zone
+    newest = byteback.Snapshot("web1", "2026-03-01T04:00+0100",
+                               byteback.parse_snapshot_name("2026-03-01T04:00+0100"))
+    edge = dt.datetime(2026, 3, 1, 10, 0, tzinfo=dt.timezone(dt.timedelta(hours=1)))
+    assert byteback.interval_refusal(newest, edge - dt.timedelta(seconds=1), 6 * 3600) is not None
+    assert byteback.interval_refusal(newest, edge, 6 * 3600) is None
+
+
+def test_now_local_reads_the_clock_at_the_cli_boundary():
+    # The pure core takes `now`; now_local() is where the real clock is read.
+    with freeze_time("2026-03-01 08:59:59", tz_offset=0):
+        now = byteback.now_local()
+        assert now == at(2026, 3, 1, 8, 59, 59)
+        assert byteback.interval_refusal(NEWEST, now, 6 * 3600) is not None
+    with freeze_time("2026-03-01 09:00:00", tz_offset=0):
+        assert byteback.interval_refusal(NEWEST, byteback.now_local(), 6 * 3600) is None
+
+
+def test_describe_age():
+    assert byteback._describe_age(0.01) == "under an hour"
+    assert byteback._describe_age(1.5) == "1d 12h"

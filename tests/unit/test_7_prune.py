@@ -1,0 +1,313 @@
+"""Section 7: snapshot_host and prune_store on a tiny real hardlink store in tmp_path.
+
+The disc is modelled by replacing the store's free_bytes: each snapshot left
+uses a fixed amount, so deleting one really frees space, and the test can
+check which snapshots were deleted (real directories are removed).
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import stat
+
+import pytest
+from freezegun import freeze_time
+
+import byteback
+from byteback import ByteBackError
+from unit_helpers import at
+
+CONFIG = byteback.ServerConfig()
+T0 = at(2026, 3, 1, 3, 0)
+H = dt.timedelta(hours=1)
+S = dt.timedelta(seconds=1)
+
+
+def write_current(tiny, host, files):
+    current = tiny.store.prepare_host(host)
+    for name, data in files.items():
+        (current / name).write_bytes(data)
+    return current
+
+
+# -- snapshot_host --
+
+def test_snapshot_turns_current_into_a_read_only_snapshot_and_records_it(tiny):
+    write_current(tiny, "web1", {"a": b"x" * 300, "b": b"y" * 200})
+    snap = byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    assert snap == byteback.Snapshot("web1", "2026-03-01T03:00+0000", T0)
+    path = tiny.root / "web1" / snap.name
+    assert sorted(os.listdir(path)) == ["a", "b"]
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o555
+    assert os.listdir(tiny.root / "web1" / "current") == []            # a fresh, empty current
+    history = tiny.store.read_history("web1")
+    assert history == [{"snapshot": snap.name, "time": T0.isoformat(), "suspicious": False,
+                        "size": 500, "added": 500}]
+
+
+def test_snapshot_clears_the_dirty_marker(tiny):
+    write_current(tiny, "web1", {"a": b"x"})
+    tiny.store.mark_dirty("web1", T0 - H)
+    byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    assert tiny.store.dirty_since("web1") is None
+
+
+@pytest.mark.parametrize("later,taken", [
+    (5 * H + 59 * 60 * S + 59 * S, False),      # 5h 59m 59s: refused
+    (6 * H, True),                              # 6h: taken
+])
+def test_snapshot_inside_the_interval_is_refused_at_the_edge(tiny, later, taken):
+    write_current(tiny, "web1", {"a": b"1"})
+    first = byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    write_current(tiny, "web1", {"b": b"2"})
+    if taken:
+        snap = byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0 + later)
+        assert tiny.names("web1") == [first.name, "2026-03-01T09:00+0000"] == [first.name, snap.name]
+        assert len(tiny.store.read_history("web1")) == 2
+    else:
+        with pytest.raises(ByteBackError, match="minimum interval is 6h 0m") as exc:
+            byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0 + later)
+        assert exc.value.exit_code == 1
+        assert tiny.names("web1") == [first.name]
+        assert os.listdir(tiny.root / "web1" / "current") == ["b"]      # the backup is kept
+        assert len(tiny.store.read_history("web1")) == 1
+
+
+def test_snapshot_interval_comes_from_the_config(tiny):
+    write_current(tiny, "web1", {"a": b"1"})
+    byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    config = CONFIG._replace(min_interval=3600.0)
+    with pytest.raises(ByteBackError, match="minimum interval is 1h 0m"):
+        byteback.snapshot_host(tiny.store, "web1", config, now=T0 + 59 * 60 * S)
+    byteback.snapshot_host(tiny.store, "web1", config, now=T0 + H)
+    assert len(tiny.names("web1")) == 2
+
+
+def test_force_takes_a_snapshot_inside_the_interval_with_seconds_in_the_same_minute(tiny):
+    write_current(tiny, "web1", {"a": b"1"})
+    byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    snap = byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0 + 30 * S, force=True)
+    assert snap.name == "2026-03-01T03:00:30+0000"
+    assert tiny.names("web1") == ["2026-03-01T03:00+0000", "2026-03-01T03:00:30+0000"]
+
+
+def test_a_clock_behind_the_newest_snapshot_is_refused(tiny):
+    write_current(tiny, "web1", {"a": b"1"})
+    byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    with pytest.raises(ByteBackError, match="check the system time"):
+        byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0 - H, force=True)
+    assert len(tiny.names("web1")) == 1
+
+
+def test_snapshot_without_a_current_says_to_run_a_backup(tiny):
+    (tiny.root / "web1").mkdir()
+    with pytest.raises(ByteBackError, match="has no backup in .* to snapshot; run a backup first"):
+        byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+
+
+def test_snapshot_refuses_a_symlinked_current(tiny, tmp_path):
+    (tiny.root / "web1").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tiny.root / "web1" / "current").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ByteBackError, match="run a backup first"):
+        byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    assert (tmp_path / "elsewhere").is_dir() and tiny.names("web1") == []
+
+
+def test_snapshot_with_a_corrupt_history_takes_nothing(tiny):
+    write_current(tiny, "web1", {"a": b"1"})
+    path = tiny.store.history_path("web1")
+    path.parent.mkdir(parents=True)
+    path.write_text("{garbage")
+    with pytest.raises(ByteBackError, match="is corrupt"):
+        byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    assert tiny.names("web1") == [] and os.listdir(tiny.root / "web1" / "current") == ["a"]
+
+
+@pytest.mark.parametrize("new_bytes,suspicious", [(150, False), (151, True)])
+def test_snapshot_marks_a_backup_larger_than_its_history_allows(tiny, new_bytes, suspicious):
+    for day in range(3):
+        tiny.add_snapshot("web1", T0 - dt.timedelta(days=3 - day), added=100)
+    write_current(tiny, "web1", {"big": b"z" * new_bytes})
+    byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    last = tiny.store.read_history("web1")[-1]
+    assert last["added"] == new_bytes and last["suspicious"] is suspicious
+
+
+def test_files_linked_from_the_last_snapshot_are_not_new_data(tiny):
+    first = tiny.add_snapshot("web1", T0 - 7 * H, added=4, content=b"same")
+    current = write_current(tiny, "web1", {"new": b"n" * 10})
+    os.link(tiny.root / "web1" / first.name / "file", current / "file")     # what --link-dest does
+    byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    last = tiny.store.read_history("web1")[-1]
+    assert (last["size"], last["added"]) == (14, 10)
+
+
+# -- prune_store --
+
+def _week(tiny, host="web1", added=100):
+    """Snapshots of host at 0, 0.25, 1, 2 and 3 days before NOW, each adding `added` bytes."""
+    for age in (3, 2, 1, 0.25, 0):
+        tiny.add_snapshot(host, NOW - dt.timedelta(days=age), added=added)
+
+
+NOW = at(2026, 3, 31, 12, 0)
+
+
+def test_prune_with_enough_free_space_deletes_nothing(tiny):
+    _week(tiny)
+    tiny.disc(total=10000, per_snapshot=100)                 # 9500 free, target 150
+    result = byteback.prune_store(tiny.store, CONFIG, now=NOW)
+    assert result == byteback.PruneResult(9500, 150, [])
+    assert len(tiny.names("web1")) == 5
+
+
+@pytest.mark.parametrize("order,gone", [
+    ("importance", "2026-03-31T06:00+0000"),     # the 6-hour-old: it holds only the 7-day mark
+    ("age", "2026-03-28T12:00+0000"),            # the oldest
+])
+def test_prune_deletes_one_at_a_time_until_the_target(tiny, order, gone):
+    _week(tiny)                                          # target = 1.5 x 100 = 150
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)    # 5 left: 140 free; 4 left: 310
+    result = byteback.prune_store(tiny.store, CONFIG, now=NOW, order=order)
+    assert [d.snapshot.name for d in result.deleted] == [gone]
+    assert gone not in tiny.names("web1") and len(tiny.names("web1")) == 4
+    assert (result.free, result.target) == (310, 150)
+    assert sorted(os.listdir(tiny.root / "web1")) == sorted(tiny.names("web1") + ["current"])
+
+
+def test_prune_takes_its_order_from_the_config(tiny):
+    _week(tiny)
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)
+    result = byteback.prune_store(tiny.store, CONFIG._replace(order="age"), now=NOW)
+    assert [d.snapshot.name for d in result.deleted] == ["2026-03-28T12:00+0000"]
+
+
+def test_prune_never_deletes_the_newest_and_says_when_the_disc_stays_short(tiny):
+    _week(tiny)
+    tiny.add_snapshot("db1", NOW - dt.timedelta(days=1), added=100)
+    tiny.add_snapshot("db1", NOW, added=100)
+    tiny.disc(total=1000, per_snapshot=100, fixed=800)       # never reaches 300
+    with pytest.raises(ByteBackError, match="still short after deleting all but each host's newest"):
+        byteback.prune_store(tiny.store, CONFIG, now=NOW)
+    assert tiny.names("web1") == ["2026-03-31T12:00+0000"]
+    assert tiny.names("db1") == ["2026-03-31T12:00+0000"]
+
+
+def test_prune_refuses_to_make_room_for_a_suspicious_backup(tiny):
+    _week(tiny)
+    tiny.add_snapshot("web1", NOW + H, added=5000, suspicious=True)
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)
+    with pytest.raises(ByteBackError) as exc:
+        byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
+    message = str(exc.value)
+    assert message.startswith("refusing to prune: the last backup of web1 is larger than its history")
+    assert "byteback prune --force" in message
+    assert len(tiny.names("web1")) == 6                       # history intact
+    assert "accepted" not in tiny.store.read_history("web1")[-1]
+
+
+def test_prune_force_accepts_the_suspicious_backup_and_prunes_for_it(tiny):
+    _week(tiny)
+    tiny.add_snapshot("web1", NOW + H, added=400, suspicious=True)
+    tiny.disc(total=1000, per_snapshot=100, fixed=300)       # 6 left: 100 free
+    result = byteback.prune_store(tiny.store, CONFIG, now=NOW + H, force=True)
+    # accepted, the mean of the 6 backups is (5 x 100 + 400) / 6 = 150: target 225
+    assert result.target == 225
+    assert tiny.store.read_history("web1")[-1]["accepted"] is True
+    assert len(result.deleted) == 2 and result.free == 300
+    assert len(tiny.names("web1")) == 4
+
+
+def test_a_suspicious_backup_does_not_block_when_there_is_room(tiny):
+    _week(tiny)
+    tiny.add_snapshot("web1", NOW + H, added=5000, suspicious=True)
+    tiny.disc(total=10000, per_snapshot=100)
+    assert byteback.prune_store(tiny.store, CONFIG, now=NOW + H).deleted == []
+
+
+def test_prune_dry_run_deletes_nothing_and_says_what_it_would(tiny, capsys):
+    _week(tiny)
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)        # 140 free, target 150
+    (tiny.root / "web1" / ".incomplete-2026-03-31T13:00+0000").mkdir()
+    result = byteback.prune_store(tiny.store, CONFIG, now=NOW, order="age", dry_run=True)
+    assert [d.snapshot.name for d in result.deleted] == ["2026-03-28T12:00+0000"]
+    assert result.free == 240                                # estimated: 140 + its 100 added
+    assert len(tiny.names("web1")) == 5
+    assert (tiny.root / "web1" / ".incomplete-2026-03-31T13:00+0000").is_dir()   # left alone
+    out = capsys.readouterr().out
+    assert out.startswith("would delete web1/2026-03-28T12:00+0000: age: the oldest snapshot of host web1")
+
+
+def test_prune_cleans_leftovers_first(tiny):
+    _week(tiny)
+    tiny.disc(total=10000, per_snapshot=100)
+    (tiny.root / "web1" / ".deleting-2026-01-01T00:00+0000").mkdir()
+    byteback.prune_store(tiny.store, CONFIG, now=NOW)
+    assert not (tiny.root / "web1" / ".deleting-2026-01-01T00:00+0000").exists()
+
+
+def test_prune_is_fair_between_hosts_on_one_disc(tiny):
+    for age in range(10):
+        tiny.add_snapshot("a", NOW - dt.timedelta(days=age), added=100)
+    for age in (0, 5, 20):
+        tiny.add_snapshot("b", NOW - dt.timedelta(days=age), added=100)
+    # target 1.5 x (100 + 100) = 300; free = 1300 - 100 x left: 0 now, 300 after 3
+    tiny.disc(total=1300, per_snapshot=100)
+    result = byteback.prune_store(tiny.store, CONFIG, now=NOW, order="age")
+    assert [d.snapshot.host for d in result.deleted] == ["a", "a", "a"]
+    assert len(tiny.names("a")) == 7 and len(tiny.names("b")) == 3
+
+
+def test_prune_with_a_corrupt_history_names_the_file_and_deletes_nothing(tiny):
+    _week(tiny)
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)
+    path = tiny.store.history_path("web1")
+    path.write_text('{"backups": [')
+    with pytest.raises(ByteBackError) as exc:
+        byteback.prune_store(tiny.store, CONFIG, now=NOW)
+    assert str(exc.value).startswith(f"{path} is corrupt")
+    assert len(tiny.names("web1")) == 5
+
+
+@pytest.mark.parametrize("added", ["lots", None, [1]])
+def test_prune_with_a_history_entry_of_the_wrong_type_names_the_file(tiny, added):
+    _week(tiny)
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)
+    path = tiny.store.history_path("web1")
+    data = json.loads(path.read_text())
+    data["backups"][-1]["added"] = added
+    path.write_text(json.dumps(data))
+    with pytest.raises(ByteBackError) as exc:
+        byteback.prune_store(tiny.store, CONFIG, now=NOW)
+    assert str(path) in str(exc.value)
+
+
+# -- the CLI boundary reads the clock --
+
+def test_cli_snapshot_refuses_inside_the_interval_by_the_real_clock(tiny, tmp_path, capsys):
+    write_current(tiny, "web1", {"a": b"1"})
+    byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    write_current(tiny, "web1", {"b": b"2"})
+    argv = ["--config-dir", str(tmp_path / "etc"), "snapshot", "--store", str(tiny.root), "--host", "web1"]
+    with freeze_time(T0 + 6 * H - S):
+        assert byteback.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("byteback: host web1: the newest snapshot 2026-03-01T03:00+0000 is 5h 59m old")
+    assert err.count("\n") == 1
+    with freeze_time(T0 + 6 * H):
+        assert byteback.main(argv) == 0
+    assert [s.when for s in tiny.store.snapshots("web1")] == [T0, T0 + 6 * H]
+    assert capsys.readouterr().out.startswith("snapshot web1/")
+
+
+def test_cli_snapshot_force_and_store_are_refused_through_sudo(tiny, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(byteback.os, "geteuid", lambda: 0)     # sudo made us root
+    monkeypatch.setenv("SUDO_USER", "byteback")
+    write_current(tiny, "web1", {"a": b"1"})
+    argv = ["--config-dir", str(tmp_path / "etc"), "snapshot", "--store", str(tiny.root),
+            "--host", "web1", "--force"]
+    assert byteback.main(argv) == 2
+    assert "--store, --force cannot be used through sudo" in capsys.readouterr().err
+    assert tiny.names("web1") == []

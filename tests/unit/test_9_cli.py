@@ -1,0 +1,220 @@
+"""Section 9: the command line, in-process through byteback.main(argv)."""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+
+import pytest
+
+import byteback
+from markers import needs_rsync
+from unit_helpers import at
+
+HELP_OPTIONS = {
+    "backup": ["--destination", "--source", "--exclude", "--host", "--port", "--io-timeout",
+               "--retry-number", "--retry-delay", "--progress", "--dry-run", "--verbose"],
+    "snapshot": ["--host", "--store", "--force", "--verbose"],
+    "prune": ["--store", "--order", "--list", "--dry-run", "--force", "--verbose"],
+}
+
+
+def _subparsers():
+    parser = byteback.build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_top_level_help_lists_the_commands(capsys):
+    assert byteback.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for command in ("backup", "snapshot", "prune", "--config-dir", "--version", "Exit codes"):
+        assert command in out
+
+
+def test_version(capsys):
+    assert byteback.main(["--version"]) == 0
+    assert capsys.readouterr().out == f"byteback {byteback.VERSION}\n"
+
+
+@pytest.mark.parametrize("command", sorted(HELP_OPTIONS))
+def test_help_of_each_main_command_mentions_each_option(capsys, command):
+    assert byteback.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: byteback {command}")
+    for option in HELP_OPTIONS[command]:
+        assert option in out, option
+
+
+@pytest.mark.parametrize("command", sorted(_subparsers()))
+def test_every_command_has_help_for_every_option(capsys, command):
+    assert byteback.main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    for action in _subparsers()[command]._actions:
+        assert action.help and action.help != argparse.SUPPRESS, action.option_strings
+        for option in action.option_strings:
+            assert option in out
+
+
+@pytest.mark.parametrize("argv,says", [
+    ([], "the following arguments are required: COMMAND"),
+    (["--bogus"], "the following arguments are required: COMMAND"),   # argparse reports this first
+    (["--bogus", "prune"], "unrecognized arguments: --bogus"),
+    (["frobnicate"], "invalid choice: 'frobnicate'"),
+    (["prune", "--bogus"], "unrecognized arguments: --bogus"),
+    (["backup", "--sources", "/"], "unrecognized arguments"),
+    (["snapshot"], "the following arguments are required: --host"),
+    (["prune", "--order", "random"], "invalid choice: 'random'"),
+    (["backup", "--retry-number", "many"], "--retry-number"),
+])
+def test_usage_errors_exit_2(capsys, argv, says):
+    assert byteback.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert "error: " in err and says in err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["backup", "--retry-number", "0"], "must be a whole number of at least 1"),
+    (["backup", "--retry-delay", "soon"], "is not a duration"),
+])
+def test_bad_option_values_say_what_to_type(capsys, argv, says):
+    assert byteback.main(argv) == 2
+    assert says in capsys.readouterr().err
+
+
+# -- expected failures: one line, exit 1, no traceback --
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    assert err.startswith("byteback: ") and err.count("\n") == 1, err
+    return err[len("byteback: "):-1]
+
+
+@pytest.mark.parametrize("command", ["prune", "snapshot"])
+def test_a_store_that_is_not_a_directory(tmp_path, capsys, command):
+    store = tmp_path / "store"
+    store.write_text("not a directory")
+    argv = ["--config-dir", str(tmp_path / "etc"), command, "--store", str(store)]
+    if command == "snapshot":
+        argv += ["--host", "web1"]
+    assert byteback.main(argv) == 1
+    assert _one_line_error(capsys) == f"store {store} is not a directory; create it or fix the destination"
+
+
+def test_backup_to_a_store_that_is_not_a_directory_is_recorded_as_failed(tmp_path, capsys):
+    store = tmp_path / "store"
+    store.write_text("")
+    assert byteback.main(["--config-dir", str(tmp_path / "etc"), "backup", "--source", str(tmp_path),
+                          "--destination", str(store), "--host", "web1"]) == 1
+    message = _one_line_error(capsys)
+    assert message == f"store {store} is not a directory; create it or fix the destination"
+    state = json.loads((tmp_path / "client-state" / "last-backup.json").read_text())
+    assert state["last_attempt"]["result"] == "failed"
+    assert state["last_attempt"]["error"] == message
+
+
+def _store_with_history(tmp_path, history_text):
+    store = tmp_path / "store"
+    (store / "web1" / "2026-03-01T03:00+0000").mkdir(parents=True)
+    (store / "web1" / "current").mkdir()
+    history = store / ".byteback" / "history" / "web1.json"
+    history.parent.mkdir(parents=True)
+    history.write_text(history_text)
+    return store, history
+
+
+@pytest.mark.parametrize("extra", [[], ["--list"], ["--dry-run"]])
+def test_prune_with_a_corrupt_history_file_names_it(tmp_path, capsys, extra):
+    store, history = _store_with_history(tmp_path, '{"backups": [{"added": 1}')
+    assert byteback.main(["--config-dir", str(tmp_path / "etc"), "prune", "--store", str(store), *extra]) == 1
+    message = _one_line_error(capsys)
+    assert message.startswith(f"{history} is corrupt")
+    assert f"mv {history} {history}.bad" in message
+    assert (store / "web1" / "2026-03-01T03:00+0000").is_dir()
+
+
+def test_prune_with_a_history_that_is_not_a_history_names_it(tmp_path, capsys):
+    store, history = _store_with_history(tmp_path, '["not", "a", "history"]')
+    assert byteback.main(["--config-dir", str(tmp_path / "etc"), "prune", "--store", str(store)]) == 1
+    assert _one_line_error(capsys).startswith(f"{history} is not a byteback history")
+
+
+def test_prune_with_a_history_of_wrong_types_is_one_line(tmp_path, capsys):
+    store, history = _store_with_history(tmp_path, '{"backups": [{"added": "lots"}]}')
+    assert byteback.main(["--config-dir", str(tmp_path / "etc"), "prune", "--store", str(store)]) == 1
+    assert str(history) in _one_line_error(capsys)
+
+
+def test_a_bad_server_conf_is_one_line_naming_file_and_line(tmp_path, capsys):
+    etc = tmp_path / "etc"
+    etc.mkdir()
+    (etc / "server.conf").write_text("[server]\nheadroom = 0\n")
+    (tmp_path / "store").mkdir()
+    assert byteback.main(["--config-dir", str(etc), "prune", "--store", str(tmp_path / "store")]) == 1
+    assert _one_line_error(capsys).startswith(f"{etc}/server.conf line 2: bad value for headroom")
+
+
+def test_prune_list_prints_every_snapshot_with_its_reason(tmp_path, capsys):
+    store = tmp_path / "store"
+    now = byteback.now_local()
+    names = [byteback.format_snapshot_name(now - dt.timedelta(days=d)) for d in (3, 1, 0)]
+    for name in names:
+        (store / "web1" / name).mkdir(parents=True)
+    assert byteback.main(["--config-dir", str(tmp_path / "etc"), "prune", "--store", str(store),
+                          "--list", "--order", "age"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith(f"store {store} (hardlink): ") and lines[0].endswith("order of deletion (age):")
+    rows = lines[2:]
+    assert len(rows) == 3
+    assert rows[0].startswith("1 ") and names[0] in rows[0] and "age: the oldest snapshot of host web1" in rows[0]
+    assert rows[1].startswith("2 ") and names[1] in rows[1]
+    assert rows[2].startswith("- ") and names[2] in rows[2] and "kept: the newest snapshot of host web1" in rows[2]
+    assert all((store / "web1" / n).is_dir() for n in names)          # --list deletes nothing
+
+
+def test_prune_dry_run_with_room_says_nothing_to_delete(tmp_path, capsys):
+    (tmp_path / "store").mkdir()
+    assert byteback.main(["--config-dir", str(tmp_path / "etc"), "prune", "--store", str(tmp_path / "store"),
+                          "--dry-run"]) == 0
+    assert capsys.readouterr().out.startswith("nothing to delete: ")
+
+
+# -- a real local backup, the README's main job --
+
+@needs_rsync
+def test_local_backup_makes_a_snapshot_and_refuses_a_second_inside_the_interval(tmp_path, capsys):
+    src = tmp_path / "Documents"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.txt").write_text("hello")
+    (src / "sub" / "b.txt").write_text("world")
+    store = tmp_path / "byteback-store"
+    argv = ["--config-dir", str(tmp_path / "etc"), "backup", "--source", str(src),
+            "--destination", str(store), "--host", "laptop"]
+    assert byteback.main(argv) == 0
+    assert capsys.readouterr() == ("", "")                   # a good cron run prints nothing
+    snaps = byteback.HardlinkStore(store).snapshots("laptop")
+    assert len(snaps) == 1
+    copied = store / "laptop" / snaps[0].name / str(src).lstrip("/")
+    assert (copied / "a.txt").read_text() == "hello" and (copied / "sub" / "b.txt").read_text() == "world"
+    assert byteback.HardlinkStore(store).dirty_since("laptop") is None
+    state = json.loads((tmp_path / "client-state" / "last-backup.json").read_text())
+    assert state["last_success"]["result"] == "ok"
+
+    assert byteback.main(argv) == 1
+    assert "minimum interval is 6h 0m" in _one_line_error(capsys)
+    assert len(byteback.HardlinkStore(store).snapshots("laptop")) == 1
+
+
+@needs_rsync
+def test_backup_dry_run_changes_nothing(tmp_path, capsys):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_text("x")
+    store = tmp_path / "store"
+    store.mkdir()
+    assert byteback.main(["--config-dir", str(tmp_path / "etc"), "backup", "--dry-run", "--source", str(src),
+                          "--destination", str(store), "--host", "laptop"]) == 0
+    assert os.listdir(store) == []
