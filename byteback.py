@@ -662,6 +662,32 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
+def _give_own_inode(path: str, st: os.stat_result, reflink: bool) -> None:
+    """Replace path by a file of the same content and attributes that shares no inode.
+
+    On btrfs a reflinked copy costs no data blocks and keeps --inplace's delta
+    basis.  Elsewhere, or when that fails, dropping the name is safe too:
+    rsync sends the file again, or --link-dest links it again if unchanged.
+    """
+    if reflink and stat.S_ISREG(st.st_mode):
+        tmp = f"{path}.byteback-unshare"
+        try:
+            with open(path, "rb") as src, open(tmp, "xb") as dst:
+                fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
+            for name in os.listxattr(path, follow_symlinks=False):
+                os.setxattr(tmp, name, os.getxattr(path, name, follow_symlinks=False), follow_symlinks=False)
+            if os.geteuid() == 0:
+                os.chown(tmp, st.st_uid, st.st_gid)
+            os.chmod(tmp, stat.S_IMODE(st.st_mode))
+            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
+            os.rename(tmp, path)
+            return
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+    os.unlink(path)
+
+
 class Store:
     """A store root: <root>/<host>/current, <root>/<host>/<snapshot>, <root>/.byteback/.
 
@@ -799,6 +825,44 @@ class Store:
                 os.chown(current, *owner)
         return current
 
+    def unshare_current(self, host: str) -> int:
+        """Make sure rsync cannot change anything outside current through a shared inode.
+
+        A file in current with more than one link may share its inode with a
+        snapshot (hardlink backend: an interrupted run leaves --link-dest
+        links behind, and rsync would chmod them in place) or with other names
+        in current (btrfs: rsync --inplace writes a file whose source was split
+        off from a hard-link group into the inode the others still share).  So
+        every such file gets an inode of its own first; rsync --hard-links then
+        links again what is still linked on the client.  Returns how many.
+        """
+        current = self.current(host)
+        if not _is_real_dir(current):
+            return 0
+        reflink = is_btrfs_subvolume(current)
+        count = 0
+        stack = [str(current)]
+        while stack:
+            top = stack.pop()
+            try:
+                with os.scandir(top) as it:
+                    entries = list(it)
+            except OSError:
+                continue
+            for entry in entries:
+                try:
+                    st = entry.stat(follow_symlinks=False)
+                except OSError:
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    stack.append(entry.path)
+                elif st.st_nlink > 1:
+                    _give_own_inode(entry.path, st, reflink)
+                    count += 1
+        if count:
+            log.info("host %s: gave %d hard-linked files in current an inode of their own", host, count)
+        return count
+
     def rsync_options(self, host: str) -> List[str]:
         """Options the receiving rsync needs, decided by what current is.
 
@@ -839,6 +903,7 @@ class Store:
         raise NotImplementedError
 
 
+FICLONE = 0x40049409   # ioctl: make a file share another's extents (btrfs reflink)
 HISTORY_KEEP = 100   # entries kept per host; the mean uses the last `history` of them
 
 
@@ -1393,6 +1458,7 @@ LONG_OPTIONS = {
     "--ignore-times":     (_ANY,      True,  False, True),
     "--stats":            (_ANY,      True,  True,  True),
     "--log-format":       (_ITEMIZE,  True,  True,  True),   # only what --itemize-changes sends
+    "--modify-window":    (r"-1",     True,  False, True),   # nanosecond mtimes (sent as -@-1)
 }
 # Refused by name so the refusal says why.  Everything not in LONG_OPTIONS is
 # refused anyway; these are the ones an attacker would reach for.
@@ -1529,6 +1595,10 @@ def _check_rsync_words(words: List[str]) -> Request:
                 raise Refused(f"rsync option {name} has a bad value {value!r}")
             if keep:
                 kept.append(word)
+        elif word == "-@-1" and not sender:
+            # --modify-window=-1 (compare nanoseconds) travels as this word;
+            # the server passes it on in its long, unambiguous spelling.
+            kept.append("--modify-window=-1")
         elif word.startswith("-") and len(word) > 1:
             cluster, e, blob = word[1:].partition("e")
             if e:
@@ -1663,6 +1733,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
                             "and has known holes (CVE-2024-12084); upgrade rsync on the server")
     if request.verb == "push" and "n" not in request.letters:   # a dry run writes nothing
         store.mark_dirty(host, now_local())
+        store.unshare_current(host)
     argv = server_rsync_argv(request, host_dir=str(host_dir), current=str(current),
                              backend_options=store.rsync_options(host),
                              timeout=config.rsync_timeout, version=version)
@@ -2241,7 +2312,9 @@ def build_rsync_argv(plan: BackupPlan, target: str, *, backend_options: Sequence
     """
     argv = ["rsync", "--archive", "--hard-links", "--xattrs", "--numeric-ids",
             "--delete-excluded", "--delete-during", "--relative", "--partial",
-            f"--timeout={plan.io_timeout}", "--stats"]
+            # Compare mtimes to the nanosecond: by default a file rewritten at
+            # the same size within the second it was backed up is never sent.
+            "--modify-window=-1", f"--timeout={plan.io_timeout}", "--stats"]
     argv += list(backend_options) + list(transport)
     if fake_super:
         # Keep owners and modes in xattrs without root.  On a local copy plain
@@ -2330,6 +2403,9 @@ def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show:
                                 "snapshotted. Free space there (a server prunes by itself after each "
                                 "snapshot: see 'byteback.pyz prune --list') or exclude large files, "
                                 "then back up again")
+        if "byteback: refused:" in output:
+            # The server's guard said no: asking again in ten minutes changes nothing.
+            raise ByteBackError(f"the server refused the transfer: {last_lines}")
         if rc in RSYNC_RETRY_CODES and attempt < retries:
             log.warning("rsync exit %d (%s); trying again in %s (try %d of %d)", rc, meaning,
                         format_duration(delay), attempt + 1, retries)
@@ -2368,6 +2444,7 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     else:
         current = store.prepare_host(plan.host)
         store.mark_dirty(plan.host, now_local())
+        store.unshare_current(plan.host)
     auto = automatic_excludes(plan.sources, _read_mounts(), [str(store.root)] + _client_config_files(plan))
     backend = store.rsync_options(plan.host) if current.is_dir() else []
     argv = build_rsync_argv(plan, f"{current}/", backend_options=backend,

@@ -1,0 +1,734 @@
+"""A local backup end to end, on both store backends (issue 2, "Integration").
+
+Each test runs the real program (``python3 byteback.py``) as cron would,
+against a real rsync and a real store:
+
+* btrfs:    a fresh btrfs on a loop file (root only), so `current` is a
+            subvolume and snapshots are read-only subvolumes;
+* hardlink: a plain temporary directory (or a small tmpfs where a test must
+            fill the disc), so snapshots are hard-linked trees.
+
+The trees come from treeutil.generate_tree (odd names, modes, owners, links,
+xattrs, nanosecond mtimes) and are compared entry by entry with treeutil.diff.
+The clock is moved with server.conf (min_interval = 0), never by sleeping
+(except out the rest of a second, when two snapshots would share a name).
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import pytest
+
+from sshd_env import btrfs_mount      # a sparse file, mkfs.btrfs, loop-mounted; cleaned up
+from treeutil import (IS_ROOT, NOBODY, add_big_files, assert_same, change_tree, diff,
+                      generate_tree, scan, summary)
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+# The program under test: byteback.py, or e.g. a built byteback.pyz.
+BYTEBACK = Path(os.environ.get("BYTEBACK_UNDER_TEST") or REPO / "byteback.py").resolve()
+MB = 1 << 20
+# DESIGN.md section 1.5: `%Y-%m-%dT%H:%M%z`, with seconds only when the minute is taken.
+SNAPSHOT_RE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d)?[+-]\d{4}\Z")
+STORE_SIZE = "400M"           # a btrfs small enough to fill, big enough for mkfs defaults
+RUN_TIMEOUT = 120
+
+
+# === Skips: only where the machine cannot =====================================
+
+def _btrfs_skip_reason() -> Optional[str]:
+    if not IS_ROOT:
+        return "needs root: read-only btrfs snapshots need root, and so does a loop mount"
+    if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
+        return "needs btrfs-progs (mkfs.btrfs, btrfs): apt-get install btrfs-progs"
+    if not os.path.exists("/dev/loop-control"):
+        return "needs loop devices (/dev/loop-control) to mount a btrfs file"
+    return None
+
+
+def _require_rsync() -> None:
+    if shutil.which("rsync") is None:
+        pytest.skip("rsync not installed: apt-get install rsync")
+
+
+def _require_root(why: str) -> None:
+    if not IS_ROOT:
+        pytest.skip(f"needs root: {why}")
+
+
+# === Small filesystems ========================================================
+
+@contextlib.contextmanager
+def tmpfs_mount(size: str) -> Iterator[Path]:
+    """A small tmpfs (root only): a hardlink store whose disc can be filled."""
+    base = Path(tempfile.mkdtemp(prefix="bbtest-tmpfs-"))
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0755", "tmpfs", base],
+                       check=True, capture_output=True, timeout=30)
+        try:
+            yield base
+        finally:
+            if subprocess.run(["umount", base], capture_output=True, timeout=30).returncode:
+                subprocess.run(["umount", "-l", base], check=True, capture_output=True, timeout=30)
+    finally:
+        os.rmdir(base)
+
+
+def _fs_type(path: Path) -> str:
+    return subprocess.run(["stat", "-f", "-c", "%T", path], capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+
+# === The test environment ======================================================
+
+def snapshot_time(name: str) -> dt.datetime:
+    for fmt in ("%Y-%m-%dT%H:%M%z", "%Y-%m-%dT%H:%M:%S%z"):
+        with contextlib.suppress(ValueError):
+            return dt.datetime.strptime(name, fmt)
+    raise AssertionError(f"{name!r} is not a snapshot name")
+
+
+def in_snapshot(snap: Path, source: Path) -> Path:
+    """Where a source lands in a snapshot: byteback runs rsync with --relative."""
+    return snap / os.path.relpath(source, "/")
+
+
+def assert_one_line_error(proc: subprocess.CompletedProcess, *, code: int = 1) -> str:
+    """The CLI contract for an expected failure: exit code, one 'byteback:' line, no traceback."""
+    lines = proc.stderr.splitlines()
+    assert "Traceback" not in proc.stderr, f"a traceback instead of a message:\n{proc.stderr}"
+    assert proc.returncode == code, f"exit {proc.returncode}, wanted {code}; stderr:\n{proc.stderr}"
+    assert len(lines) == 1 and lines[0].startswith("byteback: "), \
+        f"wanted one line starting 'byteback: ' on stderr, got:\n{proc.stderr}"
+    return lines[0]
+
+
+class Env:
+    """A store of one backend, a config dir, a client state dir, and ways to run byteback."""
+
+    def __init__(self, backend: str, store: Path, work: Path):
+        self.backend, self.store, self.work = backend, store, work
+        self.cfg, self.state = work / "cfg", work / "state"
+        self.cfg.mkdir(parents=True, exist_ok=True)
+        self.state.mkdir(parents=True, exist_ok=True)
+        self.write_conf()
+
+    def write_conf(self, **settings) -> None:
+        values = {"min_interval": "0", "headroom": "1.5", "history": "10"}
+        values.update({k: str(v) for k, v in settings.items()})
+        (self.cfg / "server.conf").write_text(
+            "[server]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+
+    def argv(self, *args: str) -> List[str]:
+        return [sys.executable, str(BYTEBACK), "--config-dir", str(self.cfg), *map(str, args)]
+
+    def env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("BYTEBACK_")}
+        env["BYTEBACK_STATE_DIR"] = str(self.state)
+        return env
+
+    def run(self, *args: str, check: bool = False) -> subprocess.CompletedProcess:
+        proc = subprocess.run(self.argv(*args), env=self.env(), capture_output=True,
+                              text=True, errors="replace", timeout=RUN_TIMEOUT)
+        if check:
+            assert proc.returncode == 0, (f"byteback {' '.join(map(str, args))} exited "
+                                          f"{proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def backup_argv(self, host: str, *sources: Path) -> List[str]:
+        args = ["backup", "--destination", str(self.store), "--host", host]
+        for source in sources:
+            args += ["--source", str(source)]
+        return args
+
+    def backup(self, host: str, *sources: Path, check: bool = True) -> subprocess.CompletedProcess:
+        self._next_second(host)
+        return self.run(*self.backup_argv(host, *sources), check=check)
+
+    def _next_second(self, host: str) -> None:
+        # min_interval = 0 allows a snapshot at once, but two in the same second
+        # would need the same name; wait out the rest of that second (< 1 s).
+        snaps = self.snapshots(host)
+        if snaps:
+            newest = snapshot_time(snaps[-1])
+            while dt.datetime.now(dt.timezone.utc).replace(microsecond=0) <= newest:
+                time.sleep(0.05)
+
+    def host_dir(self, host: str) -> Path:
+        return self.store / host
+
+    def entries(self, host: str) -> List[str]:
+        try:
+            return sorted(os.listdir(self.host_dir(host)))
+        except FileNotFoundError:
+            return []
+
+    def snapshots(self, host: str) -> List[str]:
+        """Names in <store>/<host> that look like snapshots, oldest first."""
+        return sorted((n for n in self.entries(host) if SNAPSHOT_RE.match(n)), key=snapshot_time)
+
+    def snap(self, host: str, name: str) -> Path:
+        return self.host_dir(host) / name
+
+    def history(self, host: str) -> List[dict]:
+        return json.loads(self.history_path(host).read_text())["backups"]
+
+    def history_path(self, host: str) -> Path:
+        return self.store / ".byteback" / "history" / f"{host}.json"
+
+    def check_backend(self, host: str, snap_name: str) -> None:
+        """The store really uses the backend this test is about."""
+        current, snap = self.host_dir(host) / "current", self.snap(host, snap_name)
+        if self.backend == "btrfs":
+            assert os.lstat(current).st_ino == 256, f"{current} is not a btrfs subvolume"
+            assert os.lstat(snap).st_ino == 256, f"{snap} is not a btrfs subvolume"
+            assert btrfs_ro(snap) == "true"
+        else:
+            assert _fs_type(self.store) != "btrfs"
+            assert os.lstat(snap).st_ino != 256
+
+
+def btrfs_ro(path: Path, user: Optional[str] = None) -> str:
+    out = run_as(user, ["btrfs", "property", "get", "-ts", str(path), "ro"], check=True).stdout
+    m = re.search(r"ro=(\w+)", out)
+    assert m, f"btrfs property get said: {out!r}"
+    return m.group(1)
+
+
+def run_as(user: Optional[str], argv: Sequence[str], *, check: bool = False,
+           timeout: float = 60) -> subprocess.CompletedProcess:
+    full = ["runuser", "-u", user, "--", *argv] if user else list(argv)
+    proc = subprocess.run([str(a) for a in full], capture_output=True, text=True,
+                          errors="replace", timeout=timeout)
+    if check:
+        assert proc.returncode == 0, f"{full} exited {proc.returncode}: {proc.stderr}"
+    return proc
+
+
+@contextlib.contextmanager
+def store_for(backend: str, tmp_path: Path, *, small: bool = False) -> Iterator[Path]:
+    """A store root for the backend; small=True: one whose disc a test can fill."""
+    if backend == "btrfs":
+        reason = _btrfs_skip_reason()
+        if reason:
+            pytest.skip(reason)
+        with btrfs_mount(STORE_SIZE) as mnt:
+            yield mnt
+    elif small or _fs_type(tmp_path) == "btrfs":
+        # A plain dir on btrfs would get the btrfs backend: use a tmpfs instead.
+        _require_root("a small store for the hardlink backend is a tmpfs mount")
+        with tmpfs_mount(STORE_SIZE) as mnt:
+            yield mnt
+    else:
+        store = tmp_path / "store"
+        store.mkdir()
+        yield store
+
+
+@pytest.fixture(params=["btrfs", "hardlink"])
+def env(request, tmp_path) -> Iterator[Env]:
+    _require_rsync()
+    with store_for(request.param, tmp_path) as store:
+        yield Env(request.param, store, Path(os.path.realpath(tmp_path)))
+
+
+@pytest.fixture(params=["btrfs", "hardlink"])
+def small_env(request, tmp_path) -> Iterator[Env]:
+    _require_rsync()
+    with store_for(request.param, tmp_path, small=True) as store:
+        yield Env(request.param, store, Path(os.path.realpath(tmp_path)))
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """A temp dir every user can traverse, holding a copy of byteback.py that all can read."""
+    base = Path(tempfile.mkdtemp(prefix="bbtest-open-"))
+    try:
+        os.chmod(base, 0o755)
+        shutil.copy(BYTEBACK, base / "byteback.py")
+        os.chmod(base / "byteback.py", 0o644)
+        yield base
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def scan_snapshot(env: Env, host: str, name: str, source: Path):
+    return scan(in_snapshot(env.snap(host, name), source), fake_super=not IS_ROOT)
+
+
+# === 1. A backup is an exact copy; the next one changes only what changed =====
+
+def test_backup_matches_source_exactly_then_incremental(env):
+    src = env.work / "src"
+    generate_tree(src)
+    before = scan(src)
+    got = summary(before)
+    # The generator really made what this test is about.
+    assert got["non_utf8_names"] and got["newline_names"] and got["dangling_symlinks"], got
+    assert got["hard_linked"] >= 5 and got["with_xattrs"] >= 5 and got["symlink"] >= 8, got
+    assert got["fifo"] == 1 and got["modes"] >= 10 and (got["owners"] > 5 or not IS_ROOT), got
+
+    proc = env.backup("alpha", src)
+    assert (proc.stdout, proc.stderr) == ("", ""), "a successful cron run prints nothing"
+    [first] = env.snapshots("alpha")
+    env.check_backend("alpha", first)
+    assert env.entries("alpha") == sorted(["current", first])
+    assert_same(before, scan_snapshot(env, "alpha", first, src), f"snapshot {first}")
+
+    changes = change_tree(src)
+    after = scan(src)
+    changed = {line.split(":")[0] for line in diff(before, after, limit=10 ** 6)}
+    assert 0 < len(changed) < 0.2 * len(before), (changes, changed)
+
+    env.backup("alpha", src)
+    old, second = env.snapshots("alpha")
+    assert old == first
+    assert_same(after, scan_snapshot(env, "alpha", second, src), f"second snapshot {second}")
+    assert_same(before, scan_snapshot(env, "alpha", first, src),
+                f"first snapshot {first}, after the second backup")
+
+    history = env.history("alpha")
+    assert [h["snapshot"] for h in history] == [first, second]
+    # The second backup added only what changed, not a second copy of everything.
+    assert 0 < history[1]["added"] < history[0]["added"] / 4, history
+    if env.backend == "hardlink":
+        # --link-dest: an unchanged file is the same inode in both snapshots.
+        unchanged = b"data/big-00.bin"
+        ino = [os.lstat(os.path.join(bytes(in_snapshot(env.snap("alpha", n), src)), unchanged)).st_ino
+               for n in (first, second)]
+        assert ino[0] == ino[1]
+
+
+@pytest.mark.parametrize("backend", [
+    "btrfs",
+    "hardlink"])
+def test_a_broken_hard_link_is_copied_correctly(backend, tmp_path):
+    """Source: a, b, c are one inode; then b is replaced by a separate file.
+
+    The snapshot must show b's new content and a, c their old content.
+    """
+    _require_rsync()
+    with store_for(backend, tmp_path) as store:
+        env = Env(backend, store, Path(os.path.realpath(tmp_path)))
+        src = env.work / "src"
+        generate_tree(src, small_files=10, big_files=())
+        env.backup("alpha", src)
+        change_tree(src, break_hardlink=True)
+        after = scan(src)
+        env.backup("alpha", src)
+        second = env.snapshots("alpha")[-1]
+        assert_same(after, scan_snapshot(env, "alpha", second, src), f"snapshot {second}")
+
+
+# === 2. A snapshot is read-only, also to an unprivileged owner of its files ====
+
+def _own_by_nobody(path: Path) -> None:
+    for dirpath, dirnames, filenames in os.walk(path):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), NOBODY, NOBODY, follow_symlinks=False)
+    os.chown(path, NOBODY, NOBODY)
+
+
+@pytest.mark.parametrize("backend", ["btrfs", "hardlink"])
+def test_snapshot_is_read_only(backend, open_dir):
+    _require_root("changes owners and runs commands as nobody")
+    _require_rsync()
+    # Everything below open_dir is reachable for nobody, so a refusal below is
+    # the snapshot's protection at work, not a directory nobody cannot enter.
+    with store_for(backend, open_dir) as store:
+        _check_snapshot_is_read_only(Env(backend, store, open_dir))
+
+
+def _check_snapshot_is_read_only(env: Env) -> None:
+    src = env.work / "src"
+    generate_tree(src, small_files=20, big_files=(), odd=False, owners=False)
+    _own_by_nobody(src)
+    # As the server's setup would: <host>/ root's, `current` the writer's (here nobody).
+    host_dir = env.host_dir("ro")
+    host_dir.mkdir(mode=0o755)
+    current = host_dir / "current"
+    if env.backend == "btrfs":
+        subprocess.run(["btrfs", "subvolume", "create", current], check=True, capture_output=True)
+    else:
+        current.mkdir()
+    os.chown(current, NOBODY, NOBODY)
+    env.backup("ro", src)
+    [name] = env.snapshots("ro")
+    snap = env.snap("ro", name)
+    inner = in_snapshot(snap, src)
+    victim = inner / "docs" / "f0000.txt"
+    before = scan(snap)
+
+    st = os.lstat(snap)
+    assert (st.st_uid, st.st_gid) == (0, 0), "the snapshot's root must be root's"
+    assert os.lstat(victim).st_uid == NOBODY, "the files inside keep their owner"
+    assert os.lstat(current).st_uid == NOBODY, "current stays the writer's for the next backup"
+    assert (os.lstat(host_dir).st_uid, os.lstat(host_dir).st_mode & 0o7777) == (0, 0o755)
+
+    attempts = {
+        "rename the snapshot": ["mv", snap, host_dir / "moved"],
+        "create a file in its root": ["touch", snap / "planted"],
+        "remove its root": ["rmdir", snap],
+    }
+    # Control: nobody can reach the snapshot and read its own file in it.
+    assert run_as("nobody", ["cat", victim], check=True).stdout == victim.read_text()
+    top = Path(os.path.relpath(src, "/")).parts[0]
+    assert run_as("nobody", ["ls", snap], check=True).stdout.split() == [top]
+    if env.backend == "btrfs":
+        assert btrfs_ro(snap) == "true"
+        assert btrfs_ro(snap, user="nobody") == "true"
+        with pytest.raises(OSError, match="Read-only file system"):
+            with open(victim, "ab"):
+                pass                       # not even root may write into it
+        attempts.update({
+            "clear the read-only flag": ["btrfs", "property", "set", "-ts", snap, "ro", "false"],
+            "delete the subvolume": ["btrfs", "subvolume", "delete", snap],
+            "delete its own files": ["rm", "-rf", inner / "docs"],
+            "write into its own file": ["sh", "-c", 'echo x >> "$1"', "sh", victim],
+        })
+    else:
+        assert st.st_mode & 0o7777 == 0o555
+    for what, argv in attempts.items():
+        proc = run_as("nobody", argv)
+        assert proc.returncode != 0, f"nobody could {what}: {argv}"
+    if env.backend == "btrfs":
+        assert btrfs_ro(snap) == "true"
+    assert env.snapshots("ro") == [name]
+    assert_same(before, scan(snap), f"snapshot {name} after nobody's attempts")
+
+
+# === 3. A full store: prune deletes in the listed order, never a newest =========
+
+LIST_ROW_RE = re.compile(r"^(\d+|-)\s+(\S+)\s+(\S+)\s+")
+FILL = 15 * MB      # unique data per backup
+HOSTS = ("alpha", "beta")
+
+
+def _listed_order(env: Env, order: str) -> tuple:
+    """`prune --list`: (deletions in order, kept) as host/name strings."""
+    out = env.run("prune", "--store", env.store, "--list", "--order", order, check=True).stdout
+    delete, keep = [], []
+    for line in out.splitlines():
+        m = LIST_ROW_RE.match(line)
+        if m and SNAPSHOT_RE.match(m.group(3)):
+            (keep if m.group(1) == "-" else delete).append(f"{m.group(2)}/{m.group(3)}")
+    return delete, keep
+
+
+def _all_snapshots(env: Env) -> List[str]:
+    return [f"{h}/{n}" for h in HOSTS for n in env.snapshots(h)]
+
+
+def _free(env: Env) -> int:
+    st = os.statvfs(env.store)
+    return st.f_bavail * st.f_frsize
+
+
+def _mean_added(env: Env) -> float:
+    return sum(sum(b["added"] for b in env.history(h)[-10:]) / len(env.history(h)[-10:])
+               for h in HOSTS)
+
+
+def _prune_to(env: Env, order: str, headroom: float, expect_deleted: range) -> List[str]:
+    """Prune with a headroom; check it deleted a prefix of the listed order; return that."""
+    listed, kept = _listed_order(env, order)
+    newest = {f"{h}/{env.snapshots(h)[-1]}" for h in HOSTS}
+    assert set(kept) == newest, "--list must keep exactly the newest of each host"
+    assert sorted(listed + kept) == sorted(_all_snapshots(env))
+    env.write_conf(headroom=f"{headroom:.6f}")
+
+    before = _all_snapshots(env)
+    dry = env.run("prune", "--store", env.store, "--order", order, "--dry-run", check=True).stdout
+    would = re.findall(r"^would delete (\S+):", dry, re.M)
+    assert would == listed[:len(would)] and would, dry
+    assert _all_snapshots(env) == before, "--dry-run deleted something"
+
+    proc = env.run("prune", "--store", env.store, "--order", order, check=True)
+    assert (proc.stdout, proc.stderr) == ("", ""), "a successful cron run prints nothing"
+    after = _all_snapshots(env)
+    deleted = [s for s in before if s not in after]
+    assert len(deleted) in expect_deleted, (deleted, listed)
+    assert set(deleted) == set(listed[:len(deleted)]), \
+        f"deleted {deleted}, but --list said the order is {listed}"
+    assert newest <= set(after), "a host's newest snapshot was deleted"
+    assert _free(env) >= headroom * _mean_added(env), "prune stopped short of the target"
+    return deleted
+
+
+def test_prune_deletes_in_listed_order_and_keeps_each_newest(small_env):
+    env = small_env
+    sources = {h: env.work / h for h in HOSTS}
+    for h, src in sources.items():
+        generate_tree(src, small_files=20, big_files=(), odd=False, seed=len(h))
+    # Four backups per host, each adding FILL bytes of new data (the old one goes).
+    for round_ in range(4):
+        for h, src in sources.items():
+            for old in src.glob("unique-*.bin"):
+                old.unlink()
+            with open(src / f"unique-{round_}.bin", "wb") as f:
+                f.write(os.urandom(FILL))
+            env.backup(h, src)
+    assert all(len(env.snapshots(h)) == 4 for h in HOSTS), "the fill itself pruned"
+    assert all(abs(b["added"] - FILL) < 2 * MB for h in HOSTS for b in env.history(h)[1:]), \
+        {h: env.history(h) for h in HOSTS}
+
+    # Need room for ~2.5 more backups than there is: three deletions (importance order).
+    headroom = (_free(env) + 2.5 * FILL) / _mean_added(env)
+    _prune_to(env, "importance", headroom, range(2, 5))
+    # Then by age, a little more room: one or two more.
+    headroom = (_free(env) + 1.3 * FILL) / _mean_added(env)
+    _prune_to(env, "age", headroom, range(1, 4))
+
+    # More room than deleting everything could give: all but the newest go, and it says so.
+    newest = {f"{h}/{env.snapshots(h)[-1]}" for h in HOSTS}
+    env.write_conf(headroom="1000")
+    line = assert_one_line_error(env.run("prune", "--store", env.store))
+    assert "short" in line
+    assert set(_all_snapshots(env)) == newest
+
+
+# === 4. A backup killed mid-transfer leaves nothing half-made ===================
+
+def _bytes_below(path: Path) -> int:
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):
+                total += os.lstat(os.path.join(dirpath, name)).st_size
+    return total
+
+
+def _kill_backup_midway(env: Env, host: str, src: Path) -> None:
+    """Start a backup of src (with 60 MB more in it) and SIGKILL it mid-transfer."""
+    # 60 MB at 10 MB/s: ~6 s, killed after ~0.5 s.  rsync goes in name order, so by
+    # then everything else is in current (on hardlink: linked to the newest snapshot).
+    add_big_files(src, 30, 2 * MB, subdir=b"zz-bulk")
+    (env.cfg / "rsync_flags").write_text("--bwlimit=10000\n")
+    bulk_in_current = in_snapshot(env.host_dir(host) / "current", src) / "zz-bulk"
+    with open(env.work / "killed.log", "wb") as log:
+        proc = subprocess.Popen(env.argv(*env.backup_argv(host, src)), env=env.env(), stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 60
+            while _bytes_below(bulk_in_current) < 5 * MB:
+                assert proc.poll() is None, "the backup finished before it could be killed"
+                assert time.monotonic() < deadline, "the backup wrote nothing into current"
+                time.sleep(0.02)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)   # byteback and its rsyncs
+            proc.wait(timeout=30)
+    (env.cfg / "rsync_flags").unlink()
+
+
+def test_killed_backup_leaves_nothing_half_made(env):
+    src = env.work / "src"
+    generate_tree(src, small_files=40, big_files=())
+    env.backup("k", src)
+    [first] = env.snapshots("k")
+    first_tree = scan(src)
+
+    _kill_backup_midway(env, "k", src)
+    assert env.entries("k") == sorted(["current", first]), \
+        f"a killed backup left {env.entries('k')} in the host directory"
+    assert [h["snapshot"] for h in env.history("k")] == [first]
+    listed, kept = _listed_order(env, "age")
+    assert (listed, kept) == ([], [f"k/{first}"])
+    assert (env.store / ".byteback" / "run" / "k.dirty").exists(), \
+        "an interrupted backup must leave current marked dirty"
+    assert_same(first_tree, scan_snapshot(env, "k", first, src), f"snapshot {first} after the kill")
+
+    full_tree = scan(src)
+    env.backup("k", src)
+    old, second = env.snapshots("k")
+    assert old == first and env.entries("k") == sorted(["current", first, second])
+    assert_same(full_tree, scan_snapshot(env, "k", second, src), f"snapshot {second} after the rerun")
+    assert_same(first_tree, scan_snapshot(env, "k", first, src), f"snapshot {first} after the rerun")
+    assert not (env.store / ".byteback" / "run" / "k.dirty").exists()
+
+
+@pytest.mark.parametrize("backend", [
+    "btrfs",
+    "hardlink",
+])
+def test_rerun_after_a_kill_leaves_the_previous_snapshot_alone(backend, tmp_path):
+    """Files change between the killed run and the next; the old snapshot must not."""
+    _require_rsync()
+    with store_for(backend, tmp_path) as store:
+        env = Env(backend, store, Path(os.path.realpath(tmp_path)))
+        src = env.work / "src"
+        generate_tree(src, small_files=40, big_files=())
+        env.backup("k", src)
+        [first] = env.snapshots("k")
+        first_tree = scan(src)
+        _kill_backup_midway(env, "k", src)
+        change_tree(src, seed=5)       # content, mode, owner, xattr changes, ...
+        full_tree = scan(src)
+        env.backup("k", src)
+        second = env.snapshots("k")[-1]
+        assert_same(first_tree, scan_snapshot(env, "k", first, src), f"snapshot {first} after the rerun")
+        assert_same(full_tree, scan_snapshot(env, "k", second, src), f"snapshot {second} after the rerun")
+
+
+# === 5. Bad input: one line that says what to do, never a traceback ===========
+
+def _python_for(user: Optional[str]) -> str:
+    """A python3 that user can run (sys.executable may sit in root's home)."""
+    for candidate in (sys.executable, "/usr/bin/python3", "/usr/local/bin/python3"):
+        if run_as(user, [candidate, "-c", "pass"]).returncode == 0:
+            return candidate
+    pytest.skip(f"no python3 that {user} can run (tried {sys.executable}, /usr/bin/python3)")
+
+
+def test_unreadable_source_is_a_clear_error(open_dir):
+    """As nobody (or a user), a source it cannot read, and one that does not exist."""
+    _require_rsync()
+    user = "nobody" if IS_ROOT else None
+    python = _python_for(user)
+    uid = NOBODY if IS_ROOT else os.getuid()
+    secret = open_dir / "secret"
+    secret.mkdir(mode=0o700)
+    (secret / "file").write_text("not for nobody\n")
+    os.chmod(secret, 0o000 if not IS_ROOT else 0o700)
+    readable = open_dir / "readable"
+    readable.mkdir()
+    (readable / "ok").write_text("fine\n")
+    (readable / "locked").write_text("root only\n")
+    os.chmod(readable / "locked", 0o600 if IS_ROOT else 0o000)
+    mine = open_dir / "mine"
+    for d in ("cfg", "state", "store"):
+        (mine / d).mkdir(parents=True)
+        os.chown(mine / d, uid, -1)
+    os.chown(mine, uid, -1)
+    (mine / "cfg" / "server.conf").write_text("[server]\nmin_interval = 0\n")
+
+    def backup(*sources: Path) -> subprocess.CompletedProcess:
+        argv = [python, open_dir / "byteback.py", "--config-dir", mine / "cfg", "backup",
+                "--destination", mine / "store", "--host", "h"]
+        for s in sources:
+            argv += ["--source", s]
+        env = ["env", f"BYTEBACK_STATE_DIR={mine / 'state'}"]
+        return run_as(user, env + argv)
+
+    try:
+        for sources in ([secret], [open_dir / "no such dir"], [readable, secret]):
+            line = assert_one_line_error(backup(*sources))
+            assert "source" in line, line
+        # Readable, but a file inside is not: rsync fails (23), no snapshot is taken.
+        if IS_ROOT:
+            line = assert_one_line_error(backup(readable))
+            assert "rsync" in line, line
+            assert not [n for n in os.listdir(mine / "store" / "h") if SNAPSHOT_RE.match(n)]
+    finally:
+        os.chmod(secret, 0o700)
+
+
+def test_store_that_is_a_file_is_a_clear_error(tmp_path):
+    _require_rsync()
+    env = Env("hardlink", tmp_path / "not-a-store", tmp_path)
+    env.store.write_text("I am a file\n")
+    src = tmp_path / "src"
+    generate_tree(src, small_files=5, big_files=(), odd=False)
+    assert_one_line_error(env.run(*env.backup_argv("h", src)))
+    assert_one_line_error(env.run("prune", "--store", env.store))
+    assert_one_line_error(env.run("prune", "--store", env.store, "--list"))
+    assert_one_line_error(env.run("snapshot", "--store", env.store, "--host", "h"))
+    # A destination below a file cannot be created either.
+    below = env.store / "store"
+    assert_one_line_error(env.run(*env.backup_argv("h", src)[:2], str(below), "--host", "h",
+                                  "--source", str(src)))
+    assert env.store.read_text() == "I am a file\n"
+
+
+CORRUPT_HISTORIES = [b"{not json", b"", b"\xff\xfe\x00garbage", b"[1, 2]",
+                     b'{"backups": "many"}', b'{"backups": [1, 2]}', b"null"]
+
+
+def test_corrupt_history_is_a_clear_error(env):
+    src = env.work / "src"
+    generate_tree(src, small_files=10, big_files=(), odd=False)
+    env.backup("h", src)
+    [first] = env.snapshots("h")
+    tree = scan_snapshot(env, "h", first, src)
+    path = env.history_path("h")
+    good = path.read_bytes()
+    for text in CORRUPT_HISTORIES:
+        path.write_bytes(text)
+        line = assert_one_line_error(env.backup("h", src, check=False))
+        assert "h.json" in line, line
+        for args in (["prune", "--store", env.store], ["prune", "--store", env.store, "--list"]):
+            line = assert_one_line_error(env.run(*args))
+            assert "h.json" in line, (args, line)
+        assert env.snapshots("h") == [first], f"history {text!r}: a snapshot without history"
+        assert path.read_bytes() == text, "the corrupt history was overwritten"
+    path.write_bytes(good)
+    assert_same(tree, scan_snapshot(env, "h", first, src), f"snapshot {first}")
+    env.backup("h", src)      # with the history back, backups go on
+    assert len(env.snapshots("h")) == 2
+
+
+@pytest.mark.parametrize("history", [
+    pytest.param(b'{"backups": [{"snapshot": "x", "added": "lots"}]}', id="added-not-a-number"),
+    pytest.param(b'{"backups": [{"snapshot": "x", "added": null}]}', id="added-null"),
+])
+def test_history_with_bad_entries_is_a_clear_error(history, tmp_path):
+    """Valid JSON, but a size that is not a number: refused before a snapshot is taken."""
+    _require_rsync()
+    env = Env("hardlink", tmp_path / "store", Path(os.path.realpath(tmp_path)))
+    src = env.work / "src"
+    generate_tree(src, small_files=5, big_files=(), odd=False)
+    env.backup("h", src)
+    before = env.snapshots("h")
+    env.history_path("h").write_bytes(history)
+    assert_one_line_error(env.run("prune", "--store", env.store, "--list"))
+    assert_one_line_error(env.backup("h", src, check=False))
+    assert env.snapshots("h") == before, "a snapshot was taken that the history does not record"
+
+
+def test_btrfs_history_with_bad_generation_is_no_traceback(tmp_path):
+    """A 'generation' that is not a number: a clear error, or a correct snapshot; never a crash."""
+    _require_rsync()
+    with store_for("btrfs", tmp_path) as store:
+        env = Env("btrfs", store, Path(os.path.realpath(tmp_path)))
+        src = env.work / "src"
+        generate_tree(src, small_files=5, big_files=(), odd=False)
+        env.backup("h", src)
+        before = env.snapshots("h")
+        env.history_path("h").write_bytes(b'{"backups": [{"snapshot": "x", "added": 1, '
+                                          b'"generation": "soon"}]}')
+        proc = env.backup("h", src, check=False)
+        assert "Traceback" not in proc.stderr, proc.stderr
+        if proc.returncode == 0:
+            assert len(env.snapshots("h")) == 2
+            assert_same(scan(src), scan_snapshot(env, "h", env.snapshots("h")[-1], src))
+        else:
+            assert_one_line_error(proc)
+            assert env.snapshots("h") == before
+
+
+def test_a_change_within_the_same_second_is_backed_up(env):
+    src = env.work / "src"
+    src.mkdir()
+    f = src / "state.db"
+    second = 1_600_000_000 * 10 ** 9
+    f.write_bytes(b"A" * 100)
+    os.utime(f, ns=(second + 100_000_000, second + 100_000_000))   # backed up at x.1 s
+    env.backup("alpha", src)
+    f.write_bytes(b"B" * 100)                                      # same size, at x.9 s
+    os.utime(f, ns=(second + 900_000_000, second + 900_000_000))
+    os.utime(src, ns=(second, second))
+    env.backup("alpha", src)
+    assert_same(scan(src), scan_snapshot(env, "alpha", env.snapshots("alpha")[-1], src))
