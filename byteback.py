@@ -1786,7 +1786,10 @@ def glob_to_regex(pattern: str) -> "re.Pattern":
         else:
             out += re.escape(c)
         i += 1
-    return re.compile(out + r"\Z", re.S)
+    try:
+        return re.compile(out + r"\Z", re.S)
+    except re.error as e:
+        raise ByteBackError(f"{pattern!r} is not a pattern byteback understands ({e})") from None
 
 
 def glob_base(pattern: str) -> tuple:
@@ -1807,6 +1810,10 @@ def check_list_pattern(pattern: str) -> str:
         raise Refused(f"pattern {pattern!r} must be absolute")
     if ".." in pattern.split("/"):
         raise Refused(f"pattern {pattern!r} climbs with '..'")
+    try:
+        glob_to_regex(pattern)
+    except ByteBackError as e:
+        raise Refused(str(e)) from None
     return pattern
 
 
