@@ -125,6 +125,9 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = True) -> None:
         level = logging.WARNING
     err = logging.StreamHandler(sys.stderr)
     err.setLevel(level)
+    # Records for the administrator's log only (the guard's REFUSED line with
+    # the client's own command) stay off stderr, which the client reads.
+    err.addFilter(lambda record: not getattr(record, "syslog_only", False))
     err.setFormatter(logging.Formatter("byteback: %(message)s"))
     log.addHandler(err)
     # Without this check every record on a machine without syslog prints a
@@ -503,7 +506,7 @@ def client_state_dir() -> Path:
 # name can never be '..', contain '/', start an option ('-') or carry quotes.
 HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*\Z")
 SNAPSHOT_NAME_RE = re.compile(
-    r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2})?(?:[+-]\d{2}:?\d{2}|Z)\Z")
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(?::[0-9]{2})?(?:[+-][0-9]{2}:?[0-9]{2}|Z)\Z")
 
 
 def check_host_name(name: str) -> str:
@@ -816,6 +819,12 @@ class Store:
             if os.geteuid() == 0:
                 # The owner of <host>/ could rename snapshots away: root keeps it.
                 os.chown(host_dir, 0, 0)
+        if owner is not None and os.geteuid() == 0:
+            # On a server only root and the backup user's group may enter: the
+            # modes a client uploads would otherwise let other local users of
+            # the server read its files, or write into current.
+            os.chown(host_dir, 0, owner[1])
+            os.chmod(host_dir, 0o750)
         current = self.current(host)
         if os.path.islink(current):
             raise ByteBackError(f"{current} is a symlink; refusing to use it (move it away)")
@@ -1422,6 +1431,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
 RSYNC_PROGRAM = "/usr/bin/rsync"
 MIN_RSYNC = (3, 4, 0)           # CVE-2024-12084/12085: hostile client on restore
 CONFINE_RSYNC = (3, 5, 0)       # --confine-root (refuses operator paths outside the host)
+COMPRESS_PUSH_RSYNC = (3, 4, 3)  # CVE-2026-43618: a hostile sender's compressed data overflows
 
 # Single-letter options, by direction.  NOTE: build_rsync_argv (section 8) and
 # the restore client send these; keep the tables and the client in step.
@@ -1435,13 +1445,13 @@ REFUSED_LETTERS = {
     "b": "--backup makes the server write files by name",
     "T": "--temp-dir names a server path",
     "A": "ACL parsing is attack surface byteback does not need (CVE-2026-53799)",
-    "P": "--partial-dir names a server path",
+    "P": "--partial --progress: progress output is not for the server",
 }
 
 # Long options the byteback client sends, with a value check, the directions
 # they may come in, and whether the server keeps the client's value or uses
 # its own.  Values must come joined (--opt=value): the client always does.
-_ANY, _INT, _LEVEL, _ITEMIZE = None, r"\d{1,9}", r"[0-9]", r"%i"
+_ANY, _INT, _LEVEL, _ITEMIZE = None, r"[0-9]{1,9}", r"[0-9]", r"%i"
 LONG_OPTIONS = {
     #  option              value      push   send   keep
     "--timeout":          (_INT,      True,  True,  False),  # the server sets its own
@@ -1640,6 +1650,9 @@ def rsync_version(text: str) -> tuple:
 def server_rsync_argv(request: Request, *, host_dir: str, current: str, backend_options: Sequence[str],
                       timeout: int, version: tuple) -> List[str]:
     """The rsync command the server runs for an accepted request, built from scratch."""
+    if request.verb == "push" and "z" in request.letters and version < COMPRESS_PUSH_RSYNC:
+        raise Refused("compression (-z) on a backup needs rsync 3.4.3 on the server "
+                      "(CVE-2026-43618); drop -z from rsync_flags, or upgrade the server's rsync")
     argv = [RSYNC_PROGRAM, "--server"]
     if request.verb == "restore":
         argv.append("--sender")
@@ -1696,7 +1709,8 @@ def cmd_receive(args: argparse.Namespace) -> int:
     try:
         request = check_receive_command(original)
     except Refused as e:
-        log.warning("REFUSED host=%s client=%s command=%r: %s", host, client, original[:500], e)
+        log.warning("REFUSED host=%s client=%s command=%r: %s", host, client, original[:500], e,
+                    extra={"syslog_only": True})
         raise ByteBackError(f"refused: {e}") from None
     log.info("ACCEPTED host=%s client=%s verb=%s command=%r", host, client, request.verb, original[:500])
     config = load_server_config(args.config_dir)
@@ -1731,18 +1745,22 @@ def cmd_receive(args: argparse.Namespace) -> int:
     if version < MIN_RSYNC:
         raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
                             "and has known holes (CVE-2024-12084); upgrade rsync on the server")
-    if request.verb == "push" and "n" not in request.letters:   # a dry run writes nothing
-        store.mark_dirty(host, now_local())
-        store.unshare_current(host)
-    argv = server_rsync_argv(request, host_dir=str(host_dir), current=str(current),
-                             backend_options=store.rsync_options(host),
-                             timeout=config.rsync_timeout, version=version)
+    try:
+        argv = server_rsync_argv(request, host_dir=str(host_dir), current=str(current),
+                                 backend_options=store.rsync_options(host),
+                                 timeout=config.rsync_timeout, version=version)
+    except Refused as e:
+        log.warning("REFUSED host=%s client=%s: %s", host, client, e, extra={"syslog_only": True})
+        raise ByteBackError(f"refused: {e}") from None
     if request.verb == "restore":
         real_host_dir = os.path.realpath(host_dir)
         for path in request.paths:
             resolved = os.path.realpath(os.path.join(host_dir, path))
             if not _is_within(resolved, real_host_dir):
                 raise ByteBackError(f"refused: {path!r} leads outside host {host}'s backups")
+    if request.verb == "push" and "n" not in request.letters:   # a dry run writes nothing
+        store.mark_dirty(host, now_local())
+        store.unshare_current(host)
     log.debug("exec %s", shlex.join(argv))
     os.chdir(host_dir)
     lock.keep_across_exec()     # held until rsync exits
@@ -1810,6 +1828,13 @@ def check_list_pattern(pattern: str) -> str:
         raise Refused(f"pattern {pattern!r} must be absolute")
     if ".." in pattern.split("/"):
         raise Refused(f"pattern {pattern!r} climbs with '..'")
+    # Each '*' in one name nests another backtracking loop in the regex: a
+    # pattern with many, matched against a long name the client uploaded
+    # itself, would hold a server CPU (and the host's lock) for hours.
+    if len(pattern) > 1024 or pattern.count("**") > 2 or any(
+            part.replace("**", "").count("*") + part.count("?") > 4 for part in pattern.split("/")):
+        raise Refused(f"pattern {pattern[:80]!r} is too complex: at most 4 wildcards in one name "
+                      "and 2 '**', 1024 characters")
     try:
         glob_to_regex(pattern)
     except ByteBackError as e:
@@ -1979,9 +2004,11 @@ def serve_list(store: Store, host: str, request: Request) -> int:
 DEFAULT_INSTALL_PATH = "/usr/local/bin/byteback.pyz"
 # Paths that go into sudoers and authorized_keys lines: nothing to quote there.
 SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9/._+-]*\Z")
-KNOWN_KEY_TYPES = ("ssh-ed25519", "ssh-rsa", "ecdsa-sha2-nistp256", "ecdsa-sha2-nistp384",
-                   "ecdsa-sha2-nistp521", "sk-ssh-ed25519@openssh.com",
-                   "sk-ecdsa-sha2-nistp256@openssh.com")
+# Key types, and how many length-prefixed strings their wire format holds.
+KEY_PARTS = {"ssh-ed25519": 2, "ssh-rsa": 3, "ecdsa-sha2-nistp256": 3, "ecdsa-sha2-nistp384": 3,
+             "ecdsa-sha2-nistp521": 3, "sk-ssh-ed25519@openssh.com": 3,
+             "sk-ecdsa-sha2-nistp256@openssh.com": 4}
+KNOWN_KEY_TYPES = tuple(KEY_PARTS)
 
 
 def parse_public_key(text: str) -> str:
@@ -2006,9 +2033,22 @@ def parse_public_key(text: str) -> str:
         blob = base64.b64decode(body, validate=True)
     except (binascii.Error, ValueError):
         raise ByteBackError("the public key's body is not base64") from None
-    size = int.from_bytes(blob[:4], "big")
-    if blob[4:4 + size] != key_type.encode():
+    # The wire format: length-prefixed strings, as many as the type has, and
+    # nothing after them.  A key that is not whole would take the host's name
+    # with a key nobody can use.
+    parts, at = [], 0
+    while at < len(blob):
+        size = int.from_bytes(blob[at:at + 4], "big")
+        if at + 4 + size > len(blob):
+            raise ByteBackError("the public key is truncated")
+        parts.append(blob[at + 4:at + 4 + size])
+        at += 4 + size
+    if not parts or parts[0] != key_type.encode() or len(parts) != KEY_PARTS[key_type]:
         raise ByteBackError("the public key's body does not match its type")
+    if key_type == "ssh-ed25519" and len(parts[1]) != 32:
+        raise ByteBackError("the public key is not a whole ed25519 key")
+    if base64.b64encode(blob).decode() != body:
+        raise ByteBackError("the public key's body is not in its canonical base64 form")
     return f"{key_type} {body}"
 
 
@@ -2017,8 +2057,25 @@ def _authorized_host(line: str) -> Optional[str]:
     return m.group(1) if m else None
 
 
+def check_client_address(text: str) -> str:
+    """A client's IP address for from="...", in its canonical form.
+
+    Only digits, hex letters, dots and colons: ipaddress alone (Python >= 3.9)
+    also takes an IPv6 scope id ('%...'), which may hold a quote or a newline
+    and so write a second, unrestricted line into authorized_keys.
+    """
+    import ipaddress
+    if not re.fullmatch(r"[0-9A-Fa-f.:]{2,45}", text or ""):
+        raise ByteBackError(f"{text!r} is not an IP address")
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        raise ByteBackError(f"{text!r} is not an IP address") from None
+
+
 def authorized_keys_line(program: str, config_args: Sequence[str], host: str, address: str, key: str) -> str:
     """The one line that lets a client in: restricted, from its address, forced to receive."""
+    address = check_client_address(address)            # checked again: it goes inside quotes
     command = " ".join([program, *config_args, "receive", "--host", check_host_name(host)])
     return f'restrict,from="{address}",command="{command}" {key}'
 
@@ -2038,13 +2095,9 @@ def _require_root(command: str) -> None:
 
 def cmd_setup_host(args: argparse.Namespace) -> int:
     """setup-host: the root half of setup-client; adds one client's restricted key and its host."""
-    import ipaddress
     _require_root("setup-host")
     host = check_host_name(args.host)
-    try:
-        address = str(ipaddress.ip_address(args.client_address))
-    except ValueError:
-        raise ByteBackError(f"{args.client_address!r} is not an IP address") from None
+    address = check_client_address(args.client_address)
     key = parse_public_key(sys.stdin.read(16384))
     config = load_server_config(args.config_dir)
     store = _server_store(argparse.Namespace(store=None), config, Runner())

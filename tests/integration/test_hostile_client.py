@@ -1,0 +1,832 @@
+"""A hostile client, through the real sshd and the real forced command (issue 3, item 6).
+
+A rogue root on a client owns that client's restricted key (``restrict,
+from=..., command="byteback.pyz receive --host client1"``) and, should it ever
+escape the forced command, a shell as the ``byteback`` user.  Every test here
+is one attack it could try:
+
+* shell syntax and other programs in the command; ssh's own side doors;
+* every dangerous rsync option, sent with the real rsync client (``-M`` /
+  ``--remote-option`` forwards anything to the server side) or spelt out;
+* paths that lead to another host, a snapshot, or outside the store, on push
+  (the server must ignore the client's path) and on restore (refused);
+* symlinks uploaded in ``current`` and written through by a second push;
+* ``complete`` flooding, and a second session while one is open;
+* a host name, key or address with injected options at setup (``setup-host``
+  through sudo, the door setup-client uses);
+* ``--store``/``--force`` through sudo, and a shell as ``byteback`` going for
+  the snapshots, the host directories, authorized_keys and the program.
+
+Each test asserts the refusal (exit 1, not ssh's 255; ``byteback: refused:
+...`` on stderr; nothing on stdout) or the harmlessness, and an autouse
+fixture compares a fingerprint of every snapshot of every host (every file's
+content, mode, owner, mtime, xattrs, the read-only flag, the subvolume), the
+other hosts' ``current``, authorized_keys, sudoers and the installed program
+before and after each test.  Known holes are ``xfail(strict=True)`` tests.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import secrets
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+import treeutil  # noqa: E402
+from remote_env import RemoteByteback, byteback_remote  # noqa: E402,F401  (fixture)
+from sshd_env import (_client_env, pids_of_uid, run, ssh_argv, stop_process,  # noqa: E402
+                      wait_for)
+
+SNAPSHOT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2})?(?:[+-]\d{2}:?\d{2}|Z)\Z")
+MUNGED = b"/rsyncd-munged/"
+CAPS = "e.iLsfxCIvu"
+PUSH = f"rsync --fake-super --server -lHogDtpXrR{CAPS} --timeout=300 --numeric-ids"
+SEND = f"rsync --fake-super --server --sender -lHogDtpXrR{CAPS} --timeout=300 --numeric-ids"
+
+
+# === The world: three hosts, snapshots, and what must never change ===============
+
+@dataclass
+class World:
+    remote: RemoteByteback
+    client2_config: Path
+    client3_config: Path
+    marker: Path                          # a file no attack may create
+    snapshot: str = ""                    # client1's newest snapshot
+    client2_snapshot: str = ""
+    stored_file: str = ""                 # a file in client1's snapshots, relative to one
+    allowed_new: List[str] = field(default_factory=list)   # "host/" prefixes a test may add
+
+    @property
+    def env(self):
+        return self.remote.env
+
+    @property
+    def store(self) -> Path:
+        return self.remote.store
+
+    @property
+    def key(self) -> Path:
+        return self.remote.client_key()
+
+    def login(self, path: str = "") -> str:
+        return f"{self.env.destination}{path}"
+
+    def log(self) -> str:
+        return self.env.sshd.log_tail(25)
+
+    def ssh(self, command, key: Optional[Path] = None, **kwargs) -> subprocess.CompletedProcess:
+        """ssh with the client's restricted key (or another); command is SSH_ORIGINAL_COMMAND."""
+        return self.env.ssh(command, key=key or self.key, **kwargs)
+
+    def rsync(self, *args: str, key: Optional[Path] = None, timeout: float = 60) -> subprocess.CompletedProcess:
+        """The real rsync client over ssh with the restricted key."""
+        return self.env.rsync(list(args), key=key or self.key, timeout=timeout)
+
+    def sudo(self, *args: str, input: Optional[str] = None, server_config: bool = True,
+             env_prefix: Sequence[str] = ()) -> subprocess.CompletedProcess:
+        """A shell as the byteback user running the installed program through sudo -n."""
+        config = ["--config-dir", str(self.remote.server_config)] if server_config else []
+        argv = [*env_prefix, "sudo", "-n", str(self.remote.program), *config, *args]
+        return self.env.run_as_user(argv, input=input, timeout=60)
+
+    def as_user(self, script: str) -> subprocess.CompletedProcess:
+        """A shell as the byteback user, in its home (the store)."""
+        return self.env.run_as_user(["sh", "-c", script], timeout=60)
+
+
+def _setup_client(remote: RemoteByteback, config: Path, host: str) -> None:
+    remote.run("setup-client", "--destination", remote.env.destination, "--port", str(remote.env.port),
+               "--hostname", host, "--server-program", str(remote.program),
+               "--server-config-dir", str(remote.server_config),
+               env={"SSH_AUTH_SOCK": str(remote.env.agent.sock)}, config_dir=config).check()
+
+
+def _source_tree(root: Path, seed: int) -> Path:
+    treeutil.generate_tree(root, seed=seed, small_files=12, big_files=(70_001,))
+    (root / "secret.txt").write_text(f"the secret of tree {seed}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def world(byteback_remote) -> World:  # noqa: F811  (the imported fixture)
+    """client1 with two snapshots, client2 with one, client3 set up but never backed up."""
+    remote = byteback_remote
+    work = remote.env.workdir
+    configs = []
+    for name in ("client2", "client3"):
+        path = work / f"config-{name}"
+        path.mkdir(mode=0o700)
+        _setup_client(remote, path, name)
+        configs.append(path)
+    w = World(remote, configs[0], configs[1], Path(f"/tmp/bbtest-pwned-{secrets.token_hex(4)}"))
+    remote.set_server_conf(min_interval="0")
+    src1 = _source_tree(work / "src1", seed=11)
+    remote.backup("--source", str(src1)).check()
+    time.sleep(1.1)                                  # snapshot names have one-second resolution
+    (src1 / "secret.txt").write_text("changed for the second snapshot\n")
+    remote.backup("--source", str(src1)).check()
+    src2 = _source_tree(work / "src2", seed=22)
+    remote.run("backup", "--host", "client2", "--retry-delay", "1", "--source", str(src2),
+               config_dir=w.client2_config).check()
+    remote.set_server_conf(min_interval="1h")        # from now on: at most one snapshot an hour
+    snaps = sorted(p.name for p in (w.store / "client1").iterdir() if SNAPSHOT_RE.match(p.name))
+    assert len(snaps) == 2, snaps
+    w.snapshot = snaps[-1]
+    w.client2_snapshot = next(p.name for p in (w.store / "client2").iterdir() if SNAPSHOT_RE.match(p.name))
+    w.stored_file = str(src1 / "secret.txt").lstrip("/")
+    assert (w.store / "client1" / w.snapshot / w.stored_file).read_text().startswith("changed")
+    yield w
+    with contextlib.suppress(FileNotFoundError):
+        w.marker.unlink()
+
+
+# === The fingerprint of history ====================================================
+
+def _ro(path: Path) -> str:
+    return run(["btrfs", "property", "get", "-ts", str(path), "ro"], check=False).stdout.strip()
+
+
+def _file_digest(path: Path) -> str:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except FileNotFoundError:
+        return "missing"
+
+
+def fingerprint(w: World) -> Dict[str, object]:
+    """Everything no client and no byteback shell may change, by name."""
+    prints: Dict[str, object] = {}
+    store = w.store
+    prints["store entries"] = sorted(os.listdir(store))
+    for host_dir in sorted(store.iterdir()):
+        if host_dir.name.startswith(".") or not host_dir.is_dir():
+            continue
+        host = host_dir.name
+        st = os.lstat(host_dir)
+        prints[f"{host}/"] = (sorted(os.listdir(host_dir)), st.st_uid, st.st_gid, st.st_mode, st.st_ino)
+        for entry in sorted(host_dir.iterdir()):
+            if SNAPSHOT_RE.match(entry.name):
+                st = os.lstat(entry)
+                prints[f"{host}/{entry.name}"] = (
+                    st.st_dev, st.st_ino, st.st_uid, st.st_gid, st.st_mode, _ro(entry),
+                    treeutil.scan(entry))
+            elif entry.name == "current" and host != "client1":
+                prints[f"{host}/current"] = treeutil.scan(entry)
+    prints["authorized_keys"] = w.env.user.authorized_keys.read_text()
+    prints["sudoers"] = _file_digest(Path("/etc/sudoers.d") / f"byteback-{w.env.user.name}")
+    prints["program"] = _file_digest(w.remote.program)
+    prints["history dir"] = sorted(os.listdir(store / ".byteback" / "history"))
+    return prints
+
+
+def _differences(before: Dict[str, object], after: Dict[str, object], allowed_new: Sequence[str]) -> List[str]:
+    problems = []
+    for key in sorted(set(before) | set(after)):
+        if key not in after:
+            problems.append(f"{key}: gone")
+        elif key not in before:
+            if not any(key.startswith(prefix) for prefix in allowed_new):
+                problems.append(f"{key}: new")
+        elif before[key] != after[key]:
+            if key.endswith("/") and any(key.startswith(p) for p in allowed_new):
+                continue          # the host dir lists the new snapshot
+            if key in ("store entries", "history dir") and allowed_new:
+                continue
+            problems.append(f"{key}: changed")
+    return problems
+
+
+@pytest.fixture(autouse=True)
+def history_unchanged(world):
+    """Every test: every snapshot of every host, and the server's own files, as they were."""
+    world.allowed_new = []
+    before = fingerprint(world)
+    yield
+    assert not world.marker.exists(), f"an attack created {world.marker}\n{world.log()}"
+    after = fingerprint(world)
+    problems = _differences(before, after, world.allowed_new)
+    assert not problems, "history or server files changed: " + "; ".join(problems) + "\n" + world.log()
+
+
+# === How a refusal looks ===========================================================
+
+def assert_refused(w: World, proc, *words: str) -> None:
+    """exit 1 (not ssh's 255), nothing on stdout, `byteback: refused: ...` last on stderr."""
+    what = f"exit {proc.returncode}\nstdout: {proc.stdout!r}\nstderr: {proc.stderr!r}\n{w.log()}"
+    assert proc.returncode == 1, what
+    assert proc.stdout == "", what
+    lines = proc.stderr.strip().splitlines()
+    assert lines and lines[-1].startswith("byteback: refused: "), what
+    assert all(line.startswith("byteback: ") for line in lines), "no tracebacks: " + what
+    for word in words:
+        assert word in lines[-1], f"the refusal should name {word!r}: " + what
+
+
+def assert_rsync_refused(w: World, proc, *words: str) -> None:
+    """The real rsync client failed, and the server said it refused (and why)."""
+    what = f"exit {proc.returncode}\nstdout: {proc.stdout!r}\nstderr: {proc.stderr!r}\n{w.log()}"
+    assert proc.returncode not in (0, 24), what
+    assert "byteback: refused: " in proc.stderr, what
+    refusal = next(l for l in proc.stderr.splitlines() if "byteback: refused: " in l)
+    for word in words:
+        assert word in refusal, f"the refusal should name {word!r}: " + what
+
+
+def assert_failed(w: World, proc, what: str = "") -> None:
+    text = f"{what}: exit {proc.returncode}\nstdout: {proc.stdout!r}\nstderr: {proc.stderr!r}\n{w.log()}"
+    assert proc.returncode != 0, "should have failed: " + text
+
+
+# === 1. Shell syntax and other programs in the command ===========================
+
+SHELL_ATTACKS = [
+    "ping; touch {m}", "ping && touch {m}", "ping || touch {m}", "ping | touch {m}",
+    "ping & touch {m}", "`touch {m}`", "$(touch {m})", "ping $(touch {m})", "ping > {m}",
+    "ping >> {m}", "complete; touch {m}", "ping\ntouch {m}", "ping\rtouch {m}",
+    "{{ touch {m}; }}", "(touch {m})", "PATH=/tmp ping; touch {m}", "ping #; touch {m}",
+    "sh -c 'touch {m}'", "/bin/sh -c 'touch {m}'", "bash -c 'touch {m}'", "/usr/bin/touch {m}",
+    "/bin/rm -rf {store}/client1", "rm -rf {store}/client2", "scp -t {m}", "scp -f /etc/passwd",
+    "internal-sftp", "/usr/lib/openssh/sftp-server", "sftp", "rsync --daemon",
+    "rsync --daemon --config={m} --port=8873", "rsync -a /etc/ {m}/",
+    "rsync /etc/passwd {m}", "/usr/bin/rsync --server -lHogDtpXrR" + CAPS + " . current/",
+    "python3 -c 'open(\"{m}\", \"w\")'", "sudo -n {program} snapshot --host client2 --force",
+    "{program} receive --host client2", "btrfs property set -ts {store}/client1/{snap} ro false",
+    "complete --force", "complete client2", "ping client2",
+]
+
+
+@pytest.mark.parametrize("template", SHELL_ATTACKS)
+def test_shell_syntax_and_other_programs_are_refused(world, template):
+    command = template.format(m=world.marker, store=world.store, program=world.remote.program,
+                              snap=world.snapshot)
+    assert_refused(world, world.ssh(command))
+
+
+def test_a_refusal_is_exactly_one_line_on_stderr(world):
+    """Issue 3: "refuse ... with one line on stderr, exit 1"."""
+    proc = world.ssh(f"ping; touch {world.marker}")
+    assert_refused(world, proc)
+    assert len(proc.stderr.strip().splitlines()) == 1, (
+        f"bug: the REFUSED syslog record is also printed to stderr: {proc.stderr!r}")
+
+
+def test_the_legitimate_verbs_still_work(world):
+    proc = world.ssh("ping")
+    assert proc.returncode == 0 and proc.stdout.startswith("pong") and "host=client1" in proc.stdout, (
+        f"{proc}\n{world.log()}")
+    listed = world.ssh(f"list --snapshot={world.snapshot} /{world.stored_file}")
+    assert listed.returncode == 0 and world.stored_file in listed.stdout, f"{listed}\n{world.log()}"
+
+
+def test_ssh_side_doors_are_shut(world):
+    """restrict: no stdio/port forwarding, no subsystem that bypasses the forced command."""
+    base = ssh_argv(port=world.env.port, known_hosts=world.env.known_hosts, key=world.key)
+    login = f"{world.env.user.name}@{world.env.host}"
+    forward = subprocess.run(base + ["-W", f"127.0.0.1:{world.env.port}", login],
+                             stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env=_client_env(None))
+    assert forward.returncode != 0 and not forward.stdout.startswith(b"SSH-"), (
+        f"{forward}\n{world.log()}")
+    sftp = subprocess.run(base + ["-s", login, "sftp"], stdin=subprocess.DEVNULL, capture_output=True,
+                          timeout=30, env=_client_env(None))
+    # No sftp subsystem here; where there is one, the forced command still runs
+    # (SSH_ORIGINAL_COMMAND is then the subsystem's program: refused above).
+    assert sftp.returncode != 0 and not sftp.stdout, f"{sftp}\n{world.log()}"
+    # The client's environment never reaches the forced command (AcceptEnv none,
+    # PermitUserEnvironment no): ping still answers for client1.
+    proc = world.ssh("ping", options=["SetEnv=SSH_ORIGINAL_COMMAND=sh BYTEBACK_CONFIG_DIR=/tmp"])
+    assert proc.returncode == 0 and "host=client1" in proc.stdout, f"{proc}\n{world.log()}"
+
+
+def test_list_patterns_that_climb_are_refused(world):
+    for command in ("list /../../client2/**", "list ../client2/current", "list --snapshot=../client2 /",
+                    f"list --snapshot=/{world.store}/client2/{world.client2_snapshot} /",
+                    "list --store=/ /etc", "list --host=client2 /etc"):
+        assert_refused(world, world.ssh(command))
+
+
+def test_a_bad_glob_is_refused_not_a_traceback(world):
+    proc = world.ssh("list '/[z-a]'")
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert_refused(world, proc)
+
+
+# === 2. Every dangerous rsync option, sent with the real rsync client ============
+
+def _small_tree(w: World, name: str) -> Path:
+    root = w.env.workdir / f"{name}-{secrets.token_hex(3)}"
+    root.mkdir()
+    (root / f"pwned-{name}").write_text("written by an attack\n")
+    return root
+
+
+PUSH_OPTION_ATTACKS = [
+    # (real rsync client arguments, word the refusal names)
+    (["-M--rsh=/bin/sh"], "--rsh"),
+    (["-M--rsync-path=/bin/sh"], "--rsync-path"),
+    (["-M--log-file={m}"], "--log-file"),
+    (["-M--write-batch={m}"], "--write-batch"),
+    (["-M--only-write-batch={m}"], "--only-write-batch"),
+    (["-M--read-batch=/etc/passwd"], "--read-batch"),
+    (["--backup", "--backup-dir=../client2/current"], "-b"),
+    (["-M--backup-dir=../client2/current"], "--backup-dir"),
+    (["--partial-dir=../client2/current/x"], "--partial-dir"),
+    (["--partial-dir={m}"], "--partial-dir"),
+    (["--temp-dir=../client2/current"], ""),
+    (["-M--temp-dir=/tmp"], "--temp-dir"),
+    (["--link-dest=../client2/{snap2}"], "--link-dest"),
+    (["--copy-dest=/etc"], "--copy-dest"),
+    (["--compare-dest=../client2/current"], "--compare-dest"),
+    (["-M--files-from=/etc/passwd"], "--files-from"),
+    (["-M--remove-source-files"], "--remove-source-files"),
+    (["-M--daemon"], "--daemon"),
+    (["-M--config=/etc/passwd"], "--config"),
+    (["-M--no-munge-links"], "--no-munge-links"),
+    (["-M--copy-unsafe-links"], "--copy-unsafe-links"),
+    (["--keep-dirlinks"], "-K"),
+    (["-s"], "-s"),
+    (["--secluded-args"], "-s"),
+    (["--super"], "--super"),
+    (["-M--chown=0:0"], "--chown"),
+    (["-M--max-alloc=0"], "--max-alloc"),
+    (["-M--iconv=utf8"], "--iconv"),
+    (["-M--debug=ALL"], "--debug"),
+    (["--preallocate"], "--preallocate"),
+    (["-M--max-size=99999999999999999P"], "--max-size"),
+    (["--max-size=1"], "--max-size"),
+    (["-M--confine-root=/"], "--confine-root"),
+    (["--rsync-path=sh -c 'touch {m}'; rsync"], "is not a command"),
+    (["--rsync-path=rsync --log-file={m}"], "without --server"),
+    (["--rsync-path=/usr/bin/rsync"], "is not a command"),
+]
+
+
+@pytest.mark.parametrize("args,word", PUSH_OPTION_ATTACKS, ids=[" ".join(a) for a, _ in PUSH_OPTION_ATTACKS])
+def test_dangerous_rsync_options_on_push_are_refused(world, args, word):
+    src = _small_tree(world, "option")
+    args = [a.format(m=world.marker, snap2=world.client2_snapshot) for a in args]
+    proc = world.rsync("-a", *args, f"{src}/", world.login("current/"))
+    assert_rsync_refused(world, proc, *([word] if word else []))
+
+
+RESTORE_OPTION_ATTACKS = [
+    (["--files-from=:/etc/passwd"], "--files-from"),
+    (["--remove-source-files"], "--remove-source-files"),
+    (["-M--log-file={m}"], "--log-file"),
+    (["-L"], "-L"),
+    (["--copy-dirlinks"], "-k"),
+    (["--copy-unsafe-links"], "--copy-unsafe-links"),
+    (["-M--write-batch={m}"], "--write-batch"),
+    (["-s"], "-s"),
+    (["-A"], "-A"),
+    (["--delete", "-M--delete"], "--delete"),
+]
+
+
+@pytest.mark.parametrize("args,word", RESTORE_OPTION_ATTACKS, ids=[" ".join(a) for a, _ in RESTORE_OPTION_ATTACKS])
+def test_dangerous_rsync_options_on_restore_are_refused(world, args, word, tmp_path):
+    args = [a.format(m=world.marker) for a in args]
+    proc = world.rsync("-a", *args, world.login(f"{world.snapshot}/{world.stored_file}"), f"{tmp_path}/")
+    assert_rsync_refused(world, proc, word)
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+def test_remove_source_files_cannot_empty_current(world, tmp_path):
+    current_file = world.store / "client1" / "current" / world.stored_file
+    assert current_file.exists()
+    proc = world.rsync("-a", "--remove-source-files", world.login(f"current/{world.stored_file}"),
+                       f"{tmp_path}/")
+    assert_rsync_refused(world, proc, "--remove-source-files")
+    assert current_file.exists(), world.log()
+
+
+@pytest.mark.parametrize("command,word", [
+    (f"{PUSH} --rsh=/bin/sh . current/", "--rsh"),
+    (f"{PUSH} --rsync-path /bin/sh . current/", "--rsync-path"),
+    (f"{PUSH} --log-file /tmp/x . current/", "--log-file"),
+    (f"{PUSH} --write-batch=/tmp/x . current/", "--write-batch"),
+    (f"{PUSH} --read-batch /etc/passwd . current/", "--read-batch"),
+    (f"{PUSH} --backup-dir=../client2/current . current/", "--backup-dir"),
+    (f"{PUSH} --partial-dir /tmp . current/", "--partial-dir"),
+    (f"{PUSH} --temp-dir=/tmp . current/", "--temp-dir"),
+    (f"{PUSH} -T /tmp . current/", "-T"),
+    (f"{PUSH} --link-dest /etc . current/", "--link-dest"),
+    (f"{PUSH} --copy-dest=/etc . current/", "--copy-dest"),
+    (f"{PUSH} --compare-dest /etc . current/", "--compare-dest"),
+    (f"{PUSH} --files-from /etc/passwd . current/", "--files-from"),
+    (f"{SEND} --remove-source-files . current/x", "--remove-source-files"),
+    (f"{PUSH} --daemon . current/", "--daemon"),
+    (f"{PUSH} --config /etc/passwd . current/", "--config"),
+    (f"{PUSH} --server . current/", "--server"),
+    ("rsync --server -e.iLs --sender . current/x", "--sender"),
+    (f"{PUSH} . current/ ../client2/current/", "exactly one destination"),
+    (f"{PUSH} .", "exactly one destination"),
+    (f"{PUSH} -e.iLs . current/", "capability"),
+])
+def test_dangerous_rsync_options_spelt_out_are_refused(world, command, word):
+    assert_refused(world, world.ssh(command), word)
+
+
+# === 3. Paths: another host, a snapshot, outside the store =========================
+
+@pytest.mark.parametrize("destination", [
+    "../client2/current/", "client2/current/", "{store}/client2/current/", "{snap}/",
+    "../client2/{snap2}/", "/etc/", "/tmp/", ".ssh/", "../.ssh/", "../.byteback/history/",
+    "current/../../client2/current/",
+])
+def test_a_push_lands_in_its_own_current_whatever_path_it_names(world, destination):
+    destination = destination.format(store=world.store, snap=world.snapshot, snap2=world.client2_snapshot)
+    src = _small_tree(world, "path")
+    name = next(src.iterdir()).name
+    proc = world.rsync("-a", f"{src}/", world.login(destination))
+    assert proc.returncode == 0, f"{proc}\n{world.log()}"
+    own = world.store / "client1" / "current" / name
+    assert own.read_text() == "written by an attack\n", world.log()
+    own.unlink()
+    for elsewhere in (world.store / "client2" / "current" / name, Path("/etc") / name, Path("/tmp") / name,
+                      world.store / ".ssh" / name, world.store / "client1" / world.snapshot / name):
+        assert not elsewhere.exists(), f"{elsewhere}\n{world.log()}"
+
+
+@pytest.mark.parametrize("source", [
+    "../client2/current/", "../client2/{snap2}/", "client2/{snap2}/", "{store}/client2/current/",
+    "/etc/passwd", "{snap}/../../client2/{snap2}/", "current/../../client2/current/",
+    "../.ssh/authorized_keys", ".ssh/authorized_keys", "../.byteback/history/",
+    ".byteback/", "*/", "../*/current/", ".incomplete-{snap}/",
+])
+def test_a_restore_cannot_read_another_host_or_the_server(world, source, tmp_path):
+    source = source.format(store=world.store, snap=world.snapshot, snap2=world.client2_snapshot)
+    proc = world.rsync("-a", world.login(source), f"{tmp_path}/")
+    assert_rsync_refused(world, proc)
+    assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("path", [
+    "current/.\\./.\\./client2/current/", "current/[.][.]/[.][.]/client2/current/",
+    "current/.*/.*/client2/current/", "current/*/../../client2/current/",
+])
+def test_escapes_and_globs_do_not_climb_out(world, path, tmp_path):
+    """Backslashes and wildcards reach the server's rsync: they must not make a '..'."""
+    got = world.rsync("-a", world.login(path), f"{tmp_path}/")
+    assert got.returncode != 0, f"{got}\n{world.log()}"
+    for p in tmp_path.rglob("*"):
+        assert not (p.is_file() and "tree 22" in p.read_text(errors="replace")), p
+
+
+def test_a_restore_of_its_own_snapshot_works(world, tmp_path):
+    """The control: the same door, used as the client does, gives the file back."""
+    proc = world.rsync("-a", world.login(f"{world.snapshot}/{world.stored_file}"), f"{tmp_path}/")
+    assert proc.returncode == 0, f"{proc}\n{world.log()}"
+    assert (tmp_path / "secret.txt").read_text().startswith("changed"), world.log()
+
+
+# === 4. Symlinks uploaded in current, then written through =========================
+
+def test_symlinks_in_current_cannot_be_written_through(world):
+    src = world.env.workdir / f"links-{secrets.token_hex(3)}"
+    src.mkdir()
+    targets = {"to-etc": "/etc", "to-client2": "../../client2/current",
+               "to-client2-abs": str(world.store / "client2" / "current"),
+               "to-snapshot": f"../../{world.snapshot}", "to-tmp": "/tmp"}
+    for name, target in targets.items():
+        os.symlink(target, src / name)
+    assert world.rsync("-a", f"{src}/", world.login("current/")).returncode == 0, world.log()
+    current = world.store / "client1" / "current"
+    for name in targets:
+        stored = current / name
+        st = os.lstat(stored)
+        # fake-super keeps a symlink as a plain file holding its munged target,
+        # and --munge-links would munge a real one: nothing here can be followed.
+        if os.path.islink(stored):
+            assert os.readlink(stored).encode().startswith(MUNGED), name
+        else:
+            assert stored.read_bytes().startswith(MUNGED), (name, stored.read_bytes())
+        assert not (os.path.isdir(stored) and not os.path.islink(stored)), (name, st)
+    token = secrets.token_hex(4)
+    # Second push: directories of the same names, with a file in each; and the
+    # same written "through" the link by naming it as the destination.
+    src2 = world.env.workdir / f"through-{token}"
+    for name in targets:
+        (src2 / name).mkdir(parents=True)
+        (src2 / name / f"pwned-{token}").write_text("through a planted link\n")
+    world.rsync("-a", f"{src2}/", world.login("current/"))
+    world.rsync("-aR", f"{src2}/./to-etc/pwned-{token}", world.login("current/"))
+    for name in targets:
+        single = world.env.workdir / f"single-{token}"
+        single.mkdir(exist_ok=True)
+        (single / f"pwned-{token}").write_text("named destination\n")
+        world.rsync("-a", f"{single}/", world.login(f"current/{name}/"))
+        world.rsync("-a", "--keep-dirlinks", f"{single}/", world.login(f"current/{name}/"))
+    for outside in (Path("/etc"), Path("/tmp"), world.store / "client2" / "current",
+                    world.store / "client1" / world.snapshot, world.store / "client1", world.store):
+        assert not (outside / f"pwned-{token}").exists(), f"{outside}\n{world.log()}"
+    found = [str(p) for p in world.store.rglob(f"pwned-{token}")]
+    assert found, "the second push should have written its files (into current)"
+    assert all(p.startswith(str(current) + "/") for p in found), found
+
+
+def test_modes_a_client_uploads_do_not_open_its_backups_to_other_local_users(world):
+    src = world.env.workdir / f"modes-{secrets.token_hex(3)}"
+    (src / "open-dir").mkdir(parents=True)
+    os.chmod(src / "open-dir", 0o1777)
+    (src / "open-file").write_text("anyone may write this on the client\n")
+    os.chmod(src / "open-file", 0o666)
+    assert world.rsync("-a", f"{src}/", world.login("current/")).returncode == 0, world.log()
+    current = world.store / "client1" / "current"
+    snapshot_file = world.store / "client1" / world.snapshot / world.stored_file
+    wrote = run(["runuser", "-u", "nobody", "--", "sh", "-c",
+                 f"echo local >> {current}/open-file; echo local > {current}/open-dir/planted"], check=False)
+    read = run(["runuser", "-u", "nobody", "--", "cat", str(snapshot_file)], check=False)
+    assert wrote.returncode != 0 and not (current / "open-dir" / "planted").exists(), (
+        f"another local user wrote into client1's current: {wrote}")
+    assert read.returncode != 0, f"another local user read client1's snapshot: {read.stdout!r}"
+
+
+# === 5. complete flooding, and one session per host ================================
+
+def test_complete_flooding_gives_at_most_one_snapshot_per_interval(world):
+    """min_interval is 1h.  client1 has a fresh snapshot: none; client3 has none: exactly one."""
+    world.allowed_new = ["client3/"]
+    key3 = world.client3_config / "key"
+    before1 = sorted(os.listdir(world.store / "client1"))
+    results = [world.ssh("complete").returncode for _ in range(4)]
+    assert results == [1] * 4, world.log()
+    results = [world.ssh("complete", key=key3) for _ in range(6)]
+    assert results[0].returncode == 0, f"{results[0]}\n{world.log()}"
+    for proc in results[1:]:
+        assert proc.returncode == 1 and "minimum interval" in proc.stderr, f"{proc}\n{world.log()}"
+    procs = [subprocess.Popen(ssh_argv(port=world.env.port, known_hosts=world.env.known_hosts, key=key,
+                                       host=world.env.host, user=world.env.user.name) + ["--", "complete"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              env=_client_env(None))
+             for key in [key3] * 4 + [world.key] * 4]
+    codes = [p.wait(timeout=60) for p in procs]
+    for p in procs:
+        p.stdout.close()
+        p.stderr.close()
+    assert all(c == 1 for c in codes), codes
+    snaps3 = [n for n in os.listdir(world.store / "client3") if SNAPSHOT_RE.match(n)]
+    assert len(snaps3) == 1, snaps3
+    assert sorted(os.listdir(world.store / "client1")) == before1
+
+
+def _server_rsyncs(w: World) -> List[int]:
+    pids = []
+    for pid in pids_of_uid(w.env.user.uid):
+        with contextlib.suppress(OSError):
+            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+            if argv and argv[0].endswith(b"rsync") and b"--server" in argv:
+                pids.append(pid)
+    return pids
+
+
+@contextlib.contextmanager
+def open_session(w: World, command: str):
+    """Hold a session of client1 open: a push whose client never speaks."""
+    wait_for(lambda: not _server_rsyncs(w), 20, "earlier sessions to end")
+    proc = subprocess.Popen(
+        ssh_argv(port=w.env.port, known_hosts=w.env.known_hosts, key=w.key, host=w.env.host,
+                 user=w.env.user.name) + ["--", command],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_client_env(None))
+    try:
+        wait_for(lambda: _server_rsyncs(w) or proc.poll() is not None, 20, "the server's rsync")
+        assert proc.poll() is None, f"the session ended: {proc.returncode}\n{w.log()}"
+        yield proc
+    finally:
+        stop_process(proc)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            stream.close()
+        wait_for(lambda: not _server_rsyncs(w), 20, "the server's rsync to end with the session")
+
+
+@pytest.mark.parametrize("held", ["push", "restore"])
+def test_a_second_session_for_the_same_host_is_refused(world, held, tmp_path):
+    command = f"{PUSH} . current/" if held == "push" else f"{SEND} . {world.snapshot}/{world.stored_file}"
+    src = _small_tree(world, "second")
+    with open_session(world, command):
+        for verb in ("complete", "list /etc/**", f"{PUSH} . current/",
+                     f"{SEND} . {world.snapshot}/{world.stored_file}"):
+            proc = world.ssh(verb, timeout=30)
+            what = f"{verb}: {proc}\n{world.log()}"
+            assert proc.returncode == 1 and "another session" in proc.stderr, what
+        pushed = world.rsync("-a", f"{src}/", world.login("current/"))
+        assert pushed.returncode != 0 and "another session" in pushed.stderr, f"{pushed}\n{world.log()}"
+        restored = world.rsync("-a", world.login(f"{world.snapshot}/{world.stored_file}"), f"{tmp_path}/")
+        assert restored.returncode != 0 and "another session" in restored.stderr, world.log()
+        # ping takes no lock: a client can always find out whether the server is there.
+        assert world.ssh("ping").returncode == 0, world.log()
+        # Another host is not held up by this one.
+        assert world.ssh("list /x", key=world.client2_config / "key").returncode == 0, world.log()
+    assert not (world.store / "client1" / "current" / "pwned-second").exists()
+
+
+# === 6. Setup: host names, keys and addresses with injected options ================
+
+def _public_key(w: World, name: str = "attacker") -> str:
+    return w.env.new_key(name).public
+
+
+def _setup_host(w: World, host: str, key_text: str, address: str = "127.0.0.1"):
+    return w.sudo("setup-host", "--host", host, "--client-address", address, input=key_text)
+
+
+@contextlib.contextmanager
+def restore_keys_and_hosts(w: World):
+    """For the xfail tests: whatever a successful injection added goes again."""
+    keys = w.env.user.authorized_keys.read_text()
+    hosts = set(os.listdir(w.store))
+    try:
+        yield
+    finally:
+        w.env.user.authorized_keys.write_text(keys)
+        for name in set(os.listdir(w.store)) - hosts:
+            current = w.store / name / "current"
+            if current.exists():
+                run(["btrfs", "subvolume", "delete", str(current)], check=False)
+            shutil.rmtree(w.store / name, ignore_errors=True)
+
+
+@pytest.mark.parametrize("host", [
+    'a,command="/bin/sh"', "a\" b", "../x", "..", "x/..", "a/b", "-x", "--host", "a b", ".hidden",
+    "a..b", "x" * 254, "", "client1;id", "$(id)", "a\nb", "café", "a\tb", "*",
+])
+def test_setup_host_refuses_bad_host_names(world, host):
+    proc = _setup_host(world, host, _public_key(world))
+    assert_failed(world, proc, f"setup-host --host {host!r}")
+
+
+@pytest.mark.parametrize("make_key", [
+    lambda k, o: f'command="/bin/sh" {k}',
+    lambda k, o: f'restrict,command="/bin/sh" {k}',
+    lambda k, o: f'from="*" {k}',
+    lambda k, o: f'environment="LD_PRELOAD=/tmp/x.so" {k}',
+    lambda k, o: f"{k}\n{o}",
+    lambda k, o: f"{k}\ncommand=\"/bin/sh\" {o}",
+    lambda k, o: "ssh-dss " + k.split()[1],
+    lambda k, o: "ssh-foo " + k.split()[1],
+    lambda k, o: "ssh-rsa " + k.split()[1],                      # the body says ed25519
+    lambda k, o: "ssh-ed25519 AAAA!!!notbase64",
+    lambda k, o: "ssh-ed25519 " + k.split()[1][:-8],
+    lambda k, o: "ssh-ed25519",
+    lambda k, o: "",
+    lambda k, o: "-----BEGIN OPENSSH PRIVATE KEY-----\nb3BlbnNzaC1rZXktdjEAAAAA\n-----END OPENSSH PRIVATE KEY-----",
+    lambda k, o: k.split()[0] + " " + k.split()[1] + " comment with\" quote\" and,commas extra",
+    lambda k, o: k.split()[0] + "\t" + k.split()[1] + "\x0bcommand=x",
+], ids=["command", "restrict-command", "from", "environment", "two-lines", "second-line-options",
+        "unknown-dss", "unknown-type", "mismatched-type", "bad-base64", "truncated", "no-body", "empty",
+        "private-key", "four-fields", "vertical-tab"])
+def test_setup_host_refuses_keys_with_options_or_garbage(world, make_key):
+    key, other = _public_key(world), _public_key(world, "other")
+    with restore_keys_and_hosts(world):
+        proc = _setup_host(world, f"evil{secrets.token_hex(2)}", make_key(key, other))
+        assert_failed(world, proc, "setup-host with a bad key")
+
+
+def test_setup_host_refuses_another_hosts_key_and_a_second_key_for_a_host(world):
+    client1_key = Path(f"{world.key}.pub").read_text()
+    assert_failed(world, _setup_host(world, "newhost", client1_key), "client1's key for a new host")
+    assert_failed(world, _setup_host(world, "client2", _public_key(world)), "a new key for client2")
+
+
+@pytest.mark.parametrize("address", [
+    '127.0.0.1",command="/bin/sh', "127.0.0.1 ", "*", "127.0.0.1,*", "0.0.0.0/0", "::1/0",
+    "localhost", "", "127.0.0.1\nssh-ed25519 AAAA",
+])
+def test_setup_host_refuses_bad_client_addresses(world, address):
+    proc = _setup_host(world, f"evil{secrets.token_hex(2)}", _public_key(world), address)
+    assert_failed(world, proc, f"setup-host --client-address {address!r}")
+
+
+def test_setup_host_refuses_an_ipv6_scope_that_injects_options(world):
+    with restore_keys_and_hosts(world):
+        before = world.env.user.authorized_keys.read_text()
+        proc = _setup_host(world, "evil-scope", _public_key(world),
+                           '::1%x,127.0.0.1",port-forwarding,permitopen="127.0.0.1:22')
+        after = world.env.user.authorized_keys.read_text()
+        assert proc.returncode != 0 and after == before, f"authorized_keys now:\n{after}"
+
+
+def _key_without_slash(w: World, name: str):
+    for _ in range(40):
+        key = w.env.new_key(name)
+        if "/" not in key.public.split()[1]:
+            return key
+    pytest.fail("no ed25519 key without '/' in 40 tries")
+
+
+def test_setup_host_refuses_an_ipv6_scope_that_adds_an_unrestricted_key(world):
+    injected = _key_without_slash(world, "injected")
+    body = " ".join(injected.public.split()[:2])
+    with restore_keys_and_hosts(world):
+        before = world.env.user.authorized_keys.read_text()
+        proc = _setup_host(world, "evil-newline", _public_key(world), f"::1%x\n{body}\n#")
+        shell = world.ssh("id -un", key=injected.path)
+        after = world.env.user.authorized_keys.read_text()
+        assert shell.stdout.strip() != world.env.user.name, (
+            f"an unrestricted shell through the injected key:\n{after}\n{world.log()}")
+        assert proc.returncode != 0 and after == before, f"authorized_keys now:\n{after}"
+
+
+def test_setup_host_is_unreachable_from_the_client_key(world):
+    assert_refused(world, world.ssh(f"sudo -n {world.remote.program} setup-host --host x "
+                                    "--client-address 127.0.0.1"))
+    assert_refused(world, world.ssh("setup-host --host x --client-address 127.0.0.1"))
+
+
+# === 7. --store/--force through sudo, and a shell as byteback ======================
+
+@pytest.mark.parametrize("args,kwargs,says", [
+    (["snapshot", "--host", "client1", "--force"], {}, "cannot be used through sudo"),
+    (["snapshot", "--host", "client1", "--fo"], {}, "cannot be used through sudo"),
+    (["snapshot", "--force", "--host", "client1"], {}, "sudo:"),         # not the sudoers form
+    (["snapshot", "--host", "client1", "--store", "/tmp"], {}, "cannot be used through sudo"),
+    (["snapshot", "--host", "client1", "--st=/tmp"], {}, "cannot be used through sudo"),
+    (["snapshot", "--host", "client2", "--force"], {}, "cannot be used through sudo"),
+    (["snapshot", "--host", "client1", "--config-dir", "/tmp"], {}, "unrecognized arguments"),
+    (["snapshot", "--host", "../client2"], {}, "not a valid host name"),
+    (["snapshot", "--host", "client1"], {}, "minimum interval"),          # harmless: the interval holds
+    (["snapshot", "--host", "client1"], {"env_prefix": ["env", "BYTEBACK_CONFIG_DIR=/tmp"]},
+     "minimum interval"),                                                 # sudo drops the variable
+    (["prune", "--force"], {}, "sudo:"),
+    (["prune"], {}, "sudo:"),
+    (["setup-server", "--store", "/tmp", "--user", "root"], {}, "sudo:"),
+    (["--config-dir", "/tmp", "snapshot", "--host", "client1"], {"server_config": False}, "sudo:"),
+    (["receive", "--host", "client2"], {}, "sudo:"),
+])
+def test_privileged_commands_through_sudo_take_no_overrides(world, args, kwargs, says):
+    proc = world.sudo(*args, **kwargs)
+    assert_failed(world, proc, f"sudo {args}")
+    assert says in proc.stderr, f"{proc.stderr!r}\n{world.log()}"
+
+
+def test_sudo_cannot_be_told_to_keep_the_environment(world):
+    proc = world.env.run_as_user(["env", "BYTEBACK_CONFIG_DIR=/tmp", "sudo", "-n", "-E", str(world.remote.program),
+                                  "--config-dir", str(world.remote.server_config), "snapshot", "--host",
+                                  "client1", "--force"])
+    assert_failed(world, proc, "sudo -E")
+    proc = world.env.run_as_user(["sudo", "-n", "BYTEBACK_CONFIG_DIR=/tmp", str(world.remote.program),
+                                  "--config-dir", str(world.remote.server_config), "snapshot", "--host",
+                                  "client1"])
+    assert_failed(world, proc, "sudo VAR=value")
+
+
+SHELL_ON_HISTORY = [
+    "btrfs property set -ts {s1} ro false",
+    "btrfs property set -ts {s2} ro false",
+    "btrfs property set -f -ts {s1} ro false",
+    "btrfs subvolume delete {s1}",
+    "btrfs subvolume delete {s2}",
+    "rm -rf {s1}",
+    "rm -f {s1}/{f}",
+    "mv {s1} {h1}/renamed",
+    "mv {s1} {h1}/current/moved",
+    "mv {h1} {store}/client1-away",
+    "mv {h2} {store}/.client2",
+    "rmdir {h1}/current",
+    "mv {h1}/current {h1}/old-current",
+    "ln -sfT /tmp {h1}/current",
+    "ln -s /tmp {store}/client4",
+    "mkdir {store}/client4",
+    "touch {s1}/new-file",
+    "echo overwritten > {s1}/{f}",
+    "echo appended >> {s1}/{f}",
+    "truncate -s 0 {s1}/{f}",
+    "chmod 777 {s1}/{f}",
+    "touch -d 2000-01-01 {s1}/{f}",
+    "python3 -c 'import os; os.setxattr(\"{s1}/{f}\", \"user.rsync.%stat\", b\"104755 0,0 0:0\")'",
+    "python3 -c 'import os; os.removexattr(\"{s1}/{f}\", \"user.rsync.%stat\")'",
+    "btrfs subvolume snapshot {s1} {h1}/2099-01-01T00:00+0000",
+    "cp -a {h1}/current {h1}/2099-01-01T00:00+0000",
+    "echo x >> {store}/.ssh/authorized_keys",
+    "mv {store}/.ssh {store}/.ssh-away",
+    "echo '[server]' > {cfg}/server.conf",
+    "echo x >> {program}",
+    "mv {program} {program}.away",
+    "echo '{{}}' > {store}/.byteback/history/client1.json",
+    "mv {store}/.byteback/run {store}/.byteback/run-away",
+    "rm -f {store}/.byteback/store.lock",
+    "mkdir -p {store}/.local/lib",                  # python's user site-packages, for root's sudo runs
+    "ln -s /tmp {store}/.local",
+    "touch {store}/.ssh/rc",
+]
+
+
+@pytest.mark.parametrize("template", SHELL_ON_HISTORY)
+def test_a_shell_as_byteback_cannot_touch_history(world, template):
+    h1, h2 = world.store / "client1", world.store / "client2"
+    script = template.format(s1=h1 / world.snapshot, s2=h2 / world.client2_snapshot, h1=h1, h2=h2,
+                             f=world.stored_file, store=world.store, cfg=world.remote.server_config,
+                             program=world.remote.program)
+    proc = world.as_user(script)
+    assert_failed(world, proc, script)
+    assert _ro(h1 / world.snapshot) == "ro=true" and _ro(h2 / world.client2_snapshot) == "ro=true"
