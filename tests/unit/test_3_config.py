@@ -36,7 +36,8 @@ def test_a_missing_server_conf_gives_the_design_defaults(fs):
     assert config.store == ""
     assert config.min_interval == 6 * 3600
     assert config.order == "importance"
-    assert config.targets == (0, 1, 2, 3, 7, 14, 21, 28, 56, 112)
+    assert config.targets == (0, 1, 2, 3, 4, 5, 6, 7)      # "week": simulate's verdict
+    assert config.suspicion == 3
     assert config.headroom == 1.5
     assert config.history == 10
 

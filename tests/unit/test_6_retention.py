@@ -17,7 +17,7 @@ import byteback
 from unit_helpers import at, snap_at, snaps_aged
 
 NOW = at(2026, 3, 31, 12, 0)
-DEFAULT = byteback.DEFAULT_TARGET_DAYS
+DEFAULT = byteback.ORIGINAL_TARGET_DAYS   # the hand-worked tables below use the original targets
 
 
 def deleted_ages(ages, order="importance", targets=DEFAULT, now=NOW):
@@ -228,7 +228,7 @@ def test_plan_prune_lists_every_snapshot_once_with_keeps_last(order):
 
 
 def test_plan_prune_reasons_are_sentences_a_sysadmin_can_read():
-    plan = byteback.plan_prune(snaps_aged("web1", NOW, range(30)), now=NOW)
+    plan = byteback.plan_prune(snaps_aged("web1", NOW, range(30)), now=NOW, targets=DEFAULT)
     for d in plan:
         assert isinstance(d.reason, str) and len(d.reason) > 20 and " " in d.reason
         assert "\n" not in d.reason
@@ -265,22 +265,31 @@ def test_free_space_target(sizes, headroom, history, target):
     (10 ** 12, [], False),                  # a first backup is large by nature
     (10 ** 12, [100], False),
     (10 ** 12, [100, 100], False),          # fewer than 3 prior: never
-    (150, [100, 100, 100], False),          # exactly at 1.5 x mean: allowed
-    (151, [100, 100, 100], True),           # just above
+    (300, [100, 100, 100], False),          # exactly at 3 x the median: allowed
+    (301, [100, 100, 100], True),           # just above
     (10 ** 12, [100, 100, 100], True),
     (0, [100, 100, 100], False),
-    (151, [10 ** 9, 100, 100, 100], True),  # with history=3 only the last 3 count
+    (301, [10 ** 9, 100, 100, 100], True),  # with history=3 only the last 3 count
+    (301, [100, 10 ** 9, 100], True),       # one earlier huge backup does not move the median
+    (751, [100, 200, 300, 400], True),      # an even count: the median is (200 + 300) / 2
+    (750, [100, 200, 300, 400], False),
 ])
 def test_is_suspicious(added, prior, suspicious):
-    assert byteback.is_suspicious(added, prior, headroom=1.5, history=3) is suspicious
+    assert byteback.is_suspicious(added, prior, factor=3, history=3 if len(prior) != 4 else 4) is suspicious
 
 
 def test_is_suspicious_uses_the_whole_window():
-    # history=10: the 10**9 is inside the window, so the mean is large
-    assert not byteback.is_suspicious(151, [10 ** 9, 100, 100, 100], headroom=1.5, history=10)
+    # history=10: all four count, and the median of 100, 100, 100, 10**9 is 100
+    assert byteback.is_suspicious(301, [10 ** 9, 100, 100, 100], factor=3, history=10)
+    assert not byteback.is_suspicious(301, [10 ** 9, 10 ** 9, 10 ** 9, 100], factor=3, history=10)
 
 
-# -- counted_sizes --
+def test_held_hosts():
+    histories = {"a": [{"added": 1}], "b": [{"added": 9, "suspicious": True}],
+                 "c": [{"added": 9, "suspicious": True, "accepted": True}], "d": []}
+    assert byteback.held_hosts(histories) == ["b"]
+    assert byteback.held_hosts(histories, {"a": False, "d": True}) == ["b", "d"]
+
 
 def test_counted_sizes_skips_suspicious_backups_until_accepted():
     backups = [{"added": 100}, {"added": 5000, "suspicious": True},

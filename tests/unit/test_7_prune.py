@@ -43,7 +43,7 @@ def test_snapshot_turns_current_into_a_read_only_snapshot_and_records_it(tiny):
     assert os.listdir(tiny.root / "web1" / "current") == []            # a fresh, empty current
     history = tiny.store.read_history("web1")
     assert history == [{"snapshot": snap.name, "time": T0.isoformat(), "suspicious": False,
-                        "size": 500, "added": 500}]
+                        "size": 500, "added": 500, "first": True}]
 
 
 def test_snapshot_clears_the_dirty_marker(tiny):
@@ -125,7 +125,7 @@ def test_snapshot_with_a_corrupt_history_takes_nothing(tiny):
     assert tiny.names("web1") == [] and os.listdir(tiny.root / "web1" / "current") == ["a"]
 
 
-@pytest.mark.parametrize("new_bytes,suspicious", [(150, False), (151, True)])
+@pytest.mark.parametrize("new_bytes,suspicious", [(300, False), (301, True)])
 def test_snapshot_marks_a_backup_larger_than_its_history_allows(tiny, new_bytes, suspicious):
     for day in range(3):
         tiny.add_snapshot("web1", T0 - dt.timedelta(days=3 - day), added=100)
@@ -202,7 +202,7 @@ def test_prune_refuses_to_make_room_for_a_suspicious_backup(tiny):
     with pytest.raises(ByteBackError) as exc:
         byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
     message = str(exc.value)
-    assert message.startswith("refusing to prune: the last backup of web1 is larger than its history")
+    assert message.startswith("refusing to prune: the last backup of web1 is far larger than its history")
     assert "byteback prune --force" in message
     assert len(tiny.names("web1")) == 6                       # history intact
     assert "accepted" not in tiny.store.read_history("web1")[-1]

@@ -47,7 +47,7 @@ def test_help_of_each_main_command_mentions_each_option(capsys, command):
         assert option in out, option
 
 
-@pytest.mark.parametrize("command", sorted(_subparsers()))
+@pytest.mark.parametrize("command", sorted(set(_subparsers()) - {"simulate"}))   # its own test file
 def test_every_command_has_help_for_every_option(capsys, command):
     assert byteback.main([command, "--help"]) == 0
     out = capsys.readouterr().out
