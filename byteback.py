@@ -1972,6 +1972,20 @@ def _entry(snapshot: str, root: str, path: str, st: os.stat_result) -> Entry:
                  uid, gid, int(st.st_mtime), target)
 
 
+def _no_links_between(root: str, path: str) -> bool:
+    """True when every directory on the way from root to path is a real one.
+
+    A symlink kept in a snapshot (a local store keeps real ones) must not lead
+    a listing, or a restore, to live files outside the snapshot.
+    """
+    here = root
+    for part in [p for p in path.split("/") if p][:-1]:
+        here = os.path.join(here, part)
+        if not _is_real_dir(Path(here)):
+            return False
+    return True
+
+
 def list_snapshot(snapshot: str, root: str, patterns: Sequence[str]) -> List[Entry]:
     """Entries of one snapshot tree (root) whose client path matches any pattern."""
     found: Dict[str, Entry] = {}
@@ -1979,6 +1993,8 @@ def list_snapshot(snapshot: str, root: str, patterns: Sequence[str]) -> List[Ent
         regex = glob_to_regex(pattern)
         base, depth = glob_base(pattern)
         start = root + base.rstrip("/")
+        if not _no_links_between(root, base):
+            continue
         try:
             st = os.lstat(start or "/")
         except OSError:
@@ -2972,8 +2988,8 @@ def _parse_time(text) -> Optional[dt.datetime]:
 
 def client_status(state: dict, now: dt.datetime, running: bool) -> dict:
     """The client's status as plain values: last success, last attempt, running now."""
-    success = state.get("last_success") or {}
-    attempt = state.get("last_attempt") or {}
+    success, attempt = (state.get(key) if isinstance(state.get(key), dict) else {}
+                        for key in ("last_success", "last_attempt"))
     ended = _parse_time(success.get("end")) if success else None
     started = _parse_time(success.get("start")) if success else None
     return {
@@ -3040,8 +3056,10 @@ def cmd_status(args: argparse.Namespace) -> int:
             state = read_json(state_dir / "last-backup.json", {})
         except ByteBackError as e:
             raise ByteBackError(str(e), NAGIOS_UNKNOWN) from None
-        if not isinstance(state, dict):
-            raise ByteBackError(f"{state_dir}/last-backup.json is not a byteback state file", NAGIOS_UNKNOWN)
+        if not isinstance(state, dict) or any(
+                not isinstance(state.get(key), (dict, type(None))) for key in ("last_success", "last_attempt")):
+            raise ByteBackError(f"{state_dir}/last-backup.json is not a byteback state file; move it "
+                                "aside and the next backup writes a new one", NAGIOS_UNKNOWN)
         report = client_status(state, now, flock_held(state_dir / "backup.lock"))
         code = nagios_state(report["age_seconds"], warning, critical, report["running"])
         summary = f"last backup {_age_text(report['age_seconds'])}"
