@@ -711,7 +711,6 @@ class Store:
     """
 
     kind = "store"
-    protects_history = False
 
     def __init__(self, root, runner: Optional[Runner] = None):
         self.root = Path(root)
@@ -991,7 +990,6 @@ class BtrfsStore(Store):
     """btrfs: current is a subvolume written in place; a snapshot is an O(1) read-only copy."""
 
     kind = "btrfs"
-    protects_history = True
 
     def _btrfs(self, *args: str, destructive: bool = True) -> subprocess.CompletedProcess:
         return self.runner.run(["btrfs", *args], destructive=destructive)
@@ -1472,15 +1470,24 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     config = load_server_config(args.config_dir)
     store = _server_store(args, config, Runner())
     host = check_host_name(args.host)
+    snap = snapshot_and_prune(store, host, config, force=args.force)
+    print(f"snapshot {snap.host}/{snap.name} taken")
+    return EXIT_OK
+
+
+def snapshot_and_prune(store: Store, host: str, config: ServerConfig, *, force: bool = False) -> Snapshot:
+    """What `complete` and a local backup end with: the snapshot, then a prune, under the lock.
+
+    The snapshot stands whatever the prune says: a refused or short prune is
+    the administrator's to see (syslog, status), not a failed backup.
+    """
     with store.lock():
-        snap = snapshot_host(store, host, config, now=now_local(), force=args.force)
-        print(f"snapshot {snap.host}/{snap.name} taken")
+        snap = snapshot_host(store, host, config, now=now_local(), force=force)
         try:
             prune_store(store, config, now=now_local())
         except ByteBackError as e:
-            log.error("snapshot taken, but %s", e)
-            return EXIT_FAILURE
-    return EXIT_OK
+            log.error("snapshot %s/%s taken, but %s", host, snap.name, e)
+    return snap
 
 
 def _print_plan(plan: Sequence[Decision], now: dt.datetime) -> None:
@@ -1960,13 +1967,26 @@ def _stored_attributes(path: str, st: os.stat_result) -> tuple:
     return st.st_mode, st.st_uid, st.st_gid
 
 
+def _kind(mode: int) -> str:
+    return ("d" if stat.S_ISDIR(mode) else "f" if stat.S_ISREG(mode)
+            else "l" if stat.S_ISLNK(mode) else "o")
+
+
 def _entry(snapshot: str, root: str, path: str, st: os.stat_result) -> Entry:
+    """One listing entry as the client had it.  The stored mode says what the file was:
+    under --fake-super a symlink is kept as a small file holding its target."""
     mode, uid, gid = _stored_attributes(path, st)
-    kind = ("d" if stat.S_ISDIR(st.st_mode) else "f" if stat.S_ISREG(st.st_mode)
-            else "l" if stat.S_ISLNK(st.st_mode) else "o")
+    kind = _kind(mode)
     target = ""
     if kind == "l":
-        target = os.readlink(path)
+        try:
+            if stat.S_ISLNK(st.st_mode):
+                target = os.readlink(path)
+            else:
+                with open(path, "rb") as f:
+                    target = os.fsdecode(f.read(4096))
+        except OSError:
+            target = "?"
         target = target[len(MUNGED_PREFIX):] if target.startswith(MUNGED_PREFIX) else target
     return Entry(snapshot, path[len(root):] or "/", kind, mode, st.st_size if kind == "f" else 0,
                  uid, gid, int(st.st_mtime), target)
@@ -2064,6 +2084,11 @@ def list_store(store: Store, host: str, patterns: Sequence[str], *, snapshot: Op
 def _mode_string(kind: str, mode: int) -> str:
     chars = "".join(c if mode & (1 << (8 - i)) else "-" for i, c in enumerate("rwxrwxrwx"))
     return {"f": "-", "d": "d", "l": "l"}.get(kind, "?") + chars
+
+
+def print_text(text: str) -> None:
+    """Print text that may hold file names which are not UTF-8: such bytes show as \\xNN."""
+    print(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
 
 def format_entries(entries: Sequence[Entry]) -> str:
@@ -2623,10 +2648,8 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
                                     show=args.verbose > 0 or args.progress or args.dry_run)
     if args.dry_run:
         return parse_rsync_stats(output)
-    with store.lock():
-        snap = snapshot_host(store, plan.host, config, now=now_local())
-        log.info("backup of %s complete: snapshot %s", plan.host, store.snapshot_path(snap))
-        prune_store(store, config, now=now_local())
+    snap = snapshot_and_prune(store, plan.host, config)
+    log.info("backup of %s complete: snapshot %s", plan.host, store.snapshot_path(snap))
     return parse_rsync_stats(output)
 
 
@@ -2914,7 +2937,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         raise ByteBackError(f"nothing matches {' '.join(args.pattern)} in {where} of host {host}; "
                             "try --all, or a pattern with * or **")
     if not args.restore:
-        print(format_entries(entries))
+        print_text(format_entries(entries))
         return EXIT_OK
     snapshot = entries[0].snapshot
     target = Path(args.to or cwd)

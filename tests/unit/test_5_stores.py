@@ -233,7 +233,7 @@ def test_open_store_on_a_plain_filesystem_is_a_hardlink_store(tmp_path, monkeypa
     monkeypatch.setattr(byteback, "_read_mounts", lambda: [("/", "ext4")])
     store = byteback.open_store(tmp_path)
     assert isinstance(store, byteback.HardlinkStore) and store.kind == "hardlink"
-    assert not store.protects_history
+    assert store.kind == "hardlink"
 
 
 def test_open_store_on_btrfs_needs_root_for_the_btrfs_backend(tmp_path, monkeypatch):
@@ -242,7 +242,7 @@ def test_open_store_on_btrfs_needs_root_for_the_btrfs_backend(tmp_path, monkeypa
     assert isinstance(byteback.open_store(tmp_path), byteback.HardlinkStore)
     monkeypatch.setattr(byteback.os, "geteuid", lambda: 0)
     store = byteback.open_store(tmp_path)
-    assert isinstance(store, byteback.BtrfsStore) and store.protects_history
+    assert isinstance(store, byteback.BtrfsStore) and store.kind == "btrfs"
 
 
 # -- BtrfsStore's parsing of btrfs output, with a FakeRunner --
