@@ -1569,6 +1569,7 @@ LONG_OPTIONS = {
     "--stats":            (_ANY,      True,  True,  True),
     "--log-format":       (_ITEMIZE,  True,  True,  True),   # only what --itemize-changes sends
     "--modify-window":    (r"-1",     True,  False, True),   # nanosecond mtimes (sent as -@-1)
+    "--no-implied-dirs":  (_ANY,      False, True,  True),   # restore keeps existing directories
 }
 # Refused by name so the refusal says why.  Everything not in LONG_OPTIONS is
 # refused anyway; these are the ones an attacker would reach for.
@@ -1893,7 +1894,8 @@ def glob_to_regex(pattern: str) -> "re.Pattern":
         elif c == "?":
             out += "[^/]"
         elif c == "[":
-            end = pattern.find("]", i + 2 if pattern[i + 1:i + 2] in ("!", "]") else i + 1)
+            first = i + 2 if pattern[i + 1:i + 2] == "!" else i + 1
+            end = pattern.find("]", first + 1 if pattern[first:first + 1] == "]" else first)
             if end == -1:
                 out += re.escape(c)
             else:
@@ -2054,10 +2056,14 @@ def fold_versions(entries: Iterable[Entry], order: Sequence[str]) -> List[Entry]
     for path in sorted(by_path):
         last = None
         for e in sorted(by_path[path], key=lambda e: rank.get(e.snapshot, len(rank))):
-            if last is None or (e.kind, e.size, e.mtime, e.target) != (last.kind, last.size, last.mtime, last.target):
+            if last is None or _version_key(e) != _version_key(last):
                 result.append(e)
                 last = e
     return result
+
+
+def _version_key(e: Entry) -> tuple:
+    return e.kind, e.size, e.mtime, e.target
 
 
 def list_store(store: Store, host: str, patterns: Sequence[str], *, snapshot: Optional[str] = None,
@@ -2075,10 +2081,17 @@ def list_store(store: Store, host: str, patterns: Sequence[str], *, snapshot: Op
         chosen = names[-1:]
     if not chosen:
         raise ByteBackError(f"host {host} has no snapshots yet; take a backup first")
-    entries = []
+    if not every:
+        return list_snapshot(chosen[0], str(store.host_dir(host) / chosen[0]), patterns)
+    # Fold as each snapshot is read, keeping one entry per path, not all of
+    # them: --all '**' over 100 snapshots of 100,000 files is 10M entries.
+    versions: Dict[str, List[Entry]] = {}
     for name in chosen:
-        entries += list_snapshot(name, str(store.host_dir(host) / name), patterns)
-    return fold_versions(entries, chosen + ["current"]) if every else entries
+        for e in list_snapshot(name, str(store.host_dir(host) / name), patterns):
+            seen = versions.setdefault(e.path, [])
+            if not seen or _version_key(seen[-1]) != _version_key(e):
+                seen.append(e)
+    return [e for path in sorted(versions) for e in versions[path]]
 
 
 def _mode_string(kind: str, mode: int) -> str:
@@ -2961,8 +2974,10 @@ def cmd_restore(args: argparse.Namespace) -> int:
     target.mkdir(parents=True, exist_ok=True)
     # NOTE: the receive guard's SEND_LETTERS must allow every letter this sends.
     for chunk in range(0, len(sources), 200):
+        # --no-implied-dirs: directories that already exist where a file comes
+        # back keep their own owner and mode; --relative would reset them.
         argv = ["rsync", "--archive", "--hard-links", "--xattrs", "--numeric-ids", "--relative",
-                "--timeout=300", *transport, "--", *sources[chunk:chunk + 200], f"{target}/"]
+                "--no-implied-dirs", "--timeout=300", *transport, "--", *sources[chunk:chunk + 200], f"{target}/"]
         rc, output = run_rsync(argv, show=args.verbose > 0)
         if rc not in RSYNC_OK_CODES:
             raise ByteBackError(f"rsync failed with exit code {rc} "
@@ -2990,7 +3005,7 @@ def flock_held(path: Path) -> bool:
 
 def nagios_state(age: Optional[float], warning: float, critical: float, running: bool) -> int:
     """OK, WARNING or CRITICAL for the age of the last good backup; a running backup is never late."""
-    if running and age is not None:
+    if running:
         return NAGIOS_OK
     if age is None or age >= critical:
         return NAGIOS_CRITICAL
@@ -3090,7 +3105,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             summary += ", one running now"
         if report["last_result"] == "failed":
             summary += f"; last attempt failed: {report['last_error']}"
-        perf = f"age={int(report['age_seconds'] or 0)}s;{int(warning)};{int(critical)}"
+        age = report["age_seconds"]
+        perf = f"age={'U' if age is None else f'{int(age)}s'};{int(warning)};{int(critical)}"
     report["state"] = NAGIOS_NAMES[code]
     if args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
@@ -3326,7 +3342,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except SystemExit as e:          # argparse: --help (0) or a usage error (2)
         code = int(e.code or 0)
         # A monitoring system reads 2 as CRITICAL: status's bad arguments are UNKNOWN.
-        return NAGIOS_UNKNOWN if code == EXIT_USAGE and "status" in argv else code
+        is_status = command_at is not None and argv[command_at] == "status"
+        return NAGIOS_UNKNOWN if code == EXIT_USAGE and is_status else code
     if not getattr(args, "config_dir", None):
         args.config_dir = os.environ.get("BYTEBACK_CONFIG_DIR") or DEFAULT_CONFIG_DIR
     setup_logging(getattr(args, "verbose", 0), quiet=args.command in QUIET_COMMANDS)

@@ -61,8 +61,17 @@ DANGEROUS_FLAGS = [
     "--safe-links", "--no-munge-links", "--munge-links", "--secluded-args",
     "--protect-args", "--super", "--no-super", "--preallocate", "--write-devices",
     "--copy-devices", "--server", "--sender", "--old-args", "--delete-missing-args",
-    "--ignore-missing-args", "--list-only", "--no-implied-dirs",
+    "--ignore-missing-args", "--list-only",
 ]
+
+
+def test_no_implied_dirs_only_on_restore():
+    # restore sends it so existing directories keep their attributes; a push has no use for it.
+    with pytest.raises(byteback.Refused):
+        byteback.check_receive_command(f"rsync --server --no-implied-dirs -vlogDtpr{CAPS} . current/")
+    request = byteback.check_receive_command(
+        f"rsync --server --sender -vlogDtprR{CAPS} --no-implied-dirs . current/etc/hosts")
+    assert "--no-implied-dirs" in request.options
 
 
 def _hostile_table():
