@@ -637,36 +637,47 @@ def _read_mounts() -> List[tuple]:
         return []
 
 
-def tree_size(root: Path) -> tuple:
-    """(bytes in regular files, bytes in files not hard-linked elsewhere) below root.
+def walk_files(root: Path) -> Iterator[tuple]:
+    """(path, lstat) of everything below root that is not a directory; links never followed.
 
-    Files hard-linked within the tree count once.  Symlinks are never followed.
+    Entries that vanish or cannot be read while walking are passed over.
     """
-    total = unique = 0
-    seen = set()
     stack = [str(root)]
     while stack:
         top = stack.pop()
         try:
-            entries = os.scandir(top)
+            with os.scandir(top) as it:
+                entries = list(it)
         except OSError:
             continue
-        with entries:
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                elif stat.S_ISREG(st.st_mode):
-                    if st.st_nlink > 1:
-                        if st.st_ino in seen:
-                            continue
-                        seen.add(st.st_ino)
-                    else:
-                        unique += st.st_size
-                    total += st.st_size
+        for entry in entries:
+            try:
+                st = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(st.st_mode):
+                stack.append(entry.path)
+            else:
+                yield entry.path, st
+
+
+def tree_size(root: Path) -> tuple:
+    """(bytes in regular files, bytes in files not hard-linked elsewhere) below root.
+
+    Files hard-linked within the tree count once.
+    """
+    total = unique = 0
+    seen = set()
+    for _, st in walk_files(root):
+        if not stat.S_ISREG(st.st_mode):
+            continue
+        if st.st_nlink > 1:
+            if st.st_ino in seen:
+                continue
+            seen.add(st.st_ino)
+        else:
+            unique += st.st_size
+        total += st.st_size
     return total, unique
 
 
@@ -862,24 +873,10 @@ class Store:
             return 0
         reflink = is_btrfs_subvolume(current)
         count = 0
-        stack = [str(current)]
-        while stack:
-            top = stack.pop()
-            try:
-                with os.scandir(top) as it:
-                    entries = list(it)
-            except OSError:
-                continue
-            for entry in entries:
-                try:
-                    st = entry.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                if stat.S_ISDIR(st.st_mode):
-                    stack.append(entry.path)
-                elif st.st_nlink > 1:
-                    _give_own_inode(entry.path, st, reflink)
-                    count += 1
+        for path, st in walk_files(current):
+            if st.st_nlink > 1:
+                _give_own_inode(path, st, reflink)
+                count += 1
         if count:
             log.info("host %s: gave %d hard-linked files in current an inode of their own", host, count)
         return count
