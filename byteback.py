@@ -1450,8 +1450,9 @@ def _refuse_under_sudo(args: argparse.Namespace, *names: str) -> None:
                          "this command as root directly")
 
 
-def _server_store(args: argparse.Namespace, config: ServerConfig, runner: Runner) -> Store:
-    root = getattr(args, "store", None) or config.store
+def _server_store(store: Optional[str], config: ServerConfig, runner: Runner) -> Store:
+    """The store an administrator named, else server.conf's, else the byteback user's home."""
+    root = store or config.store
     if not root:
         try:
             import pwd
@@ -1465,7 +1466,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     """snapshot: make host's current a read-only snapshot (refused inside the interval), then prune."""
     _refuse_under_sudo(args, "store", "force")
     config = load_server_config(args.config_dir)
-    store = _server_store(args, config, Runner())
+    store = _server_store(args.store, config, Runner())
     host = check_host_name(args.host)
     snap = snapshot_and_prune(store, host, config, force=args.force)
     print(f"snapshot {snap.host}/{snap.name} taken")
@@ -1501,7 +1502,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     """prune: delete snapshots, least important first, until the store has its target free space."""
     _refuse_under_sudo(args, "store", "force")
     config = load_server_config(args.config_dir)
-    store = _server_store(args, config, Runner(dry_run=args.dry_run))
+    store = _server_store(args.store, config, Runner(dry_run=args.dry_run))
     order = args.order or config.order
     now = now_local()
     if args.list:
@@ -2244,7 +2245,7 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
     address = check_client_address(args.client_address)
     key = parse_public_key(sys.stdin.read(16384))
     config = load_server_config(args.config_dir)
-    store = _server_store(argparse.Namespace(store=None), config, Runner())
+    store = _server_store(None, config, Runner())
     try:
         run_st = os.lstat(store.run_dir)
     except FileNotFoundError:
