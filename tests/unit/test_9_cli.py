@@ -218,3 +218,31 @@ def test_backup_dry_run_changes_nothing(tmp_path, capsys):
     assert byteback.main(["--config-dir", str(tmp_path / "etc"), "backup", "--dry-run", "--source", str(src),
                           "--destination", str(store), "--host", "laptop"]) == 0
     assert os.listdir(store) == []
+
+
+# -- install-cron --
+
+def test_install_cron_writes_a_daily_line_and_keeps_its_time_on_reruns(tmp_path, capsys):
+    cron = tmp_path / "byteback.cron"
+    assert byteback.main(["install-cron", "--cron-file", str(cron)]) == 0
+    first = cron.read_text()
+    line = [l for l in first.splitlines() if not l.startswith("#") and "root" in l]
+    assert len(line) == 1
+    minute, hour, dom, month, dow, user, *command = line[0].split()
+    assert 0 <= int(minute) < 60 and 0 <= int(hour) < 24
+    assert (dom, month, dow, user) == ("*", "*", "*", "root")
+    assert command[-1] == "backup"
+    assert "wrote" in capsys.readouterr().out
+    # Re-running changes nothing: every client keeps the minute it drew once.
+    assert byteback.main(["install-cron", "--cron-file", str(cron)]) == 0
+    assert cron.read_text() == first
+    assert "nothing changed" in capsys.readouterr().out
+
+
+def test_install_cron_names_a_non_default_config_dir(tmp_path):
+    cron = tmp_path / "byteback.cron"
+    assert byteback.main(["--config-dir", str(tmp_path / "etc"), "install-cron",
+                          "--cron-file", str(cron), "--hour", "3"]) == 0
+    line = [l for l in cron.read_text().splitlines() if "backup" in l and not l.startswith("#")][0]
+    assert line.split()[1] == "3"
+    assert f"--config-dir {tmp_path / 'etc'}" in line
