@@ -5,11 +5,13 @@ Clients push with rsync over OpenSSH; the server keeps read-only snapshots
 (btrfs, or hard-linked trees on any filesystem) and prunes old ones by itself
 so the disc never fills.  See README.md for set-up and the trust model.
 
-Sections (grep -n '^# === '):
+Sections (grep -n '^# [=-][=-][=-] '):
     1 constants & errors        2 utilities (run, lock, log, files)
     3 configuration             4 destinations & names
     5 store backends            6 retention (pure)
-    7 server commands           8 client commands
+    7 server commands: snapshot, prune; 7b the receive guard (the forced
+      command); 7c listing files in snapshots; 7d server set-up
+    8 client commands: backup, setup-client, install-cron, restore; 8b status
     9 CLI dispatch
 
 Exit codes: 0 ok, 1 failure, 2 usage; `status` uses the Nagios codes
@@ -2407,7 +2409,7 @@ def _server_conf_example(store: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-# === 8. Client commands (backup) =============================================
+# === 8. Client commands (backup, setup-client, install-cron, restore) ========
 
 # Filesystems whose contents are not data of this machine: kernel views,
 # memory, network mounts.  Their mount points are excluded from a backup of /.
