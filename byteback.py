@@ -200,8 +200,8 @@ class Lock:
         self.path, self.what, self._fd = Path(path), what, -1
 
     def __enter__(self) -> "Lock":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
         except OSError as e:
             raise ByteBackError(f"cannot open lock file {self.path}: {e.strerror}; "
@@ -2483,16 +2483,20 @@ class BackupPlan(NamedTuple):
     config_dir: str
 
 
+def client_target(args: argparse.Namespace) -> tuple:
+    """(destination, host) for backup and restore: options over the config files."""
+    text = args.destination or read_setting(args.config_dir, "destination")
+    if not text:
+        raise UsageError(f"no destination: give --destination (a local path, or user@host:) "
+                         f"or write one into {args.config_dir}/destination (setup-client does)")
+    port = getattr(args, "port", None) or read_setting(args.config_dir, "port", None, _port)
+    return parse_destination(text, port), check_host_name(args.host or default_host_name())
+
+
 def resolve_backup_plan(args: argparse.Namespace) -> BackupPlan:
     """Command-line options over the config files over the defaults."""
     config_dir = args.config_dir
-    text = args.destination or read_setting(config_dir, "destination")
-    if not text:
-        raise UsageError(f"no destination: give --destination (a local path, or user@host:) "
-                         f"or write one into {config_dir}/destination")
-    port = args.port or read_setting(config_dir, "port", None, _port)
-    destination = parse_destination(text, port)
-    host = check_host_name(args.host or default_host_name())
+    destination, host = client_target(args)
     sources = [os.path.abspath(os.path.expanduser(s)).rstrip("/") or "/" for s in (args.source or ["/"])]
     for source in sources:
         if not os.path.lexists(source):
@@ -2502,7 +2506,10 @@ def resolve_backup_plan(args: argparse.Namespace) -> BackupPlan:
                                 "another --source")
     excludes = read_setting_lines(config_dir, "excludes") + list(args.exclude or [])
     filter_file = Path(config_dir) / "rsync_filter"
-    extra_flags = [f for line in read_setting_lines(config_dir, "rsync_flags") for f in shlex.split(line)]
+    try:
+        extra_flags = [f for line in read_setting_lines(config_dir, "rsync_flags") for f in shlex.split(line)]
+    except ValueError as e:
+        raise ByteBackError(f"{config_dir}/rsync_flags: {e}; fix its quoting") from None
     io_timeout = args.io_timeout or read_setting(config_dir, "io_timeout", 300, _positive_int)
     return BackupPlan(destination, host, sources, excludes,
                       str(filter_file) if filter_file.is_file() else None, extra_flags,
@@ -2871,19 +2878,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
                 run_hooks(plan.config_dir, "post-backup", {"BYTEBACK_RESULT": entry["result"]})
             except ByteBackError as e:
                 hook_error = e
+                if entry["result"] != "ok":
+                    log.error("%s", e)     # the backup's own error is raised; say this one too
         if hook_error:
             raise hook_error
     return EXIT_OK
-
-
-def _client_target(args: argparse.Namespace) -> tuple:
-    """(destination, host) for restore and status, from options or the config files."""
-    text = args.destination or read_setting(args.config_dir, "destination")
-    if not text:
-        raise UsageError(f"no destination: give --destination or write one into "
-                         f"{args.config_dir}/destination (setup-client does)")
-    port = getattr(args, "port", None) or read_setting(args.config_dir, "port", None, _port)
-    return parse_destination(text, port), check_host_name(args.host or default_host_name())
 
 
 def absolute_patterns(patterns: Sequence[str], cwd: str) -> List[str]:
@@ -2934,7 +2933,7 @@ def _remote_list(destination: Destination, config_dir: str, words: Sequence[str]
 
 def cmd_restore(args: argparse.Namespace) -> int:
     """restore: list the versions of files in the snapshots, and copy them back."""
-    destination, host = _client_target(args)
+    destination, host = client_target(args)
     if args.restore and args.all:
         raise UsageError("--all lists every version; to restore one, pick it with --snapshot NAME")
     cwd = os.getcwd()
@@ -3356,6 +3355,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted")
         return unknown or 130
+    except OSError as e:
+        # The system said no (permissions, a full disc, a path that vanished):
+        # an expected failure, so one line that names the file; -vv shows where.
+        where = f" ({e.filename})" if e.filename else ""
+        log.error("%s%s; check the permissions and free space there", e.strerror or e, where)
+        log.debug("details", exc_info=True)
+        return unknown or EXIT_FAILURE
     except Exception:
         import traceback
         traceback.print_exc()

@@ -246,3 +246,29 @@ def test_install_cron_names_a_non_default_config_dir(tmp_path):
     line = [l for l in cron.read_text().splitlines() if "backup" in l and not l.startswith("#")][0]
     assert line.split()[1] == "3"
     assert f"--config-dir {tmp_path / 'etc'}" in line
+
+
+def test_rsync_flags_with_a_broken_quote_is_one_line(tmp_path, capsys):
+    cfg = tmp_path / "etc"
+    cfg.mkdir()
+    (cfg / "rsync_flags").write_text('--bwlimit="10\n')
+    src = tmp_path / "src"
+    src.mkdir()
+    argv = ["--config-dir", str(cfg), "backup", "--source", str(src),
+            "--destination", str(tmp_path / "store"), "--host", "h"]
+    assert byteback.main(argv) == 1
+    err = capsys.readouterr().err
+    assert err == f"byteback: {cfg}/rsync_flags: No closing quotation; fix its quoting\n"
+
+
+def test_an_os_error_is_one_line_naming_the_file_not_a_traceback(monkeypatch, capsys):
+    def refuse(args):
+        raise PermissionError(13, "Permission denied", "/srv/store/.byteback/history")
+    monkeypatch.setattr(byteback, "cmd_prune", refuse)
+    assert byteback.main(["prune", "--store", "/srv/store"]) == 1
+    err = capsys.readouterr().err
+    assert err == ("byteback: Permission denied (/srv/store/.byteback/history); "
+                   "check the permissions and free space there\n")
+    # status keeps to the Nagios codes even then
+    monkeypatch.setattr(byteback, "cmd_status", refuse)
+    assert byteback.main(["status"]) == byteback.NAGIOS_UNKNOWN

@@ -130,6 +130,18 @@ def _mid_run(policy_name: str, hosts: int, stop_day: float):
     return sim, model.minute_to_datetime(int(stop_day * DAY))
 
 
+def _deleted_by_simulator_and_plan(sim, snapshots, now, targets):
+    """Let the simulator delete everything it would; assert it went in plan_prune's order."""
+    expected = [d.snapshot for d in byteback.plan_prune(snapshots, now=now, order=sim.policy.order,
+                                                        targets=targets) if d.delete]
+    actual = []
+    for decision in sim.deletions(now, targets):
+        actual.append(decision.snapshot)
+        sim.delete(decision.snapshot, 0)
+    assert actual == expected
+    return expected
+
+
 @pytest.mark.parametrize("policy,hosts", [("original", 3), ("week", 4), ("age", 3),
                                           ("original-code", 2), ("original", 1)])
 def test_the_simulator_deletes_in_the_order_plan_prune_lists(policy, hosts):
@@ -137,14 +149,8 @@ def test_the_simulator_deletes_in_the_order_plan_prune_lists(policy, hosts):
     snapshots = [s for h in sim.hosts for s in h.kept_snaps]
     oldest = min(s.when for s in snapshots)
     targets = sim.policy.targets_at(now, oldest)
-    expected = [d.snapshot for d in byteback.plan_prune(snapshots, now=now, order=sim.policy.order,
-                                                        targets=targets) if d.delete]
-    actual = []
-    for decision in sim.deletions(now, targets):
-        actual.append(decision.snapshot)
-        sim.delete(decision.snapshot, 0)
+    expected = _deleted_by_simulator_and_plan(sim, snapshots, now, targets)
     assert len(expected) > 20
-    assert actual == expected
 
 
 def test_the_same_seed_gives_the_same_run_and_another_seed_another():
@@ -245,10 +251,4 @@ def test_random_snapshot_sets_prune_in_plan_prune_order():
                 h.ledger.append(0.0, 1.0)
         snapshots = [s for h in sim.hosts for s in h.kept_snaps]
         targets = sim.policy.targets
-        expected = [d.snapshot for d in byteback.plan_prune(snapshots, now=now, order=sim.policy.order,
-                                                            targets=targets) if d.delete]
-        actual = []
-        for decision in sim.deletions(now, targets):
-            actual.append(decision.snapshot)
-            sim.delete(decision.snapshot, 0)
-        assert actual == expected
+        _deleted_by_simulator_and_plan(sim, snapshots, now, targets)
