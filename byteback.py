@@ -2083,15 +2083,13 @@ def list_store(store: Store, host: str, patterns: Sequence[str], *, snapshot: Op
         raise ByteBackError(f"host {host} has no snapshots yet; take a backup first")
     if not every:
         return list_snapshot(chosen[0], str(store.host_dir(host) / chosen[0]), patterns)
-    # Fold as each snapshot is read, keeping one entry per path, not all of
-    # them: --all '**' over 100 snapshots of 100,000 files is 10M entries.
-    versions: Dict[str, List[Entry]] = {}
+    # Fold as each snapshot is read, not after: --all '**' over 100 snapshots
+    # of 100,000 files would otherwise hold 10M entries at once.
+    folded: List[Entry] = []
     for name in chosen:
-        for e in list_snapshot(name, str(store.host_dir(host) / name), patterns):
-            seen = versions.setdefault(e.path, [])
-            if not seen or _version_key(seen[-1]) != _version_key(e):
-                seen.append(e)
-    return [e for path in sorted(versions) for e in versions[path]]
+        folded = fold_versions(folded + list_snapshot(name, str(store.host_dir(host) / name), patterns),
+                               chosen)
+    return folded
 
 
 def _mode_string(kind: str, mode: int) -> str:
