@@ -906,7 +906,10 @@ class Store:
 
     def delete(self, snap: Snapshot) -> None:
         """Delete a snapshot; it disappears under its name before its data goes."""
-        raise NotImplementedError
+        path = self.snapshot_path(snap)
+        doomed = path.with_name(f".deleting-{snap.name}")
+        os.rename(path, doomed)   # a crash now leaves a leftover, never half a snapshot
+        self._remove_tree(doomed)
 
     def clean_leftovers(self) -> List[str]:
         """Remove half-made or half-deleted snapshots a crash left behind."""
@@ -962,22 +965,19 @@ class HardlinkStore(Store):
         current = self.current(host)
         size, added = tree_size(current)   # files linked from the last snapshot are not new
         st = os.lstat(current)
-        final = self.host_dir(host) / name
-        # rename() is atomic: the snapshot appears whole under its name or not at all.
-        os.rename(current, final)
-        os.chmod(final, 0o555)
+        tmp = self.host_dir(host) / f".incomplete-{name}"
+        # Locked down under a temporary name, then renamed (atomic): the
+        # snapshot appears under its name whole and read-only, or not at all.
+        os.rename(current, tmp)
+        os.chmod(tmp, 0o555)
         if os.geteuid() == 0:
-            os.chown(final, 0, 0)
+            os.chown(tmp, 0, 0)
+        os.rename(tmp, self.host_dir(host) / name)
         self._create_current(current)
         if os.geteuid() == 0:
             os.chown(current, st.st_uid, st.st_gid)   # the next backup writes as before
         return {"size": size, "added": added}
 
-    def delete(self, snap: Snapshot) -> None:
-        path = self.snapshot_path(snap)
-        doomed = path.with_name(f".deleting-{snap.name}")
-        os.rename(path, doomed)
-        self._remove_tree(doomed)
 
     def _remove_tree(self, path: Path) -> None:
         with contextlib.suppress(OSError):
@@ -1039,11 +1039,6 @@ class BtrfsStore(Store):
         os.rename(tmp, host_dir / name)
         return {"size": size, "added": added, "generation": generation}
 
-    def delete(self, snap: Snapshot) -> None:
-        path = self.snapshot_path(snap)
-        doomed = path.with_name(f".deleting-{snap.name}")
-        os.rename(path, doomed)   # gone under its name before anything is removed
-        self._remove_tree(doomed)
 
     def _remove_tree(self, path: Path) -> None:
         if not is_btrfs_subvolume(path):      # a snapshot made by the hardlink backend
@@ -1406,6 +1401,13 @@ def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: 
     pending = {h: is_suspicious(store.pending_bytes(h), counted_sizes(b),
                                 factor=config.suspicion, history=config.history)
                for h, b in histories.items() if store.dirty_since(h) is not None}
+    # A snapshot whose history entry was never written (the disc filled just
+    # then) was never judged: hold it too.  A store with no history at all,
+    # taken over from the original byteback, is not held.
+    for h, b in histories.items():
+        newest = store.snapshots(h)[-1:]
+        if b and newest and newest[0].name not in {e.get("snapshot") for e in b}:
+            pending[h] = True
     held = held_hosts(histories, pending)
     if held and not force:
         raise ByteBackError(
@@ -1485,7 +1487,7 @@ def snapshot_and_prune(store: Store, host: str, config: ServerConfig, *, force: 
         snap = snapshot_host(store, host, config, now=now_local(), force=force)
         try:
             prune_store(store, config, now=now_local())
-        except ByteBackError as e:
+        except (ByteBackError, OSError) as e:
             log.error("snapshot %s/%s taken, but %s", host, snap.name, e)
     return snap
 
@@ -2243,7 +2245,10 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
     _require_root("setup-host")
     host = check_host_name(args.host)
     address = check_client_address(args.client_address)
-    key = parse_public_key(sys.stdin.read(16384))
+    try:
+        key = parse_public_key(sys.stdin.read(16384))
+    except UnicodeDecodeError:
+        raise ByteBackError("the public key is not text") from None
     config = load_server_config(args.config_dir)
     store = _server_store(None, config, Runner())
     try:
@@ -2864,8 +2869,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
             run = backup_local if plan.destination.is_local else backup_remote
             entry["bytes_sent"] = run(plan, args)
             entry["result"] = "ok"
-        except ByteBackError as e:
-            entry["error"] = str(e)
+        except BaseException as e:
+            entry["error"] = str(e) or type(e).__name__
             raise
         finally:
             entry["end"] = now_local().isoformat()
@@ -2929,6 +2934,25 @@ def _remote_list(destination: Destination, config_dir: str, words: Sequence[str]
         raise ByteBackError(f"the server's listing is garbled ({e}); is it running the same byteback?") from None
 
 
+# NOTE: under the receive guard's 65,536-character limit on a command, with room to spare.
+RESTORE_BATCH_CHARS = 50000
+
+
+def _batches(paths: Sequence[str], limit: int) -> Iterator[List[str]]:
+    """Runs of paths whose quoted length stays under limit (one path per run at least)."""
+    batch: List[str] = []
+    size = 0
+    for path in paths:
+        length = len(shlex.quote(path)) + 1
+        if batch and size + length > limit:
+            yield batch
+            batch, size = [], 0
+        batch.append(path)
+        size += length
+    if batch:
+        yield batch
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     """restore: list the versions of files in the snapshots, and copy them back."""
     destination, host = client_target(args)
@@ -2950,7 +2974,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         print_text(format_entries(entries))
         return EXIT_OK
     snapshot = entries[0].snapshot
-    target = Path(args.to or cwd)
+    target = Path(os.path.abspath(args.to or cwd))     # 'a:b' must not read as a remote host
     pairs = restore_sources(topmost_paths(e.path for e in entries), cwd)
     clashes = [str(target / rel) for _, rel in pairs if os.path.lexists(target / rel)]
     if clashes and not args.overwrite:
@@ -2961,25 +2985,33 @@ def cmd_restore(args: argparse.Namespace) -> int:
     if destination.is_local:
         root = store.host_dir(host) / snapshot
         sources = [f"{root}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
-        # The store keeps owners in xattrs when made without root: read them on
-        # the sending side only, and write plainly here.
-        transport = ["--fake-super", "-M--no-super"] if os.geteuid() != 0 else []
+        # A store made without root keeps owners, modes and symlinks in xattrs:
+        # the sending side reads them (a store made by root has none, and then
+        # the real ones count); this side writes plainly, as root when it is.
+        transport = ["--fake-super", "-M--super" if os.geteuid() == 0 else "-M--no-super"]
     else:
         sources = [f"{_login(destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
         transport = ["--rsh", shlex.join(ssh_argv(args.config_dir, destination.port)),
                      "--rsync-path", "rsync --fake-super"]
     target.mkdir(parents=True, exist_ok=True)
     # NOTE: the receive guard's SEND_LETTERS must allow every letter this sends.
-    for chunk in range(0, len(sources), 200):
+    done = 0
+    for batch in _batches(sources, RESTORE_BATCH_CHARS):
         # --no-implied-dirs: directories that already exist where a file comes
         # back keep their own owner and mode; --relative would reset them.
         argv = ["rsync", "--archive", "--hard-links", "--xattrs", "--numeric-ids", "--relative",
-                "--no-implied-dirs", "--timeout=300", *transport, "--", *sources[chunk:chunk + 200], f"{target}/"]
+                "--no-implied-dirs", "--timeout=300", *transport, "--", *batch, f"{target}/"]
         rc, output = run_rsync(argv, show=args.verbose > 0)
-        if rc not in RSYNC_OK_CODES:
+        # Not even 24 (vanished files) is success here: snapshots never
+        # change, so a file vanishes only when a prune took the snapshot.
+        if rc != 0:
+            hint = (f"; snapshot {snapshot} was pruned meanwhile: pick another with --snapshot"
+                    if rc == 24 else "")
             raise ByteBackError(f"rsync failed with exit code {rc} "
-                                f"({RSYNC_EXIT_MEANINGS.get(rc, 'unknown error')}): "
+                                f"({RSYNC_EXIT_MEANINGS.get(rc, 'unknown error')}) after {done} of "
+                                f"{len(sources)} paths were restored{hint}: "
                                 + " | ".join(output.strip().splitlines()[-3:]))
+        done += len(batch)
     print(f"restored {len(pairs)} path{'s' if len(pairs) != 1 else ''} from {snapshot} into {target}")
     return EXIT_OK
 

@@ -311,3 +311,18 @@ def test_cli_snapshot_force_and_store_are_refused_through_sudo(tiny, tmp_path, m
     assert byteback.main(argv) == 2
     assert "--store, --force cannot be used through sudo" in capsys.readouterr().err
     assert tiny.names("web1") == []
+
+
+def test_a_snapshot_missing_from_its_history_holds_pruning(tiny):
+    # The history write failed (a full disc) after the snapshot was renamed
+    # into place: that backup was never judged, so nothing is pruned for it.
+    _week(tiny)
+    tiny.add_snapshot("web1", NOW + H, added=5000)
+    path = tiny.store.history_path("web1")
+    data = json.loads(path.read_text())
+    data["backups"].pop()
+    path.write_text(json.dumps(data))
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)
+    with pytest.raises(ByteBackError, match="refusing to prune"):
+        byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
+    assert len(tiny.names("web1")) == 6

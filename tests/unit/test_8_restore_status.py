@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import fcntl
 import json
+import shlex
 import os
 import re
 import stat
@@ -801,3 +802,13 @@ def test_restore_all_with_restore_is_a_usage_error(capsys, tiny):
     code = byteback.main(["restore", "--destination", str(tiny.root), "--host", "web1", "--all",
                           "--restore", "/file"])
     assert code == 2 and "--snapshot" in capsys.readouterr().err
+
+
+def test_restore_batches_stay_under_the_guards_command_limit():
+    paths = ["snap/" + "d" * 300 + f"/{i}" for i in range(500)]
+    batches = list(byteback._batches(paths, byteback.RESTORE_BATCH_CHARS))
+    assert [p for b in batches for p in b] == paths                 # all, in order
+    assert len(batches) > 1
+    for b in batches:
+        assert len(" ".join(shlex.quote(p) for p in b)) < byteback.RESTORE_BATCH_CHARS
+    assert list(byteback._batches(["x" * 99], 10)) == [["x" * 99]]   # one long path still goes
