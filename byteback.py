@@ -516,19 +516,29 @@ def client_state_dir() -> Path:
 
 # === 4. Destinations & names =================================================
 
-# Host names become directory names on the server and words in authorized_keys:
-# letters, digits, dots and dashes only, starting with a letter or digit, so a
-# name can never be '..', contain '/', start an option ('-') or carry quotes.
-HOSTNAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*\Z")
+# Host names become directory names on the server, words in authorized_keys and
+# sudoers lines, and file names in .byteback/: letters, digits, dots, dashes and
+# underscores (real host names have them: db_1), starting with a letter or
+# digit, so a name can never be '.' or '..', hide among dot-files, contain '/',
+# start an option ('-'), or carry quotes, spaces, glob or shell characters.
+# NOTE: the one rule for every host name; is_host_name is its only reader.
+HOST_NAME_CHARS = "A-Za-z0-9._-"
+HOSTNAME_RE = re.compile(rf"[A-Za-z0-9][{HOST_NAME_CHARS}]{{0,252}}\Z")
 SNAPSHOT_NAME_RE = re.compile(
     r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}(?::[0-9]{2})?(?:[+-][0-9]{2}:?[0-9]{2}|Z)\Z")
 
 
+def is_host_name(name: object) -> bool:
+    """True if name is a safe host name (the one rule: HOSTNAME_RE, no '..', at most 253)."""
+    return isinstance(name, str) and bool(HOSTNAME_RE.match(name)) and ".." not in name
+
+
 def check_host_name(name: str) -> str:
     """Return name if it is a safe host name, else raise ByteBackError saying why."""
-    if not isinstance(name, str) or not HOSTNAME_RE.match(name) or ".." in name or len(name) > 253:
-        raise ByteBackError(f"{name!r} is not a valid host name: use letters, digits, dots and "
-                            "dashes, starting with a letter or digit, no '..', at most 253 characters")
+    if not is_host_name(name):
+        raise ByteBackError(f"{name!r} is not a valid host name: use letters, digits, dots, dashes "
+                            "and underscores, starting with a letter or digit, no '..', "
+                            "at most 253 characters")
     return name
 
 
@@ -758,7 +768,7 @@ class Store:
             names = sorted(os.listdir(self.root))
         except OSError as e:
             raise ByteBackError(f"cannot read the store {self.root}: {e.strerror}") from None
-        return [n for n in names if HOSTNAME_RE.match(n) and ".." not in n and _is_real_dir(self.root / n)]
+        return [n for n in names if is_host_name(n) and _is_real_dir(self.root / n)]
 
     def snapshots(self, host: Optional[str] = None) -> List[Snapshot]:
         """Finished snapshots, oldest first, of one host or of all."""
@@ -2200,8 +2210,9 @@ def parse_public_key(text: str) -> str:
 
 
 def _authorized_host(line: str) -> Optional[str]:
-    m = re.search(r'command="[^"]* receive --host ([A-Za-z0-9.-]+)"', line)
-    return m.group(1) if m else None
+    """The host an authorized_keys line of ours lets in, or None."""
+    m = re.search(rf'command="[^"]* receive --host ([{HOST_NAME_CHARS}]+)"', line)
+    return m.group(1) if m and is_host_name(m.group(1)) else None
 
 
 def check_client_address(text: str) -> str:

@@ -20,6 +20,9 @@ UTC = dt.timezone.utc
     "0",
     "web1.example.com",
     "db-2.internal",
+    "db_1",                               # real host names have underscores
+    "web_1.example_corp.com",
+    "a_",
     "UPPER.case",
     "host.",                              # a trailing dot (FQDN root) is harmless
     "a" * 253,
@@ -49,7 +52,12 @@ def test_check_host_name_accepts(name):
     "web'1",
     "web1;id",
     "web$1",
-    "web_1",
+    "_db1",                   # starts with a letter or digit only
+    "web*1",                  # a glob in a sudoers line or a path
+    "web?1",
+    "web[1]",
+    "web=1",                  # would end an environment="" option
+    "web,1",                  # would start a second authorized_keys option
     "wéb1",
     "web1\0",
     "a" * 254,
@@ -59,6 +67,19 @@ def test_check_host_name_rejects(name):
         byteback.check_host_name(name)
     assert "is not a valid host name" in str(exc.value)
     assert "at most 253 characters" in str(exc.value)        # says what would be valid
+
+
+@pytest.mark.parametrize("name", ["db_1", "web1", "a" * 253])
+def test_one_host_name_rule_everywhere(tmp_path, name):
+    """The store's listing, the setup's parser of authorized_keys and the check agree."""
+    (tmp_path / name).mkdir()
+    for odd in ("_x", "a" * 254, "web..1", "web 1"):
+        (tmp_path / odd).mkdir()
+    assert byteback.HardlinkStore(tmp_path).hosts() == [name]
+    line = byteback.authorized_keys_line("/usr/local/bin/byteback.pyz", [], name, "192.0.2.1",
+                                         "ssh-ed25519 AAAA")
+    assert byteback._authorized_host(line) == name
+    assert byteback._authorized_host(line.replace(name, "a" * 254)) is None
 
 
 @pytest.mark.parametrize("value", [None, 5, b"web1"])
