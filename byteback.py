@@ -1158,9 +1158,51 @@ def claim_targets(ages: Sequence[float], targets: Sequence[float]) -> Dict[int, 
     return claims
 
 
+class Reason(NamedTuple):
+    """Why a snapshot goes, kept as values: text() writes the sentence.
+
+    simulate decides hundreds of thousands of times and reads none of them,
+    so nothing is formatted until someone prints or logs it.
+    """
+    explain: Callable[..., str]
+    values: tuple
+
+    def text(self) -> str:
+        return self.explain(*self.values)
+
+
+class HostStep(NamedTuple):
+    """One deletion within one host: the candidate key, the snapshot, and why.
+
+    key compares steps of different hosts (smaller goes first on a tie of the
+    fairness rule): (class, score, age) in importance order, (0, -age) in age order.
+    """
+    key: tuple
+    snapshot: Snapshot
+    reason: Reason
+
+
+def _gap_reason(age: float, gap: float, relative: float) -> str:
+    return (f"importance: nearest to no target age; without it the gap around "
+            f"{_describe_age(age)} ago is {_describe_age(gap)} ({relative:.2f} of its age)")
+
+
+def _target_reason(target: float, k: int, count: int) -> str:
+    return (f"importance: holds the {target:g}-day mark (the nearest snapshot to it), "
+            f"the least important target still held ({k + 1} of {count})")
+
+
+def _oldest_reason() -> str:
+    return "importance: the oldest snapshot, which goes only after every other"
+
+
+def _age_reason(host: str, age: float) -> str:
+    return f"age: the oldest snapshot of host {host} ({_describe_age(age)} old)"
+
+
 def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
-                          targets: Sequence[float]) -> tuple:
-    """(sort key, snapshot, reason) for the least important snapshot of one host.
+                          targets: Sequence[float]) -> Optional[HostStep]:
+    """The least important snapshot of one host (oldest first in snaps), or None for one snapshot.
 
     The newest is never a candidate.  Snapshots that hold no target age go
     first, the one whose loss leaves the smallest gap relative to its age
@@ -1175,45 +1217,46 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
     last = len(ages) - 1
     if last < 1:
         return None
-    # Only keys are compared; the sentence is written for the winner alone
-    # (simulate asks this tens of thousands of times).  Any snapshot that
-    # holds no target goes before every one that holds one, and those before
-    # the oldest, so a class is looked at only when the one before is empty;
-    # within a class ties go to the younger, as a scan from the young end would.
+    # Any snapshot that holds no target goes before every one that holds
+    # one, and those before the oldest, so a class is looked at only when the
+    # one before is empty; within a class ties go to the younger, as a scan
+    # from the young end would.
     unclaimed = [((ages[i + 1] - ages[i - 1]) / max(ages[i], 1e-9), ages[i], i)
                  for i in range(1, last) if i not in claims]
     if unclaimed:
         relative, age, best = min(unclaimed)
-        key = (0, relative, age)
-    else:
-        held = [(-k, -ages[i], i) for i, k in claims.items() if 0 < i < last]
-        if held:
-            minus_k, minus_age, best = min(held)
-            key = (1, minus_k, minus_age)
-        else:
-            key, best = (2, 0.0, -ages[last]), last
-    age = ages[best]
-    if best == last:
-        reason = "importance: the oldest snapshot, which goes only after every other"
-    elif key[0] == 1:
-        k = -key[1]
-        reason = (f"importance: holds the {ordered_targets[k]:g}-day mark (the nearest snapshot "
-                  f"to it), the least important target still held ({k + 1} of {len(ordered_targets)})")
-    else:
-        gap = ages[best + 1] - ages[best - 1]
-        relative = key[1]
-        reason = (f"importance: nearest to no target age; without it the gap around "
-                  f"{_describe_age(age)} ago is {_describe_age(gap)} ({relative:.2f} of its age)")
-    return key, youngest_first[best], reason
-
-
-def _age_candidate(snaps: Sequence[Snapshot], now: dt.datetime) -> tuple:
-    oldest = snaps[0]
-    return ((0, -age_days(oldest, now)), oldest,
-            f"age: the oldest snapshot of host {oldest.host} ({_describe_age(age_days(oldest, now))} old)")
+        return HostStep((0, relative, age), youngest_first[best],
+                        Reason(_gap_reason, (age, ages[best + 1] - ages[best - 1], relative)))
+    held = [(-k, -ages[i], i) for i, k in claims.items() if 0 < i < last]
+    if held:
+        minus_k, minus_age, best = min(held)
+        return HostStep((1, minus_k, minus_age), youngest_first[best],
+                        Reason(_target_reason, (ordered_targets[-minus_k], -minus_k, len(ordered_targets))))
+    return HostStep((2, 0.0, -ages[last]), youngest_first[last], Reason(_oldest_reason, ()))
 
 
 _SNAPSHOT_TIME = operator.attrgetter("when")
+
+
+def host_deletion_order(snaps: Iterable[Snapshot], *, now: dt.datetime, order: str = "importance",
+                        targets: Sequence[float] = DEFAULT_TARGET_DAYS) -> Iterator[HostStep]:
+    """Yield one host's snapshots in the order they would go, never its newest.
+
+    Each step assumes the ones before it are gone.  The fairness between
+    hosts is the caller's: it compares the keys of each host's next step.
+    """
+    if order not in ("importance", "age"):
+        raise ValueError(f"unknown prune order {order!r}")
+    left = sorted(snaps, key=_SNAPSHOT_TIME)
+    while len(left) > 1:
+        if order == "age":
+            oldest = left[0]
+            age = age_days(oldest, now)
+            step = HostStep((0, -age), oldest, Reason(_age_reason, (oldest.host, age)))
+        else:
+            step = _importance_candidate(left, now, targets)
+        yield step
+        left.remove(step.snapshot)
 
 
 def deletion_order(snapshots: Iterable[Snapshot], *, now: dt.datetime, order: str = "importance",
@@ -1222,38 +1265,36 @@ def deletion_order(snapshots: Iterable[Snapshot], *, now: dt.datetime, order: st
 
     Fair between hosts: the next deletion always comes from a host with the
     most snapshots left, so no host is stripped to its newest while another
-    keeps many.  Each step assumes the deletions before it happened.
+    keeps many; among those, the smallest key, then the oldest snapshot,
+    then the host's name.  Each step assumes the deletions before it happened.
     """
     if order not in ("importance", "age"):
         raise ValueError(f"unknown prune order {order!r}")
     by_host: Dict[str, List[Snapshot]] = {}
     for snap in snapshots:
         by_host.setdefault(snap.host, []).append(snap)
-    for snaps in by_host.values():
-        snaps.sort(key=_SNAPSHOT_TIME)
     several_hosts = len(by_host) > 1
-    candidates: Dict[str, tuple] = {}
-
-    def candidate(host: str) -> tuple:
-        if host not in candidates:
-            snaps = by_host[host]
-            candidates[host] = (_age_candidate(snaps, now) if order == "age"
-                                else _importance_candidate(snaps, now, targets))
-        return candidates[host]
-
-    while True:
-        hosts = [h for h, snaps in by_host.items() if len(snaps) > 1]
-        if not hosts:
-            return
-        most = max(len(by_host[h]) for h in hosts)
-        host = min((h for h in hosts if len(by_host[h]) == most),
-                   key=lambda h: (candidate(h)[0], candidate(h)[1].when, h))
-        _, victim, reason = candidate(host)
+    left = {h: len(snaps) for h, snaps in by_host.items()}
+    steps = {h: host_deletion_order(snaps, now=now, order=order, targets=targets)
+             for h, snaps in by_host.items()}
+    upcoming: Dict[str, HostStep] = {}
+    for host, it in steps.items():
+        step = next(it, None)
+        if step is not None:
+            upcoming[host] = step
+    while upcoming:
+        most = max(left[h] for h in upcoming)
+        host = min((h for h in upcoming if left[h] == most),
+                   key=lambda h: (upcoming[h].key, upcoming[h].snapshot.when, h))
+        step = upcoming.pop(host)
+        left[host] -= 1
+        reason = step.reason.text()
         if several_hosts:
             reason += f"; host {host} has the most snapshots ({most})"
-        by_host[host].remove(victim)
-        del candidates[host]
-        yield Decision(victim, True, reason)
+        yield Decision(step.snapshot, True, reason)
+        following = next(steps[host], None)
+        if following is not None:
+            upcoming[host] = following
 
 
 def plan_prune(snapshots: Iterable[Snapshot], *, now: dt.datetime, order: str = "importance",

@@ -157,6 +157,39 @@ def test_an_unknown_order_is_refused():
         list(byteback.deletion_order(snaps_aged("web1", NOW, [0, 1]), now=NOW, order="random"))
 
 
+# -- host_deletion_order: one host's steps, with the key deletion_order compares --
+
+def test_host_deletion_order_is_one_hosts_deletion_order_with_keys():
+    snaps = snaps_aged("web1", NOW, range(30))
+    steps = list(byteback.host_deletion_order(snaps, now=NOW, targets=DEFAULT))
+    decisions = list(byteback.deletion_order(snaps, now=NOW, targets=DEFAULT))
+    assert [s.snapshot for s in steps] == [d.snapshot for d in decisions]
+    assert [s.reason.text() for s in steps] == [d.reason for d in decisions]
+    # 26 goes first with relative gap 2/26 (see the 30-daily table above); the
+    # unheld ones have class 0, those holding targets class 1, the oldest 2.
+    assert steps[0].key == (0, 2 / 26, 26.0)
+    assert [s.key[0] for s in steps] == [0] * 20 + [1] * 8 + [2]
+    assert steps[20].key == (1, -9, -27.0)      # 27 holds the 10th target, 112 days
+
+
+def test_host_deletion_order_reasons_are_values_until_read():
+    step = next(byteback.host_deletion_order(snaps_aged("web1", NOW, [0, 1, 3]), now=NOW, targets=(0,)))
+    # 1 holds no target: without it the gap is 3 days, 3.00 of its age
+    assert step.reason.values == (1.0, 3.0, 3.0)
+    assert step.reason.text() == ("importance: nearest to no target age; without it the gap around "
+                                  "1d 0h ago is 3d 0h (3.00 of its age)")
+    age = next(byteback.host_deletion_order(snaps_aged("web1", NOW, [0, 2]), now=NOW, order="age"))
+    assert age.key == (0, -2.0) and age.reason.text() == "age: the oldest snapshot of host web1 (2d 0h old)"
+
+
+def test_host_deletion_order_takes_snapshots_in_any_order():
+    snaps = snaps_aged("web1", NOW, [0, 4, 1, 9, 2])
+    assert ([s.snapshot for s in byteback.host_deletion_order(snaps[::-1], now=NOW)]
+            == [s.snapshot for s in byteback.host_deletion_order(snaps, now=NOW)])
+    with pytest.raises(ValueError, match="unknown prune order 'random'"):
+        next(byteback.host_deletion_order(snaps, now=NOW, order="random"))
+
+
 # -- fairness between hosts --
 
 def _two_hosts():
