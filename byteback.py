@@ -186,11 +186,62 @@ class Runner:
         return proc
 
 
+def install_hint(packages: Sequence[str], *, root: bool) -> str:
+    """The command that installs these Debian packages, as this user would type it (pure)."""
+    return ("" if root else "sudo ") + "apt-get install " + " ".join(packages)
+
+
 def missing_program(program: str) -> ByteBackError:
     """The error for a program that is not installed, saying how to install it."""
     name = os.path.basename(program)
     return ByteBackError(f"{name} is not installed; install it with: "
-                         f"apt-get install {PACKAGE_OF.get(name, name)}")
+                         f"{install_hint([PACKAGE_OF.get(name, name)], root=os.geteuid() == 0)}")
+
+
+def _confirm(question: str) -> bool:
+    """Ask on the terminal; anything but y or yes is a no."""
+    try:
+        answer = input(f"byteback: {question} [y/N] ")
+    except EOFError:
+        return False
+    return answer.strip().lower() in ("y", "yes")
+
+
+def ensure_programs(programs: Sequence[str], *, install: bool) -> None:
+    """Make sure the programs are on PATH, else install their packages or say how.
+
+    As root with apt-get, byteback installs them when told to (--install-missing)
+    or when a person at a terminal says yes.  cron has no terminal, so a backup
+    from cron never installs anything unasked; it fails with the command to type.
+    """
+    missing = [p for p in programs if not shutil.which(p)]
+    if not missing:
+        return
+    packages = sorted({PACKAGE_OF.get(p, p) for p in missing})
+    root = os.geteuid() == 0
+    argv = ["apt-get", "install", "-y", *packages]
+    can_install = root and shutil.which("apt-get") is not None
+    interactive = sys.stdin.isatty() and sys.stderr.isatty()
+    if can_install and (install or (interactive and _confirm(
+            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+            f"run '{shlex.join(argv)}' now?"))):
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        proc = Runner().run(argv, check=False, capture=not interactive, env=env)
+        if proc.returncode != 0:
+            # A machine that never ran apt-get update has no package lists.
+            Runner().run(["apt-get", "update"], capture=not interactive, env=env)
+            Runner().run(argv, capture=not interactive, env=env)
+        still = [p for p in missing if not shutil.which(p)]
+        if still:
+            raise ByteBackError(f"{shlex.join(argv)} ran, but {', '.join(still)} is still not on "
+                                f"PATH ({os.environ.get('PATH', '')}); check the PATH")
+        log.warning("installed %s (%s)", " ".join(packages), shlex.join(argv))
+        return
+    message = (f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
+               f"install {'it' if len(missing) == 1 else 'them'} with: {install_hint(packages, root=root)}")
+    if can_install:
+        message += " (or run this again with --install-missing)"
+    raise ByteBackError(message)
 
 
 class Lock:
@@ -2910,6 +2961,8 @@ def cmd_install_cron(args: argparse.Namespace) -> int:
 def cmd_backup(args: argparse.Namespace) -> int:
     """backup: copy this machine's files to the destination, then have a snapshot taken."""
     plan = resolve_backup_plan(args)
+    ensure_programs(["rsync"] if plan.destination.is_local else ["rsync", "ssh"],
+                    install=args.install_missing)
     state_dir = client_state_dir()
     with Lock(state_dir / "backup.lock", "backup"):
         started = now_local()
@@ -3275,6 +3328,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pause between tries, e.g. 600 or 10m (default: 10m)")
     p.add_argument("--progress", action="store_true", help="show rsync's overall progress")
     p.add_argument("--dry-run", action="store_true", help="show what would be copied; change nothing")
+    p.add_argument("--install-missing", action="store_true",
+                   help="(root) install rsync and ssh with apt-get if they are missing "
+                   "(at a terminal byteback asks; from cron it never installs unasked)")
     p.set_defaults(func=cmd_backup)
 
     p = sub.add_parser("install-cron", help="(client, root) back up daily at a random minute",

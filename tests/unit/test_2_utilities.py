@@ -221,6 +221,86 @@ def test_runner_says_how_to_install_a_missing_program(monkeypatch, tmp_path, pro
     assert str(exc.value) == f"{name} is not installed; install it with: apt-get install {package}"
 
 
+# -- ensure_programs: install what a backup needs, only when asked --
+
+def _bin_dir(tmp_path, *scripts):
+    """A PATH directory holding these shell scripts: (name, body)."""
+    path = tmp_path / "bin"
+    path.mkdir(exist_ok=True)
+    for name, body in scripts:
+        (path / name).write_text("#!/bin/sh\n" + body)
+        (path / name).chmod(0o755)
+    return path
+
+
+class _NoTerminal:
+    def isatty(self):
+        return False
+
+
+@pytest.fixture
+def no_rsync(monkeypatch, tmp_path):
+    """PATH without rsync; apt-get a stand-in that records its arguments and "installs" rsync."""
+    calls = tmp_path / "apt-calls"
+    bin_dir = _bin_dir(tmp_path, ("apt-get", f'echo "$@" >> {calls}\n'
+                                  f'[ "$1" = install ] && printf "#!/bin/sh\\n" > {tmp_path}/bin/rsync '
+                                  f'&& /bin/chmod 755 {tmp_path}/bin/rsync\nexit 0\n'))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(byteback.os, "geteuid", lambda: 0)
+    monkeypatch.setattr(byteback.sys, "stdin", _NoTerminal())
+    return calls
+
+
+def test_ensure_programs_as_root_without_a_terminal_installs_nothing(no_rsync):
+    with pytest.raises(ByteBackError) as exc:
+        byteback.ensure_programs(["rsync"], install=False)
+    assert str(exc.value) == ("rsync is not installed; install it with: apt-get install rsync "
+                              "(or run this again with --install-missing)")
+    assert not no_rsync.exists()
+
+
+def test_ensure_programs_installs_with_apt_get_when_told(no_rsync, capsys):
+    byteback.setup_logging(0)
+    byteback.ensure_programs(["rsync"], install=True)
+    assert no_rsync.read_text() == "install -y rsync\n"
+    assert capsys.readouterr().err == "byteback: installed rsync (apt-get install -y rsync)\n"
+
+
+def test_ensure_programs_asks_at_a_terminal(no_rsync, monkeypatch):
+    monkeypatch.setattr(byteback.sys, "stdin", type("Tty", (), {"isatty": lambda self: True})())
+    monkeypatch.setattr(byteback.sys, "stderr", type("Tty", (), {"isatty": lambda self: True,
+                                                              "write": lambda self, t: None})())
+    answers = iter(["n", "yes"])
+    monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
+    with pytest.raises(ByteBackError, match="not installed"):
+        byteback.ensure_programs(["rsync"], install=False)           # "n": nothing installed
+    assert not no_rsync.exists()
+    byteback.ensure_programs(["rsync"], install=False)               # "yes"
+    assert no_rsync.read_text() == "install -y rsync\n"
+
+
+def test_ensure_programs_tells_an_ordinary_user_what_to_ask_for(no_rsync, monkeypatch):
+    monkeypatch.setattr(byteback.os, "geteuid", lambda: 1000)
+    with pytest.raises(ByteBackError) as exc:
+        byteback.ensure_programs(["rsync", "ssh"], install=True)
+    assert str(exc.value) == ("rsync, ssh are not installed; install them with: "
+                              "sudo apt-get install openssh-client rsync")
+    assert not no_rsync.exists()
+
+
+def test_ensure_programs_updates_the_package_lists_once_when_install_fails(tmp_path, monkeypatch):
+    calls = tmp_path / "apt-calls"
+    # Like a machine that never ran apt-get update: install fails until update has run.
+    bin_dir = _bin_dir(tmp_path, ("apt-get", f'echo "$@" >> {calls}\n'
+                                  f'[ "$1" = update ] && /bin/touch {tmp_path}/updated && exit 0\n'
+                                  f'[ -e {tmp_path}/updated ] || exit 100\n'
+                                  f'printf "#!/bin/sh\\n" > {tmp_path}/bin/rsync && /bin/chmod 755 {tmp_path}/bin/rsync\n'))
+    monkeypatch.setenv("PATH", str(bin_dir))
+    monkeypatch.setattr(byteback.os, "geteuid", lambda: 0)
+    byteback.ensure_programs(["rsync"], install=True)
+    assert calls.read_text() == "install -y rsync\nupdate\ninstall -y rsync\n"
+
+
 def test_runner_timeout_is_a_byteback_error():
     with pytest.raises(ByteBackError, match=r"sleep 5 did not finish within 0s"):
         byteback.Runner().run(["sleep", "5"], timeout=0.2)
