@@ -965,6 +965,19 @@ class Store:
         """Turn current into the read-only snapshot `name`; return its size record."""
         raise NotImplementedError
 
+    def baseline_entry(self, snap: Snapshot) -> dict:
+        """A history entry for a snapshot byteback did not take (the original's).
+
+        The next backup of its host is measured from it, like from one of ours;
+        it is no change itself, so it never counts in the free-space target
+        ('first': counted_sizes leaves it out).
+        """
+        return {"snapshot": snap.name, "time": snap.when.isoformat(), "baseline": True,
+                "first": True, "suspicious": False, "added": 0, "size": 0, **self._measure_from(snap)}
+
+    def _measure_from(self, snap: Snapshot) -> dict:
+        return {}    # hardlink: the next backup's new data is what it does not link from here
+
     def delete(self, snap: Snapshot) -> None:
         """Delete a snapshot; it disappears under its name before its data goes."""
         path = self.snapshot_path(snap)
@@ -1100,6 +1113,17 @@ class BtrfsStore(Store):
         os.rename(tmp, host_dir / name)
         return {"size": size, "added": added, "generation": generation}
 
+
+    def _measure_from(self, snap: Snapshot) -> dict:
+        # The generation the snapshot was made at, not its present one: chown
+        # and the read-only flag (adoption) move that on, and writes to current
+        # between the two would then go uncounted.
+        path = self.snapshot_path(snap)
+        if not is_btrfs_subvolume(path):
+            return {}
+        out = self._btrfs("subvolume", "show", str(path), destructive=False).stdout
+        m = re.search(r"^\s*Gen at creation:\s*(\d+)\s*$", out, re.M)
+        return {"generation": int(m.group(1))} if m else {}
 
     def _remove_tree(self, path: Path) -> None:
         if not is_btrfs_subvolume(path):      # a snapshot made by the hardlink backend
@@ -1449,6 +1473,12 @@ def snapshot_host(store: Store, host: str, config: ServerConfig, *, now: dt.date
         raise ByteBackError(f"the clock ({name}) is not after the newest snapshot {newest.name} of "
                             f"host {host}; check the system time")
     backups = store.read_history(host)
+    if not backups and newest is not None:
+        # NOTE(adopt): snapshots but no history: a host taken over from the
+        # original byteback.  Measure this backup from its newest snapshot (as
+        # setup-server's adoption records), never as a whole new copy, which
+        # would make prune delete the inherited history to make room for it.
+        backups = [store.baseline_entry(newest)]
     previous = next((b for b in reversed(backups) if "generation" in b), backups[-1] if backups else None)
     record = store.take_snapshot(host, name, previous)
     suspicious = is_suspicious(record["added"], counted_sizes(backups),

@@ -46,6 +46,22 @@ def test_snapshot_turns_current_into_a_read_only_snapshot_and_records_it(tiny):
                         "size": 500, "added": 500, "first": True}]
 
 
+def test_first_snapshot_of_an_inherited_host_is_measured_from_its_newest_snapshot(tiny):
+    """Snapshots but no history (the original byteback's store): a baseline, not a full copy."""
+    for day in (3, 2, 1):
+        old = tiny.root / "legacy" / byteback.format_snapshot_name(T0 - day * 24 * H)
+        old.mkdir(parents=True)
+        (old / "f").write_bytes(b"old")
+    write_current(tiny, "legacy", {"a": b"x" * 300})
+    newest = tiny.store.snapshots("legacy")[-1]
+    snap = byteback.snapshot_host(tiny.store, "legacy", CONFIG, now=T0)
+    baseline, entry = tiny.store.read_history("legacy")
+    assert baseline == {"snapshot": newest.name, "time": newest.when.isoformat(), "baseline": True,
+                        "first": True, "suspicious": False, "added": 0, "size": 0}
+    assert entry["snapshot"] == snap.name and "first" not in entry      # a change, counted
+    assert byteback.counted_sizes([baseline, entry]) == [entry["added"]]
+
+
 def test_snapshot_clears_the_dirty_marker(tiny):
     write_current(tiny, "web1", {"a": b"x"})
     tiny.store.mark_dirty("web1", T0 - H)
