@@ -3402,8 +3402,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", nargs="+", help="what to look for, e.g. /etc/ssh/** or notes.txt")
     p.add_argument("--all", action="store_true", help="list every distinct version in every snapshot")
     p.add_argument("--snapshot", metavar="NAME", help="look in this snapshot ('current': the unfinished one)")
-    p.add_argument("--list", action="store_true", help="list the matches (the default)")
-    p.add_argument("--restore", action="store_true", help="copy the matches back")
+    what = p.add_mutually_exclusive_group()
+    what.add_argument("--list", action="store_true", help="list the matches (the default)")
+    what.add_argument("--restore", action="store_true", help="copy the matches back")
     p.add_argument("--to", metavar="DIR", help="restore into DIR (default: the current directory)")
     p.add_argument("--overwrite", action="store_true", help="replace files that exist where they are restored")
     p.add_argument("--destination", metavar="DEST", help="the store (default: <config-dir>/destination)")
@@ -3429,7 +3430,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="The retention simulator: runs this program's own pruning over "
                        "years of synthetic backups and compares policies.")
     p.add_argument("words", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    p.set_defaults(func=None)
+    # main() hands simulate's words over before argparse sees them; this
+    # serves a parse that reaches it anyway (its words then start with no option).
+    p.set_defaults(func=lambda args: cmd_simulate(args.words))
 
     p = sub.add_parser("receive", help="(server) the forced command in authorized_keys; not run by hand",
                        description="Check SSH_ORIGINAL_COMMAND against byteback's allow-list and run "
@@ -3471,14 +3474,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# The options that stand before the command; NOTE: build_parser adds exactly these.
+GLOBAL_OPTIONS_WITH_VALUE = ("--config-dir",)
+GLOBAL_FLAGS = ("--version", "-h", "--help")
+
+
 def _command_index(argv: Sequence[str]) -> Optional[int]:
-    """Where the subcommand stands in argv, after the global options."""
+    """Where the command stands in argv, after the global options; None when something else does.
+
+    Anything but a global option before the command (say `byteback -v simulate`)
+    is left to argparse, which refuses it as it refuses it before any command.
+    """
     i = 0
     while i < len(argv):
-        if argv[i] == "--config-dir":
+        word = argv[i]
+        if word in GLOBAL_OPTIONS_WITH_VALUE:
             i += 2
-        elif argv[i].startswith("-"):
+        elif word in GLOBAL_FLAGS or word.startswith(tuple(o + "=" for o in GLOBAL_OPTIONS_WITH_VALUE)):
             i += 1
+        elif word.startswith("-"):
+            return None
         else:
             return i
     return None

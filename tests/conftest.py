@@ -1,4 +1,5 @@
-"""Shared test plumbing: benchmarks only on request; in CI, no integration test may skip.
+"""Shared test plumbing: benchmarks only on request; in CI, no integration test may skip;
+hypothesis runs few examples locally and many in CI.
 
 Skip markers live in tests/markers.py (``from markers import needs_root``).
 """
@@ -8,6 +9,14 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
+
+# Property tests: a quick profile for a developer's run, a thorough one in CI
+# (.ci/run sets CI=true).  BYTEBACK_HYPOTHESIS_PROFILE picks one by name.
+settings.register_profile("dev", max_examples=100, deadline=None, database=None)
+settings.register_profile("ci", max_examples=1000, deadline=None, database=None)
+settings.load_profile(os.environ.get("BYTEBACK_HYPOTHESIS_PROFILE")
+                      or ("ci" if os.environ.get("CI") == "true" else "dev"))
 
 INTEGRATION_DIR = Path(__file__).parent / "integration"
 _skipped_integration_modules = []   # "path: reason", reported at the end of the run

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import byteback
@@ -617,17 +617,17 @@ _letter_cluster = st.builds(
 _word = st.one_of(st.sampled_from(_WORDS), _letter_cluster, st.text(max_size=12))
 
 
-@settings(max_examples=600, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(_word, max_size=10), st.booleans())
-def test_property_word_lists_are_refused_or_wholly_allowed(words, quoted):
-    for prefix in ([], ["rsync", "--server"], ["rsync", "--server", "--sender"],
-                   ["rsync", "--fake-super", "--server"]):
-        command = (shlex.join if quoted else " ".join)(prefix + words)
-        _check(command)
+_PREFIXES = ([], ["rsync", "--server"], ["rsync", "--server", "--sender"],
+             ["rsync", "--fake-super", "--server"])
 
 
-@settings(max_examples=600, deadline=None, database=None)
+@settings(deadline=None, database=None)
+@given(st.sampled_from(_PREFIXES), st.lists(_word, max_size=10), st.booleans())
+def test_property_word_lists_are_refused_or_wholly_allowed(prefix, words, quoted):
+    _check((shlex.join if quoted else " ".join)(prefix + words))
+
+
+@settings(deadline=None, database=None)
 @given(st.text(max_size=200))
 def test_property_random_text_is_refused_or_wholly_allowed(text):
     _check(text)
@@ -635,7 +635,7 @@ def test_property_random_text_is_refused_or_wholly_allowed(text):
     _check("rsync --server --sender -vlogDtpr" + CAPS + " . " + text)
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(deadline=None, database=None)
 @given(st.text(alphabet="./-_cuerntx2026:T+0Z" + "\\'\" *?[]", max_size=40))
 def test_property_restore_paths_never_leave_the_host(path):
     request = _check(f"rsync --server --sender -vlogDtpr{CAPS} . {shlex.quote(path)}")
@@ -648,10 +648,18 @@ def test_property_restore_paths_never_leave_the_host(path):
 
 
 @pytest.mark.parametrize("pattern", ["/[z-a]", "/etc/[b-a]*", "/x/[\\d-a]"])
-def test_every_list_pattern_the_guard_accepts_can_be_matched(pattern):
-    """A pattern the server's glob cannot compile is refused in one line, not a traceback."""
+def test_a_list_pattern_the_server_cannot_compile_is_refused_in_one_line(pattern):
+    """A pattern the server's glob cannot compile is refused by the guard, not a traceback later."""
+    with pytest.raises(byteback.Refused) as refused:
+        byteback.check_receive_command(f"list {shlex.quote(pattern)}")
+    assert str(refused.value) and "\n" not in str(refused.value)
+
+
+@settings(deadline=None, database=None)
+@given(st.text(alphabet="/*?[]!-az\\.", min_size=1, max_size=30))
+def test_property_every_list_pattern_the_guard_accepts_can_be_matched(pattern):
     try:
-        request = byteback.check_receive_command(f"list {shlex.quote(pattern)}")
+        request = byteback.check_receive_command(f"list {shlex.quote('/' + pattern)}")
     except byteback.Refused:
         return
     for accepted in request.paths:
@@ -700,7 +708,7 @@ def test_a_key_whose_blob_is_not_a_whole_key_is_refused(body):
         byteback.parse_public_key("ssh-ed25519 " + body)
 
 
-@settings(max_examples=300, deadline=None, database=None)
+@settings(deadline=None, database=None)
 @given(st.text(max_size=120))
 def test_property_a_parsed_key_is_two_plain_words(text):
     try:
@@ -712,16 +720,8 @@ def test_property_a_parsed_key_is_two_plain_words(text):
 
 # === list: a pattern must not pin a server CPU ======================================
 
-def test_a_list_pattern_cannot_make_matching_take_forever():
-    pattern = "/" + "*a" * 12 + "b"
-    try:
-        request = byteback.check_receive_command(f"list --snapshot=current {shlex.quote(pattern)}")
-    except byteback.Refused:
-        return                                   # refusing such patterns is a fix too
-    code = ("import byteback; byteback.glob_to_regex(%r).match('/' + 'a' * 60)" % request.paths[0])
-    repo = Path(byteback.__file__).resolve().parent
-    try:
-        subprocess.run([sys.executable, "-c", code], cwd=repo, timeout=2, check=True,
-                       env=dict(os.environ, PYTHONPATH=str(repo)))
-    except subprocess.TimeoutExpired:
-        pytest.fail("matching one 61-character name took more than 2 s")
+@pytest.mark.parametrize("pattern", ["/" + "*a" * 12 + "b", "/x/" + "?" * 5, "/" + "/".join(["**"] * 3),
+                                     "/" + "a" * 1030])
+def test_a_list_pattern_past_the_complexity_limits_is_refused(pattern):
+    with pytest.raises(byteback.Refused, match="too complex"):
+        byteback.check_receive_command(f"list --snapshot=current {shlex.quote(pattern)}")

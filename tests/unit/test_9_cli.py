@@ -272,3 +272,25 @@ def test_an_os_error_is_one_line_naming_the_file_not_a_traceback(monkeypatch, ca
     # status keeps to the Nagios codes even then
     monkeypatch.setattr(byteback, "cmd_status", refuse)
     assert byteback.main(["status"]) == byteback.NAGIOS_UNKNOWN
+
+
+def test_the_command_finder_knows_exactly_the_parsers_global_options():
+    parser = byteback.build_parser()
+    top = [a for a in parser._actions if a.option_strings and not isinstance(a, argparse._SubParsersAction)]
+    with_value = {o for a in top if a.nargs != 0 for o in a.option_strings}
+    flags = {o for a in top if a.nargs == 0 for o in a.option_strings}
+    assert with_value == set(byteback.GLOBAL_OPTIONS_WITH_VALUE)
+    assert flags == set(byteback.GLOBAL_FLAGS)
+
+
+@pytest.mark.parametrize("argv, index", [
+    (["simulate"], 0), (["--config-dir", "/x", "simulate"], 2), (["--config-dir=/x", "prune"], 1),
+    (["-v", "simulate"], None), ([], None), (["--version"], None),
+])
+def test_the_command_is_found_after_the_global_options_only(argv, index):
+    assert byteback._command_index(argv) == index
+
+
+def test_restore_refuses_list_and_restore_together(capsys):
+    assert byteback.main(["restore", "--list", "--restore", "/etc/x"]) == 2
+    assert "not allowed with" in capsys.readouterr().err
