@@ -7,7 +7,9 @@
 #
 # The zipapp is byte-identical for the same tree, whatever the files' mtimes,
 # modes, the umask or readdir order (STYLE.md #18), so it is not built with
-# `python3 -m zipapp`, whose output depends on all of those.
+# `python3 -m zipapp`, whose output depends on all of those.  It holds each
+# module's source and the bytecode of the building Python (PYTHON): the same
+# Python version starts from the bytecode, any other from the source.
 #
 # Environment (defaults in brackets):
 #   BYTEBACK_SRC_DIR   tree to build from: byteback.py, simulate/ [this script's directory]
@@ -36,8 +38,10 @@ phase() {
 }
 
 build() {
-    "$python" - "$src_dir" "$out_dir" <<'PYEOF'
-import os, sys, tempfile, time, zipfile
+    # PYTHONHASHSEED=0: before Python 3.10 the bytecode of a set constant
+    # lists its members in hash order, which would differ from run to run.
+    PYTHONHASHSEED=0 "$python" - "$src_dir" "$out_dir" <<'PYEOF'
+import os, py_compile, sys, tempfile, time, zipfile
 
 src, out = sys.argv[1], sys.argv[2]
 SHEBANG = b"#!/usr/bin/env python3\n"
@@ -71,6 +75,24 @@ if os.path.isdir(simulate):
                 arcname = os.path.relpath(path, src).replace(os.sep, "/")
                 with open(path, "rb") as f:
                     entries[arcname] = f.read()
+
+# Bytecode beside each module, so a start need not compile byteback.py
+# (about half of Python's start-up time).  zipimport takes NAME.pyc before
+# NAME.py when its magic number is this interpreter's; another Python version
+# skips it and compiles the source.  Unchecked hash-based .pyc: no timestamp
+# inside, and zipimport does not compare it with the source.
+def bytecode(arcname, source):
+    with tempfile.TemporaryDirectory() as tmp:
+        py, pyc = os.path.join(tmp, "m.py"), os.path.join(tmp, "m.pyc")
+        with open(py, "wb") as f:
+            f.write(source)
+        py_compile.compile(py, cfile=pyc, dfile=arcname, doraise=True, optimize=0,
+                           invalidation_mode=py_compile.PycInvalidationMode.UNCHECKED_HASH)
+        with open(pyc, "rb") as f:
+            return f.read()
+
+for arcname in [name for name in entries if name.endswith(".py") and name != "__main__.py"]:
+    entries[arcname + "c"] = bytecode(arcname, entries[arcname])
 
 os.makedirs(out, exist_ok=True)
 target = os.path.join(out, "byteback.pyz")

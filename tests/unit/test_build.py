@@ -78,9 +78,12 @@ def test_synthetic_tree_builds_identically(tmp_path):
     assert pyz_b.stat().st_mode & 0o777 == 0o755
     with zipfile.ZipFile(pyz_a) as zf:
         names = zf.namelist()
-        assert names == ["__main__.py", "byteback.py", "simulate/__init__.py",
-                         "simulate/engine.py", "simulate/report.py",
-                         "simulate/sub/__init__.py", "simulate/sub/deep.py"]
+        assert names == ["__main__.py", "byteback.py", "byteback.pyc",
+                         "simulate/__init__.py", "simulate/__init__.pyc",
+                         "simulate/engine.py", "simulate/engine.pyc",
+                         "simulate/report.py", "simulate/report.pyc",
+                         "simulate/sub/__init__.py", "simulate/sub/__init__.pyc",
+                         "simulate/sub/deep.py", "simulate/sub/deep.pyc"]
         assert zf.read("__main__.py") == MAIN_PY
         for info in zf.infolist():
             assert info.date_time == (1980, 1, 1, 0, 0, 0)
@@ -108,7 +111,7 @@ def test_tree_without_simulate_builds(tmp_path):
     (tmp_path / "src" / "byteback.py").write_text("def main():\n    return 0\n")
     pyz = _build(tmp_path / "src", tmp_path / "out", umask=0o022)
     with zipfile.ZipFile(pyz) as zf:
-        assert zf.namelist() == ["__main__.py", "byteback.py"]
+        assert zf.namelist() == ["__main__.py", "byteback.py", "byteback.pyc"]
 
 
 def test_unknown_argument_prints_usage_and_exits_2():
@@ -137,10 +140,95 @@ def test_real_tree_builds_identically(tmp_path):
     with zipfile.ZipFile(pyz_a) as zf:
         names = zf.namelist()
         assert names == sorted(names)
-        assert names[:2] == ["__main__.py", "byteback.py"]
+        assert names[:3] == ["__main__.py", "byteback.py", "byteback.pyc"]
         assert not any("__pycache__" in n for n in names)
         simulate = REPO / "simulate"
         py_files = simulate.rglob("*.py") if simulate.is_dir() else []
-        expected_simulate = sorted(p.relative_to(REPO).as_posix() for p in py_files
-                                   if "__pycache__" not in p.parts)
-        assert names[2:] == expected_simulate
+        expected_simulate = sorted(p.relative_to(REPO).as_posix() + suffix for p in py_files
+                                   if "__pycache__" not in p.parts for suffix in ("", "c"))
+        assert names[3:] == expected_simulate
+
+
+# --- bytecode: used by the Python that built it, skipped by any other --------
+
+WHO_RUNS = "def main():\n    print(__spec__.origin.rsplit('/', 1)[-1])\n    return 0\n"
+
+
+def _runs_from(python: str, pyz: Path) -> str:
+    """Which entry of the archive `python` ran byteback from: byteback.pyc or byteback.py."""
+    result = subprocess.run([python, str(pyz)], capture_output=True, text=True, check=True)
+    return result.stdout.strip()
+
+
+def _build_with(python: str, src: Path, out: Path) -> Path:
+    env = dict(os.environ, BYTEBACK_SRC_DIR=str(src), BYTEBACK_OUT_DIR=str(out), PYTHON=python)
+    subprocess.run([str(BUILD_SH)], env=env, check=True, stdout=subprocess.DEVNULL)
+    return out / "byteback.pyz"
+
+
+def _who_runs_tree(root: Path) -> Path:
+    root.mkdir()
+    (root / "byteback.py").write_text(WHO_RUNS)
+    return root
+
+
+def test_bytecode_is_unchecked_hash_based_of_this_source(tmp_path):
+    import importlib.util
+    pyz = _build_with(sys.executable, _who_runs_tree(tmp_path / "src"), tmp_path / "out")
+    with zipfile.ZipFile(pyz) as zf:
+        pyc, source = zf.read("byteback.pyc"), zf.read("byteback.py")
+    assert pyc[:4] == importlib.util.MAGIC_NUMBER
+    assert int.from_bytes(pyc[4:8], "little") == 0b01         # hash-based, unchecked
+    assert pyc[8:16] == importlib.util.source_hash(source)
+    assert _runs_from(sys.executable, pyz) == "byteback.pyc"
+
+
+def test_bytecode_of_another_python_falls_back_to_the_source(tmp_path):
+    """What another Python version sees: a magic number that is not its own."""
+    pyz = _build_with(sys.executable, _who_runs_tree(tmp_path / "src"), tmp_path / "out")
+    data = pyz.read_bytes()
+    with zipfile.ZipFile(pyz) as zf:
+        magic = zf.read("byteback.pyc")[:4]
+    assert data.count(magic) == 1
+    foreign = bytes([magic[0] ^ 0xFF]) + magic[1:]
+    pyz.write_bytes(data.replace(magic, foreign))
+    assert _runs_from(sys.executable, pyz) == "byteback.py"
+
+
+def _other_python() -> str:
+    """An installed interpreter of another minor version than this one, or ''."""
+    import glob
+    mine = "%d.%d" % sys.version_info[:2]
+    for minor in ("3.8", "3.9", "3.10", "3.11", "3.12", "3.13"):
+        # As build.sh looks for 3.8: pyenv's interpreters, then PATH (whose
+        # pyenv shims exist even where they cannot run, hence the trial run).
+        found = sorted(glob.glob(os.path.expanduser(f"~/.pyenv/versions/{minor}.*/bin/python3")))
+        for path in found + [shutil.which("python" + minor) or ""]:
+            if minor != mine and path and subprocess.run(
+                    [path, "-c", "import sys; assert sys.version_info[:2] == (%s)" % minor.replace(".", ", ")],
+                    capture_output=True).returncode == 0:
+                return path
+    return ""
+
+
+@pytest.mark.skipif(not _other_python(), reason="no Python of another minor version installed "
+                    "(build.sh test uses 3.8 where there is one)")
+def test_a_zipapp_built_by_one_python_runs_on_another(tmp_path):
+    pyz = _build_with(sys.executable, _who_runs_tree(tmp_path / "src"), tmp_path / "out")
+    assert _runs_from(_other_python(), pyz) == "byteback.py"
+
+
+def test_bytecode_is_reproducible_whatever_the_hash_seed(tmp_path):
+    """Before Python 3.10 a set constant's bytecode lists its members in hash order
+    (build.sh test runs this under 3.8 too): the build fixes the seed."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "byteback.py").write_text("NAMES = {'alpha', 'beta', 'gamma', 'delta', 'epsilon'}\n"
+                                     "def main():\n    return 'beta' in {'x', 'y', 'z', 'beta'}\n")
+    digests = set()
+    for seed in ("1", "2", "3"):
+        env = dict(os.environ, BYTEBACK_SRC_DIR=str(src), BYTEBACK_OUT_DIR=str(tmp_path / seed),
+                   PYTHONHASHSEED=seed, PYTHON=sys.executable)
+        subprocess.run([str(BUILD_SH)], env=env, check=True, stdout=subprocess.DEVNULL)
+        digests.add(_sha256(tmp_path / seed / "byteback.pyz"))
+    assert len(digests) == 1
