@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
 
 # === 1. Constants & errors ===================================================
 
@@ -410,6 +410,15 @@ def _order(text: str) -> str:
     return text
 
 
+def _fraction(text: str) -> float:
+    """'2%' or '0.02' -> 0.02, from 0 to 1."""
+    t = text.strip()
+    value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
+    if not 0 <= value <= 1:
+        raise ValueError(f"{text!r} must be a fraction from 0 to 1, or a percentage such as 2%")
+    return value
+
+
 def parse_targets(text: str) -> tuple:
     """'0,1,2,7' (days) or a preset name -> (0.0, 1.0, 2.0, 7.0), sorted, unique.  Raises ValueError."""
     if str(text).strip() in TARGET_PRESETS:
@@ -443,7 +452,9 @@ SERVER_OPTIONS: Dict[str, Option] = {
     "headroom": Option("1.5", _positive_float, "free space kept = headroom x mean backup size"),
     "history": Option("10", _positive_int, "how many recent backups the mean is taken over"),
     "suspicion": Option("3", _positive_float,
-                        "a backup over this many times the median of recent ones holds pruning"),
+                        "a backup over this many times the median of recent ones is suspicious"),
+    "suspicion_floor": Option("2%", _fraction,
+                              "a backup adding less than this share of its host's data is never suspicious"),
     "rsync_timeout": Option("600", _positive_int, "the server rsync's I/O timeout, in seconds"),
 }
 
@@ -457,6 +468,7 @@ class ServerConfig(NamedTuple):
     headroom: float = 1.5
     history: int = 10
     suspicion: float = 3.0
+    suspicion_floor: float = 0.02
     rsync_timeout: int = 600
 
 
@@ -596,6 +608,17 @@ def check_host_name(name: str) -> str:
 def format_snapshot_name(when: dt.datetime, seconds: bool = False) -> str:
     """A snapshot's directory name for an aware datetime (the original's format)."""
     return when.strftime(SNAPSHOT_FORMAT_SECONDS if seconds else SNAPSHOT_FORMAT)
+
+
+def new_snapshot_name(now: dt.datetime, latest: Optional[dt.datetime], taken: Container[str]) -> Optional[str]:
+    """The name of a snapshot taken now: whole minutes, or with seconds when the minute's
+    name is taken or would not be after `latest`; None when no name is after it."""
+    for seconds in (False, True):
+        name = format_snapshot_name(now, seconds)
+        when = parse_snapshot_name(name)
+        if name not in taken and when is not None and (latest is None or when > latest):
+            return name
+    return None
 
 
 def parse_snapshot_name(name: str) -> Optional[dt.datetime]:
@@ -1409,22 +1432,35 @@ def free_space_target(sizes_by_host: Dict[str, Sequence[int]], *, headroom: floa
     return int(headroom * sum(mean(list(sizes)[-history:]) for sizes in sizes_by_host.values()))
 
 
-def is_suspicious(added: int, prior_sizes: Sequence[int], *, factor: float, history: int) -> bool:
+def is_suspicious(added: int, prior_sizes: Sequence[int], *, factor: float, history: int,
+                  floor: float = 0.0) -> bool:
     """True when a backup is far larger than its host's recent ones: factor x their median.
 
     Pruning history to make room for such a backup is what a hostile client
-    uploading junk would want, so the pruner refuses until an administrator
-    has looked.  The median, not the mean: one earlier big backup must not
-    open the door wider, and a run of ordinary noisy days must not close it
-    on an honest client (simulate measured 7.7% of ordinary backups flagged
-    at 1.5 x the mean).  A host's first few backups are never suspicious.
+    uploading junk would want, so it is contained (section 6, plan_prune).
+    The median, not the mean: one earlier big backup must not open the door
+    wider, and a run of ordinary noisy days must not close it on an honest
+    client (simulate measured 7.7% of ordinary backups flagged at 1.5 x the
+    mean).  But a median of quiet days is 0, and then every ordinary backup
+    would be suspicious: nothing under `floor` bytes (suspicion_floor_bytes)
+    ever is.  A host's first few backups are never suspicious.
     """
     prior = sorted(list(prior_sizes)[-history:])
     if len(prior) < MIN_HISTORY_FOR_SUSPICION:
         return False
     middle = len(prior) // 2
     median = prior[middle] if len(prior) % 2 else (prior[middle - 1] + prior[middle]) / 2
-    return added > factor * median
+    return added > max(factor * median, floor)
+
+
+def suspicion_floor_bytes(backups: Sequence[dict], *, fraction: float, history: int) -> float:
+    """The floor of is_suspicious: `fraction` of the host's data, the smallest of its recent sizes.
+
+    The smallest, so that one backup of a huge sparse file (its apparent size
+    costs the client nothing) does not lift the floor for the next ones.
+    """
+    sizes = [_history_int(b, "size") for b in list(backups)[-history:] if "size" in b and not b.get("baseline")]
+    return fraction * min(sizes) if sizes else 0.0
 
 
 def held_hosts(histories: Dict[str, Sequence[dict]], pending: Optional[Dict[str, bool]] = None) -> List[str]:
@@ -1463,16 +1499,20 @@ def snapshot_host(store: Store, host: str, config: ServerConfig, *, now: dt.date
     refusal = interval_refusal(newest, now, config.min_interval)
     if refusal and not force:
         raise ByteBackError(refusal)
-    name = format_snapshot_name(now)
-    if (store.host_dir(host) / name).exists():
-        name = format_snapshot_name(now, seconds=True)
-    if (store.host_dir(host) / name).exists():
-        raise ByteBackError(f"a snapshot named {name} already exists for host {host}; try again in a second")
-    when = parse_snapshot_name(name)
-    if newest is not None and when <= newest.when:
-        raise ByteBackError(f"the clock ({name}) is not after the newest snapshot {newest.name} of "
-                            f"host {host}; check the system time")
     backups = store.read_history(host)
+    # Names never go backwards, not even past a snapshot prune has deleted:
+    # the newest ever recorded counts, not only the newest still there.
+    recorded = [w for w in (parse_snapshot_name(str(b.get("snapshot", ""))) for b in backups) if w]
+    latest = max(recorded + ([newest.when] if newest else []), default=None)
+    name = new_snapshot_name(now, latest, {s.name for s in snaps})
+    if name is None:
+        stamp = format_snapshot_name(now, seconds=True)
+        if latest is not None and now <= latest:
+            raise ByteBackError(f"the clock ({stamp}) is not after the newest snapshot "
+                                f"{format_snapshot_name(latest, seconds=True)} of host {host}; "
+                                "check the system time")
+        raise ByteBackError(f"a snapshot named {stamp} already exists for host {host}; try again in a second")
+    when = parse_snapshot_name(name)
     if not backups and newest is not None:
         # NOTE(adopt): snapshots but no history: a host taken over from the
         # original byteback.  Measure this backup from its newest snapshot (as
@@ -1481,8 +1521,9 @@ def snapshot_host(store: Store, host: str, config: ServerConfig, *, now: dt.date
         backups = [store.baseline_entry(newest)]
     previous = next((b for b in reversed(backups) if "generation" in b), backups[-1] if backups else None)
     record = store.take_snapshot(host, name, previous)
-    suspicious = is_suspicious(record["added"], counted_sizes(backups),
-                               factor=config.suspicion, history=config.history)
+    suspicious = is_suspicious(record["added"], counted_sizes(backups), factor=config.suspicion,
+                               history=config.history, floor=suspicion_floor_bytes(
+                                   backups, fraction=config.suspicion_floor, history=config.history))
     entry = {"snapshot": name, "time": now.isoformat(), "suspicious": suspicious, **record}
     if newest is None:
         entry["first"] = True      # a full copy: counted_sizes leaves it out of the mean
@@ -1530,8 +1571,9 @@ def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: 
     # A backup in progress that is already far larger than its host's history
     # is held the same way: an upload that never finishes must not make the
     # pruner delete history, run after run, for the space it fills.
-    pending = {h: is_suspicious(store.pending_bytes(h), counted_sizes(b),
-                                factor=config.suspicion, history=config.history)
+    pending = {h: is_suspicious(store.pending_bytes(h), counted_sizes(b), factor=config.suspicion,
+                                history=config.history, floor=suspicion_floor_bytes(
+                                    b, fraction=config.suspicion_floor, history=config.history))
                for h, b in histories.items() if store.dirty_since(h) is not None}
     # A snapshot whose history entry was never written (the disc filled just
     # then) was never judged: hold it too.  A store with no history at all,

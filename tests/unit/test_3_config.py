@@ -138,6 +138,10 @@ def test_an_unknown_section_names_the_file_and_its_line(fs):
     ("history = 0", "history", "at least 1"),
     ("history = 1.5", "history", "invalid literal"),
     ("store = srv/byteback", "store", "must be an absolute path"),
+    ("suspicion_floor = 150%", "suspicion_floor", "from 0 to 1"),
+    ("suspicion_floor = -0.1", "suspicion_floor", "from 0 to 1"),
+    ("suspicion_floor = nan", "suspicion_floor", "from 0 to 1"),
+    ("suspicion_floor = some", "suspicion_floor", "could not convert"),
 ])
 def test_a_bad_value_names_the_file_the_line_and_the_key(fs, line, key, why):
     message = load_error(fs, f"[server]\n# the line below is line 3\n{line}\n")

@@ -311,6 +311,24 @@ def test_is_suspicious(added, prior, suspicious):
     assert byteback.is_suspicious(added, prior, factor=3, history=3 if len(prior) != 4 else 4) is suspicious
 
 
+def test_a_one_percent_backup_after_ten_quiet_days_is_not_suspicious():
+    # Seen: after no-change backups the median is 0 and every ordinary backup was suspicious.
+    backups = [{"added": 0, "size": 10 ** 9}] * 10
+    floor = byteback.suspicion_floor_bytes(backups, fraction=0.02, history=10)
+    assert floor == 0.02 * 10 ** 9
+    assert not byteback.is_suspicious(10 ** 7, [0] * 10, factor=3, history=10, floor=floor)
+    assert byteback.is_suspicious(10 ** 7, [0] * 10, factor=3, history=10)        # without a floor
+    assert byteback.is_suspicious(2 * 10 ** 7 + 1, [0] * 10, factor=3, history=10, floor=floor)
+
+
+def test_the_suspicion_floor_takes_the_smallest_recent_size():
+    # One backup of a huge sparse file costs the client nothing: it must not lift the floor.
+    backups = [{"added": 1, "size": 1000}, {"added": 1, "size": 10 ** 15}, {"added": 1}]
+    assert byteback.suspicion_floor_bytes(backups, fraction=0.5, history=10) == 500
+    assert byteback.suspicion_floor_bytes(backups[1:], fraction=0.5, history=10) == 0.5 * 10 ** 15
+    assert byteback.suspicion_floor_bytes([], fraction=0.5, history=10) == 0.0
+
+
 def test_is_suspicious_uses_the_whole_window():
     # history=10: all four count, and the median of 100, 100, 100, 10**9 is 100
     assert byteback.is_suspicious(301, [10 ** 9, 100, 100, 100], factor=3, history=10)

@@ -108,6 +108,32 @@ def test_force_takes_a_snapshot_inside_the_interval_with_seconds_in_the_same_min
     assert tiny.names("web1") == ["2026-03-01T03:00+0000", "2026-03-01T03:00:30+0000"]
 
 
+def test_a_name_pruned_away_in_this_minute_is_not_taken_again(tiny):
+    # Seen: prune deleted the snapshot holding this minute's name, and the next
+    # snapshot in the same minute took that name again, then was refused as
+    # older than the newest.  The newest ever recorded counts.
+    tiny.add_snapshot("web1", T0 - 7 * H)
+    write_current(tiny, "web1", {"a": b"1"})
+    taken = byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
+    tiny.store.delete(taken)
+    snap = byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0 + 20 * S, force=True)
+    assert snap.name == "2026-03-01T03:00:20+0000"
+    assert [b["snapshot"] for b in tiny.store.read_history("web1")][-2:] == [
+        "2026-03-01T03:00+0000", "2026-03-01T03:00:20+0000"]
+    assert tiny.names("web1")[-1] == snap.name
+
+
+@pytest.mark.parametrize("now,latest,taken,name", [
+    (T0, None, set(), "2026-03-01T03:00+0000"),
+    (T0 + 5 * S, T0, set(), "2026-03-01T03:00:05+0000"),          # the minute's name is not after T0
+    (T0 + 5 * S, T0 - H, {"2026-03-01T03:00+0000"}, "2026-03-01T03:00:05+0000"),
+    (T0 + 5 * S, T0 + 5 * S, set(), None),                         # not even with seconds
+    (T0 + 60 * S, T0 + 5 * S, set(), "2026-03-01T03:01+0000"),
+])
+def test_new_snapshot_name_never_goes_backwards(now, latest, taken, name):
+    assert byteback.new_snapshot_name(now, latest, taken) == name
+
+
 def test_a_clock_behind_the_newest_snapshot_is_refused(tiny):
     write_current(tiny, "web1", {"a": b"1"})
     byteback.snapshot_host(tiny.store, "web1", CONFIG, now=T0)
