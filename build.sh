@@ -25,7 +25,7 @@ out_dir="${BYTEBACK_OUT_DIR:-$src_dir}"
 python="${PYTHON:-python3}"
 
 APT_PACKAGES=(rsync btrfs-progs openssh-server openssh-client sudo attr acl
-              e2fsprogs util-linux iproute2 procps)
+              e2fsprogs util-linux iproute2 procps systemd)
 PIP_PACKAGES=(pytest freezegun pyfakefs hypothesis)
 
 usage() {

@@ -2323,6 +2323,7 @@ def serve_list(store: Store, host: str, request: Request) -> int:
 # --- 7d. Server set-up (setup-server, and setup-host for setup-client) -------
 
 DEFAULT_INSTALL_PATH = "/usr/local/bin/byteback.pyz"
+DEFAULT_UNIT_DIR = "/etc/systemd/system"
 # Paths that go into sudoers and authorized_keys lines: nothing to quote there.
 SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9/._+-]*\Z")
 # Key types, and how many length-prefixed strings their wire format holds.
@@ -2459,6 +2460,103 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# Scheduled jobs: the client's daily backup (install-cron) and the server's
+# hourly prune (setup-server), as a cron.d file or a systemd service and timer.
+# The time is drawn at random once (so many machines spread out) and kept on
+# re-runs: a re-run changes nothing.
+
+class Job(NamedTuple):
+    """A command root runs on a schedule."""
+    name: str             # /etc/cron.d/<name>, <name>.service and <name>.timer
+    what: str             # "backup", "prune": for messages and descriptions
+    argv: List[str]
+    hourly: bool          # hourly at a fixed minute, else daily at a fixed time
+
+
+JOB_MARK = "Written by byteback"
+CRON_TIME_RE = re.compile(r"^(\d+) (\d+|\*) \* \* \* root ", re.M)
+
+
+def job_argv(program: str, config_dir: str, *words: str) -> List[str]:
+    """The command line a job runs: the program, its config dir if not the default, the words."""
+    config = [] if config_dir == DEFAULT_CONFIG_DIR else ["--config-dir", config_dir]
+    return [program, *config, *words]
+
+
+def cron_text(job: Job, minute: int, hour: int) -> str:
+    """The whole /etc/cron.d file for a job (pure)."""
+    when = f"{minute} * * * *" if job.hourly else f"{minute} {hour} * * *"
+    return (f"# byteback: the {'hourly' if job.hourly else 'daily'} {job.what}; its time was drawn at "
+            f"random so that many machines\n# do not run at once.  {JOB_MARK} "
+            f"({'setup-server' if job.what == 'prune' else 'install-cron'}); re-runs keep the time.\n"
+            "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            f"{when} root {shlex.join(job.argv)}\n")
+
+
+def systemd_units(job: Job, hour: Optional[int] = None) -> Dict[str, str]:
+    """The job's oneshot service and its timer, by file name (pure).
+
+    FixedRandomDelay keeps the random delay the same on every run, as the
+    cron minute is; Persistent catches up a run missed while the machine was off.
+    """
+    if job.hourly:
+        calendar, spread = "hourly", "1h"
+    elif hour is None:
+        calendar, spread = "daily", "24h"
+    else:
+        calendar, spread = f"*-*-* {hour:02d}:00:00", "1h"
+    service = (f"# {JOB_MARK}.\n[Unit]\nDescription=byteback {job.what}\n"
+               "After=network-online.target\nWants=network-online.target\n\n"
+               f"[Service]\nType=oneshot\nExecStart={shlex.join(job.argv)}\n"
+               "Nice=10\nIOSchedulingClass=idle\n")
+    timer = (f"# {JOB_MARK}.\n[Unit]\nDescription={'hourly' if job.hourly else 'daily'} byteback "
+             f"{job.what}\n\n[Timer]\nOnCalendar={calendar}\nRandomizedDelaySec={spread}\n"
+             "FixedRandomDelay=true\nPersistent=true\n\n[Install]\nWantedBy=timers.target\n")
+    return {f"{job.name}.service": service, f"{job.name}.timer": timer}
+
+
+def _write_if_changed(path: Path, text: str, done: List[str]) -> None:
+    try:
+        if path.read_text() == text:
+            done.append(f"unchanged  {path}")
+            return
+    except FileNotFoundError:
+        pass
+    write_file_atomically(path, text, mode=0o644)
+    done.append(f"wrote      {path}")
+
+
+def install_job(job: Job, *, cron_file: Optional[Path] = None, unit_dir: Optional[Path] = None,
+                hour: Optional[int] = None) -> List[str]:
+    """Install the job as a cron.d file, or as systemd units in unit_dir; say what was done."""
+    import random
+    done: List[str] = []
+    if unit_dir is not None:
+        for name, text in systemd_units(job, hour).items():
+            _write_if_changed(unit_dir / name, text, done)
+        if any(line.startswith("wrote") for line in done):
+            if unit_dir == Path(DEFAULT_UNIT_DIR) and os.path.isdir("/run/systemd/system"):
+                Runner().run(["systemctl", "daemon-reload"])
+                Runner().run(["systemctl", "enable", "--now", f"{job.name}.timer"])
+                done.append(f"enabled    {job.name}.timer")
+            else:
+                done.append(f"to start it: systemctl daemon-reload && systemctl enable --now {job.name}.timer")
+        return done
+    try:
+        old = cron_file.read_text()
+    except FileNotFoundError:
+        old = ""
+    m = CRON_TIME_RE.search(old)
+    # Keep a time drawn before: re-running must not move every machine's job.
+    minute = int(m.group(1)) if m else random.randrange(60)
+    old_hour = m.group(2) if m and m.group(2) != "*" else None
+    if hour is None:
+        hour = int(old_hour) if old_hour is not None else random.randrange(24)
+    _write_if_changed(cron_file, cron_text(job, minute, hour), done)
+    done[-1] += f" ({'hourly at minute %d' % minute if job.hourly else 'daily at %02d:%02d' % (hour, minute)})"
+    return done
+
+
 def _sudoers_text(user: str, program: str, config_args: Sequence[str]) -> str:
     prefix = " ".join([program, *config_args])
     return (f"# Written by byteback setup-server.  {user} may run exactly these as root:\n"
@@ -2561,9 +2659,13 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
 
     _install_file(Path("/etc/sudoers.d") / sudoers_name,
                   _sudoers_text(args.user, install, config_args).encode(), 0o440, done, visudo_check)
+    prune_job = Job(sudoers_name.replace("byteback", "byteback-prune", 1), "prune",
+                    job_argv(install, args.config_dir, "prune"), hourly=True)
+    done += install_job(prune_job, cron_file=None if args.systemd else Path(args.cron_file or f"/etc/cron.d/{prune_job.name}"),
+                        unit_dir=Path(args.unit_dir) if args.systemd else None)
     for line in done:
         print(line)
-    if all(line.startswith("unchanged") for line in done):
+    if all(line.startswith(("unchanged", "to start it")) for line in done):
         print("nothing changed: this server was already set up")
     if fstype != "btrfs":
         print(f"WARNING: {store} is on {fstype}, not btrfs: snapshots are hard-linked trees, which a "
@@ -2573,8 +2675,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
           f"  - let {args.user} log in over ssh (AllowUsers/AllowGroups in sshd_config, if you use them);\n"
           f"    keep PermitUserEnvironment no (the default)\n"
           f"  - to add clients with setup-client, put an administrator's public key (or set a password)\n"
-          f"    for {args.user}: {keys} is root's to edit\n"
-          f"  - run 'byteback.pyz prune' from root's cron daily, if you like (snapshots prune too)")
+          f"    for {args.user}: {keys} is root's to edit")
     return EXIT_OK
 
 
@@ -2995,38 +3096,18 @@ def _write_setting(path: Path, value: str) -> None:
     print(f"wrote      {path}")
 
 
-def cron_line(program: str, config_dir: str, minute: int, hour: int) -> str:
-    """The /etc/cron.d line for a daily backup at a fixed (randomised once) time."""
-    config = [] if config_dir == DEFAULT_CONFIG_DIR else ["--config-dir", config_dir]
-    command = shlex.join([program, *config, "backup"])
-    return f"{minute} {hour} * * * root {command}\n"
-
-
 def cmd_install_cron(args: argparse.Namespace) -> int:
-    """install-cron: back this client up daily, at a random minute so clients spread out."""
-    import random
+    """install-cron: back this client up daily, at a random time so clients spread out."""
     program = os.path.abspath(sys.argv[0])
-    if not program.endswith(".pyz"):
+    if not program.endswith(".pyz") and program != "/usr/bin/byteback":
         log.warning("%s is not the zipapp; cron will run it as it is", program)
-    path = Path(args.cron_file)
-    try:
-        old = path.read_text()
-    except FileNotFoundError:
-        old = ""
-    m = re.search(r"^(\d+) (\d+) \* \* \* root ", old, re.M)
-    # Keep a time chosen before: re-running must not move every client's backup.
-    minute, hour = (int(m.group(1)), int(m.group(2))) if m else (random.randrange(60), random.randrange(24))
-    if args.hour is not None:
-        hour = args.hour
-    text = ("# byteback: a daily backup; the minute was chosen at random so that many clients\n"
-            "# do not reach one server at once.  Written by 'byteback.pyz install-cron'.\n"
-            "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
-            + cron_line(program, args.config_dir, minute, hour))
-    if text == old:
-        print(f"{path} is already in place; nothing changed (daily at {hour:02d}:{minute:02d})")
-        return EXIT_OK
-    write_file_atomically(path, text, mode=0o644)
-    print(f"wrote {path}: a backup every day at {hour:02d}:{minute:02d}")
+    job = Job("byteback", "backup", job_argv(program, args.config_dir, "backup"), hourly=False)
+    done = install_job(job, cron_file=None if args.systemd else Path(args.cron_file),
+                       unit_dir=Path(args.unit_dir) if args.systemd else None, hour=args.hour)
+    for line in done:
+        print(line)
+    if all(line.startswith(("unchanged", "to start it")) for line in done):
+        print("nothing changed: the backup was already scheduled")
     return EXIT_OK
 
 
@@ -3368,6 +3449,13 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
                         help="say what is done (-vv: also every command run)")
 
 
+def _add_systemd(parser: argparse.ArgumentParser, name: str) -> None:
+    parser.add_argument("--systemd", action="store_true",
+                        help=f"a systemd service and timer ({name}.service, {name}.timer) instead of cron")
+    parser.add_argument("--unit-dir", default=DEFAULT_UNIT_DIR, metavar="DIR",
+                        help=f"where --systemd writes them (default: {DEFAULT_UNIT_DIR})")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: one subparser per command that works."""
     parser = argparse.ArgumentParser(
@@ -3412,6 +3500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron-file", default="/etc/cron.d/byteback", metavar="PATH",
                    help="where to write it (default: /etc/cron.d/byteback)")
     p.add_argument("--hour", type=int, choices=range(24), metavar="H", help="run in this hour (0-23) instead of a random one")
+    _add_systemd(p, "byteback")
     p.set_defaults(func=cmd_install_cron)
 
     p = sub.add_parser("snapshot", help="(server) snapshot a host's current backup, then prune",
@@ -3491,6 +3580,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", default="byteback", help="the backup user (default: byteback)")
     p.add_argument("--install-path", default=DEFAULT_INSTALL_PATH, metavar="PATH",
                    help=f"where to install this program (default: {DEFAULT_INSTALL_PATH})")
+    p.add_argument("--cron-file", metavar="PATH",
+                   help="the hourly prune's cron file (default: /etc/cron.d/byteback-prune)")
+    _add_systemd(p, "byteback-prune")
     p.set_defaults(func=cmd_setup_server)
 
     p = sub.add_parser("setup-host", help="(server, root via sudo) the server half of setup-client",

@@ -135,7 +135,8 @@ def remote_byteback(store_size: str = "512M") -> Iterator[RemoteByteback]:
             remote = RemoteByteback(env, pyz, program, server_config, client_config, state)
             setup = subprocess.run(
                 [str(pyz), "--config-dir", str(server_config), "setup-server", "--store", str(env.store),
-                 "--user", env.user.name, "--install-path", str(program)],
+                 "--user", env.user.name, "--install-path", str(program),
+                 "--cron-file", str(server_config / "cron.d-byteback-prune")],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
             Result(setup.args, setup.returncode, setup.stdout, setup.stderr).check()
             remote.run("setup-client", "--destination", env.destination, "--port", str(env.port),

@@ -204,7 +204,8 @@ def test_setup_client_twice_adds_one_restricted_line_and_pins_the_host_key(remot
 def test_setup_server_twice_changes_nothing_and_sudoers_is_valid(remote):
     again = subprocess.run(
         [str(remote.pyz), "--config-dir", str(remote.server_config), "setup-server",
-         "--store", str(remote.store), "--user", remote.env.user.name, "--install-path", str(remote.program)],
+         "--store", str(remote.store), "--user", remote.env.user.name, "--install-path", str(remote.program),
+         "--cron-file", str(remote.server_config / "cron.d-byteback-prune")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
     assert again.returncode == 0, again.stderr
     assert "nothing changed" in again.stdout, again.stdout

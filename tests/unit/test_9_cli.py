@@ -5,6 +5,7 @@ import argparse
 import datetime as dt
 import json
 import os
+import re
 
 import pytest
 
@@ -294,3 +295,28 @@ def test_the_command_is_found_after_the_global_options_only(argv, index):
 def test_restore_refuses_list_and_restore_together(capsys):
     assert byteback.main(["restore", "--list", "--restore", "/etc/x"]) == 2
     assert "not allowed with" in capsys.readouterr().err
+
+
+def test_an_hourly_job_keeps_its_minute_and_a_daily_one_its_time(tmp_path, monkeypatch):
+    job = byteback.Job("byteback-prune", "prune", ["/usr/bin/byteback", "prune"], hourly=True)
+    cron = tmp_path / "cron"
+    first = byteback.install_job(job, cron_file=cron)
+    text = cron.read_text()
+    minute = int(re.search(r"^(\d+) \* \* \* \* root /usr/bin/byteback prune$", text, re.M).group(1))
+    assert first == [f"wrote      {cron} (hourly at minute {minute})"]
+    monkeypatch.setattr("random.randrange", lambda n: (minute + 1) % n)   # another draw would move it
+    assert byteback.install_job(job, cron_file=cron) == [f"unchanged  {cron} (hourly at minute {minute})"]
+    assert cron.read_text() == text
+    daily = job._replace(hourly=False)
+    byteback.install_job(daily, cron_file=cron, hour=5)                    # the kept minute, at 05:
+    assert f"\n{minute} 5 * * * root /usr/bin/byteback prune\n" in cron.read_text()
+
+
+def test_systemd_units_of_a_job():
+    job = byteback.Job("byteback", "backup", ["/usr/bin/byteback", "--config-dir", "/etc/bb x", "backup"],
+                       hourly=False)
+    units = byteback.systemd_units(job, hour=None)
+    assert sorted(units) == ["byteback.service", "byteback.timer"]
+    assert "ExecStart=/usr/bin/byteback --config-dir '/etc/bb x' backup\n" in units["byteback.service"]
+    assert "OnCalendar=daily\nRandomizedDelaySec=24h\n" in units["byteback.timer"]
+    assert "OnCalendar=*-*-* 23:00:00\nRandomizedDelaySec=1h\n" in byteback.systemd_units(job, 23)["byteback.timer"]
