@@ -54,6 +54,8 @@ DEFAULT_CONFIG_DIR = "/etc/byteback"
 SNAPSHOT_FORMAT = "%Y-%m-%dT%H:%M%z"           # the original byteback's names
 SNAPSHOT_FORMAT_SECONDS = "%Y-%m-%dT%H:%M:%S%z"  # only when a minute is taken
 STATE_DIR_NAME = ".byteback"                   # <store>/.byteback: history, run/
+# Paths that go into sudoers, authorized_keys and cron lines: nothing to quote there.
+SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9/._+-]*\Z")
 
 # Importance target ages, in days, by name (server.conf: targets = week).
 # "original" is the original README's list: "0, 1, 2, 3, 7, 14, 21, 28, 56,
@@ -364,9 +366,23 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 86400}d {seconds % 86400 // 3600}h"
 
 
+def format_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as aligned columns two spaces apart; the last column runs free."""
+    if not rows:
+        return ""
+    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]) - 1)]
+    return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip()
+                     for r in rows)
+
+
 def now_local() -> dt.datetime:
     """The clock, read in one place: an aware datetime in the machine's time zone."""
     return dt.datetime.now(dt.timezone.utc).astimezone()
+
+
+def program_path() -> str:
+    """This program's path as it was started: sudoers and authorized_keys lines name it so."""
+    return os.path.abspath(sys.argv[0])
 
 
 def running_under_sudo() -> bool:
@@ -565,6 +581,15 @@ def read_setting(config_dir: str, name: str, default=None, convert: Callable = s
 def read_setting_lines(config_dir: str, name: str) -> List[str]:
     """Every value line of a setting file such as excludes (missing file: none)."""
     return [value for _, value in _read_setting_file(config_dir, name)]
+
+
+def config_dir_args(config_dir: str) -> List[str]:
+    """The words that hand a configuration directory on to another byteback run."""
+    if config_dir == DEFAULT_CONFIG_DIR:
+        return []
+    if not SAFE_PATH_RE.match(config_dir):
+        raise UsageError(f"config dir {config_dir!r} must be an absolute path of plain characters")
+    return ["--config-dir", config_dir]
 
 
 def client_state_dir() -> Path:
@@ -1671,9 +1696,7 @@ def _print_plan(plan: Sequence[Decision], now: dt.datetime) -> None:
     for n, d in enumerate(plan, 1):
         rows.append((str(n) if d.delete else "-", d.snapshot.host, d.snapshot.name,
                      _describe_age(age_days(d.snapshot, now)), d.reason))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[4])
+    print(format_table(rows))
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -1961,11 +1984,7 @@ def _store_for_user(config: ServerConfig, runner: Optional[Runner] = None) -> St
 
 def _run_snapshot_for_client(args: argparse.Namespace, host: str) -> int:
     """`complete`: snapshot as root through sudo, or as this user where sudo is not set up."""
-    program = os.path.abspath(sys.argv[0])
-    argv = [program]
-    if args.config_dir != DEFAULT_CONFIG_DIR:
-        argv += ["--config-dir", args.config_dir]
-    argv += ["snapshot", "--host", host]
+    argv = [program_path(), *config_dir_args(args.config_dir), "snapshot", "--host", host]
     allowed = shutil.which("sudo") and subprocess.run(
         ["sudo", "-n", "-l", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     if allowed:
@@ -2286,8 +2305,7 @@ def format_entries(entries: Sequence[Entry]) -> str:
         path = e.path + (f" -> {e.target}" if e.kind == "l" else "")
         name = e.snapshot + (" (incomplete)" if e.snapshot == "current" else "")
         rows.append((name, _mode_string(e.kind, e.mode), str(e.size), f"{e.uid}:{e.gid}", when, path))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[5] for r in rows)
+    return format_table(rows)
 
 
 def parse_list_words(words: Sequence[str]) -> Request:
@@ -2324,8 +2342,6 @@ def serve_list(store: Store, host: str, request: Request) -> int:
 
 DEFAULT_INSTALL_PATH = "/usr/local/bin/byteback.pyz"
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
-# Paths that go into sudoers and authorized_keys lines: nothing to quote there.
-SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9/._+-]*\Z")
 # Key types, and how many length-prefixed strings their wire format holds.
 KEY_PARTS = {"ssh-ed25519": 2, "ssh-rsa": 3, "ecdsa-sha2-nistp256": 3, "ecdsa-sha2-nistp384": 3,
              "ecdsa-sha2-nistp521": 3, "sk-ssh-ed25519@openssh.com": 3,
@@ -2403,14 +2419,6 @@ def authorized_keys_line(program: str, config_args: Sequence[str], host: str, ad
     return f'restrict,from="{address}",command="{command}" {key}'
 
 
-def _config_args(args: argparse.Namespace) -> List[str]:
-    if args.config_dir == DEFAULT_CONFIG_DIR:
-        return []
-    if not SAFE_PATH_RE.match(args.config_dir):
-        raise UsageError(f"config dir {args.config_dir!r} must be an absolute path of plain characters")
-    return ["--config-dir", args.config_dir]
-
-
 def _require_root(command: str) -> None:
     if os.geteuid() != 0:
         raise ByteBackError(f"{command} must run as root (try: sudo byteback.pyz {command} ...)")
@@ -2431,7 +2439,7 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
         run_st = os.lstat(store.run_dir)
     except FileNotFoundError:
         raise ByteBackError(f"{store.run_dir} is missing: run setup-server on this server first") from None
-    program = os.path.abspath(sys.argv[0])
+    program = program_path()
     if not SAFE_PATH_RE.match(program):
         raise ByteBackError(f"byteback is installed at {program!r}; install it at a plain path")
     keys_file = store.root / ".ssh" / "authorized_keys"
@@ -2453,7 +2461,7 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
             raise ByteBackError(f"host {host} is already set up with another key; an administrator "
                                 f"must remove its line from {keys_file} first")
     store.prepare_host(host, owner=(run_st.st_uid, run_st.st_gid))
-    line = authorized_keys_line(program, _config_args(args), host, address, key)
+    line = authorized_keys_line(program, config_dir_args(args.config_dir), host, address, key)
     write_file_atomically(keys_file, "\n".join(lines + [line]) + "\n", mode=0o644)
     log.info("setup-host host=%s client=%s key added", host, address)
     print(f"host {host} set up: its key may log in from {address} and only run byteback receive")
@@ -2479,8 +2487,7 @@ CRON_TIME_RE = re.compile(r"^(\d+) (\d+|\*) \* \* \* root ", re.M)
 
 def job_argv(program: str, config_dir: str, *words: str) -> List[str]:
     """The command line a job runs: the program, its config dir if not the default, the words."""
-    config = [] if config_dir == DEFAULT_CONFIG_DIR else ["--config-dir", config_dir]
-    return [program, *config, *words]
+    return [program, *config_dir_args(config_dir), *words]
 
 
 def cron_text(job: Job, minute: int, hour: int) -> str:
@@ -2609,7 +2616,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
         raise UsageError("--store and --install-path must be absolute paths of plain characters")
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", args.user):
         raise UsageError(f"{args.user!r} is not a plain user name")
-    config_args = _config_args(args)
+    config_args = config_dir_args(args.config_dir)
     done: List[str] = []
     if not store.is_dir():
         store.mkdir(parents=True, mode=0o755)
@@ -2641,7 +2648,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     _ensure_dir(store / STATE_DIR_NAME, 0, 0, 0o755, done)
     _ensure_dir(store / STATE_DIR_NAME / "history", 0, 0, 0o755, done)
     _ensure_dir(store / STATE_DIR_NAME / "run", account.pw_uid, account.pw_gid, 0o755, done)
-    _install_file(Path(install), Path(os.path.realpath(sys.argv[0])).read_bytes(), 0o755, done)
+    _install_file(Path(install), Path(program_path()).read_bytes(), 0o755, done)
     config_dir = Path(args.config_dir)
     _ensure_dir(config_dir, 0, 0, 0o755, done)
     conf = config_dir / "server.conf"
@@ -3053,9 +3060,7 @@ def cmd_setup_client(args: argparse.Namespace) -> int:
         public = Path(f"{key}.pub").read_text()
     except OSError:
         public = runner.run(["ssh-keygen", "-y", "-f", str(key)]).stdout
-    server_args = ["sudo", "-n", args.server_program]
-    if args.server_config_dir:
-        server_args += ["--config-dir", args.server_config_dir]
+    server_args = ["sudo", "-n", args.server_program, *config_dir_args(args.server_config_dir or DEFAULT_CONFIG_DIR)]
     # The client's address as the server sees it goes into from="...": the
     # server's shell reads it from this very connection.
     remote = shlex.join(server_args + ["setup-host", "--host", host]) + \
@@ -3098,7 +3103,7 @@ def _write_setting(path: Path, value: str) -> None:
 
 def cmd_install_cron(args: argparse.Namespace) -> int:
     """install-cron: back this client up daily, at a random time so clients spread out."""
-    program = os.path.abspath(sys.argv[0])
+    program = program_path()
     if not program.endswith(".pyz") and program != "/usr/bin/byteback":
         log.warning("%s is not the zipapp; cron will run it as it is", program)
     job = Job("byteback", "backup", job_argv(program, args.config_dir, "backup"), hourly=False)
@@ -3421,8 +3426,7 @@ def _format_status(report: dict, summary: str) -> str:
         note += " SUSPICIOUS: prune held" if i["suspicious"] else ""
         rows.append((host, i["newest"] or "-", _age_text(i["age_seconds"]), str(i["snapshots"]),
                      i["oldest"] or "-", format_size(i["last_added"] or 0), format_size(i["mean_added"] or 0), note))
-    widths = [max(len(r[k]) for r in rows) for k in range(8)]
-    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows)
+    table = format_table(rows)
     return (f"store {report['store']} ({report['backend']}): {format_size(report['free_bytes'])} free of "
             f"{format_size(report['total_bytes'])}, prune target {format_size(report['target_bytes'])}; "
             f"{report['state']}: {summary}\n{table}")

@@ -341,3 +341,21 @@ def test_setup_logging_levels(capsys, verbosity, quiet, shown):
 def test_now_local_is_aware():
     now = byteback.now_local()
     assert now.tzinfo is not None and now.utcoffset() is not None
+
+
+def test_format_table_aligns_all_columns_but_the_last_and_trims_lines():
+    text = byteback.format_table([("a", "bb", "x"), ("ccc", "d", ""), ("e", "f", "long last cell")])
+    assert text.splitlines() == ["a    bb  x", "ccc  d", "e    f   long last cell"]
+    assert byteback.format_table([]) == ""
+
+
+@pytest.mark.parametrize("config_dir, words", [
+    ("/etc/byteback", []), ("/srv/bb-conf", ["--config-dir", "/srv/bb-conf"])])
+def test_config_dir_args_pass_on_only_a_non_default_directory(config_dir, words):
+    assert byteback.config_dir_args(config_dir) == words
+
+
+@pytest.mark.parametrize("config_dir", ["relative/dir", "/etc/my conf", '/etc/"x', "/etc/x\nroot"])
+def test_config_dir_args_refuse_a_path_that_would_need_quoting(config_dir):
+    with pytest.raises(byteback.UsageError):
+        byteback.config_dir_args(config_dir)
