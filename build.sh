@@ -25,7 +25,7 @@ out_dir="${BYTEBACK_OUT_DIR:-$src_dir}"
 python="${PYTHON:-python3}"
 
 APT_PACKAGES=(rsync btrfs-progs openssh-server openssh-client sudo attr acl
-              e2fsprogs util-linux iproute2 procps systemd)
+              e2fsprogs util-linux iproute2 procps systemd lintian)
 PIP_PACKAGES=(pytest freezegun pyfakefs hypothesis)
 
 usage() {
@@ -148,6 +148,36 @@ install_apt() {
     rm -f "$log"
 }
 
+# promtool (Prometheus's metrics linter) for tests/integration/test_metrics.py,
+# taken out of Debian's prometheus package without installing it: installing
+# would add a user and a server that starts listening on :9090.  Kept in
+# $TOOLS_DIR, which run_tests puts on PATH.
+TOOLS_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/byteback-test-tools"
+install_promtool() {
+    if command -v promtool >/dev/null || [ -x "$TOOLS_DIR/promtool" ]; then
+        echo "promtool already there"
+        return 0
+    fi
+    if ! command -v apt-get >/dev/null; then
+        echo "no apt-get: not fetching promtool"
+        return 0
+    fi
+    local tmp
+    tmp="$(mktemp -d)"
+    if ! (cd "$tmp" && apt-get download -q prometheus >/dev/null 2>&1 ||
+          { apt-get update -q >/dev/null 2>&1 && apt-get download -q prometheus >/dev/null; }); then
+        rm -rf "$tmp"
+        echo "build.sh: apt-get download prometheus failed" >&2
+        return 1
+    fi
+    mkdir -p "$TOOLS_DIR"
+    dpkg-deb --fsys-tarfile "$tmp"/prometheus_*.deb | tar -x -O ./usr/bin/promtool >"$TOOLS_DIR/promtool.new"
+    chmod 755 "$TOOLS_DIR/promtool.new"
+    mv "$TOOLS_DIR/promtool.new" "$TOOLS_DIR/promtool"
+    rm -rf "$tmp"
+    echo "promtool extracted to $TOOLS_DIR"
+}
+
 # pip_install PYTHON: installs the test packages into that interpreter.
 pip_install() {
     PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_ROOT_USER_ACTION=ignore \
@@ -172,6 +202,9 @@ run_tests() {
     local failed=() py38 rc
     phase "install: apt packages"
     install_apt || failed+=("apt install")
+    phase "install: promtool"
+    install_promtool || failed+=("promtool")
+    export PATH="$PATH:$TOOLS_DIR"
     phase "install: pip packages into $("$python" -c 'import sys; print(sys.executable)')"
     pip_install "$python" || failed+=("pip install")
     phase "build byteback.pyz"

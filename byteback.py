@@ -3361,6 +3361,112 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
             "target_bytes": store_target(store, config, histories), "hosts": hosts}
 
 
+# Prometheus: the text exposition format, for node_exporter's textfile collector.
+# (name, help, value from a client report)
+CLIENT_METRICS = (
+    ("byteback_last_success_timestamp_seconds", "When the last successful backup ended (Unix time).",
+     lambda r: _unix_time(r["last_success"])),
+    ("byteback_last_success_duration_seconds", "How long the last successful backup took.",
+     lambda r: r["duration_seconds"]),
+    ("byteback_last_success_sent_bytes", "Bytes rsync sent in the last successful backup.",
+     lambda r: r["bytes_sent"]),
+    ("byteback_last_attempt_timestamp_seconds", "When the last backup attempt ended (Unix time).",
+     lambda r: _unix_time(r["last_attempt"])),
+    ("byteback_last_attempt_failed", "1 if the last backup attempt failed.",
+     lambda r: None if r["last_result"] is None else int(r["last_result"] != "ok")),
+    ("byteback_backup_running", "1 while a backup runs.", lambda r: int(bool(r["running"]))),
+)
+# (name, help, value from one host of a server report)
+HOST_METRICS = (
+    ("byteback_host_snapshots", "Snapshots kept for the host.", lambda h, now: h["snapshots"]),
+    ("byteback_host_newest_snapshot_timestamp_seconds", "When the host's newest snapshot was taken (Unix time).",
+     lambda h, now: _snapshot_time(h["newest"])),
+    ("byteback_host_oldest_snapshot_age_seconds", "Age of the host's oldest snapshot.",
+     lambda h, now: _snapshot_age(h["oldest"], now)),
+    ("byteback_host_last_backup_added_bytes", "What the host's last backup added to the disc.",
+     lambda h, now: h["last_added"]),
+    ("byteback_host_mean_backup_added_bytes", "Mean of what the host's recent backups added.",
+     lambda h, now: h["mean_added"]),
+    ("byteback_host_backup_running", "1 while the host's backup session runs.", lambda h, now: int(bool(h["running"]))),
+    ("byteback_host_incomplete", "1 while the host's current holds an unfinished upload.",
+     lambda h, now: int(bool(h["incomplete_since"]))),
+    ("byteback_host_suspicious", "1 if the host's last backup is suspiciously large and not accepted.",
+     lambda h, now: int(bool(h["suspicious"]))),
+)
+STORE_METRICS = (
+    ("byteback_store_free_bytes", "Free space on the store's filesystem.", "free_bytes"),
+    ("byteback_store_size_bytes", "Size of the store's filesystem.", "total_bytes"),
+    ("byteback_store_prune_target_bytes", "Free space prune keeps: headroom x recent backup sizes.",
+     "target_bytes"),
+)
+STATE_HELP = "byteback status as a Nagios code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."
+
+
+def _unix_time(text) -> Optional[float]:
+    when = _parse_time(text) if text else None
+    return when.timestamp() if when else None
+
+
+def _snapshot_time(name: Optional[str]) -> Optional[float]:
+    when = parse_snapshot_name(name) if name else None
+    return when.timestamp() if when else None
+
+
+def _snapshot_age(name: Optional[str], now: dt.datetime) -> Optional[float]:
+    when = _snapshot_time(name)
+    return None if when is None else max(0.0, now.timestamp() - when)
+
+
+def _label_value(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _metric_value(value) -> str:
+    return repr(float(value)) if isinstance(value, float) else str(int(value))
+
+
+def prometheus_text(report: dict, now: dt.datetime) -> str:
+    """The report (client_status or server_status, with its state) as Prometheus text (pure).
+
+    A value that is not known (no backup yet) is left out rather than made up.
+    Boolean host fields without a metric of their own (containment, acceptance)
+    are exported as byteback_host_<field>, so a new state is visible at once.
+    """
+    out: List[str] = []
+
+    def family(name: str, help_text: str, samples: Iterable[tuple]) -> None:
+        samples = [(labels, v) for labels, v in samples if v is not None]
+        if not samples:
+            return
+        out.append(f"# HELP {name} {help_text}")
+        out.append(f"# TYPE {name} gauge")
+        for labels, value in samples:
+            text = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels)
+            out.append(f"{name}{{{text}}} {_metric_value(value)}" if text else f"{name} {_metric_value(value)}")
+
+    code = {v: k for k, v in NAGIOS_NAMES.items()}[report["state"]]
+    if "hosts" not in report:
+        for name, help_text, get in CLIENT_METRICS:
+            family(name, help_text, [((), get(report))])
+        family("byteback_status", STATE_HELP, [((), code)])
+        return "\n".join(out) + "\n"
+    store = (("store", report["store"]),)
+    for name, help_text, key in STORE_METRICS:
+        family(name, help_text, [(store, report[key])])
+    hosts = sorted(report["hosts"].items())
+    for name, help_text, get in HOST_METRICS:
+        family(name, help_text, [(store + (("host", h),), get(i, now)) for h, i in hosts])
+    known = {"running", "suspicious"}
+    extra = sorted({k for _, i in hosts for k, v in i.items() if isinstance(v, bool)} - known)
+    for key in extra:
+        family(f"byteback_host_{re.sub(r'[^a-z0-9_]', '_', key.lower())}", f"1 if the host is {key}.",
+               [(store + (("host", h),), int(bool(i.get(key)))) for h, i in hosts])
+    family("byteback_suspicious_backups", "Hosts whose last backup is suspicious and not accepted.",
+           [(store, sum(bool(i["suspicious"]) for _, i in hosts))])
+    family("byteback_status", STATE_HELP, [(store, code)])
+    return "\n".join(out) + "\n"
+
+
 def _age_text(seconds: Optional[float]) -> str:
     return "never" if seconds is None else format_duration(seconds) + " ago"
 
@@ -3400,7 +3506,14 @@ def cmd_status(args: argparse.Namespace) -> int:
         age = report["age_seconds"]
         perf = f"age={'U' if age is None else f'{int(age)}s'};{int(warning)};{int(critical)}"
     report["state"] = NAGIOS_NAMES[code]
-    if args.json:
+    if args.textfile:
+        # node_exporter reads *.prom; the temporary name does not end so, and a rename is atomic.
+        path = Path(args.textfile) / ("byteback-server.prom" if args.store else "byteback.prom")
+        write_file_atomically(path, prometheus_text(report, now), mode=0o644)
+        return EXIT_OK
+    if args.prometheus:
+        print(prometheus_text(report, now), end="")
+    elif args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     elif args.nagios:
         print(f"BYTEBACK {NAGIOS_NAMES[code]} - {summary}|{perf}")
@@ -3554,6 +3667,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="ROOT", help="report on this server store instead of this client")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--nagios", action="store_true", help="print one plugin line: BYTEBACK OK - ...|perfdata")
+    p.add_argument("--prometheus", action="store_true", help="print Prometheus metrics (text format)")
+    p.add_argument("--textfile", metavar="DIR",
+                   help="write the metrics atomically to DIR/byteback.prom (DIR/byteback-server.prom "
+                   "with --store) for node_exporter's textfile collector; exit 0 once written")
     p.add_argument("--warning", type=_arg(parse_duration), default=26 * 3600.0, metavar="AGE",
                    help="WARNING when the last good backup is this old (default: 26h)")
     p.add_argument("--critical", type=_arg(parse_duration), default=50 * 3600.0, metavar="AGE",

@@ -812,3 +812,56 @@ def test_restore_batches_stay_under_the_guards_command_limit():
     for b in batches:
         assert len(" ".join(shlex.quote(p) for p in b)) < byteback.RESTORE_BATCH_CHARS
     assert list(byteback._batches(["x" * 99], 10)) == [["x" * 99]]   # one long path still goes
+
+
+# -- status --prometheus: the text exposition format --
+
+def _host(**fields):
+    base = {"snapshots": 3, "newest": "2026-11-28T03:15+0000", "age_seconds": 3600.0,
+            "oldest": "2026-11-01T03:15+0000", "last_size": 10, "last_added": 2048, "mean_added": 1024,
+            "incomplete_since": None, "running": False, "suspicious": False}
+    base.update(fields)
+    return base
+
+
+def test_prometheus_server_report_by_hand():
+    now = dt.datetime(2026, 11, 28, 4, 15, tzinfo=UTC)
+    report = {"store": '/srv/a "b"', "backend": "btrfs", "free_bytes": 500, "total_bytes": 1000,
+              "target_bytes": 300, "state": "WARNING",
+              "hosts": {"web": _host(suspicious=True, contained=True),
+                        "db": _host(snapshots=1, oldest=None, newest=None, last_added=None, mean_added=None)}}
+    text = byteback.prometheus_text(report, now)
+    lines = text.splitlines()
+    store = 'store="/srv/a \\"b\\""'
+    assert f"byteback_store_free_bytes{{{store}}} 500" in lines
+    assert f"byteback_store_prune_target_bytes{{{store}}} 300" in lines
+    assert f'byteback_host_snapshots{{{store},host="db"}} 1' in lines
+    assert f'byteback_host_snapshots{{{store},host="web"}} 3' in lines
+    assert f'byteback_host_oldest_snapshot_age_seconds{{{store},host="web"}} {27 * 86400 + 3600.0!r}' in lines
+    assert f'byteback_host_newest_snapshot_timestamp_seconds{{{store},host="web"}} {now.timestamp() - 3600!r}' in lines
+    # Unknown values are left out, not made up as 0.
+    assert not [l for l in lines if 'host="db"' in l and "oldest" in l]
+    assert f'byteback_host_suspicious{{{store},host="web"}} 1' in lines
+    assert f"byteback_suspicious_backups{{{store}}} 1" in lines
+    # A state the plan adds (containment) is exported by its field name, 0 where absent.
+    assert f'byteback_host_contained{{{store},host="web"}} 1' in lines
+    assert f'byteback_host_contained{{{store},host="db"}} 0' in lines
+    assert f"byteback_status{{{store}}} 1" in lines
+    # Every family: HELP, then TYPE gauge, then its samples; no name twice.
+    names = [l.split()[2] for l in lines if l.startswith("# HELP")]
+    assert len(names) == len(set(names))
+    for name in names:
+        at_help = lines.index(next(l for l in lines if l.startswith(f"# HELP {name} ")))
+        assert lines[at_help + 1] == f"# TYPE {name} gauge"
+        assert lines[at_help + 2].startswith(name + "{")
+    assert text.endswith("\n")
+
+
+def test_prometheus_client_report_before_any_backup():
+    report = {"running": False, "last_success": None, "age_seconds": None, "duration_seconds": None,
+              "bytes_sent": None, "last_attempt": None, "last_result": None, "last_error": None,
+              "state": "CRITICAL"}
+    assert byteback.prometheus_text(report, dt.datetime(2026, 1, 1, tzinfo=UTC)) == (
+        "# HELP byteback_backup_running 1 while a backup runs.\n"
+        "# TYPE byteback_backup_running gauge\nbyteback_backup_running 0\n"
+        f"# HELP byteback_status {byteback.STATE_HELP}\n# TYPE byteback_status gauge\nbyteback_status 2\n")
