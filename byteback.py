@@ -958,7 +958,7 @@ class Store:
             # modes a client uploads would otherwise let other local users of
             # the server read its files, or write into current.
             os.chown(host_dir, 0, owner[1])
-            os.chmod(host_dir, 0o750)
+            os.chmod(host_dir, HOST_DIR_MODE)
         current = self.current(host)
         if os.path.islink(current):
             raise ByteBackError(f"{current} is a symlink; refusing to use it (move it away)")
@@ -1023,6 +1023,17 @@ class Store:
         return {"snapshot": snap.name, "time": snap.when.isoformat(), "baseline": True,
                 "first": True, "suspicious": False, "added": 0, "size": 0, **self._measure_from(snap)}
 
+    def lock_down(self, snap: Snapshot, dry_run: bool = False) -> bool:
+        """Make a snapshot byteback did not take root-owned and read-only; True if it was not."""
+        path = self.snapshot_path(snap)
+        st = os.lstat(path)
+        if st.st_uid == 0 and st.st_gid == 0 and not st.st_mode & 0o222:
+            return False
+        if not dry_run:
+            os.chown(path, 0, 0)
+            os.chmod(path, 0o555)
+        return True
+
     def _measure_from(self, snap: Snapshot) -> dict:
         return {}    # hardlink: the next backup's new data is what it does not link from here
 
@@ -1052,6 +1063,7 @@ class Store:
         raise NotImplementedError
 
 
+HOST_DIR_MODE = 0o750   # <host>/ on a server: root:<backup group>; see Store.prepare_host
 FICLONE = 0x40049409   # ioctl: make a file share another's extents (btrfs reflink)
 HISTORY_KEEP = 100   # entries kept per host; the mean uses the last `history` of them
 
@@ -1161,6 +1173,30 @@ class BtrfsStore(Store):
         os.rename(tmp, host_dir / name)
         return {"size": size, "added": added, "generation": generation}
 
+
+    def is_read_only(self, path: Path) -> bool:
+        out = self._btrfs("property", "get", "-ts", str(path), "ro", destructive=False).stdout
+        return out.strip() == "ro=true"
+
+    def lock_down(self, snap: Snapshot, dry_run: bool = False) -> bool:
+        path = self.snapshot_path(snap)
+        if not is_btrfs_subvolume(path):        # a plain directory: as the hardlink backend does
+            return Store.lock_down(self, snap, dry_run)
+        st = os.lstat(path)
+        read_only = self.is_read_only(path)
+        if st.st_uid == 0 and st.st_gid == 0 and read_only:
+            return False
+        if dry_run:
+            return True
+        # The owner of a subvolume can clear its read-only flag and then change
+        # it (measured; DESIGN 3): root takes the root inode *before* the flag
+        # is set.  A read-only one still owned by the backup user is opened for
+        # that one chown (a read-only subvolume refuses even root's).
+        if read_only:
+            self._btrfs("property", "set", "-ts", str(path), "ro", "false")
+        os.chown(path, 0, 0)
+        self._btrfs("property", "set", "-ts", str(path), "ro", "true")
+        return True
 
     def _measure_from(self, snap: Snapshot) -> dict:
         # The generation the snapshot was made at, not its present one: chown
@@ -2360,8 +2396,9 @@ def parse_public_key(text: str) -> str:
     lines = [l for l in text.splitlines() if l.strip()]
     if len(lines) != 1:
         raise ByteBackError("the public key must be exactly one line")
+    # The comment may have spaces (the original's keys say "byteback client key").
     fields = lines[0].split()
-    if len(fields) not in (2, 3) or fields[0] not in KNOWN_KEY_TYPES:
+    if len(fields) < 2 or fields[0] not in KNOWN_KEY_TYPES:
         raise ByteBackError(f"not a public key of a known type ({', '.join(KNOWN_KEY_TYPES)}), "
                             "or it carries options")
     key_type, body = fields[0], fields[1]
@@ -2394,6 +2431,90 @@ def _authorized_host(line: str) -> Optional[str]:
     """The host an authorized_keys line of ours lets in, or None."""
     m = re.search(rf'command="[^"]* receive --host ([{HOST_NAME_CHARS}]+)"', line)
     return m.group(1) if m and is_host_name(m.group(1)) else None
+
+
+# --- The original byteback's authorized_keys lines (adopted by setup-server) --
+# It wrote  command="byteback-receive",from="IP",environment="BYTEBACK_HOST=h" key
+# and relied on PermitUserEnvironment: the host came from an environment the
+# line itself sets.  setup-server turns each into our restricted line for the
+# same host, key and address, and keeps the old one beside it, commented out.
+ORIGINAL_KEY_MARK = "# byteback: the original's line, replaced by the next one: "
+ORIGINAL_KEY_UNUSABLE = "# byteback: the original's line, disabled (run setup-client on that host): "
+
+
+def split_key_options(line: str) -> tuple:
+    """(options, rest) of an authorized_keys line: options as written, quotes kept."""
+    options, word, quoted, i = [], "", False, 0
+    text = line.strip()
+    while i < len(text):
+        c = text[i]
+        if c == "\\" and quoted and i + 1 < len(text):
+            word += text[i:i + 2]
+            i += 2
+            continue
+        if c == '"':
+            quoted = not quoted
+        elif not quoted and c == ",":
+            options.append(word)
+            word = ""
+            i += 1
+            continue
+        elif not quoted and c in " \t":
+            break
+        word += c
+        i += 1
+    if word:
+        options.append(word)
+    return options, text[i:].strip()
+
+
+def original_key_line(line: str) -> Optional[tuple]:
+    """(host, address, key) of an original byteback line; None if the line is not one.
+
+    Raises ByteBackError when it is one but cannot be converted (the caller then
+    disables it: the original's receive passes client options to rsync).
+    """
+    text = line.strip()
+    if not text or text.startswith("#") or text.split()[0] in KNOWN_KEY_TYPES:
+        return None
+    options, rest = split_key_options(text)
+    values = {}
+    for option in options:
+        name, _, value = option.partition("=")
+        if len(value) >= 2 and value[0] == value[-1] == '"':
+            value = value[1:-1]
+        values.setdefault(name.lower(), []).append(value)
+    commands = values.get("command", [])
+    if not any(os.path.basename(c.split(" ")[0]) == "byteback-receive" for c in commands):
+        return None
+    if len(commands) != 1:
+        raise ByteBackError("it has more than one command=")
+    hosts = [v.partition("=")[2] for v in values.get("environment", []) if v.startswith("BYTEBACK_HOST=")]
+    if len(hosts) != 1:
+        raise ByteBackError("it sets no single BYTEBACK_HOST")
+    addresses = values.get("from", [])
+    if len(addresses) != 1:
+        raise ByteBackError("it has no single from= address")
+    return check_host_name(hosts[0]), check_client_address(addresses[0]), parse_public_key(rest)
+
+
+def adopted_key_lines(lines: Sequence[str], program: str, config_args: Sequence[str]) -> tuple:
+    """(new lines, what was done): each original line replaced by ours, the old one commented out."""
+    out, said = [], []
+    for line in lines:
+        try:
+            found = original_key_line(line)
+        except ByteBackError as e:
+            out.append(ORIGINAL_KEY_UNUSABLE + line)
+            said.append(f"disabled   an original authorized_keys line ({e}): run setup-client on that client")
+            continue
+        if found is None:
+            out.append(line)
+            continue
+        host, address, key = found
+        out += [ORIGINAL_KEY_MARK + line, authorized_keys_line(program, config_args, host, address, key)]
+        said.append(f"converted  the original key of host {host} (from {address}) into a restricted line")
+    return out, said
 
 
 def check_client_address(text: str) -> str:
@@ -2449,6 +2570,8 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
         lines = []
     key_body = key.split()[1]
     for line in lines:
+        if line.lstrip().startswith("#"):
+            continue     # a disabled line (adoption keeps the original's so) lets no one in
         other = _authorized_host(line)
         if key_body in line.split():
             if other == host:
@@ -2617,6 +2740,8 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", args.user):
         raise UsageError(f"{args.user!r} is not a plain user name")
     config_args = config_dir_args(args.config_dir)
+    if args.dry_run:
+        return _preview_setup_server(store, args.user, install, config_args)
     done: List[str] = []
     if not store.is_dir():
         store.mkdir(parents=True, mode=0o755)
@@ -2649,6 +2774,8 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     _ensure_dir(store / STATE_DIR_NAME / "history", 0, 0, 0o755, done)
     _ensure_dir(store / STATE_DIR_NAME / "run", account.pw_uid, account.pw_gid, 0o755, done)
     _install_file(Path(install), Path(program_path()).read_bytes(), 0o755, done)
+    done += _adopt_original(open_store(store, runner), (account.pw_uid, account.pw_gid), keys,
+                            install, config_args, dry_run=False)
     config_dir = Path(args.config_dir)
     _ensure_dir(config_dir, 0, 0, 0o755, done)
     conf = config_dir / "server.conf"
@@ -2683,6 +2810,132 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
           f"    keep PermitUserEnvironment no (the default)\n"
           f"  - to add clients with setup-client, put an administrator's public key (or set a password)\n"
           f"    for {args.user}: {keys} is root's to edit")
+    return EXIT_OK
+
+
+# The original's own state in its store root, and where its prune job lived.
+ORIGINAL_STATE_FILES = (".disk_free_history", ".byteback.pruning")
+ORIGINAL_PRUNE_RE = re.compile(r"(?:^|[\s/])byteback-prune(?:\s|$)")
+CRON_PLACES = ("/etc/crontab", "/etc/cron.d", "/etc/cron.hourly", "/etc/cron.daily",
+               "/etc/cron.weekly", "/var/spool/cron/crontabs")
+
+
+def find_prune_jobs(places: Sequence[str] = CRON_PLACES) -> List[str]:
+    """'file:line' of every cron entry that runs the original's byteback-prune."""
+    found = []
+    for place in places:
+        files = ([os.path.join(place, n) for n in sorted(os.listdir(place))]
+                 if os.path.isdir(place) else [place])
+        for name in files:
+            try:
+                with open(name, encoding="utf-8", errors="replace") as f:
+                    lines = f.read(1 << 20).splitlines()
+            except OSError:
+                continue
+            if any(JOB_MARK in line for line in lines):
+                continue        # our own job (setup-server installs one)
+            found += [f"{name}:{n}" for n, line in enumerate(lines, 1)
+                      if ORIGINAL_PRUNE_RE.search(line) and not line.lstrip().startswith("#")]
+    return found
+
+
+def is_original_store(store: Store, keys: Sequence[str]) -> bool:
+    """True when the original byteback left something here for adoption to take over."""
+    if any((store.root / n).exists() for n in ORIGINAL_STATE_FILES):
+        return True
+    if any(ORIGINAL_KEY_MARK not in l and _is_original_line(l) for l in keys):
+        return True
+    return any(store.snapshots(h) and not store.history_path(h).exists() for h in store.hosts())
+
+
+def _is_original_line(line: str) -> bool:
+    try:
+        return original_key_line(line) is not None
+    except ByteBackError:
+        return True
+
+
+def adopt_store(store: Store, owner: tuple, *, dry_run: bool) -> List[str]:
+    """Take over the original's hosts: history locked down, each with a baseline.  Lines said."""
+    said = []
+    did = "would:     " if dry_run else "adopted    "
+    for name in sorted(os.listdir(store.root)):
+        path = store.root / name
+        if (not name.startswith(".") and _is_real_dir(path) and not is_host_name(name)
+                and _is_real_dir(path / "current")):
+            said.append(f"skipped    {path}: {name!r} is not a host name byteback accepts; rename it")
+    for host in store.hosts():
+        snaps = store.snapshots(host)
+        host_dir = store.host_dir(host)
+        if not snaps and not _is_real_dir(store.current(host)):
+            continue
+        st = os.lstat(host_dir)
+        if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (0, owner[1], HOST_DIR_MODE):
+            # Its owner could rename snapshots away (DESIGN 3).
+            if not dry_run:
+                os.chown(host_dir, 0, owner[1])
+                os.chmod(host_dir, HOST_DIR_MODE)
+            said.append(f"{did}{host_dir}: owner 0:{owner[1]}, mode {HOST_DIR_MODE:o}")
+        locked = [snap.name for snap in snaps if store.lock_down(snap, dry_run)]
+        if locked:
+            said.append(f"{did}{len(locked)} snapshots of host {host}: root-owned and read-only")
+        if snaps and not store.history_path(host).exists():
+            entry = store.baseline_entry(snaps[-1])
+            if not dry_run:
+                store.write_history(host, [entry])
+            said.append(f"{did}history of host {host}: its newest snapshot {snaps[-1].name} is the "
+                        "baseline the next backup is measured from")
+    for name in ORIGINAL_STATE_FILES:
+        path = store.root / name
+        if os.path.lexists(path):
+            if not dry_run:
+                os.unlink(path)
+            said.append(f"{did}removed {path}: the original prune's state (byteback keeps its own "
+                        f"in {store.state_dir})")
+    return said
+
+
+def _adopt_original(store: Store, owner: tuple, keys: Path, program: str, config_args: Sequence[str],
+                    *, dry_run: bool) -> List[str]:
+    """setup-server's adoption of an original byteback store; the lines it says."""
+    try:
+        lines = keys.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        lines = []
+    if not is_original_store(store, lines):
+        return []
+    print(f"{store.root} holds the original byteback's backups: "
+          f"{'this would adopt them' if dry_run else 'adopting them'}, keeping every snapshot")
+    said = adopt_store(store, owner, dry_run=dry_run)
+    new_lines, converted = adopted_key_lines(lines, program, config_args)
+    if converted and not dry_run:
+        write_file_atomically(keys, "\n".join(new_lines) + "\n", mode=0o644)
+    said += [("would:     " if dry_run else "") + line for line in converted]
+    for job in find_prune_jobs():
+        # Not ours to edit; but two pruners on one store would each delete by
+        # their own rules, and the original's reads a state byteback removes.
+        print(f"WARNING: {job} runs the original's byteback-prune: remove that job; byteback "
+              "prunes after every snapshot ('byteback.pyz prune' from cron, if you like)")
+    return said
+
+
+def _preview_setup_server(store: Path, user: str, install: str, config_args: Sequence[str]) -> int:
+    """setup-server --dry-run: what adopting this store would do; nothing is changed."""
+    import pwd
+    if not store.is_dir():
+        print(f"would:     create {store}; there is nothing to adopt")
+        return EXIT_OK
+    try:
+        account = pwd.getpwnam(user)
+        owner = (account.pw_uid, account.pw_gid)
+    except KeyError:
+        print(f"would:     create user {user}")
+        owner = (0, 0)
+    said = _adopt_original(open_store(store, Runner(dry_run=True)), owner,
+                           store / ".ssh" / "authorized_keys", install, config_args, dry_run=True)
+    for line in said:
+        print(line)
+    print("dry run: nothing changed" + ("" if said else "; there is nothing of the original byteback to adopt"))
     return EXIT_OK
 
 
@@ -3704,6 +3957,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cron-file", metavar="PATH",
                    help="the hourly prune's cron file (default: /etc/cron.d/byteback-prune)")
     _add_systemd(p, "byteback-prune")
+    p.add_argument("--dry-run", action="store_true",
+                   help="say what adopting an original byteback store would do; change nothing")
     p.set_defaults(func=cmd_setup_server)
 
     p = sub.add_parser("setup-host", help="(server, root via sudo) the server half of setup-client",
