@@ -105,7 +105,8 @@ def adopted():
 
             def setup(*extra: str) -> Result:
                 argv = [str(pyz), "--config-dir", str(config), "setup-server", "--store", str(store),
-                        "--user", user.name, "--install-path", str(program), *extra]
+                        "--user", user.name, "--install-path", str(program),
+                        "--cron-file", str(config / "cron.d-byteback-prune"), *extra]
                 p = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                    universal_newlines=True, timeout=300)
                 return Result(argv, p.returncode, p.stdout, p.stderr).check()

@@ -68,6 +68,8 @@ def test_prune_jobs_of_the_original_are_found_in_cron_files(tmp_path):
     (crond / "byteback").write_text("# byteback-prune in a comment\n"
                                     "15 */4 * * * byteback /usr/bin/byteback-prune --prune\n")
     (crond / "other").write_text("0 0 * * * root true\n")
+    (crond / "byteback-prune").write_text(f"# {byteback.JOB_MARK}: byteback-prune\n"
+                                          "7 * * * * root /usr/local/bin/byteback.pyz prune\n")
     crontab = tmp_path / "crontab"
     crontab.write_text("SHELL=/bin/sh\n0 1 * * * root byteback-prune --list\n")
     found = byteback.find_prune_jobs([str(crontab), str(crond), str(tmp_path / "missing")])
