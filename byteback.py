@@ -94,10 +94,13 @@ class ByteBackError(Exception):
 
     exit_code = EXIT_FAILURE
 
-    def __init__(self, message: str, exit_code: Optional[int] = None):
+    def __init__(self, message: str, exit_code: Optional[int] = None, *, logged: bool = False):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+        # True when syslog already has the full story (the guard's REFUSED
+        # line): main() then prints the message on stderr only, not twice to syslog.
+        self.logged = logged
 
 
 class UsageError(ByteBackError):
@@ -148,6 +151,7 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = True) -> None:
             sys_handler = logging.handlers.SysLogHandler(address="/dev/log")
             sys_handler.ident = "byteback: "
             sys_handler.setLevel(logging.INFO)
+            sys_handler.addFilter(lambda record: not getattr(record, "stderr_only", False))
             log.addHandler(sys_handler)
     except OSError:
         pass
@@ -2043,7 +2047,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     except Refused as e:
         log.warning("REFUSED host=%s client=%s command=%r: %s", host, client, original[:500], e,
                     extra={"syslog_only": True})
-        raise ByteBackError(f"refused: {e}") from None
+        raise ByteBackError(f"refused: {e}", logged=True) from None
     log.info("ACCEPTED host=%s client=%s verb=%s command=%r", host, client, request.verb, original[:500])
     config = load_server_config(args.config_dir)
     store = _store_for_user(config)
@@ -2083,7 +2087,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
                                  timeout=config.rsync_timeout, version=version)
     except Refused as e:
         log.warning("REFUSED host=%s client=%s: %s", host, client, e, extra={"syslog_only": True})
-        raise ByteBackError(f"refused: {e}") from None
+        raise ByteBackError(f"refused: {e}", logged=True) from None
     if request.verb == "restore":
         real_host_dir = os.path.realpath(host_dir)
         for path in request.paths:
@@ -4043,7 +4047,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         return int(args.func(args) or EXIT_OK)
     except ByteBackError as e:
-        log.error("%s", e)
+        log.error("%s", e, extra={"stderr_only": e.logged})
         return unknown or e.exit_code
     except KeyboardInterrupt:
         log.error("interrupted")
