@@ -3142,9 +3142,15 @@ def parse_rsync_stats(output: str) -> Optional[int]:
     return int(re.sub(r"[,.]", "", m.group(1))) if m else None
 
 
-def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show: bool) -> tuple:
-    """Run rsync, again after `delay` on network-class failures; return (exit code, output)."""
+def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show: bool,
+                       before_try: Optional[Callable] = None) -> tuple:
+    """Run rsync, again after `delay` on network-class failures; return (exit code, output).
+
+    before_try runs before each try (SshSession.ensure: a cut connection is made again).
+    """
     for attempt in range(1, retries + 1):
+        if before_try:
+            before_try()
         rc, output = run_rsync(argv, show=show)
         if rc in RSYNC_OK_CODES:
             if rc == 24:
@@ -3216,15 +3222,136 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     return parse_rsync_stats(output)
 
 
-def ssh_argv(config_dir: str, port: Optional[int]) -> List[str]:
-    """ssh as backups use it: our key, the pinned host key, no prompts, keepalives."""
-    argv = ["ssh", "-i", str(Path(config_dir) / "key"), "-o", "IdentitiesOnly=yes",
-            "-o", "BatchMode=yes", "-o", f"UserKnownHostsFile={Path(config_dir) / 'known_hosts'}",
-            "-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=30",
-            "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=60"]
+def ssh_argv(config_dir: str, port: Optional[int], *, control: Optional[str] = None,
+             master: bool = False, administrator: bool = False) -> List[str]:
+    """ssh as byteback runs it, without the login and the command.
+
+    Backups and restores: our key, the pinned host key, no prompts,
+    keepalives, and the shared connection at `control` (SshSession) or none.
+    administrator: setup-client's one login with the administrator's own
+    credentials (agent, key or password), pinning the host key on first sight.
+    """
+    known_hosts = ["-o", f"UserKnownHostsFile={Path(config_dir) / 'known_hosts'}"]
+    if administrator:
+        argv = ["ssh", *known_hosts, "-o", "StrictHostKeyChecking=accept-new"]
+    else:
+        argv = ["ssh", "-i", str(Path(config_dir) / "key"), "-o", "IdentitiesOnly=yes",
+                "-o", "BatchMode=yes", *known_hosts,
+                "-o", "StrictHostKeyChecking=yes", "-o", "ServerAliveInterval=30",
+                "-o", "ServerAliveCountMax=4", "-o", "ConnectTimeout=60",
+                # Never a master or socket from the user's ssh_config: only ours.
+                "-o", f"ControlMaster={'yes' if master else 'no'}",
+                "-o", f"ControlPath={control or 'none'}"]
+        if master:
+            argv += ["-o", "ControlPersist=no"]
     if port:
         argv += ["-p", str(port)]
     return argv
+
+
+def rsync_over_ssh(ssh: Sequence[str]) -> List[str]:
+    """The rsync options of a transfer to or from a byteback server over this ssh."""
+    return ["--rsh", shlex.join(ssh), "--rsync-path", "rsync --fake-super"]
+
+
+PR_SET_PDEATHSIG = 1   # prctl: the signal a child gets when its parent dies
+
+
+def _die_with_parent() -> Callable[[], None]:
+    """A preexec_fn after which the kernel sends the child SIGTERM when this process dies."""
+    import ctypes
+    import signal
+    libc = ctypes.CDLL(None, use_errno=True)   # loaded before the fork, not in the child
+    return lambda: libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+class SshSession:
+    """One authenticated ssh connection that a backup's ping, rsync and complete share.
+
+    An OpenSSH master (ControlMaster) in a private 0700 directory of this run,
+    never persisting: it is this process's child, dies with it, and is closed
+    by close().  The other ssh commands are sessions multiplexed over it (the
+    server runs its forced command for each as before).  One whose master is
+    gone connects by itself, and ensure() starts a new master after a cut.
+    """
+
+    def __init__(self, config_dir: str, destination: Destination):
+        self.config_dir, self.destination = config_dir, destination
+        self.dir: Optional[str] = None
+        self.master: Optional[subprocess.Popen] = None
+
+    @property
+    def socket(self) -> Optional[str]:
+        return os.path.join(self.dir, "master") if self.dir else None
+
+    def argv(self) -> List[str]:
+        """ssh for one command over the shared connection (or its own, without one)."""
+        return ssh_argv(self.config_dir, self.destination.port, control=self.socket)
+
+    def ensure(self) -> Optional[str]:
+        """Have a live master; None when there is one, else ssh's reason why not.
+
+        Only an unreachable server (ssh's exit 255) is reported: an ssh that
+        cannot be a master leaves each command to connect by itself.
+        """
+        if self.master is not None and self.master.poll() is None and os.path.exists(self.socket):
+            return None
+        self._stop()
+        import tempfile
+        if self.dir is None:
+            # 0700, ours alone; short, as a socket's path must be (108 bytes with ssh's suffix).
+            base = tempfile.gettempdir()
+            self.dir = tempfile.mkdtemp(prefix="byteback-ssh-", dir=base if len(base) < 64 else "/tmp")
+        # A master killed outright leaves its socket behind, and ssh will not
+        # replace it (it runs on without multiplexing instead).
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.socket)
+        argv = ssh_argv(self.config_dir, self.destination.port, control=self.socket, master=True)
+        argv += ["-N", _login(self.destination)]
+        log.debug("run: %s", shlex.join(argv))
+        errors = tempfile.TemporaryFile(dir=self.dir)
+        try:
+            self.master = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                           stderr=errors, preexec_fn=_die_with_parent())
+        except FileNotFoundError:
+            errors.close()
+            raise missing_program("ssh") from None
+        # ssh listens on the socket only once it has logged in.
+        deadline = time.monotonic() + 180
+        with errors:
+            while not os.path.exists(self.socket):
+                rc = self.master.poll()
+                if rc is not None or time.monotonic() > deadline:
+                    self._stop()
+                    errors.seek(0)
+                    said = errors.read().decode("utf-8", "replace").strip().splitlines()
+                    log.debug("no shared ssh connection (exit %s): %s", rc, " | ".join(said[-3:]))
+                    return (said or ["no answer"])[-1] if rc == 255 else None
+                time.sleep(0.005)
+        return None
+
+    def _stop(self) -> None:
+        if self.master is not None:
+            if self.master.poll() is None:
+                self.master.terminate()
+                try:
+                    self.master.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.master.kill()
+                    self.master.wait()
+            self.master = None
+
+    def close(self) -> None:
+        self._stop()
+        if self.dir is not None:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
+
+    def __enter__(self) -> "SshSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 def _login(destination: Destination) -> str:
@@ -3232,9 +3359,10 @@ def _login(destination: Destination) -> str:
     return f"{destination.user}@{host}" if destination.user else host
 
 
-def call_server(plan: BackupPlan, verb: str) -> subprocess.CompletedProcess:
+def call_server(plan: BackupPlan, verb: str, session: Optional[SshSession] = None) -> subprocess.CompletedProcess:
     """Run one of the forced command's verbs (ping, complete) on the server."""
-    argv = ssh_argv(plan.config_dir, plan.destination.port) + [_login(plan.destination), verb]
+    ssh = session.argv() if session else ssh_argv(plan.config_dir, plan.destination.port)
+    argv = ssh + [_login(plan.destination), verb]
     log.debug("run: %s", shlex.join(argv))
     try:
         return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -3249,13 +3377,15 @@ def _server_said(proc: subprocess.CompletedProcess) -> str:
     return " ".join(lines) or f"exit {proc.returncode}"
 
 
-def ping_server(plan: BackupPlan, *, dry_run: bool = False) -> None:
+def ping_server(plan: BackupPlan, *, dry_run: bool = False, session: Optional[SshSession] = None) -> None:
     """Check the server answers, and will take a snapshot, before any data moves.
 
     Retries while the server cannot be reached.
     """
     for attempt in range(1, plan.retries + 1):
-        proc = call_server(plan, "ping")
+        unreachable = session.ensure() if session else None
+        proc = call_server(plan, "ping", session) if unreachable is None else \
+            subprocess.CompletedProcess([], 255, "", unreachable)
         if proc.returncode == 0:
             lines = proc.stdout.strip().splitlines()
             log.info("server: %s", lines[0] if lines else "")
@@ -3277,16 +3407,22 @@ def backup_remote(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     """Back up to a server over ssh: ping, rsync (retried), then ask it to snapshot."""
     if not (Path(plan.config_dir) / "key").is_file():
         raise ByteBackError(f"{plan.config_dir}/key is missing: run setup-client first")
-    ping_server(plan, dry_run=args.dry_run)
+    with SshSession(plan.config_dir, plan.destination) as session:
+        return _backup_over(session, plan, args)
+
+
+def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
+    ping_server(plan, dry_run=args.dry_run, session=session)
     auto = automatic_excludes(plan.sources, _read_mounts(), _client_config_files(plan))
-    transport = ["--rsh", shlex.join(ssh_argv(plan.config_dir, plan.destination.port)),
-                 "--rsync-path", "rsync --fake-super"]
-    argv = build_rsync_argv(plan, f"{_login(plan.destination)}:current/", transport=transport,
+    argv = build_rsync_argv(plan, f"{_login(plan.destination)}:current/",
+                            transport=rsync_over_ssh(session.argv()),
                             auto_excludes=auto, progress=args.progress, dry_run=args.dry_run)
     rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay,
-                                    show=args.verbose > 0 or args.progress or args.dry_run)
+                                    show=args.verbose > 0 or args.progress or args.dry_run,
+                                    before_try=session.ensure)
     if not args.dry_run:
-        proc = call_server(plan, "complete")
+        session.ensure()
+        proc = call_server(plan, "complete", session)
         if proc.returncode != 0:
             said = _server_said(proc)
             raise ByteBackError(f"the files were copied, but the server took no snapshot: {said}")
@@ -3322,13 +3458,7 @@ def cmd_setup_client(args: argparse.Namespace) -> int:
     # server's shell reads it from this very connection.
     remote = shlex.join(server_args + ["setup-host", "--host", host]) + \
         ' --client-address "${SSH_CONNECTION%% *}"'
-    # The administrator's own credentials (agent, key or password) log in this
-    # once; the server's host key is pinned here on first sight.
-    argv = ["ssh", "-o", f"UserKnownHostsFile={config_dir / 'known_hosts'}",
-            "-o", "StrictHostKeyChecking=accept-new"]
-    if destination.port:
-        argv += ["-p", str(destination.port)]
-    argv += [_login(destination), remote]
+    argv = ssh_argv(str(config_dir), destination.port, administrator=True) + [_login(destination), remote]
     log.info("run: %s", shlex.join(argv))
     try:
         proc = subprocess.run(argv, input=public, universal_newlines=True)
@@ -3438,8 +3568,9 @@ def restore_sources(paths: Sequence[str], cwd: str) -> List[tuple]:
     return pairs
 
 
-def _remote_list(destination: Destination, config_dir: str, words: Sequence[str]) -> List[Entry]:
-    argv = ssh_argv(config_dir, destination.port) + [_login(destination), shlex.join(["list", *words])]
+def _remote_list(session: SshSession, words: Sequence[str]) -> List[Entry]:
+    session.ensure()
+    argv = session.argv() + [_login(session.destination), shlex.join(["list", *words])]
     log.debug("run: %s", shlex.join(argv))
     try:
         proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -3476,6 +3607,12 @@ def _batches(paths: Sequence[str], limit: int) -> Iterator[List[str]]:
 def cmd_restore(args: argparse.Namespace) -> int:
     """restore: list the versions of files in the snapshots, and copy them back."""
     destination, host = client_target(args)
+    with SshSession(args.config_dir, destination) as session:   # connects only for a server
+        return _restore(args, session, host)
+
+
+def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
+    destination = session.destination
     if args.restore and args.all:
         raise UsageError("--all lists every version; to restore one, pick it with --snapshot NAME")
     cwd = os.getcwd()
@@ -3485,7 +3622,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         entries = list_store(store, host, patterns, snapshot=args.snapshot, every=args.all)
     else:
         words = (["--all"] if args.all else []) + ([f"--snapshot={args.snapshot}"] if args.snapshot else [])
-        entries = _remote_list(destination, args.config_dir, words + patterns)
+        entries = _remote_list(session, words + patterns)
     if not entries:
         where = args.snapshot or ("any snapshot" if args.all else "the newest snapshot")
         raise ByteBackError(f"nothing matches {' '.join(args.pattern)} in {where} of host {host}; "
@@ -3511,8 +3648,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
         transport = ["--fake-super", "-M--super" if os.geteuid() == 0 else "-M--no-super"]
     else:
         sources = [f"{_login(destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
-        transport = ["--rsh", shlex.join(ssh_argv(args.config_dir, destination.port)),
-                     "--rsync-path", "rsync --fake-super"]
+        transport = rsync_over_ssh(session.argv())
     target.mkdir(parents=True, exist_ok=True)
     # NOTE: the receive guard's SEND_LETTERS must allow every letter this sends.
     done = 0

@@ -19,6 +19,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import treeutil  # noqa: E402
 from remote_env import RemoteByteback, Result, byteback_remote, remote_byteback  # noqa: E402,F401 (fixture)
 from sshd_env import _sigterm_as_interrupt, _skip_or_check, descendants, stop_process  # noqa: E402
+from sshd_env import wait_for as wait_until  # noqa: E402
 
 MUNGE_PREFIX = b"/rsyncd-munged/"     # what the server's --munge-links puts before a link target
 MIB = 1 << 20
@@ -151,6 +153,24 @@ def ssh_pids_below(pid: int) -> List[int]:
                 found.append(child)
         except OSError:
             pass
+    return found
+
+
+def logins(remote: RemoteByteback) -> int:
+    """How many ssh connections the server has authenticated so far."""
+    return remote.env.sshd.log_text().count("Accepted publickey for ")
+
+
+def ssh_masters_left(tmp: Path) -> List[str]:
+    """Command lines of byteback's shared-connection ssh masters still running below tmp."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            words = (entry / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "ControlMaster=yes" in words and any(f"{tmp}/byteback-ssh-" in w for w in words):
+            found.append(" ".join(words))
     return found
 
 
@@ -319,6 +339,7 @@ def test_connection_cut_mid_transfer_is_retried_and_resumed(remote, bulk):
     # ~40 MB/s: the transfer takes seconds, a window to cut it in.
     flags = remote.client_config / "rsync_flags"
     flags.write_text("--bwlimit=40000\n")
+    logins_before = logins(remote)
     proc = spawn_backup(remote, "--source", str(src), "--retry-number", "3", "-v")
     try:
         deadline = time.monotonic() + 60
@@ -341,6 +362,8 @@ def test_connection_cut_mid_transfer_is_retried_and_resumed(remote, bulk):
     assert proc.returncode == 0, f"backup exited {proc.returncode}\n{stdout[-3000:]}\n{stderr[-3000:]}"
     assert "trying again" in stderr, stderr          # the cut was seen and retried by itself
     assert "Traceback" not in stderr
+    # The cut killed the shared connection too: the retry logged in again, once.
+    assert logins(remote) - logins_before == 2, remote.env.sshd.log_text()[-6000:] + stderr
 
     # The retry sent only what the server did not have yet.
     state = client_state(remote)["last_attempt"]
@@ -439,8 +462,12 @@ def test_backup_after_a_run_killed_before_complete_completes(remote, tmp_path):
     wrapper = bin_dir / "ssh"
     wrapper.write_text(KILL_AT_COMPLETE.format(ssh=shutil.which("ssh")))
     wrapper.chmod(0o755)
-    killed = remote.backup("--source", str(src), env={"PATH": f"{bin_dir}:{os.environ['PATH']}"})
+    tmp = short_tmp()
+    killed = remote.backup("--source", str(src), env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
+                                                      "TMPDIR": str(tmp)})
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
+    # Its shared connection died with it (the kernel's parent-death signal).
+    wait_until(lambda: not ssh_masters_left(tmp), 10, "the killed run's ssh master to exit")
     # rsync had finished: the data is in current, but no snapshot was taken.
     assert (stored(remote.host_dir / "current", src) / "dir" / "c").read_bytes() == b"three\n"
     assert remote.snapshots() == names
@@ -450,6 +477,54 @@ def test_backup_after_a_run_killed_before_complete_completes(remote, tmp_path):
     snap = snapshot_backup(remote, "--source", str(src))
     assert_snapshot_matches(snap, src)
     assert client_state(remote)["last_attempt"]["result"] == "ok"
+
+
+# === One ssh connection a backup ========================================================
+
+def short_tmp() -> Path:
+    """A TMPDIR of the test's own (the shared connection's socket goes below it)."""
+    path = Path(tempfile.mkdtemp(prefix="bbt-"))
+    _tmp_dirs.append(path)
+    return path
+
+
+_tmp_dirs: List[Path] = []
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _remove_tmp_dirs():
+    yield
+    for path in _tmp_dirs:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def test_a_backup_and_a_restore_each_log_in_once(remote, tmp_path):
+    src = write_tree(tmp_path / "src", {"a": b"one\n", "dir/b": b"two\n"})
+    tmp = short_tmp()
+    before = logins(remote)
+    snapshot_backup(remote, "--source", str(src), env={"TMPDIR": str(tmp)})   # ping, rsync, complete
+    assert logins(remote) - before == 1
+    assert not ssh_masters_left(tmp)
+    assert not list(tmp.iterdir())                           # the socket's directory is gone
+
+    before = logins(remote)
+    out = tmp_path / "out"
+    remote.run("restore", "--host", remote.host, "--restore", "--to", str(out),
+               str(src / "dir" / "b"), env={"TMPDIR": str(tmp)}).check()   # list, rsync
+    assert logins(remote) - before == 1
+    assert (out / src.relative_to("/") / "dir" / "b").read_bytes() == b"two\n"
+    assert not ssh_masters_left(tmp) and not list(tmp.iterdir())
+
+
+def test_an_unreachable_server_is_retried_then_fails_in_one_line(remote, tmp_path):
+    src = write_tree(tmp_path / "src", {"a": b"one\n"})
+    tmp = short_tmp()
+    result = remote.backup("--source", str(src), "--retry-number", "2", "--port", "1",
+                           env={"TMPDIR": str(tmp)})
+    message = assert_clean_failure(result, "did not answer ping")
+    assert "trying again" in result.stderr, result.stderr
+    assert "Connection refused" in message, message
+    assert not ssh_masters_left(tmp) and not list(tmp.iterdir())
 
 
 # === The client's state file ===========================================================

@@ -413,8 +413,12 @@ def test_a_push_keeps_the_options_that_matter_and_drops_the_rest():
 
 
 def _write_logging_rsh(path: Path, log: Path) -> Path:
-    """An `ssh` stand-in: answers ping and complete, logs any other command, then fails."""
+    """An `ssh` stand-in: answers ping and complete, logs any other command, then fails.
+
+    It cannot be a shared connection's master (-N): each command connects by itself.
+    """
     path.write_text("#!/bin/sh\n"
+                    'if [ "$1" = -N ]; then exit 1; fi\n'
                     "shift\n"                                    # the host
                     'case "$*" in ping) echo pong; exit 0;; complete) exit 0;; esac\n'
                     f"printf '%s\\n' \"$*\" >> {shlex.quote(str(log))}\n"
@@ -433,7 +437,7 @@ def test_live_client_commands_pass_the_guard(tmp_path, monkeypatch, flags, extra
     """byteback's own backup and restore, through a logging `ssh`: the guard takes what they send."""
     log = tmp_path / "commands"
     rsh = _write_logging_rsh(tmp_path / "rsh", log)
-    monkeypatch.setattr(byteback, "ssh_argv", lambda config_dir, port: [str(rsh)])
+    monkeypatch.setattr(byteback, "ssh_argv", lambda config_dir, port, **options: [str(rsh)])
     config = tmp_path / "config"
     config.mkdir()
     (config / "key").write_text("not a key\n")
@@ -446,7 +450,7 @@ def test_live_client_commands_pass_the_guard(tmp_path, monkeypatch, flags, extra
                    "--host", "client1", "--source", str(source), "--retry-number", "1",
                    "--retry-delay", "0", *extra])
     entries = [byteback.Entry(SNAP, str(source / "file"), "f", 0o644, 2, 0, 0, 0)]
-    monkeypatch.setattr(byteback, "_remote_list", lambda destination, config_dir, words: entries)
+    monkeypatch.setattr(byteback, "_remote_list", lambda session, words: entries)
     monkeypatch.chdir(tmp_path)
     byteback.main(["--config-dir", str(config), "restore", "--destination", "backuphost:",
                    "--host", "client1", "--restore", "--to", str(tmp_path / "back"), str(source / "file")])
