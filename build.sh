@@ -2,6 +2,7 @@
 # build.sh: build byteback.pyz, or install what the tests need and run them.
 #
 #   ./build.sh              build byteback.pyz (a zipapp) beside this script
+#   ./build.sh deb          also byteback_<version>_all.deb, with dpkg-deb alone
 #   ./build.sh test [ARGS]  install test dependencies, build, run every test;
 #                           ARGS go to each pytest run (e.g. -k guard, -x)
 #
@@ -30,6 +31,7 @@ PIP_PACKAGES=(pytest freezegun pyfakefs hypothesis)
 
 usage() {
     echo "usage: ./build.sh          build byteback.pyz"
+    echo "       ./build.sh deb      build byteback_<version>_all.deb (dpkg-deb only)"
     echo "       ./build.sh test [PYTEST-ARGS]   install test dependencies, build, run all tests"
 }
 
@@ -113,6 +115,140 @@ except BaseException:
     raise
 print("built %s (%d entries)" % (target, len(entries)))
 PYEOF
+}
+
+# Builds byteback_<version>_all.deb beside byteback.pyz with dpkg-deb alone:
+# the zipapp as /usr/bin/byteback, a man page made from --help, the copyright
+# and changelog Debian wants, no maintainer scripts and no conffiles (setup-server
+# and setup-client write /etc/byteback/ themselves). Byte-identical for the same
+# tree: fixed mtimes (SOURCE_DATE_EPOCH), modes, owners and gzip headers.
+build_deb() {
+    build >/dev/null
+    local stage
+    stage="$(mktemp -d)"
+    # COLUMNS: argparse wraps --help to the terminal's width.
+    if ! COLUMNS=80 "$python" - "$src_dir" "$out_dir" "$stage" <<'PYEOF'
+import gzip, hashlib, io, os, re, subprocess, sys, textwrap, time
+
+src, out, stage = sys.argv[1:4]
+pyz = os.path.join(out, "byteback.pyz")
+version = re.search(r'^VERSION = "([^"]+)"', open(os.path.join(src, "byteback.py")).read(), re.M).group(1)
+epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or 315532800)      # 1980-01-01, as the zipapp
+date = time.strftime("%a, %d %b %Y %H:%M:%S +0000", time.gmtime(epoch))
+maintainer = "byteback developers <byteback@packages.debian.org>"
+
+def put(path, data, mode=0o644):
+    full = os.path.join(stage, path.lstrip("/"))
+    os.makedirs(os.path.dirname(full), exist_ok=True)
+    with open(full, "wb") as f:
+        f.write(data)
+    os.chmod(full, mode)
+
+def gz(data):
+    buf = io.BytesIO()
+    with gzip.GzipFile(fileobj=buf, mode="wb", compresslevel=9, mtime=0, filename="") as f:
+        f.write(data)
+    return buf.getvalue()
+
+def help_of(*words):
+    proc = subprocess.run([sys.executable, pyz, *words, "--help"], stdout=subprocess.PIPE,
+                          universal_newlines=True, check=True, env=dict(os.environ, COLUMNS="80"))
+    return proc.stdout
+
+def roff(text):
+    lines = []
+    for line in text.rstrip("\n").splitlines():
+        line = line.replace("\\", "\\e")
+        if line.startswith((".", "'")):
+            line = "\\&" + line
+        lines.append(line)
+    return "\n".join(lines)
+
+# Debian policy: an absolute interpreter path, not /usr/bin/env.  The zip is
+# written again behind the new line: its offsets count from the file's start.
+import zipfile
+buf = io.BytesIO()
+buf.write(b"#!/usr/bin/python3\n")
+with zipfile.ZipFile(pyz) as old, zipfile.ZipFile(buf, "w") as new:
+    for info in old.infolist():
+        new.writestr(info, old.read(info))
+put("/usr/bin/byteback", buf.getvalue(), 0o755)
+
+top = help_of()
+sys.path.insert(0, pyz)
+import argparse, byteback
+commands = [name for action in byteback.build_parser()._actions
+            if isinstance(action, argparse._SubParsersAction) for name in action.choices]
+man = [f'.TH BYTEBACK 1 "{time.strftime("%Y-%m-%d", time.gmtime(epoch))}" "byteback {version}" "User Commands"',
+       ".SH NAME", "byteback \\- maintenance-free client/server backups with rsync, ssh and btrfs snapshots",
+       ".SH SYNOPSIS", ".B byteback", "[\\-\\-config\\-dir \\fIDIR\\fR] \\fICOMMAND\\fR [\\fIOPTIONS\\fR]",
+       ".SH DESCRIPTION", "The text below is each command's \\fB\\-\\-help\\fR.", ".PP", ".nf", roff(top), ".fi"]
+for command in commands:
+    man += [".SH " + command.upper().replace("-", "\\-"), ".nf", roff(help_of(command)), ".fi"]
+man += [".SH FILES", ".TP", ".I /etc/byteback/",
+        "client settings (destination, key, excludes, ...) and the server's server.conf",
+        ".TP", ".I /var/lib/byteback/", "the client's lock and last result, for \\fBstatus\\fR",
+        ".SH SEE ALSO", ".BR rsync (1),", ".BR ssh (1),", ".BR btrfs (8)",
+        ".PP", "/usr/share/doc/byteback/README.md"]
+put("/usr/share/man/man1/byteback.1.gz", gz(("\n".join(man) + "\n").encode()))
+
+license_text = open(os.path.join(src, "LICENSE")).read().strip()
+body = "\n".join(" " + (l if l.strip() else ".") for l in license_text.splitlines()[2:] if True).rstrip()
+holder = re.search(r"^Copyright \(c\) (.+)$", license_text, re.M).group(1)
+put("/usr/share/doc/byteback/copyright", (
+    "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+    "Upstream-Name: byteback\n\nFiles: *\n"
+    f"Copyright: {holder}\nLicense: Expat\n" + body.lstrip(" .\n").join([" ", ""]) + "\n").encode())
+put("/usr/share/doc/byteback/changelog.gz", gz(
+    f"byteback ({version}) unstable; urgency=medium\n\n"
+    f"  * Release {version}, packaged by ./build.sh deb.\n\n"
+    f" -- {maintainer}  {date}\n".encode()))
+readme = os.path.join(src, "README.md")
+if os.path.isfile(readme):
+    put("/usr/share/doc/byteback/README.md.gz", gz(open(readme, "rb").read()))
+
+files, size = [], 0
+for dirpath, dirnames, filenames in os.walk(stage):
+    dirnames.sort()
+    for name in sorted(filenames):
+        path = os.path.join(dirpath, name)
+        rel = os.path.relpath(path, stage)
+        files.append((rel, hashlib.md5(open(path, "rb").read()).hexdigest()))
+        size += (os.path.getsize(path) + 1023) // 1024
+    size += 1
+description = textwrap.dedent("""\
+    maintenance-free client/server backups with rsync, ssh and btrfs
+     Clients push their files with rsync over ssh; the server keeps every
+     finished backup as a read-only btrfs snapshot and deletes old snapshots
+     by itself when the disc needs room, so a fixed disc is used fully and
+     never fills. A hostile client cannot destroy the history the server
+     holds: its key may only write into its own current tree and ask for a
+     snapshot. One file, Python's standard library only.""")
+put("/DEBIAN/control", (
+    f"Package: byteback\nVersion: {version}\nArchitecture: all\nMaintainer: {maintainer}\n"
+    f"Installed-Size: {size}\nDepends: python3 (>= 3.8), rsync, openssh-client\n"
+    "Recommends: btrfs-progs, sudo, openssh-server\nSection: admin\nPriority: optional\n"
+    f"Description: {description}\n").encode())
+put("/DEBIAN/md5sums", "".join(f"{digest}  {rel}\n" for rel, digest in sorted(files)).encode())
+for dirpath, dirnames, filenames in os.walk(stage):
+    os.chmod(dirpath, 0o755)
+for dirpath, dirnames, filenames in os.walk(stage, topdown=False):
+    for name in dirnames + filenames:
+        os.utime(os.path.join(dirpath, name), (epoch, epoch), follow_symlinks=False)
+os.utime(stage, (epoch, epoch))
+PYEOF
+    then
+        rm -rf "$stage"
+        return 1
+    fi
+    local version deb
+    version="$(sed -n 's/^VERSION = "\([^"]*\)"/\1/p' "$src_dir/byteback.py")"
+    deb="$out_dir/byteback_${version}_all.deb"
+    SOURCE_DATE_EPOCH="${SOURCE_DATE_EPOCH:-315532800}" \
+        dpkg-deb --root-owner-group -Zxz --build "$stage" "$deb.new" >/dev/null || { rm -rf "$stage"; return 1; }
+    mv "$deb.new" "$deb"
+    rm -rf "$stage"
+    echo "built $deb"
 }
 
 # Installs the Debian packages the integration tests use. Skipped when they are
@@ -243,6 +379,7 @@ run_tests() {
 
 case "${1:-}" in
     "") build ;;
+    deb) build_deb ;;
     test) shift; run_tests "$@" ;;
     -h|--help) usage ;;
     *) usage >&2; exit 2 ;;

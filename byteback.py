@@ -389,6 +389,11 @@ def program_path() -> str:
     return os.path.abspath(sys.argv[0])
 
 
+def default_server_program() -> str:
+    """byteback's path on a server: the package's when this copy is the package's, else the zipapp's."""
+    return PACKAGED_PATH if os.path.realpath(sys.argv[0]) == PACKAGED_PATH else DEFAULT_INSTALL_PATH
+
+
 def running_under_sudo() -> bool:
     """True when sudo started us for another user (root-side code trusts nothing then)."""
     return os.geteuid() == 0 and bool(os.environ.get("SUDO_USER"))
@@ -2381,6 +2386,7 @@ def serve_list(store: Store, host: str, request: Request) -> int:
 # --- 7d. Server set-up (setup-server, and setup-host for setup-client) -------
 
 DEFAULT_INSTALL_PATH = "/usr/local/bin/byteback.pyz"
+PACKAGED_PATH = "/usr/bin/byteback"        # where the Debian package (./build.sh deb) puts it
 DEFAULT_UNIT_DIR = "/etc/systemd/system"
 # Key types, and how many length-prefixed strings their wire format holds.
 KEY_PARTS = {"ssh-ed25519": 2, "ssh-rsa": 3, "ecdsa-sha2-nistp256": 3, "ecdsa-sha2-nistp384": 3,
@@ -2738,7 +2744,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     import pwd
     _require_root("setup-server")
     store = Path(os.path.abspath(args.store))
-    install = args.install_path
+    install = args.install_path or default_server_program()
     if not SAFE_PATH_RE.match(str(store)) or not SAFE_PATH_RE.match(install):
         raise UsageError("--store and --install-path must be absolute paths of plain characters")
     if not re.fullmatch(r"[a-z_][a-z0-9_-]{0,30}", args.user):
@@ -3453,7 +3459,7 @@ def cmd_setup_client(args: argparse.Namespace) -> int:
         public = Path(f"{key}.pub").read_text()
     except OSError:
         public = runner.run(["ssh-keygen", "-y", "-f", str(key)]).stdout
-    server_args = ["sudo", "-n", args.server_program, *config_dir_args(args.server_config_dir or DEFAULT_CONFIG_DIR)]
+    server_args = ["sudo", "-n", args.server_program or default_server_program(), *config_dir_args(args.server_config_dir or DEFAULT_CONFIG_DIR)]
     # The client's address as the server sees it goes into from="...": the
     # server's shell reads it from this very connection.
     remote = shlex.join(server_args + ["setup-host", "--host", host]) + \
@@ -4092,8 +4098,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--store", required=True, metavar="ROOT", help="the store root, ideally a btrfs filesystem")
     p.add_argument("--user", default="byteback", help="the backup user (default: byteback)")
-    p.add_argument("--install-path", default=DEFAULT_INSTALL_PATH, metavar="PATH",
-                   help=f"where to install this program (default: {DEFAULT_INSTALL_PATH})")
+    p.add_argument("--install-path", metavar="PATH",
+                   help=f"where to install this program (default: {DEFAULT_INSTALL_PATH}, or "
+                   f"{PACKAGED_PATH} itself when run from the Debian package)")
     p.add_argument("--cron-file", metavar="PATH",
                    help="the hourly prune's cron file (default: /etc/cron.d/byteback-prune)")
     _add_systemd(p, "byteback-prune")
@@ -4116,8 +4123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", required=True, metavar="USER@HOST:", help="the server, e.g. byteback@backuphost:")
     p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: 22)")
     p.add_argument("--hostname", metavar="NAME", help="this machine's name on the server (default: its FQDN)")
-    p.add_argument("--server-program", default=DEFAULT_INSTALL_PATH, metavar="PATH",
-                   help=f"byteback's path on the server (default: {DEFAULT_INSTALL_PATH})")
+    p.add_argument("--server-program", metavar="PATH",
+                   help=f"byteback's path on the server (default: {DEFAULT_INSTALL_PATH}, or "
+                   f"{PACKAGED_PATH} when this copy is the Debian package's)")
     p.add_argument("--server-config-dir", metavar="DIR",
                    help="the server's --config-dir, if setup-server was given one")
     p.set_defaults(func=cmd_setup_client)
