@@ -1871,6 +1871,7 @@ class Request(NamedTuple):
     capabilities: str = ""      # the 'e<ver>.<flags>' blob rsync passes to its server
     options: tuple = ()         # long options the server keeps, as given
     paths: tuple = ()           # restore: paths below the host directory; list: patterns
+    any_snapshot: str = ""      # an original client's restore from '*': "newest" or "every"
 
 
 def _check_restore_path(path: str) -> str:
@@ -1913,9 +1914,121 @@ def check_receive_command(original: str) -> Request:
         return Request(words[0])
     if words[0] == "list":
         return parse_list_words(words[1:])
+    if words[0] in ("byteback-receive", "byteback-restore"):
+        return _check_original_words(words)
     if words[0] != "rsync":
         raise Refused(f"{words[0]!r} is not a command byteback runs")
     return _check_rsync_words(words[1:])
+
+
+# The original byteback's clients (Ruby) say the same things in other words.
+# Each is mapped onto one of ours and then checked exactly as ours is:
+#   byteback-receive --ping [--verbose]                        -> ping
+#   byteback-receive --complete [--verbose]                    -> complete
+#   byteback-receive --snapshot S --list [--all] [--verbose] QP-GLOB...   -> list
+#   byteback-restore --fake-super --snapshot S [--all] --server --sender ... . QP-PATH...
+#                                                              -> restore (rsync --server --sender)
+# S is a snapshot name or '*' (any snapshot).  Paths and globs come quoted-
+# printable ('=20' for a space); they are decoded once, then checked.
+ORIGINAL_ANY = "*"
+ORIGINAL_TABLE = "--original-table"   # list: the original client prints what it gets: a table
+ORIGINAL_NEWEST = "--newest-of-each"  # list/restore over '*': each path's newest version only
+
+
+def decode_original_arg(word: str) -> str:
+    """A quoted-printable word from an original client, decoded once (Ruby's pack('M'))."""
+    import binascii
+    if not re.fullmatch(r"[!-~]*", word):
+        raise Refused(f"{word[:80]!r} is not quoted-printable")
+    try:
+        return os.fsdecode(binascii.a2b_qp(word.encode("ascii")))
+    except (binascii.Error, ValueError):
+        raise Refused(f"{word[:80]!r} is not quoted-printable") from None
+
+
+def _original_snapshot(name: str) -> str:
+    if name != ORIGINAL_ANY and parse_snapshot_name(name) is None:
+        raise Refused(f"{name!r} is not a snapshot name or '*'")
+    return name
+
+
+def _check_original_words(words: List[str]) -> Request:
+    """An original client's command, as one of ours (see the table above).  Raises Refused."""
+    program, rest = words[0], list(words[1:])
+    if program == "byteback-receive":
+        flags = [w for w in rest if w != "--verbose"]       # --verbose changes nothing here
+        if flags in (["--ping"], ["--complete"]):
+            return Request(flags[0][2:])
+        if len(flags) < 4 or flags[0] != "--snapshot" or flags[2] != "--list":
+            raise Refused("byteback-receive: only --ping, --complete and --snapshot S --list are allowed")
+        snapshot, flags = _original_snapshot(flags[1]), flags[3:]
+        every = bool(flags) and flags[0] == "--all"
+        patterns = flags[1:] if every else flags
+        options = [ORIGINAL_TABLE]
+        if snapshot == ORIGINAL_ANY:
+            options += ["--all"] + ([] if every else [ORIGINAL_NEWEST])
+        else:
+            options.append(f"--snapshot={snapshot}")
+        if not patterns or len(patterns) > 100:
+            raise Refused("list takes from 1 to 100 patterns")
+        return Request("list", options=tuple(options),
+                       paths=tuple(check_list_pattern(decode_original_arg(p)) for p in patterns))
+    # byteback-restore: what --rsync-path "byteback-restore --fake-super --snapshot S [--all]"
+    # makes of the rsync server command line.
+    if rest[:1] == ["--fake-super"]:
+        rest.pop(0)
+    if len(rest) < 2 or rest[0] != "--snapshot":
+        raise Refused("byteback-restore needs --snapshot NAME first")
+    snapshot = _original_snapshot(rest[1])
+    rest = rest[2:]
+    every = rest[:1] == ["--all"]
+    if every:
+        rest.pop(0)
+    if rest[:2] != ["--server", "--sender"]:
+        raise Refused("byteback-restore runs only an rsync sender")
+    if "." not in rest:
+        raise Refused("rsync command without the '.' that separates options from paths")
+    dot = rest.index(".")
+    paths = [decode_original_arg(word) for word in rest[dot + 1:]]
+    if not all(p.startswith("/") for p in paths):
+        raise Refused("an original client's restore paths are absolute")
+    # '*': which snapshots hold each path is known only on the server's disc.
+    # The paths are checked here as if in current (the same rules), and
+    # cmd_receive checks again what resolve_any_snapshot makes of them.
+    request = _check_rsync_words(rest[:dot + 1] + [
+        _original_source("current" if snapshot == ORIGINAL_ANY else snapshot, p) for p in paths])
+    if request.verb != "restore":
+        raise Refused("byteback-restore runs only an rsync sender")
+    if snapshot == ORIGINAL_ANY:
+        return request._replace(paths=tuple(paths), any_snapshot="every" if every else "newest")
+    return request
+
+
+def _original_source(snapshot: str, path: str, every: bool = False) -> str:
+    """What the sender is given for one path.  'S/./path' sends it under the name the
+    client asked for: rsync >= 3.2.5 rejects any other name (CVE-2022-29154), so the
+    original's own layout, './S/path' in the client's directory, is kept only for
+    --all, where one name would have several versions (the client needs
+    --trust-sender in rsync_flags for that)."""
+    return _check_restore_path(f"{snapshot}{path}" if every else f"{snapshot}/.{path}")
+
+
+def resolve_any_snapshot(request: Request, snapshots: Sequence[str], exists: Callable) -> Request:
+    """An original client's restore from '*': each path in its newest snapshot, or in every one.
+
+    exists(snapshot, path) says whether a snapshot holds a path; every result
+    is checked again as a path of ours.
+    """
+    if not request.any_snapshot:
+        return request
+    found = []
+    for path in request.paths:
+        holders = [s for s in reversed(snapshots) if exists(s, path)]
+        chosen = holders if request.any_snapshot == "every" else holders[:1]
+        found += [_original_source(s, path, every=request.any_snapshot == "every") for s in reversed(chosen)]
+    if not found:
+        raise ByteBackError("no snapshot holds " + ", ".join(map(repr, request.paths[:5])))
+    return request._replace(paths=tuple(found), any_snapshot="")
 
 
 def _check_rsync_words(words: List[str]) -> Request:
@@ -2086,6 +2199,9 @@ def cmd_receive(args: argparse.Namespace) -> int:
     if version < MIN_RSYNC:
         raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
                             "and has known holes (CVE-2024-12084); upgrade rsync on the server")
+    if request.any_snapshot:
+        request = resolve_any_snapshot(request, [s.name for s in store.snapshots(host)],
+                                       lambda snap, path: os.path.lexists(f"{host_dir}/{snap}{path}"))
     try:
         argv = server_rsync_argv(request, host_dir=str(host_dir), current=str(current),
                                  backend_options=store.rsync_options(host),
@@ -2377,6 +2493,13 @@ def serve_list(store: Store, host: str, request: Request) -> int:
     """Answer a client's list with one JSON object a line (the client formats it)."""
     snapshot = next((o.partition("=")[2] for o in request.options if o.startswith("--snapshot=")), None)
     entries = list_store(store, host, request.paths, snapshot=snapshot, every="--all" in request.options)
+    if ORIGINAL_NEWEST in request.options:
+        entries = list({e.path: e for e in entries}.values())      # oldest first: the last stays
+    if ORIGINAL_TABLE in request.options:
+        # The original client prints what it gets, so it gets what a person reads.
+        print_text(format_entries(entries) if entries else
+                   "** Sorry.  There were no files matching:\n--> " + "\n--> ".join(request.paths))
+        return EXIT_OK
     out = sys.stdout
     for e in entries:
         out.write(json.dumps(e._asdict(), ensure_ascii=True, separators=(",", ":")) + "\n")

@@ -242,3 +242,65 @@ def test_setup_host_accepts_the_original_client_key_beside_its_old_commented_lin
                            universal_newlines=True, timeout=60)
         Result(argv, p.returncode, p.stdout, p.stderr).check()
         assert f"host {host} is already set up with this key; nothing changed" in p.stdout
+
+
+def qp(text: str) -> str:
+    """Ruby's [s].pack("M") as byteback-restore sends it: soft breaks dropped, spaces =20."""
+    return "".join(chr(b) if 33 <= b <= 126 and b != ord("=") else f"={b:02X}" for b in text.encode())
+
+
+def test_an_original_clients_commands_back_up_list_and_restore_through_the_guard(adopted, tmp_path):
+    """bin/byteback-backup's and bin/byteback-restore's exact command lines, as host db_1."""
+    env, store, key = adopted["env"], adopted["store"], adopted["keys"]["db_1"]
+    src = env.workdir / "original-client"
+    (src / "etc").mkdir(parents=True)
+    (src / "etc" / "motd").write_text("hello from the original client\n")
+    (src / "My Files").mkdir()
+    (src / "My Files" / "a b.txt").write_text("spaces\n")
+    rsh = env.rsync_rsh(key)
+    login = f"{env.user.name}@{env.host}:"
+    ping = env.ssh("byteback-receive --ping --verbose", key=key)
+    assert ping.returncode == 0, ping.stderr
+    push = subprocess.run(["rsync", "--archive", "--numeric-ids", "--delete-excluded", "--delete-during",
+                           "--inplace", "--relative", "--timeout", "10800", "--rsh", rsh, "--verbose",
+                           "--rsync-path", "rsync --fake-super", str(src), login],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
+    assert push.returncode == 0, push.stderr
+    assert (store / "db_1" / "current" / str(src).lstrip("/") / "My Files" / "a b.txt").is_file()
+    before = snapshot_names(store / "db_1")
+    complete = env.ssh("byteback-receive --complete", key=key)
+    assert complete.returncode == 0, complete.stderr
+    (new,) = set(snapshot_names(store / "db_1")) - set(before)
+    wanted = f"{src}/My Files/a b.txt"
+    listing = env.ssh(f"byteback-receive --snapshot * --list {qp(wanted)}", key=key)
+    assert listing.returncode == 0, listing.stderr
+    lines = listing.stdout.splitlines()
+    assert lines[0].split()[:2] == ["snapshot", "mode"] and len(lines) == 2, listing.stdout
+    assert lines[1].startswith(new) and lines[1].endswith(wanted) and " -rw-" in lines[1]
+    missing = env.ssh(f"byteback-receive --snapshot {new} --list {qp(str(src) + '/nothing*')}", key=key)
+    assert missing.returncode == 0 and missing.stdout.startswith("** Sorry.  There were no files matching:")
+    def original_restore(path: str, snapshot: str, *flags: str) -> subprocess.CompletedProcess:
+        out = tmp_path / secrets.token_hex(3)
+        out.mkdir()
+        p = subprocess.run(["rsync", "--archive", "--numeric-ids", "--inplace", "--relative", "--compress",
+                            "--timeout", "300", "--rsh", rsh, "--rsync-path",
+                            f"byteback-restore --fake-super --snapshot {snapshot}", *flags,
+                            login + qp(path), "."],
+                           cwd=out, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           universal_newlines=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        return out
+    motd = f"{src}/etc/motd"
+    for snapshot in ("*", new):
+        out = original_restore(motd, snapshot)
+        assert (out / motd.lstrip("/")).read_text() == "hello from the original client\n"
+    # A name rsync must encode (a space: '=20') is not the name the client
+    # asked for; rsync >= 3.2.5 accepts it only with --trust-sender.
+    out = original_restore(wanted, "*", "--trust-sender")
+    assert (out / wanted.lstrip("/")).read_text() == "spaces\n"
+    out = original_restore(motd, "* --all", "--trust-sender")        # every version: ./<snapshot>/path
+    assert (out / new / motd.lstrip("/")).is_file()
+    for refused in ("byteback-receive --restore /etc", "byteback-snapshot --root /", "sh -c id",
+                    "byteback-receive --snapshot * --list /etc/=2E=2E/=2E=2E/x"):
+        p = env.ssh(refused, key=key)
+        assert p.returncode == 1 and "byteback: refused:" in p.stderr, (refused, p.stderr)
