@@ -11,7 +11,8 @@ Sections (grep -n '^# [=-][=-][=-] '):
     5 store backends            6 retention (pure)
     7 server commands: snapshot, prune; 7b the receive guard (the forced
       command); 7c listing files in snapshots; 7d server set-up
-    8 client commands: backup, setup-client, install-cron, restore; 8b status
+    8 client commands: backup, setup-client, install-cron, restore; 8b status;
+      8c databases (consistent copies of running MariaDB/MySQL, PostgreSQL)
     9 CLI dispatch
 
 Exit codes: 0 ok, 1 failure, 2 usage; `status` uses the Nagios codes
@@ -23,20 +24,25 @@ import argparse
 import bisect
 import configparser
 import contextlib
+import ctypes
 import datetime as dt
 import errno
 import fcntl
+import hashlib
 import json
 import logging
 import logging.handlers
 import math
 import operator
 import os
+import pwd
 import re
+import select
 import shlex
 import shutil
 import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
@@ -3646,7 +3652,8 @@ def cmd_backup(args: argparse.Namespace) -> int:
         try:
             run_hooks(plan.config_dir, "pre-backup")
             run = backup_local if plan.destination.is_local else backup_remote
-            entry["bytes_sent"] = run(plan, args)
+            with database_phase(plan, entry, dry_run=args.dry_run) as db_excludes:
+                entry["bytes_sent"] = run(plan._replace(excludes=plan.excludes + db_excludes), args)
             entry["result"] = "ok"
         except BaseException as e:
             entry["error"] = str(e) or type(e).__name__
@@ -3853,6 +3860,9 @@ def client_status(state: dict, now: dt.datetime, running: bool) -> dict:
         "last_attempt": attempt.get("end") or attempt.get("start"),
         "last_result": attempt.get("result"),
         "last_error": attempt.get("error"),
+        # The last attempt's database copies that failed or are not consistent.
+        "database_warnings": database_warnings(attempt.get("databases") or []
+                                               if isinstance(attempt.get("databases"), list) else []),
     }
 
 
@@ -4025,6 +4035,9 @@ def cmd_status(args: argparse.Namespace) -> int:
             summary += ", one running now"
         if report["last_result"] == "failed":
             summary += f"; last attempt failed: {report['last_error']}"
+        if report["database_warnings"]:
+            code = max(code, NAGIOS_WARNING)
+            summary += "; databases: " + "; ".join(report["database_warnings"])
         age = report["age_seconds"]
         perf = f"age={'U' if age is None else f'{int(age)}s'};{int(warning)};{int(critical)}"
     report["state"] = NAGIOS_NAMES[code]
@@ -4054,6 +4067,7 @@ def _format_status(report: dict, summary: str) -> str:
                  f"running now:    {'yes' if report['running'] else 'no'}"]
         if report["last_error"]:
             lines.append(f"last error:     {report['last_error']}")
+        lines += [f"database:       WARNING {w}" for w in report["database_warnings"]]
         return "\n".join(lines)
     rows = [("host", "newest", "age", "count", "oldest", "last", "mean", "note")]
     for host, i in sorted(report["hosts"].items()):
@@ -4065,6 +4079,828 @@ def _format_status(report: dict, summary: str) -> str:
     return (f"store {report['store']} ({report['backend']}): {format_size(report['free_bytes'])} free of "
             f"{format_size(report['total_bytes'])}, prune target {format_size(report['target_bytes'])}; "
             f"{report['state']}: {summary}\n{table}")
+
+
+# --- 8c. Databases: consistent copies of running MariaDB/MySQL and PostgreSQL ---
+
+# A database's files copied while it runs do not restore (measured: InnoDB
+# refuses to start, PostgreSQL starts with rows silently missing).  So
+# `backup` finds running servers in /proc and makes a consistent copy of
+# each, which the rsync sends AT THE DATADIR'S OWN PATH: the copy is
+# bind-mounted over the datadir in a private mount namespace that only this
+# backup (and its rsync) sees, so the server, the receive guard and the rsync
+# command line are unchanged, and one rsync sends everything.  Methods, best
+# first: a read-only btrfs snapshot (MariaDB/MySQL under its backup lock,
+# PostgreSQL needing none: the snapshot is crash-consistent), then the
+# server's own hot-backup tool (mariabackup, pg_basebackup), then (MariaDB
+# only) a dump beside the datadir.  When every method fails the files are
+# still backed up as they are and the backup is marked WARNING.
+# Only the servers' own command-line clients are used (stdlib only); a lock
+# that must stay held is one client process kept open on a pipe (SqlSession).
+
+DATABASES_FILE = "databases"             # <config-dir>/databases: optional settings
+DATABASES_RESULT = "databases.json"      # <state-dir>/: the last phase's result (travels in the backup)
+DB_SNAPSHOT_PREFIX = ".byteback-db-snapshot-"   # beside the datadir's subvolume, while a backup runs
+DUMP_SUFFIX = ".byteback-dump.sql"       # <datadir>.byteback-dump.sql, when a dump is the only copy
+MYSQL_SERVERS = {"mariadbd": "mariadb", "mysqld": "mysql"}
+POSTGRES_SERVERS = ("postgres", "postmaster")
+BTRFS_SUBVOLUME_INO = 256                # the root directory of every btrfs subvolume
+# Files a copy of a PostgreSQL datadir must not bring back: a stale
+# postmaster.pid naming a live process stops a restored server from starting.
+POSTGRES_LEAVE_OUT = ("postmaster.pid", "postmaster.opts")
+SQL_TIMEOUT = 60.0                       # any one statement outside the lock
+
+METHODS = {"mariadb": ("snapshot", "mariabackup", "dump"),
+           "mysql": ("snapshot", "mariabackup", "dump"),
+           "postgresql": ("snapshot", "basebackup")}
+
+
+def _method_list(text: str) -> tuple:
+    words = tuple(w for w in re.split(r"[\s,]+", text.strip().lower()) if w)
+    known = {m for ms in METHODS.values() for m in ms} | {"auto", "off"}
+    bad = [w for w in words if w not in known]
+    if bad or not words:
+        raise ValueError(f"{text!r}: give auto, off, or methods in order of preference from "
+                         f"{', '.join(sorted(known - {'auto', 'off'}))}")
+    return words
+
+
+def _yes_no(text: str) -> bool:
+    if text.lower() in ("yes", "true", "on", "1"):
+        return True
+    if text.lower() in ("no", "false", "off", "0"):
+        return False
+    raise ValueError(f"{text!r} is not yes or no")
+
+
+def _absolute_file(text: str) -> str:
+    if not text.startswith("/"):
+        raise ValueError(f"{text!r} must be an absolute path")
+    return text
+
+
+# NOTE: README.md's "Databases" section documents these keys; keep them in step.
+DATABASE_OPTIONS: Dict[str, Option] = {
+    "enabled": Option("yes", _yes_no, "no: back database files up as they are, like any file"),
+    "mariadb_method": Option("auto", _method_list, "auto, off, or snapshot/mariabackup/dump in order"),
+    "postgresql_method": Option("auto", _method_list, "auto, off, or snapshot/basebackup in order"),
+    "mariadb_defaults_file": Option("", _absolute_file,
+                                    "a my.cnf with the credentials (default: root over the socket)"),
+    "lock_wait_timeout": Option("1", _positive_int,
+                                "seconds the backup lock may wait behind a long write (writers wait too)"),
+    "lock_tries": Option("3", _positive_int, "tries at the backup lock before giving up"),
+    "copy_dir": Option("/var/lib/byteback/database-copies", _absolute_file,
+                       "where mariabackup and pg_basebackup copies are made (needs the space)"),
+}
+
+
+class DatabaseConfig(NamedTuple):
+    """The databases file's settings, defaults filled in."""
+    enabled: bool = True
+    mariadb_method: tuple = ("auto",)
+    postgresql_method: tuple = ("auto",)
+    mariadb_defaults_file: str = ""
+    lock_wait_timeout: int = 1
+    lock_tries: int = 3
+    copy_dir: str = "/var/lib/byteback/database-copies"
+
+
+def parse_database_config(text: str, source: str = DATABASES_FILE) -> DatabaseConfig:
+    """'key = value' lines ('#' comments) of DATABASE_OPTIONS; an unknown key is an error."""
+    values = {}
+    for number, line in _setting_lines(text):
+        key, sep, raw = line.partition("=")
+        key = key.strip().lower()
+        if not sep:
+            raise ByteBackError(f"{source} line {number}: not a 'key = value' line")
+        if key not in DATABASE_OPTIONS:
+            raise ByteBackError(f"{source} line {number}: unknown key '{key}'; known keys: "
+                                f"{', '.join(sorted(DATABASE_OPTIONS))}")
+        try:
+            values[key] = DATABASE_OPTIONS[key].convert(raw.strip())
+        except ValueError as e:
+            raise ByteBackError(f"{source} line {number}: bad value for {key}: {e}") from None
+    return DatabaseConfig(**values)
+
+
+def load_database_config(config_dir: str) -> DatabaseConfig:
+    """Read <config_dir>/databases, or the defaults when there is none."""
+    path = Path(config_dir) / DATABASES_FILE
+    try:
+        return parse_database_config(path.read_text(encoding="utf-8"), str(path))
+    except FileNotFoundError:
+        return DatabaseConfig()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ByteBackError(f"cannot read {path}: {e}") from None
+
+
+class Database(NamedTuple):
+    """A running database server, as found in /proc."""
+    kind: str                 # "mariadb", "mysql" or "postgresql"
+    pid: int
+    datadir: str              # as the process names it (a server's answer may refine it)
+    socket: str               # MariaDB/MySQL: the socket file; PostgreSQL: the socket directory
+    port: Optional[int]       # PostgreSQL: names the socket file in the socket directory
+    owner: str                # the user the server runs as: PostgreSQL's peer authentication
+    program: str = ""         # the server's executable: its own version's tools are beside it
+
+
+class DatabaseResult(NamedTuple):
+    """What the database phase did for one server (JSON for status and the snapshot)."""
+    kind: str
+    datadir: str
+    method: str               # snapshot, mariabackup, basebackup, dump, or "none" (copied as it is)
+    seconds: float
+    warning: str = ""
+    lock_seconds: float = 0.0  # how long writers were held (the snapshot under the backup lock)
+
+
+# --- pure parts: /proc contents, versions, choices -----------------------------
+
+def parse_proc_cmdline(raw: bytes) -> List[str]:
+    """/proc/PID/cmdline (NUL-separated) -> argv."""
+    words = raw.split(b"\0")
+    if words[-1] == b"":
+        words.pop()      # the NUL that ends the last word (and the empty cmdline of a kernel thread)
+    return [w.decode("utf-8", "surrogateescape") for w in words]
+
+
+def _option_value(argv: Sequence[str], long_names: Sequence[str], short: str = "") -> Optional[str]:
+    """The last value of --name=V / --name V / -sV / -s V in argv (MariaDB reads '_' as '-')."""
+    value = None
+    words = list(argv[1:])
+    for i, word in enumerate(words):
+        name, eq, rest = word.partition("=")
+        name = name.replace("_", "-")
+        nxt = words[i + 1] if i + 1 < len(words) else None
+        if name in long_names:
+            value = rest if eq else nxt
+        elif short and word.startswith(short) and not word.startswith("--"):
+            value = word[len(short):] or nxt
+    return value
+
+
+def mysqld_options(argv: Sequence[str]) -> Dict[str, Optional[str]]:
+    """The datadir and socket a mariadbd/mysqld command line names (None: from its config)."""
+    return {"datadir": _option_value(argv, ("--datadir",), "-h"),
+            "socket": _option_value(argv, ("--socket",))}
+
+
+def postgres_datadir(argv: Sequence[str], environ: Dict[str, str]) -> Optional[str]:
+    """The -D directory of a postgres command line, else its PGDATA."""
+    return _option_value(argv, ("--datadir",), "-D") or environ.get("PGDATA") or None
+
+
+def parse_environ(raw: bytes) -> Dict[str, str]:
+    """/proc/PID/environ -> dict."""
+    pairs = (w.decode("utf-8", "surrogateescape").partition("=") for w in raw.split(b"\0") if b"=" in w)
+    return {k: v for k, _, v in pairs}
+
+
+def parse_postmaster_pid(text: str) -> tuple:
+    """postmaster.pid -> (pid, datadir, port, first socket directory); ValueError if garbled.
+
+    Its lines (PostgreSQL's pidfile.h): pid, datadir, start time, port, socket
+    directory, listen address, shared memory key, status.
+    """
+    lines = text.splitlines()
+    if len(lines) < 5:
+        raise ValueError("postmaster.pid has fewer than 5 lines")
+    return int(lines[0]), lines[1], int(lines[3]), lines[4].split(",")[0].strip()
+
+
+def parse_unix_sockets(text: str, inodes: Iterable[int]) -> List[str]:
+    """Paths of the listening unix sockets among inodes, from /proc/net/unix text."""
+    wanted, paths = set(inodes), []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        # Num RefCount Protocol Flags Type St Inode Path; flags 00010000 = listening
+        if len(fields) >= 8 and fields[7].startswith("/") and int(fields[6]) in wanted \
+                and int(fields[3], 16) & 0x10000:
+            paths.append(fields[7])
+    return paths
+
+
+def parse_mysql_version(text: str) -> tuple:
+    """'10.11.19-MariaDB-0+deb12u1' -> (True, (10, 11, 19)); MySQL '8.0.36' -> (False, (8, 0, 36))."""
+    m = re.match(r"(\d+)\.(\d+)\.(\d+)", text.strip())
+    if not m:
+        raise ValueError(f"{text!r} is not a server version")
+    return "mariadb" in text.lower(), tuple(int(g) for g in m.groups())
+
+
+def backup_lock_statements(version: str, timeout: int) -> tuple:
+    """(lock statements, unlock statements) that stop commits for a snapshot.
+
+    MariaDB >= 10.4 has BACKUP STAGE: BLOCK_COMMIT holds only commits (and
+    non-transactional writes), measured 23 ms of stalled writers around a
+    snapshot.  Older MariaDB and MySQL take FLUSH TABLES WITH READ LOCK.  Both
+    wait at most `timeout` seconds behind a long write instead of the server's
+    default of a day, during which every writer queues behind them.
+    """
+    is_mariadb, number = parse_mysql_version(version)
+    setup = f"SET SESSION lock_wait_timeout = {int(timeout)}"
+    if is_mariadb and number >= (10, 4, 0):
+        return (setup, "BACKUP STAGE START", "BACKUP STAGE BLOCK_COMMIT"), ("BACKUP STAGE END",)
+    return (setup, "FLUSH TABLES WITH READ LOCK"), ("UNLOCK TABLES",)
+
+
+def choose_methods(kind: str, configured: Sequence[str], *, on_one_subvolume: bool,
+                   have: Callable[[str], bool]) -> List[str]:
+    """The methods to try for one server, best first (pure: `have` says which tools exist).
+
+    'auto' is every method this kind has, in METHODS' order, skipping a
+    snapshot where the datadir is not in one btrfs subvolume and a tool that
+    is not installed; a configured list is taken as it is (an impossible
+    method then fails with its reason, so the WARNING says why).
+    """
+    if "off" in configured:
+        return []
+    if "auto" not in configured:
+        return [m for m in configured if m in METHODS[kind]]
+    needs = {"mariabackup": "mariabackup", "basebackup": "pg_basebackup",
+             "dump": "mariadb-dump" if kind == "mariadb" else "mysqldump"}
+    return [m for m in METHODS[kind]
+            if (m != "snapshot" or on_one_subvolume) and (m not in needs or have(needs[m]))]
+
+
+def paths_outside(datadir: str, paths: Iterable[str]) -> List[str]:
+    """The paths (relative ones are taken from datadir) that are not inside datadir."""
+    base = os.path.normpath(datadir)
+    return [p for p in paths
+            if not _is_within(os.path.normpath(os.path.join(base, p)), base)]
+
+
+def snapshot_place(datadir: str, subvolume: str, mount_points: Iterable[str]) -> Optional[str]:
+    """Where the snapshot of `subvolume` (which holds datadir) goes, or None if nowhere fits.
+
+    Beside the subvolume when its parent is on the same mount (a snapshot must
+    stay on its filesystem), else inside it -- never inside the datadir, where
+    MariaDB would take the directory for a database.
+    """
+    name = DB_SNAPSHOT_PREFIX + path_tag(datadir)
+    if subvolume != "/" and subvolume not in set(mount_points):
+        return os.path.join(os.path.dirname(subvolume), name)
+    if os.path.normpath(datadir) == os.path.normpath(subvolume):
+        return None
+    return os.path.join(subvolume, name)
+
+
+def path_tag(path: str) -> str:
+    """A short stable name for a path: the datadir's own name and 8 hex digits of its hash."""
+    digest = hashlib.sha256(os.path.normpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(os.path.normpath(path))) or "root"
+    return f"{base}-{digest}"
+
+
+def databases_in_sources(found: Sequence[Database], sources: Sequence[str]) -> List[Database]:
+    """Only the servers whose datadir this backup copies at all."""
+    return [d for d in found if any(_is_within(d.datadir, s) for s in sources)]
+
+
+def database_warnings(results: Iterable[dict]) -> List[str]:
+    """The WARNING lines of a phase's results, for status."""
+    return [f"{r.get('kind')} {r.get('datadir')}: {r.get('warning')}"
+            for r in results if isinstance(r, dict) and r.get("warning")]
+
+
+# --- finding servers (reads /proc) -----------------------------------------------
+
+def _read_proc(pid: int, name: str) -> bytes:
+    with open(f"/proc/{pid}/{name}", "rb") as f:
+        return f.read()
+
+
+def _socket_inodes(pid: int) -> List[int]:
+    inodes = []
+    with contextlib.suppress(OSError):
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            with contextlib.suppress(OSError):
+                m = re.fullmatch(r"socket:\[(\d+)\]", os.readlink(f"/proc/{pid}/fd/{fd}"))
+                if m:
+                    inodes.append(int(m.group(1)))
+    return inodes
+
+
+def _owner_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def find_databases() -> List[Database]:
+    """Running MariaDB/MySQL servers and PostgreSQL postmasters, from /proc."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        pid = int(entry)
+        try:
+            comm = _read_proc(pid, "comm").decode("utf-8", "replace").strip()
+            if comm not in MYSQL_SERVERS and comm not in POSTGRES_SERVERS:
+                continue
+            argv = parse_proc_cmdline(_read_proc(pid, "cmdline"))
+            uid = os.stat(f"/proc/{pid}").st_uid
+            if comm in MYSQL_SERVERS:
+                options = mysqld_options(argv)
+                # mariadbd works in its datadir; its socket is among its open files.
+                datadir = options["datadir"] or os.readlink(f"/proc/{pid}/cwd")
+                socket_path = options["socket"]
+                if not socket_path:
+                    with open("/proc/net/unix") as f:
+                        paths = parse_unix_sockets(f.read(), _socket_inodes(pid))
+                    socket_path = paths[0] if paths else ""
+                found.append(Database(MYSQL_SERVERS[comm], pid, os.path.normpath(datadir),
+                                      socket_path, None, _owner_name(uid)))
+                continue
+            # PostgreSQL's children share the postmaster's name: take only the postmaster.
+            ppid_comm = _read_proc(int(_read_proc(pid, "stat").rsplit(b")", 1)[1].split()[1]), "comm")
+            if ppid_comm.decode("utf-8", "replace").strip() in POSTGRES_SERVERS:
+                continue
+            where = postgres_datadir(argv, parse_environ(_read_proc(pid, "environ")))
+            if not where:
+                continue
+            where = os.path.join(os.readlink(f"/proc/{pid}/cwd"), where)
+            with open(os.path.join(where, "postmaster.pid")) as f:
+                owner_pid, datadir, port, socket_dir = parse_postmaster_pid(f.read())
+            if owner_pid != pid:
+                continue
+            found.append(Database("postgresql", pid, os.path.normpath(datadir), socket_dir, port,
+                                  _owner_name(uid), os.readlink(f"/proc/{pid}/exe")))
+        except (OSError, ValueError, IndexError):
+            continue     # gone meanwhile, or not what it seemed: its files are copied as they are
+    return sorted(found, key=lambda d: (d.kind, d.datadir))
+
+
+# --- talking to a server through its own client ------------------------------------
+
+class SqlSession:
+    """One command-line client kept open on a pipe: statements in, their output back.
+
+    After each statement it asks for a marker line, so it knows where that
+    statement's output ends without closing the session (which would drop a
+    lock held in it).  stderr joins stdout, so errors arrive in order.
+    """
+
+    def __init__(self, argv: Sequence[str], marker_sql: str, *, user: Optional[str] = None):
+        self.marker = f"byteback-marker-{os.getpid()}-{time.monotonic_ns()}"
+        self.lost = False
+        self._marker_sql = marker_sql.format(marker=self.marker)
+        argv = list(argv)
+        if user and user != _owner_name(os.geteuid()):
+            argv = ["runuser", "-u", user, "--", *argv]
+        log.debug("session: %s", shlex.join(argv))
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT, env={**os.environ, "LC_ALL": "C"},
+                                         cwd="/")
+        except FileNotFoundError:
+            raise missing_program(argv[0]) from None
+
+    @classmethod
+    def mariadb(cls, db: Database, config: DatabaseConfig) -> "SqlSession":
+        client = shutil.which("mariadb") or shutil.which("mysql") or "mariadb"
+        defaults = [f"--defaults-file={config.mariadb_defaults_file}"] if config.mariadb_defaults_file else []
+        # --force: an error must not end the session (and drop the lock) unseen.
+        # --skip-reconnect: a session that lost its connection has lost its lock
+        # too; reconnecting quietly would let the snapshot run unlocked.
+        return cls([client, *defaults, f"--socket={db.socket}", "--user=root", "--batch",
+                    "--skip-column-names", "--unbuffered", "--force", "--skip-reconnect"],
+                   "SELECT '{marker}';")
+
+    @classmethod
+    def postgres(cls, db: Database) -> "SqlSession":
+        return cls(["psql", "-X", "-q", "-A", "-t", "-h", db.socket, "-p", str(db.port), "-d", "postgres",
+                    "-v", "ON_ERROR_STOP=0"], "SELECT '{marker}';", user=db.owner)
+
+    def query(self, sql: str, timeout: float = SQL_TIMEOUT) -> List[str]:
+        """Run one statement; return its output lines.  Raises ByteBackError on an error or a timeout."""
+        log.debug("sql: %s", sql)
+        if self.lost:
+            raise ByteBackError(f"the connection to the database was lost before '{sql}'")
+        try:
+            self.proc.stdin.write(f"{sql};\n{self._marker_sql}\n".encode())
+            self.proc.stdin.flush()
+        except OSError:
+            raise ByteBackError(f"the database client went away before '{sql}'") from None
+        out, deadline = b"", time.monotonic() + timeout
+        end = f"{self.marker}\n".encode()
+        while not out.endswith(end) and end not in out:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.proc.stdout], [], [], left)[0]:
+                raise ByteBackError(f"'{sql}' did not finish within {timeout:.0f}s")
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            out += chunk
+            # MariaDB's client errors 2002/2006/2013: the server is gone (and any lock with it).
+            gone = re.search(rb"^ERROR 20(?:02|06|13)\b.*$|^psql:.*(?:terminat|connection to server).*$",
+                             out, re.M)
+            if not chunk or gone:
+                self.lost = True
+                said = (gone.group(0) if gone else out.strip()[-200:]).decode("utf-8", "replace")
+                raise ByteBackError(f"the database went away during '{sql}': {said}")
+        lines = out[:out.index(end)].decode("utf-8", "replace").splitlines()
+        errors = [l for l in lines if re.match(r"(ERROR\b|psql:.*ERROR:)", l)]
+        if errors:
+            raise ByteBackError(f"'{sql}' failed: {errors[0]}")
+        return [l for l in lines if l.strip() and not l.startswith("-----") and l.strip() != sql]
+
+    def close(self) -> None:
+        """End the session (a lock still held in it goes with it)."""
+        with contextlib.suppress(OSError):
+            self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc.stdout.close()
+
+    def __enter__(self) -> "SqlSession":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# --- the methods ----------------------------------------------------------------------
+
+def btrfs_subvolume_of(path: str, mounts: Sequence[tuple]) -> Optional[str]:
+    """The root of the btrfs subvolume holding path, or None when path is not on btrfs.
+
+    Every btrfs subvolume has a device number of its own, so the subvolume is
+    the topmost ancestor with path's device number.
+    """
+    path = os.path.realpath(path)
+    if filesystem_type(path, mounts) != "btrfs":
+        return None
+    dev = os.stat(path).st_dev
+    while path != "/" and os.stat(os.path.dirname(path)).st_dev == dev:
+        path = os.path.dirname(path)
+    return path if os.stat(path).st_ino == BTRFS_SUBVOLUME_INO else None
+
+
+# BTRFS_IOC_SNAP_CREATE_V2 (linux/btrfs.h): _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2),
+# a 4096-byte struct: fd, transid, flags, 32 unused bytes, then the name.
+BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417
+BTRFS_SUBVOL_RDONLY = 1 << 1
+
+
+def btrfs_snapshot_readonly(subvolume: str, place: str) -> None:
+    """A read-only snapshot of subvolume at place, by the ioctl itself.
+
+    Not through `btrfs subvolume snapshot`: starting a program while the
+    database's writers wait would add its start-up time to their wait.
+    """
+    log.debug("btrfs snapshot -r %s %s", subvolume, place)
+    name = os.fsencode(os.path.basename(place))
+    if len(name) > 4039:
+        raise ByteBackError(f"snapshot name too long: {place}")
+    src = os.open(subvolume, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        dst = os.open(os.path.dirname(place), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            # A mutable buffer: fcntl copies an immutable one only up to 1024 bytes.
+            args = bytearray(struct.pack("=qQQ32s4040s", src, 0, BTRFS_SUBVOL_RDONLY, b"", name))
+            fcntl.ioctl(dst, BTRFS_IOC_SNAP_CREATE_V2, args, True)
+        except OSError as e:
+            raise ByteBackError(f"cannot snapshot {subvolume} to {place}: {e.strerror}") from None
+        finally:
+            os.close(dst)
+    finally:
+        os.close(src)
+
+
+def _dirs_within(datadir: str, depth: int = 2) -> Iterator[str]:
+    """Directories below datadir, `depth` levels deep at most, not following links."""
+    level = [datadir]
+    for _ in range(depth):
+        nxt = []
+        for d in level:
+            with contextlib.suppress(OSError), os.scandir(d) as it:
+                nxt += [e.path for e in it if e.is_dir(follow_symlinks=False)]
+        yield from nxt
+        level = nxt
+
+
+def one_subvolume(db: Database, extra_paths: Sequence[str], mounts: Sequence[tuple]) -> Optional[str]:
+    """The subvolume holding all of the server's files, or None if they are not in one.
+
+    Extra paths (InnoDB's log and data directories; PostgreSQL's pg_wal and
+    tablespaces) must lie inside the datadir, and no subvolume may be nested
+    in it: a snapshot leaves a nested subvolume out.
+    """
+    if paths_outside(db.datadir, [os.path.realpath(os.path.join(db.datadir, p)) for p in extra_paths]):
+        return None
+    subvolume = btrfs_subvolume_of(db.datadir, mounts)
+    if subvolume is None:
+        return None
+    dev = os.stat(db.datadir).st_dev
+    if any(os.stat(d).st_dev != dev for d in _dirs_within(db.datadir)):
+        return None
+    return subvolume
+
+
+def _server_tool(db: Database, name: str) -> str:
+    """A client program of the server's own version (Debian keeps one per version), else PATH's."""
+    beside = os.path.join(os.path.dirname(db.program), name)
+    return beside if db.program and os.access(beside, os.X_OK) else name
+
+
+def _postgres_extra_paths(datadir: str) -> List[str]:
+    tablespaces = os.path.join(datadir, "pg_tblspc")
+    with contextlib.suppress(OSError):
+        return ["pg_wal"] + [os.path.join("pg_tblspc", n) for n in os.listdir(tablespaces)]
+    return ["pg_wal"]
+
+
+class DatabasePhase:
+    """The database part of one backup: copies made, where they are bound, what to exclude."""
+
+    def __init__(self, config: DatabaseConfig, state_dir: Path, runner: Runner):
+        self.config, self.state_dir, self.runner = config, state_dir, runner
+        self.results: List[DatabaseResult] = []
+        self.binds: List[tuple] = []          # (copy, datadir): the copy is seen at the datadir
+        self.excludes: List[str] = []         # rsync patterns for the main rsync
+        self.made: List[str] = []             # snapshots and copies to remove afterwards
+        self.dumps: List[str] = []
+
+    # Records every snapshot and copy before it is made, so a run that is
+    # killed leaves a list for the next run to clean up.
+    def _remember(self, path: str) -> None:
+        self.made.append(path)
+        write_json_atomically(self.state_dir / "database-copies.json", self.made)
+
+    def clean_stale(self) -> None:
+        """Remove the snapshots and copies a killed run left behind."""
+        stale = read_json(self.state_dir / "database-copies.json", [])
+        for path in stale if isinstance(stale, list) else []:
+            name = os.path.basename(str(path))
+            if not (name.startswith(DB_SNAPSHOT_PREFIX) or _is_within(str(path), self.config.copy_dir)
+                    or name.endswith(DUMP_SUFFIX)) or not os.path.lexists(path):
+                continue
+            log.warning("removing %s, left by a backup that did not finish", path)
+            self._remove(str(path))
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.state_dir / "database-copies.json")
+
+    def _remove(self, path: str) -> None:
+        try:
+            st = os.lstat(path)
+            if stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_SUBVOLUME_INO \
+                    and os.path.basename(path).startswith(DB_SNAPSHOT_PREFIX):
+                self.runner.run(["btrfs", "subvolume", "delete", path], destructive=True)
+            elif stat.S_ISDIR(st.st_mode):
+                shutil.rmtree(path)
+            else:
+                os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except (OSError, ByteBackError) as e:
+            log.warning("could not remove %s: %s; remove it by hand", path, e)
+
+    def copy(self, db: Database) -> DatabaseResult:
+        """Make the best consistent copy of one server; on failure, say why (a WARNING)."""
+        started = time.monotonic()
+        configured = self.config.postgresql_method if db.kind == "postgresql" else self.config.mariadb_method
+        problems, datadir, extra = [], db.datadir, []
+        session = None
+        try:
+            if db.kind != "postgresql":
+                session = SqlSession.mariadb(db, self.config)
+                row = session.query("SELECT @@version, @@datadir, @@innodb_log_group_home_dir, "
+                                    "@@innodb_data_home_dir, @@innodb_undo_directory")[0].split("\t")
+                datadir = os.path.normpath(row[1])
+                db = db._replace(datadir=datadir)
+                extra = [p for p in row[2:] if p and p != "NULL"]
+            else:
+                extra = _postgres_extra_paths(datadir)
+            subvolume = one_subvolume(db, extra, _read_mounts())
+            methods = choose_methods(db.kind, configured, on_one_subvolume=subvolume is not None,
+                                     have=lambda p: shutil.which(p) is not None)
+            if not methods:
+                problems.append("no method fits (configured: " + ", ".join(configured) + ")")
+            for method in methods:
+                try:
+                    lock_seconds, warning = getattr(self, f"_by_{method}")(db, session, subvolume,
+                                                                           row[0] if session else "")
+                except ByteBackError as e:
+                    problems.append(f"{method}: {e}")
+                    log.warning("%s %s: %s did not work: %s", db.kind, db.datadir, method, e)
+                    continue
+                if problems:
+                    log.info("%s %s: copied by %s after: %s", db.kind, db.datadir, method, "; ".join(problems))
+                return DatabaseResult(db.kind, db.datadir, method, round(time.monotonic() - started, 3),
+                                      warning, round(lock_seconds, 3))
+        except ByteBackError as e:
+            problems.append(str(e))
+        finally:
+            if session:
+                session.close()
+        if "off" in configured:
+            return DatabaseResult(db.kind, db.datadir, "none", 0.0)
+        warning = ("no consistent copy, its files were copied as they are (may not restore): "
+                   + "; ".join(problems))
+        log.warning("%s %s: %s", db.kind, db.datadir, warning)
+        return DatabaseResult(db.kind, db.datadir, "none", round(time.monotonic() - started, 3), warning)
+
+    def _by_snapshot(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
+                     version: str) -> tuple:
+        if subvolume is None:
+            raise ByteBackError("the datadir is not one btrfs subvolume")
+        place = snapshot_place(db.datadir, subvolume, [p for p, _ in _read_mounts()])
+        if place is None:
+            raise ByteBackError(f"no place for a snapshot of {subvolume} outside the datadir")
+        self._remove(place)          # a stale one by the same name
+        self._remember(place)
+        lock_seconds = 0.0
+        if session is None:
+            # PostgreSQL: one atomic snapshot of data and WAL is a crash-consistent copy.
+            btrfs_snapshot_readonly(subvolume, place)
+        else:
+            lock, unlock = backup_lock_statements(version, self.config.lock_wait_timeout)
+            for attempt in range(1, self.config.lock_tries + 1):
+                try:
+                    for sql in lock:
+                        held = time.monotonic()      # the last statement is the one that holds writers
+                        session.query(sql, timeout=self.config.lock_wait_timeout + SQL_TIMEOUT)
+                    break
+                except ByteBackError as e:
+                    if session.lost:
+                        raise
+                    for sql in unlock:
+                        session.query(sql)
+                    if attempt == self.config.lock_tries:
+                        raise ByteBackError(f"the backup lock waited {self.config.lock_wait_timeout}s "
+                                            f"{attempt} times behind a long-running write; {e}") from None
+                    log.info("backup lock: %s; trying again (try %d of %d)", e, attempt + 1,
+                             self.config.lock_tries)
+                    time.sleep(1)
+            try:
+                btrfs_snapshot_readonly(subvolume, place)
+            finally:
+                for sql in unlock:
+                    session.query(sql)
+                lock_seconds = time.monotonic() - held
+        self.binds.append((os.path.join(place, os.path.relpath(db.datadir, subvolume)), db.datadir))
+        self.excludes.append(exclude_pattern(place, contents_only=False))
+        return lock_seconds, ""
+
+    def _copy_dir(self, db: Database, owner: str) -> str:
+        path = os.path.join(self.config.copy_dir, f"{db.kind}-{path_tag(db.datadir)}")
+        self._remove(path)
+        self._remember(path)
+        # Traversable, not listable: pg_basebackup runs as the cluster's owner.
+        os.makedirs(self.config.copy_dir, mode=0o711, exist_ok=True)
+        os.chmod(self.config.copy_dir, 0o711)
+        os.mkdir(path, 0o700)
+        pw = pwd.getpwnam(owner)
+        os.chown(path, pw.pw_uid, pw.pw_gid)
+        self.excludes.append(exclude_pattern(self.config.copy_dir, contents_only=False))
+        return path
+
+    def _by_mariabackup(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
+                        version: str) -> tuple:
+        target = self._copy_dir(db, "root")
+        defaults = [f"--defaults-file={self.config.mariadb_defaults_file}"] if self.config.mariadb_defaults_file else []
+        # The server's own my.cnf is read (mariabackup needs its InnoDB settings);
+        # the datadir and socket given here are the running server's.
+        self.runner.run(["mariabackup", *defaults, "--backup", f"--socket={db.socket}", "--user=root",
+                         f"--datadir={db.datadir}", f"--target-dir={target}",
+                         f"--ftwrl-wait-timeout={self.config.lock_wait_timeout * self.config.lock_tries}"],
+                        destructive=True)
+        self.runner.run(["mariabackup", *defaults, "--prepare", f"--target-dir={target}"], destructive=True)
+        # A restore is then a plain copy back: the copy has the datadir's owner.
+        st = os.stat(db.datadir)
+        for dirpath, dirnames, filenames in os.walk(target):
+            for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
+                os.lchown(name, st.st_uid, st.st_gid)
+        os.chmod(target, stat.S_IMODE(st.st_mode))
+        self.binds.append((target, db.datadir))
+        return 0.0, ""
+
+    def _by_basebackup(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
+                       version: str) -> tuple:
+        tablespaces = _postgres_extra_paths(db.datadir)[1:]
+        if tablespaces:
+            raise ByteBackError("pg_basebackup would write its tablespaces over the live ones "
+                                f"({', '.join(tablespaces)}); put the cluster on one btrfs subvolume")
+        target = self._copy_dir(db, db.owner)
+        argv = [_server_tool(db, "pg_basebackup"), "-h", db.socket, "-p", str(db.port), "-D", target, "-X", "stream",
+                "-c", "fast", "--no-password"]
+        if db.owner != _owner_name(os.geteuid()):
+            argv = ["runuser", "-u", db.owner, "--", *argv]
+        self.runner.run(argv, destructive=True)
+        os.chmod(target, 0o700)
+        self.binds.append((target, db.datadir))
+        return 0.0, ""
+
+    def _by_dump(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
+                 version: str) -> tuple:
+        if session is None:
+            raise ByteBackError("a dump is made for MariaDB/MySQL only")
+        others = session.query(
+            "SELECT CONCAT(table_schema, '.', table_name, ' (', engine, ')') FROM information_schema.tables "
+            "WHERE engine IS NOT NULL AND engine NOT IN ('InnoDB') AND table_type = 'BASE TABLE' "
+            "AND table_schema NOT IN ('mysql', 'information_schema', 'performance_schema', 'sys')")
+        path = db.datadir.rstrip("/") + DUMP_SUFFIX
+        self._remember(path)
+        client = shutil.which("mariadb-dump") or "mysqldump"
+        defaults = [f"--defaults-file={self.config.mariadb_defaults_file}"] if self.config.mariadb_defaults_file else []
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as out:
+            argv = [client, *defaults, f"--socket={db.socket}", "--user=root", "--single-transaction",
+                    "--all-databases", "--routines", "--events", "--triggers"]
+            log.debug("run: %s > %s", shlex.join(argv), path)
+            proc = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, universal_newlines=True)
+        if proc.returncode != 0:
+            raise CommandFailed(argv, proc.returncode, proc.stderr)
+        # The live files stay out of the backup; the dump is the database's copy.
+        self.excludes.append(exclude_pattern(db.datadir, contents_only=True))
+        self.dumps.append(path)
+        if others:
+            return 0.0, (f"dumped to {path}, but these tables are not InnoDB and may be "
+                         f"out of step with the rest: {', '.join(others)}")
+        return 0.0, ""
+
+    def remove_copies(self) -> None:
+        for path in reversed(self.made):
+            self._remove(path)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.state_dir / "database-copies.json")
+
+
+# Mount-namespace calls (linux/sched.h, linux/mount.h), through libc.
+CLONE_NEWNS, MS_BIND, MS_REC, MS_PRIVATE = 0x00020000, 4096, 16384, 1 << 18
+
+
+def _libc_call(name: str, *args) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    func = getattr(libc, name)
+    if name == "mount":
+        func.argtypes = [ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_ulong, ctypes.c_void_p]
+    if func(*args) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+@contextlib.contextmanager
+def private_view(binds: Sequence[tuple]) -> Iterator[None]:
+    """Inside: this process (and what it starts) sees each copy at its datadir's path.
+
+    A mount namespace of our own, made private first so nothing propagates
+    back: the server and every other process keep seeing the live datadir.
+    """
+    if not binds:
+        yield
+        return
+    home = os.open("/proc/self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC)
+    cwd = os.getcwd()
+    try:
+        _libc_call("unshare", CLONE_NEWNS)
+        try:
+            _libc_call("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
+            for copy, datadir in binds:
+                _libc_call("mount", os.fsencode(copy), os.fsencode(datadir), None, MS_BIND, None)
+                log.info("the backup sees %s at %s", copy, datadir)
+            yield
+        finally:
+            _libc_call("setns", home, CLONE_NEWNS)
+            os.chdir(cwd)
+    finally:
+        os.close(home)
+
+
+@contextlib.contextmanager
+def database_phase(plan: BackupPlan, entry: dict, *, dry_run: bool) -> Iterator[List[str]]:
+    """Around the transfer: consistent copies of the running databases, seen at their datadirs.
+
+    Yields the rsync excludes the copies need.  Records the results in
+    entry["databases"] and in <state-dir>/databases.json, which the backup
+    then carries (status reads it; so can the server, as information only).
+    """
+    config = load_database_config(plan.config_dir)
+    if not config.enabled or dry_run or os.geteuid() != 0:
+        yield []
+        return
+    state_dir = client_state_dir()
+    phase = DatabasePhase(config, state_dir, Runner())
+    phase.clean_stale()
+    try:
+        for db in databases_in_sources(find_databases(), plan.sources):
+            result = phase.copy(db)
+            phase.results.append(result)
+            if db.kind == "postgresql":
+                phase.excludes += [exclude_pattern(os.path.join(result.datadir, n), contents_only=False)
+                                   for n in POSTGRES_LEAVE_OUT]
+        entry["databases"] = [r._asdict() for r in phase.results]
+        if phase.results:
+            write_json_atomically(state_dir / DATABASES_RESULT,
+                                  {"time": now_local().isoformat(), "databases": entry["databases"]})
+        with private_view(phase.binds):
+            yield phase.excludes
+    finally:
+        phase.remove_copies()
 
 
 # === 9. CLI dispatch =========================================================

@@ -490,7 +490,7 @@ def test_client_status_values():
     assert report == {"running": False, "last_success": END.isoformat(), "age_seconds": 30 * H,
                       "duration_seconds": 300.0, "bytes_sent": 123456,
                       "last_attempt": FAILED["end"], "last_result": "failed",
-                      "last_error": FAILED["error"]}
+                      "last_error": FAILED["error"], "database_warnings": []}
 
 
 def test_client_status_never_backed_up():
