@@ -4571,6 +4571,17 @@ def btrfs_snapshot_readonly(subvolume: str, place: str) -> None:
         os.close(src)
 
 
+def sync_filesystem(path: str) -> None:
+    """Write out the dirty data of the filesystem holding path (syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _libc_call("syncfs", fd)
+    except OSError as e:
+        log.info("syncfs %s: %s", path, e)
+    finally:
+        os.close(fd)
+
+
 def _dirs_within(datadir: str, depth: int = 2) -> Iterator[str]:
     """Directories below datadir, `depth` levels deep at most, not following links."""
     level = [datadir]
@@ -4719,6 +4730,9 @@ class DatabasePhase:
             btrfs_snapshot_readonly(subvolume, place)
         else:
             lock, unlock = backup_lock_statements(version, self.config.lock_wait_timeout)
+            # The snapshot writes out the subvolume's dirty data first; do that
+            # before the lock, so little is left to write while writers wait.
+            sync_filesystem(subvolume)
             for attempt in range(1, self.config.lock_tries + 1):
                 try:
                     for sql in lock:
