@@ -2795,21 +2795,35 @@ def _write_if_changed(path: Path, text: str, done: List[str]) -> None:
     done.append(f"wrote      {path}")
 
 
-def install_job(job: Job, *, cron_file: Optional[Path] = None, unit_dir: Optional[Path] = None,
+def _ours(path: Path) -> bool:
+    try:
+        return JOB_MARK in path.read_text(errors="replace")
+    except OSError:
+        return False
+
+
+def install_job(job: Job, *, cron_file: Path, unit_dir: Path, systemd: bool = False,
                 hour: Optional[int] = None) -> List[str]:
-    """Install the job as a cron.d file, or as systemd units in unit_dir; say what was done."""
+    """Install the job as a cron.d file, or (systemd) as units in unit_dir; say what was done.
+
+    The other kind, if byteback wrote it before, is left alone but named: two
+    schedules would run the job twice.
+    """
     import random
     done: List[str] = []
-    if unit_dir is not None:
+    timer = unit_dir / f"{job.name}.timer"
+    if systemd:
         for name, text in systemd_units(job, hour).items():
             _write_if_changed(unit_dir / name, text, done)
         if any(line.startswith("wrote") for line in done):
             if unit_dir == Path(DEFAULT_UNIT_DIR) and os.path.isdir("/run/systemd/system"):
                 Runner().run(["systemctl", "daemon-reload"])
-                Runner().run(["systemctl", "enable", "--now", f"{job.name}.timer"])
-                done.append(f"enabled    {job.name}.timer")
+                Runner().run(["systemctl", "enable", "--now", timer.name])
+                done.append(f"enabled    {timer.name}")
             else:
-                done.append(f"to start it: systemctl daemon-reload && systemctl enable --now {job.name}.timer")
+                done.append(f"to start it: systemctl daemon-reload && systemctl enable --now {timer.name}")
+        if _ours(cron_file):
+            done.append(f"note: {cron_file} runs the {job.what} from cron too; remove it")
         return done
     try:
         old = cron_file.read_text()
@@ -2823,7 +2837,13 @@ def install_job(job: Job, *, cron_file: Optional[Path] = None, unit_dir: Optiona
         hour = int(old_hour) if old_hour is not None else random.randrange(24)
     _write_if_changed(cron_file, cron_text(job, minute, hour), done)
     done[-1] += f" ({'hourly at minute %d' % minute if job.hourly else 'daily at %02d:%02d' % (hour, minute)})"
+    if _ours(timer):
+        done.append(f"note: {timer} runs the {job.what} from systemd too; disable and remove it")
     return done
+
+
+def _nothing_changed(done: Sequence[str]) -> bool:
+    return all(line.startswith(("unchanged", "to start it", "note:")) for line in done)
 
 
 def _sudoers_text(user: str, program: str, config_args: Sequence[str]) -> str:
@@ -2934,11 +2954,11 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
                   _sudoers_text(args.user, install, config_args).encode(), 0o440, done, visudo_check)
     prune_job = Job(sudoers_name.replace("byteback", "byteback-prune", 1), "prune",
                     job_argv(install, args.config_dir, "prune"), hourly=True)
-    done += install_job(prune_job, cron_file=None if args.systemd else Path(args.cron_file or f"/etc/cron.d/{prune_job.name}"),
-                        unit_dir=Path(args.unit_dir) if args.systemd else None)
+    done += install_job(prune_job, cron_file=Path(args.cron_file or f"/etc/cron.d/{prune_job.name}"),
+                        unit_dir=Path(args.unit_dir), systemd=args.systemd)
     for line in done:
         print(line)
-    if all(line.startswith(("unchanged", "to start it")) for line in done):
+    if _nothing_changed(done):
         print("nothing changed: this server was already set up")
     if fstype != "btrfs":
         print(f"WARNING: {store} is on {fstype}, not btrfs: snapshots are hard-linked trees, which a "
@@ -3054,7 +3074,7 @@ def _adopt_original(store: Store, owner: tuple, keys: Path, program: str, config
         # Not ours to edit; but two pruners on one store would each delete by
         # their own rules, and the original's reads a state byteback removes.
         print(f"WARNING: {job} runs the original's byteback-prune: remove that job; byteback "
-              "prunes after every snapshot ('byteback.pyz prune' from cron, if you like)")
+              "prunes after every snapshot and from its own hourly job, which setup-server installs")
     return said
 
 
@@ -3609,7 +3629,7 @@ def cmd_setup_client(args: argparse.Namespace) -> int:
         _write_setting(config_dir / "port", str(destination.port))
     print(f"This machine backs up as {host} to {dest_text}. Take the first backup now and watch it:\n"
           f"  byteback.pyz backup --verbose\n"
-          f"then run 'byteback.pyz backup' daily from cron.")
+          f"then schedule it daily: byteback.pyz install-cron (or install-cron --systemd).")
     return EXIT_OK
 
 
@@ -3629,11 +3649,11 @@ def cmd_install_cron(args: argparse.Namespace) -> int:
     if not program.endswith(".pyz") and program != "/usr/bin/byteback":
         log.warning("%s is not the zipapp; cron will run it as it is", program)
     job = Job("byteback", "backup", job_argv(program, args.config_dir, "backup"), hourly=False)
-    done = install_job(job, cron_file=None if args.systemd else Path(args.cron_file),
-                       unit_dir=Path(args.unit_dir) if args.systemd else None, hour=args.hour)
+    done = install_job(job, cron_file=Path(args.cron_file), unit_dir=Path(args.unit_dir),
+                       systemd=args.systemd, hour=args.hour)
     for line in done:
         print(line)
-    if all(line.startswith(("unchanged", "to start it")) for line in done):
+    if _nothing_changed(done):
         print("nothing changed: the backup was already scheduled")
     return EXIT_OK
 

@@ -300,16 +300,34 @@ def test_restore_refuses_list_and_restore_together(capsys):
 def test_an_hourly_job_keeps_its_minute_and_a_daily_one_its_time(tmp_path, monkeypatch):
     job = byteback.Job("byteback-prune", "prune", ["/usr/bin/byteback", "prune"], hourly=True)
     cron = tmp_path / "cron"
-    first = byteback.install_job(job, cron_file=cron)
+    units = tmp_path / "units"
+    first = byteback.install_job(job, cron_file=cron, unit_dir=units)
     text = cron.read_text()
     minute = int(re.search(r"^(\d+) \* \* \* \* root /usr/bin/byteback prune$", text, re.M).group(1))
     assert first == [f"wrote      {cron} (hourly at minute {minute})"]
     monkeypatch.setattr("random.randrange", lambda n: (minute + 1) % n)   # another draw would move it
-    assert byteback.install_job(job, cron_file=cron) == [f"unchanged  {cron} (hourly at minute {minute})"]
+    assert byteback.install_job(job, cron_file=cron, unit_dir=units) == [
+        f"unchanged  {cron} (hourly at minute {minute})"]
     assert cron.read_text() == text
     daily = job._replace(hourly=False)
-    byteback.install_job(daily, cron_file=cron, hour=5)                    # the kept minute, at 05:
+    byteback.install_job(daily, cron_file=cron, unit_dir=units, hour=5)    # the kept minute, at 05:
     assert f"\n{minute} 5 * * * root /usr/bin/byteback prune\n" in cron.read_text()
+
+
+def test_switching_between_cron_and_systemd_names_the_other_schedule(tmp_path):
+    job = byteback.Job("byteback", "backup", ["/usr/bin/byteback", "backup"], hourly=False)
+    cron, units = tmp_path / "cron", tmp_path / "units"
+    byteback.install_job(job, cron_file=cron, unit_dir=units)
+    done = byteback.install_job(job, cron_file=cron, unit_dir=units, systemd=True)
+    assert done == [f"wrote      {units}/byteback.service", f"wrote      {units}/byteback.timer",
+                    "to start it: systemctl daemon-reload && systemctl enable --now byteback.timer",
+                    f"note: {cron} runs the backup from cron too; remove it"]
+    again = byteback.install_job(job, cron_file=cron, unit_dir=units)
+    assert again[-1] == f"note: {units}/byteback.timer runs the backup from systemd too; disable and remove it"
+    assert byteback._nothing_changed(again)
+    (tmp_path / "other").write_text("0 3 * * * root /usr/bin/something-else\n")   # not ours: no note
+    assert byteback.install_job(job, cron_file=tmp_path / "other", unit_dir=units, systemd=True)[-1].startswith(
+        "unchanged")
 
 
 def test_systemd_units_of_a_job():
