@@ -29,6 +29,8 @@ import datetime as dt
 import errno
 import fcntl
 import hashlib
+import heapq
+import itertools
 import json
 import logging
 import logging.handlers
@@ -1410,25 +1412,111 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
 
 
 _SNAPSHOT_TIME = operator.attrgetter("when")
+_NO_GAP = float("inf")
+_new_step = tuple.__new__    # HostStep and Reason without their Python-level __new__: simulate's hot loop
+
+
+def _thinning_steps(youngest_first: Sequence[Snapshot], ages: Sequence[float],
+                    claims: Dict[int, int]) -> Iterator[HostStep]:
+    """The snapshots that hold no target, least relative gap first, until none is left.
+
+    Deleting a snapshot that holds no target changes no claim (each target
+    keeps the nearest snapshot it had: it was nearer than the one deleted),
+    and changes the gap of its two neighbours only, so a heap of the gaps,
+    with those two pushed again after each deletion, gives every step in
+    O(log n).  Stale entries (a deleted snapshot, a gap since changed) are
+    skipped when they come up.  Ties go to the younger, as a scan from the
+    young end would: ages grow with the index, so (gap, index) orders as
+    (gap, age, index) does.
+    """
+    last = len(ages) - 1
+    scale = [a if a > 1e-9 else 1e-9 for a in ages]    # an age to divide by: never zero
+    # gap[i]: the relative gap without snapshot i; infinite for one that is no candidate
+    gap = [_NO_GAP] + [(o - y) / a for y, a, o in zip(ages, scale[1:last], ages[2:])] + [_NO_GAP]
+    for i in claims:
+        gap[i] = _NO_GAP
+    # A prune often takes one step of each host and stops: the first one
+    # needs only the smallest gap (the first index of it: the youngest).
+    i = min(range(last + 1), key=gap.__getitem__)
+    if gap[i] == _NO_GAP:
+        return
+    younger = list(range(-1, last))        # the nearest kept neighbour on each side, by index
+    older = list(range(1, last + 2))
+    heap: Optional[list] = None           # built at the second step
+    pop, push = heapq.heappop, heapq.heappush
+    while True:
+        relative = gap[i]
+        y, o = younger[i], older[i]
+        age = ages[i]
+        yield _new_step(HostStep, ((0, relative, age), youngest_first[i],
+                                   _new_step(Reason, (_gap_reason, (age, ages[o] - ages[y], relative)))))
+        if heap is None:
+            heap = [(g, j) for j, g in enumerate(gap) if g != _NO_GAP and j != i]
+            heapq.heapify(heap)
+        gap[i] = _NO_GAP
+        older[y], younger[o] = o, y
+        if gap[y] != _NO_GAP:
+            gap[y] = relative = (ages[o] - ages[younger[y]]) / scale[y]
+            push(heap, (relative, y))
+        if gap[o] != _NO_GAP:
+            gap[o] = relative = (ages[older[o]] - ages[y]) / scale[o]
+            push(heap, (relative, o))
+        while heap:
+            relative, i = pop(heap)
+            if gap[i] == relative:
+                break
+        else:
+            return
+
+
+def _in_batches(steps: Iterator[HostStep]) -> Iterator[HostStep]:
+    """steps, computed a doubling batch at a time.
+
+    The caller takes one host's steps in turn with other hosts' (fairness):
+    working through one host's heap for a while, instead of one step of each
+    host in turn, keeps its data in the processor's cache (about twice as
+    fast at 100 hosts).  A caller that stops early wastes at most as many
+    steps as it took.
+    """
+    size = 1
+    while True:
+        batch = list(itertools.islice(steps, size))
+        if not batch:
+            return
+        yield from batch
+        size *= 2
 
 
 def host_deletion_order(snaps: Iterable[Snapshot], *, now: dt.datetime, order: str = "importance",
                         targets: Sequence[float] = DEFAULT_TARGET_DAYS) -> Iterator[HostStep]:
     """Yield one host's snapshots in the order they would go, never its newest.
 
-    Each step assumes the ones before it are gone.  The fairness between
-    hosts is the caller's: it compares the keys of each host's next step.
+    Each step assumes the ones before it are gone, and costs O(log n): the
+    caller may stop at any step (prune stops when the disc has room).  The
+    fairness between hosts is the caller's: it compares each host's next key.
     """
     if order not in ("importance", "age"):
         raise ValueError(f"unknown prune order {order!r}")
     left = sorted(snaps, key=_SNAPSHOT_TIME)
-    while len(left) > 1:
-        if order == "age":
-            oldest = left[0]
+    if order == "age":
+        for oldest in left[:-1]:
             age = age_days(oldest, now)
-            step = HostStep((0, -age), oldest, Reason(_age_reason, (oldest.host, age)))
-        else:
-            step = _importance_candidate(left, now, targets)
+            yield HostStep((0, -age), oldest, Reason(_age_reason, (oldest.host, age)))
+        return
+    if len(left) < 2:
+        return
+    youngest_first = left[::-1]
+    ages = [(now - s.when).total_seconds() / DAY for s in youngest_first]
+    claims = claim_targets(ages, sorted(targets))
+    gone = set()
+    for step in _in_batches(_thinning_steps(youngest_first, ages, claims)):
+        yield step
+        gone.add(step.snapshot)
+    # Every snapshot left holds a target, or is the newest or the oldest: at
+    # most len(targets) + 2 of them, so each step may start afresh.
+    left = [s for s in left if s not in gone]
+    while len(left) > 1:
+        step = _importance_candidate(left, now, targets)
         yield step
         left.remove(step.snapshot)
 
@@ -1448,27 +1536,24 @@ def deletion_order(snapshots: Iterable[Snapshot], *, now: dt.datetime, order: st
     for snap in snapshots:
         by_host.setdefault(snap.host, []).append(snap)
     several_hosts = len(by_host) > 1
-    left = {h: len(snaps) for h, snaps in by_host.items()}
-    steps = {h: host_deletion_order(snaps, now=now, order=order, targets=targets)
-             for h, snaps in by_host.items()}
-    upcoming: Dict[str, HostStep] = {}
-    for host, it in steps.items():
-        step = next(it, None)
+    # One heap entry per host with a step to offer: only the host that just
+    # lost a snapshot changes its entry, so each deletion costs O(log hosts).
+    queue = []
+    for host, snaps in by_host.items():
+        steps = host_deletion_order(snaps, now=now, order=order, targets=targets)
+        step = next(steps, None)
         if step is not None:
-            upcoming[host] = step
-    while upcoming:
-        most = max(left[h] for h in upcoming)
-        host = min((h for h in upcoming if left[h] == most),
-                   key=lambda h: (upcoming[h].key, upcoming[h].snapshot.when, h))
-        step = upcoming.pop(host)
-        left[host] -= 1
+            queue.append((-len(snaps), step.key, step.snapshot.when, host, step, steps))
+    heapq.heapify(queue)
+    while queue:
+        minus_left, _, _, host, step, steps = heapq.heappop(queue)
         reason = step.reason.text()
         if several_hosts:
-            reason += f"; host {host} has the most snapshots ({most})"
+            reason += f"; host {host} has the most snapshots ({-minus_left})"
         yield Decision(step.snapshot, True, reason)
-        following = next(steps[host], None)
-        if following is not None:
-            upcoming[host] = following
+        step = next(steps, None)
+        if step is not None:
+            heapq.heappush(queue, (minus_left + 1, step.key, step.snapshot.when, host, step, steps))
 
 
 def plan_prune(snapshots: Iterable[Snapshot], *, now: dt.datetime, order: str = "importance",

@@ -1,0 +1,143 @@
+"""Section 6: the fast deletion order against a reference written for reading, not speed.
+
+host_deletion_order keeps a heap of gaps and a linked list of neighbours so
+that each step costs O(log n).  The reference below is the rule itself, as
+the README states it, recomputed from scratch at every step: if the two ever
+disagree on a randomised store (the snapshot, its key, or the reason), the
+fast one is wrong.
+"""
+from __future__ import annotations
+
+import datetime as dt
+from typing import Dict, List, Sequence
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import byteback
+from unit_helpers import at
+
+NOW = at(2026, 3, 31, 12, 0)
+
+
+def reference_claims(ages: Sequence[float], targets: Sequence[float]) -> Dict[int, int]:
+    """Each target, smallest first, takes the nearest snapshot not yet taken; a tie to the younger."""
+    claims: Dict[int, int] = {}
+    for k, target in enumerate(sorted(targets)):
+        free = [i for i in range(len(ages)) if i not in claims]
+        if free:
+            claims[min(free, key=lambda i: (abs(target - ages[i]), i))] = k
+    return claims
+
+
+def reference_step(oldest_first: List[byteback.Snapshot], now: dt.datetime, targets) -> tuple:
+    """(key, snapshot, reason text) of the next deletion of one host, from scratch."""
+    young = oldest_first[::-1]
+    ages = [(now - s.when).total_seconds() / byteback.DAY for s in young]
+    ordered = sorted(targets)
+    claims = reference_claims(ages, ordered)
+    last = len(young) - 1
+    interior = range(1, last)
+    # 1. holding no target: the smallest gap left behind, relative to the age
+    free = [((ages[i + 1] - ages[i - 1]) / max(ages[i], 1e-9), ages[i], i) for i in interior if i not in claims]
+    if free:
+        relative, age, i = min(free)
+        return ((0, relative, age), young[i],
+                byteback._gap_reason(age, ages[i + 1] - ages[i - 1], relative))
+    # 2. holding a target: the least important (largest) target first, then the older
+    held = [(-claims[i], -ages[i], i) for i in interior]
+    if held:
+        minus_k, minus_age, i = min(held)
+        return ((1, minus_k, minus_age), young[i],
+                byteback._target_reason(ordered[-minus_k], -minus_k, len(ordered)))
+    # 3. the oldest, when only it and the newest are left
+    return (2, 0.0, -ages[last]), young[last], byteback._oldest_reason()
+
+
+def reference_host_order(snaps, now, targets, order="importance") -> list:
+    left = sorted(snaps, key=lambda s: s.when)
+    steps = []
+    while len(left) > 1:
+        if order == "age":
+            age = (now - left[0].when).total_seconds() / byteback.DAY
+            step = ((0, -age), left[0], byteback._age_reason(left[0].host, age))
+        else:
+            step = reference_step(left, now, targets)
+        steps.append(step)
+        left.remove(step[1])
+    return steps
+
+
+def reference_deletion_order(snaps, now, targets, order="importance") -> list:
+    """Across hosts: the most snapshots left first; ties by key, then the older snapshot, then the host."""
+    by_host: Dict[str, list] = {}
+    for s in snaps:
+        by_host.setdefault(s.host, []).append(s)
+    result = []
+    while any(len(v) > 1 for v in by_host.values()):
+        most = max(len(v) for v in by_host.values())
+        options = []
+        for host, left in by_host.items():
+            if len(left) == most:
+                key, snap, reason = reference_host_order(left, now, targets, order)[0]
+                options.append((key, snap.when, host, snap, reason))
+        key, _, host, snap, reason = min(options)
+        by_host[host].remove(snap)
+        if len(by_host) > 1:
+            reason += f"; host {host} has the most snapshots ({most})"
+        result.append((snap, reason))
+    return result
+
+
+def store(hours: List[int]) -> List[byteback.Snapshot]:
+    """Snapshots of one host at the given hours before NOW (negative: a clock ahead); repeats allowed.
+
+    Names are made unique by position, so two snapshots may share an instant
+    as two names in different time zones can.
+    """
+    return [byteback.Snapshot("web1", f"s{j}", NOW - dt.timedelta(hours=h)) for j, h in enumerate(hours)]
+
+
+# Stores that exercise every part: dense stretches (hours apart), sparse
+# ones (months), repeats, a clock ahead, and target lists from none to many.
+HOURS = st.one_of(st.integers(0, 48), st.integers(0, 24 * 400), st.integers(-30, 24 * 3000))
+TARGETS = st.one_of(st.just(byteback.DEFAULT_TARGET_DAYS), st.just(byteback.ORIGINAL_TARGET_DAYS),
+                    st.lists(st.floats(0, 400, allow_nan=False), max_size=12))
+
+
+def assert_same_order(hours, targets):
+    snaps = store(hours)
+    fast = [(s.key, s.snapshot, s.reason.text())
+            for s in byteback.host_deletion_order(snaps, now=NOW, targets=targets)]
+    assert fast == reference_host_order(snaps, NOW, targets)
+
+
+@settings(max_examples=300, deadline=None, database=None)
+@given(st.lists(HOURS, min_size=0, max_size=40), TARGETS)
+def test_host_order_is_the_reference_order(hours, targets):
+    assert_same_order(hours, targets)
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(st.lists(st.integers(0, 24 * 200), min_size=150, max_size=300), TARGETS)
+def test_host_order_is_the_reference_order_on_larger_stores(hours, targets):
+    assert_same_order(hours, targets)
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(st.lists(st.lists(HOURS, min_size=1, max_size=12), min_size=1, max_size=4), TARGETS,
+       st.sampled_from(["importance", "age"]))
+def test_deletion_order_across_hosts_is_the_reference_order(hours_by_host, targets, order):
+    snaps = [byteback.Snapshot(f"h{i}", f"s{j}", NOW - dt.timedelta(hours=h))
+             for i, hours in enumerate(hours_by_host) for j, h in enumerate(hours)]
+    fast = [(d.snapshot, d.reason) for d in byteback.deletion_order(snaps, now=NOW, order=order, targets=targets)]
+    assert fast == reference_deletion_order(snaps, NOW, targets, order)
+
+
+def test_the_reference_agrees_with_the_hand_worked_table():
+    # test_6_retention's 30 daily snapshots with the original targets: the
+    # reference, too, takes 26, 24, 22, 20, 18, 16, 13, 25, 11 first.
+    snaps = store([24 * d for d in range(30)])
+    ages = [round((NOW - s.when).total_seconds() / byteback.DAY)
+            for _, s, _ in reference_host_order(snaps, NOW, byteback.ORIGINAL_TARGET_DAYS)]
+    assert ages[:9] == [26, 24, 22, 20, 18, 16, 13, 25, 11]
