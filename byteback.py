@@ -28,6 +28,7 @@ import ctypes
 import datetime as dt
 import errno
 import fcntl
+import functools
 import hashlib
 import heapq
 import itertools
@@ -443,13 +444,31 @@ def _order(text: str) -> str:
     return text
 
 
-def _fraction(text: str) -> float:
-    """'2%' or '0.02' -> 0.02, from 0 to 1."""
+def _percent(text: str, high: float = 1.0) -> float:
+    """'2%' or '0.02' -> 0.02, from 0 to high (1: a fraction)."""
     t = text.strip()
     value = float(t[:-1]) / 100 if t.endswith("%") else float(t)
-    if not 0 <= value <= 1:
-        raise ValueError(f"{text!r} must be a fraction from 0 to 1, or a percentage such as 2%")
+    if not 0 <= value <= high:
+        raise ValueError(f"{text!r} must be a fraction from 0 to {high:g}, or a percentage such as 2%")
     return value
+
+
+def _fraction(text: str) -> float:
+    return _percent(text)
+
+
+def _growth(text: str) -> float:
+    return _percent(text, 100.0)
+
+
+def _shares(text: str) -> str:
+    if text not in ("normal", "equal"):
+        raise ValueError(f"{text!r} is not a way to share; use 'normal' or 'equal'")
+    return text
+
+
+def _weights(text: str) -> Dict[str, float]:
+    return parse_weights(text)
 
 
 def parse_targets(text: str) -> tuple:
@@ -488,6 +507,12 @@ SERVER_OPTIONS: Dict[str, Option] = {
                         "a backup over this many times the median of recent ones is suspicious"),
     "suspicion_floor": Option("2%", _fraction,
                               "a backup adding less than this share of its host's data is never suspicious"),
+    "accept_budget": Option("10%", _fraction, "share of a host's share of the disc accepted past the "
+                            "suspicion line automatically, per 30 days"),
+    "shares": Option("normal", _shares, "a host's share of the disc: in proportion to its normal "
+                     "backup (normal), or the same for every host (equal)"),
+    "share_growth": Option("100%", _growth, "how fast a host's normal backup may grow its share, per 30 days"),
+    "weights": Option("", _weights, "host:weight pairs multiplying hosts' shares, e.g. web1:2 db1:0.5"),
     "rsync_timeout": Option("600", _positive_int, "the server rsync's I/O timeout, in seconds"),
 }
 
@@ -502,6 +527,10 @@ class ServerConfig(NamedTuple):
     history: int = 10
     suspicion: float = 3.0
     suspicion_floor: float = 0.02
+    accept_budget: float = 0.1
+    shares: str = "normal"
+    share_growth: float = 1.0
+    weights: Dict[str, float] = {}
     rsync_timeout: int = 600
 
 
@@ -537,7 +566,8 @@ def parse_server_config(text: str, source: str = "server.conf") -> ServerConfig:
         first = str(e).splitlines()[0]
         raise ByteBackError(f"{source}: cannot parse: {first}") from None
     lines = text.splitlines()
-    values = {name: opt.convert(opt.default) if opt.default else "" for name, opt in SERVER_OPTIONS.items()}
+    values = {name: opt.convert(opt.default) if opt.default else ServerConfig._field_defaults[name]
+              for name, opt in SERVER_OPTIONS.items()}
     for section in parser.sections():
         if section != "server":
             line = next((n for n, l in enumerate(lines, 1) if l.strip() == f"[{section}]"), 0)
@@ -961,6 +991,47 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(self.dirty_path(host))
 
+    def session_lock(self, host: str) -> Lock:
+        """The lock a client's session (the forced command, and rsync after it) holds."""
+        return Lock(self.run_dir / f"{check_host_name(host)}.lock", f"session for host {host}")
+
+    def unaccounted_bytes(self) -> int:
+        """Disc used in run/, which belongs to no host's backups (the backup user can write there).
+
+        lstat only, never following a link: run/ is untrusted input."""
+        total = 0
+        for _, st in walk_files(self.run_dir):
+            if stat.S_ISREG(st.st_mode):
+                total += st.st_blocks * 512
+        return total
+
+    def roll_back(self, host: str) -> bool:
+        """Put current back to the host's newest snapshot (an unfinished upload past the
+        suspicion line), unless a session is writing it now.  Returns whether it did."""
+        snaps = self.snapshots(host)
+        current = self.current(host)
+        if not snaps or not _is_real_dir(current):
+            return False
+        try:
+            with self.session_lock(host):
+                owner = os.lstat(current)
+                self._reset_current(current, self.snapshot_path(snaps[-1]))
+                if os.geteuid() == 0:
+                    os.chown(current, owner.st_uid, owner.st_gid)
+                os.chmod(current, stat.S_IMODE(owner.st_mode))
+                self.clear_dirty(host)
+        except ByteBackError as e:
+            log.warning("prune: host %s: current not rolled back: %s", host, e)
+            return False
+        log.warning("prune: host %s: current rolled back to snapshot %s; the unfinished upload "
+                    "in it was far over the host's normal size and its growth budget", host, snaps[-1].name)
+        return True
+
+    def _reset_current(self, current: Path, newest: Path) -> None:
+        # hardlink: the next run links unchanged files from the newest snapshot again
+        self._remove_tree(current)
+        self._create_current(current)
+
     # -- writing --
     def prepare_host(self, host: str, owner: Optional[tuple] = None) -> Path:
         """Create <host>/ and <host>/current if missing; return current."""
@@ -1225,6 +1296,15 @@ class BtrfsStore(Store):
         out = self._btrfs("subvolume", "show", str(path), destructive=False).stdout
         m = re.search(r"^\s*Gen at creation:\s*(\d+)\s*$", out, re.M)
         return {"generation": int(m.group(1))} if m else {}
+
+    def _reset_current(self, current: Path, newest: Path) -> None:
+        if not is_btrfs_subvolume(current):
+            Store._reset_current(self, current, newest)
+            return
+        self._btrfs("subvolume", "delete", "--commit-each", str(current))
+        # A writable snapshot of the newest: --inplace then resumes from it, as after a snapshot.
+        self._btrfs("subvolume", "snapshot", str(newest), str(current))
+        self._btrfs("subvolume", "sync", str(self.root))
 
     def _remove_tree(self, path: Path) -> None:
         if not is_btrfs_subvolume(path):      # a snapshot made by the hardlink backend
@@ -1556,18 +1636,6 @@ def deletion_order(snapshots: Iterable[Snapshot], *, now: dt.datetime, order: st
             heapq.heappush(queue, (minus_left + 1, step.key, step.snapshot.when, host, step, steps))
 
 
-def plan_prune(snapshots: Iterable[Snapshot], *, now: dt.datetime, order: str = "importance",
-               targets: Sequence[float] = DEFAULT_TARGET_DAYS) -> List[Decision]:
-    """Every snapshot with its place: deletions in order, then what is always kept."""
-    snapshots = list(snapshots)
-    plan = list(deletion_order(snapshots, now=now, order=order, targets=targets))
-    gone = {d.snapshot for d in plan}
-    for snap in sorted(snapshots, key=lambda s: (s.host, s.when)):
-        if snap not in gone:
-            plan.append(Decision(snap, False, f"kept: the newest snapshot of host {snap.host}"))
-    return plan
-
-
 def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
@@ -1624,14 +1692,21 @@ def suspicion_floor_bytes(backups: Sequence[dict], *, fraction: float, history: 
     return fraction * min(sizes) if sizes else 0.0
 
 
-def held_hosts(histories: Dict[str, Sequence[dict]], pending: Optional[Dict[str, bool]] = None) -> List[str]:
-    """Hosts whose last backup (or, in pending, whose unfinished one) is suspicious and not accepted.
+def history_entry(backups: Sequence[dict], record: dict, *, name: str, now: dt.datetime, first: bool,
+                  config: "ServerConfig") -> dict:
+    """The history entry of a new snapshot (snapshot_host's and simulate's bookkeeping).
 
-    While any host is held, prune deletes nothing unless forced.
+    first: the host's first snapshot, a full copy: counted_sizes leaves it out
+    of the mean.  A host taken over with history starts from adopt's baseline
+    entry instead, so its next backup is a change, never 'first'.
     """
-    held = {h for h, b in histories.items() if b and b[-1].get("suspicious") and not b[-1].get("accepted")}
-    held.update(h for h, big in (pending or {}).items() if big)
-    return sorted(held)
+    suspicious = is_suspicious(record["added"], counted_sizes(backups), factor=config.suspicion,
+                               history=config.history, floor=suspicion_floor_bytes(
+                                   backups, fraction=config.suspicion_floor, history=config.history))
+    entry = {"snapshot": name, "time": now.isoformat(), "suspicious": suspicious, **record}
+    if first:
+        entry["first"] = True
+    return entry
 
 
 def interval_refusal(newest: Optional[Snapshot], now: dt.datetime, min_interval: float) -> Optional[str]:
@@ -1645,6 +1720,375 @@ def interval_refusal(newest: Optional[Snapshot], now: dt.datetime, min_interval:
     return (f"host {newest.host}: the newest snapshot {newest.name} is {format_duration(elapsed)} old "
             f"and the minimum interval is {format_duration(min_interval)}; "
             f"the next snapshot can be taken in {format_duration(math.ceil(wait))}")
+
+
+# --- 6b. The prune plan: everything prune decides, as one pure function -------
+#
+# prune_store (section 7) and simulate both call plan_prune on plain values
+# and carry out what it says: acceptances to record, uploads to roll back,
+# then deletions in order until the free space reaches the plan's goal.
+#
+# The rules, and the attack each one stops:
+# - Containment.  A suspicious backup (is_suspicious) still kept, or an
+#   unfinished upload past the same line, is counted at its host's normal
+#   size: its excess is left out of the goal, so no host's history is deleted
+#   for it, and pruning for every other host goes on.  An unfinished upload
+#   past the line that no session is writing is rolled back to the host's
+#   newest snapshot, so its space comes back without a person.
+# - Acceptance.  Excess is accepted automatically from a growth budget: each
+#   host earns accept_budget of its share of the disc per 30 days (saved up
+#   to its whole share).  Real growth (a new VM image) is backed up within a
+#   bounded time; junk cannot buy more than the budget.
+# - Fairness by bytes.  Each host claims the bytes its deletable snapshots
+#   hold, its newest snapshot's accepted excess, its accepted pending upload
+#   and its room in the target; its share of the disc is in proportion to its
+#   weight: its normal backup (whose growth is capped at share_growth per 30
+#   days, so a flood cannot buy a bigger share quickly) times its server.conf
+#   weight.  The next deletion comes from the host most over its share, and
+#   only a host over its share loses anything: a flooding host evicts its own
+#   history, and what it cannot give back is never paid by the others.
+# - Unaccounted space (run/, outside every host's backups) is not pruned for.
+
+SHARE_WINDOW_DAYS = 30.0
+
+
+class HostFacts(NamedTuple):
+    """What the plan knows of one host: plain values read from the store (or simulate's model)."""
+    snapshots: Sequence[Snapshot]          # oldest first
+    history: Sequence[dict]                # as snapshot_host records it
+    pending: Optional[int] = None          # bytes in an unfinished current; None when there is none
+    running: bool = False                  # a session is writing current now: never rolled back
+
+
+class PruneState(NamedTuple):
+    """The store as plan_prune sees it."""
+    hosts: Dict[str, HostFacts]
+    free: int
+    total: int
+    unaccounted: int = 0                   # bytes in run/, outside every host's backups
+
+
+class Acceptance(NamedTuple):
+    """Excess the plan accepts: `snapshot` names the history entry ('' for an unfinished upload);
+    complete when nothing of it is left contained."""
+    host: str
+    snapshot: str
+    bytes: int
+    complete: bool
+    reason: str
+
+
+class PlanStep(NamedTuple):
+    """One deletion of the plan, and whether its host is over its share when it comes
+    (decision None: the host most over its share has nothing left to give: stop)."""
+    decision: Optional[Decision]
+    over_share: bool
+    estimate: int                          # bytes it is expected to free
+
+
+class PrunePlan(NamedTuple):
+    """What prune does: record `accepted`, roll back `rollbacks`, then delete in `steps`
+    order while the free space is below `goal` and the step's host is over its share."""
+    target: int                            # free space to keep (free_space_target)
+    goal: int                              # what deletions aim at: the target less contained/unaccounted
+    free: int
+    accepted: List[Acceptance]
+    contained: Dict[str, int]              # host -> excess bytes not pruned for
+    rollbacks: List[str]
+    notes: List[str]                       # WARNING lines for the log and status
+    steps: Iterator[PlanStep]
+
+    def short(self, free: int) -> bool:
+        return free < self.goal
+
+
+@functools.lru_cache(maxsize=1 << 17)
+def _entry_time(text) -> Optional[dt.datetime]:
+    if not isinstance(text, str):
+        return None
+    try:
+        when = dt.datetime.fromisoformat(text)
+    except (TypeError, ValueError):
+        return None
+    return when if when.tzinfo else when.replace(tzinfo=dt.timezone.utc)
+
+
+def _window_factor(growth: float, seconds: float) -> float:
+    return (1.0 + growth) ** (max(0.0, seconds) / (SHARE_WINDOW_DAYS * DAY))
+
+
+def normal_backup(backups: Sequence[dict], *, history: int, growth: float) -> float:
+    """A host's normal backup for its share of the disc: the mean of its counted sizes, which
+    may grow by at most `growth` per 30 days (a flood just under the suspicion line must not
+    buy a bigger share in days); it follows a fall at once."""
+    window: List[int] = []
+    total = 0
+    normal: Optional[float] = None
+    last = None
+    per_second = math.log1p(growth) / (SHARE_WINDOW_DAYS * DAY)
+    for b in backups:
+        if b.get("first") or (b.get("suspicious") and not b.get("accepted")):
+            continue
+        added = _num(b, "added")
+        window.append(added)
+        total += added
+        if len(window) > history:
+            total -= window[-history - 1]
+        value = total / min(len(window), history)
+        when = _entry_time(b.get("time"))
+        if normal is None:
+            normal = value
+        else:
+            elapsed = (when - last).total_seconds() if when is not None and last is not None else 0.0
+            normal = min(value, max(normal, 1.0) * math.exp(per_second * max(0.0, elapsed)))
+        if when is not None:
+            last = when
+    return normal or 0.0
+
+
+def _num(entry: dict, key: str) -> int:
+    """_history_int, quickly for the usual case (plan_prune reads every entry of every host)."""
+    value = entry.get(key, 0)
+    return value if type(value) is int and value >= 0 else _history_int(entry, key)
+
+
+def accept_tokens(backups: Sequence[dict], *, now: dt.datetime, rate: float, cap: float) -> float:
+    """Bytes a host may still have accepted past the suspicion line: it earns `rate` per 30
+    days from its first backup, saves up to `cap`, and spends what was accepted before."""
+    events = []
+    for b in backups:
+        for when, amount in b.get("acceptances", ()) or ():
+            t = _entry_time(when)
+            if t is not None:
+                events.append((t, max(0, int(amount))))
+    start = next((t for t in (_entry_time(b.get("time")) for b in backups) if t), now)
+    tokens, last = min(cap, rate), start
+    for t, amount in sorted(events):
+        tokens = min(cap, tokens + rate * (t - last).total_seconds() / (SHARE_WINDOW_DAYS * DAY)) - amount
+        last = max(last, t)
+    return max(0.0, min(cap, tokens + rate * max(0.0, (now - last).total_seconds()) / (SHARE_WINDOW_DAYS * DAY)))
+
+
+def snapshot_bytes(backups: Sequence[dict]) -> Dict[str, int]:
+    """What deleting each recorded snapshot is expected to free: what it added, but no more
+    than what left by the next backup (what that one rewrote or removed), so data that
+    stays (a new VM image) is not counted as if its first snapshot held it alone."""
+    held: Dict[str, int] = {}
+    after = None
+    for b in reversed(backups):
+        name = b.get("snapshot")
+        if isinstance(name, str):
+            added = _num(b, "added")
+            if after is not None:
+                added = min(added, _num(after, "added") + max(0, _num(b, "size") - _num(after, "size")))
+            held[name] = added
+        after = b
+    return held
+
+
+def _excess(entry: dict, normal: float) -> int:
+    return max(0, int(_history_int(entry, "added") - normal))
+
+
+def _accepted_bytes(entry: dict) -> int:
+    return sum(max(0, int(a)) for _, a in entry.get("acceptances", ()) or ())
+
+
+def parse_weights(text: str) -> Dict[str, float]:
+    """'web1:2 db1:0.5' -> {'web1': 2.0, 'db1': 0.5}.  Raises ValueError."""
+    weights = {}
+    for word in str(text).replace(",", " ").split():
+        host, sep, value = word.partition(":")
+        if not sep or not HOSTNAME_RE.match(host):
+            raise ValueError(f"{word!r} is not host:weight (e.g. web1:2)")
+        number = float(value)
+        if not number > 0 or math.isinf(number):
+            raise ValueError(f"{word!r}: a weight must be a number greater than 0")
+        weights[host] = number
+    return weights
+
+
+def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", order: Optional[str] = None,
+               force: bool = False) -> PrunePlan:
+    """Everything prune decides, from plain values.  force: an administrator accepts every excess."""
+    order = order or config.order
+    if order not in ("importance", "age"):
+        raise ValueError(f"unknown prune order {order!r}")
+    hosts = state.hosts
+    counted = {h: counted_sizes(f.history) for h, f in hosts.items()}
+    means = {h: mean(c[-config.history:]) for h, c in counted.items()}
+    target = free_space_target(counted, headroom=config.headroom, history=config.history)
+    notes: List[str] = []
+    accepted: List[Acceptance] = []
+    contained: Dict[str, int] = {}
+    rollbacks: List[str] = []
+    memo: Dict[str, Dict[str, float]] = {}
+
+    def weights() -> Dict[str, float]:
+        """Each host's weight: its normal backup (shares = normal) times its server.conf weight."""
+        if "w" not in memo:
+            memo["w"] = {h: (1.0 if config.shares == "equal" else max(1.0, normal_backup(
+                f.history, history=config.history, growth=config.share_growth))) * config.weights.get(h, 1.0)
+                for h, f in hosts.items()}
+        return memo["w"]
+
+    def budget(h: str) -> float:
+        if force:
+            return float("inf")
+        w = weights()
+        share_of_disc = state.total * w[h] / (sum(w.values()) or 1.0)
+        return accept_tokens(hosts[h].history, now=now, rate=config.accept_budget * share_of_disc,
+                             cap=share_of_disc)
+
+    extra: Dict[str, float] = {}
+    for h, f in hosts.items():
+        normal = means[h]
+        tokens: Optional[float] = None
+        kept = {s.name for s in f.snapshots}
+        newest = f.snapshots[-1].name if f.snapshots else None
+        recorded = {b.get("snapshot") for b in f.history}
+        claim = 0.0
+        held_back = 0
+        for b in f.history:
+            name = b.get("snapshot")
+            if name not in kept or not b.get("suspicious") or b.get("accepted"):
+                if name == newest and not b.get("first") and not b.get("suspicious"):
+                    claim += _excess(b, normal)       # a big but ordinary newest: its own to pay
+                continue
+            left = _excess(b, normal) - _accepted_bytes(b)
+            tokens = budget(h) if tokens is None else tokens
+            grant = int(min(left, tokens))
+            if grant > 0:
+                tokens -= grant
+                left -= grant
+                why = ("accepted by an administrator (prune --force)" if force else
+                       f"accepted from its growth budget ({config.accept_budget:.0%} of its share per 30 days)")
+                accepted.append(Acceptance(h, name, grant, grant >= left + grant, f"host {h}: {format_size(grant)} of backup {name} "
+                                                            f"past the suspicion line {why}"))
+                if name == newest:
+                    claim += grant
+            if left > 0:
+                held_back += left
+                notes.append(f"host {h}: backup {name} added {format_size(_history_int(b, 'added'))}, far over "
+                             f"its normal {format_size(normal)}: contained, {format_size(left)} not pruned "
+                             "for; other hosts are pruned as usual")
+        if f.pending is not None:
+            floor = suspicion_floor_bytes(f.history, fraction=config.suspicion_floor, history=config.history)
+            if is_suspicious(f.pending, counted[h], factor=config.suspicion, history=config.history, floor=floor):
+                left = max(0, int(f.pending - normal))
+                tokens = budget(h) if tokens is None else tokens
+                grant = int(min(left, tokens))
+                if grant >= left:
+                    claim += left
+                    accepted.append(Acceptance(h, "", left, True, f"host {h}: the unfinished upload of "
+                                               f"{format_size(f.pending)} accepted from its growth budget"))
+                elif f.running:
+                    held_back += left
+                    notes.append(f"host {h}: an upload in progress holds {format_size(f.pending)}, far over its "
+                                 f"normal {format_size(normal)}: contained, not pruned for")
+                else:
+                    rollbacks.append(h)
+                    notes.append(f"host {h}: an unfinished upload of {format_size(f.pending)}, far over its "
+                                 f"normal {format_size(normal)} and its growth budget: current is rolled "
+                                 "back to its newest snapshot")
+        if newest and f.history and newest not in recorded:
+            notes.append(f"host {h}: snapshot {newest} has no history entry (the disc filled while it was "
+                         "recorded?): counted at the host's normal size")
+        if held_back:
+            contained[h] = held_back
+        extra[h] = claim
+    if state.unaccounted > 0:
+        notes.append(f"{format_size(state.unaccounted)} in the store's run/ belongs to no host's backups: "
+                     "not pruned for")
+    if any(a.complete and a.snapshot for a in accepted):
+        # What is accepted counts in its host's normal size from now on (counted_sizes).
+        counted = {h: counted_sizes(record_acceptances(f.history, accepted, now)) for h, f in hosts.items()}
+        target = free_space_target(counted, headroom=config.headroom, history=config.history)
+    room = {h: config.headroom * mean(c[-config.history:]) for h, c in counted.items()}
+    goal = target - sum(contained.values()) - max(0, state.unaccounted)
+    # The disc the claims share: the free space and everything the claims count, with the
+    # contained and unaccounted bytes as if they were free (they are not pruned for).
+    free_for_claims = state.free + sum(contained.values()) + max(0, state.unaccounted)
+    steps = _fair_steps(state, weights, extra, room, means, free_for_claims, now=now, order=order,
+                        targets=config.targets)
+    return PrunePlan(target, goal, state.free, accepted, contained, rollbacks, notes, steps)
+
+
+def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extra: Dict[str, float],
+                room: Dict[str, float], means: Dict[str, float], free_for_claims: float, *,
+                now: dt.datetime, order: str, targets: Sequence[float]) -> Iterator[PlanStep]:
+    """Deletions, the host most over its share (claim / weight) first; within a host its order.
+
+    Lazy: nothing is measured until the first deletion is asked for (simulate plans far
+    more often than it deletes)."""
+    hosts = state.hosts
+    w = weights()
+    deletable: Dict[str, Dict[str, int]] = {}
+    claims: Dict[str, float] = {}
+    for h, f in hosts.items():
+        held = snapshot_bytes(f.history)
+        # A snapshot with no size recorded (taken over, or its entry was lost) counts as a
+        # normal backup; with no history at all, fairness by bytes is fairness by count.
+        unit = max(1, int(means[h]))
+        deletable[h] = {s.name: held.get(s.name, unit) for s in f.snapshots[:-1]}
+        claims[h] = extra[h] + sum(deletable[h].values()) + room[h]
+    disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
+    fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
+    several = len(hosts) > 1
+    orders = {h: host_deletion_order(f.snapshots, now=now, order=order, targets=targets)
+              for h, f in hosts.items()}
+    heap = []
+    for h, it in orders.items():
+        step = next(it, None)
+        # A host with nothing to give back stays in the heap: while it is the most over its
+        # share, what the disc lacks is its doing, and nobody else pays for it.
+        heap.append((-claims[h] / w[h], step.key if step else (), step.snapshot.when if step else now, h, step))
+    heapq.heapify(heap)
+    while heap:
+        ratio, _, _, h, step = heapq.heappop(heap)
+        if step is None:
+            if all(entry[-1] is None for entry in heap):
+                return                                # nothing left anywhere: exhausted
+            if -ratio > fair:
+                yield PlanStep(None, False, 0)       # the executor stops here
+            continue
+        freed = deletable[h].get(step.snapshot.name, 0)
+        over = -ratio > fair
+        reason = step.reason.text()
+        if several:
+            reason += (f"; host {h} is the most over its share of the disc ({-ratio / fair:.0%} of it)"
+                       if fair > 0 else f"; host {h} claims the most of the disc")
+        claims[h] -= freed
+        yield PlanStep(Decision(step.snapshot, True, reason), over, freed)
+        following = next(orders[h], None)
+        heapq.heappush(heap, (-claims[h] / w[h], following.key if following else (),
+                              following.snapshot.when if following else now, h, following))
+
+
+def plan_listing(plan: PrunePlan, state: PruneState) -> List[Decision]:
+    """Every snapshot with its place: the plan's deletions in order, then what is always kept."""
+    listed = [s.decision for s in plan.steps if s.decision is not None]
+    gone = {d.snapshot for d in listed}
+    for h in sorted(state.hosts):
+        for snap in state.hosts[h].snapshots:
+            if snap not in gone:
+                listed.append(Decision(snap, False, f"kept: the newest snapshot of host {h}"))
+    return listed
+
+
+def record_acceptances(backups: Sequence[dict], accepted: Sequence[Acceptance], now: dt.datetime) -> List[dict]:
+    """The history with the plan's acceptances written into their entries (a new list)."""
+    grants = {a.snapshot: a for a in accepted if a.snapshot}
+    out = []
+    for b in backups:
+        a = grants.get(b.get("snapshot"))
+        if a is not None:
+            b = dict(b)
+            b["acceptances"] = list(b.get("acceptances", ()) or ()) + [[now.isoformat(), a.bytes]]
+            if a.complete:
+                b["accepted"] = True
+        out.append(b)
+    return out
 
 
 # === 7. Server commands (snapshot, prune) ====================================
@@ -1682,20 +2126,16 @@ def snapshot_host(store: Store, host: str, config: ServerConfig, *, now: dt.date
         backups = [store.baseline_entry(newest)]
     previous = next((b for b in reversed(backups) if "generation" in b), backups[-1] if backups else None)
     record = store.take_snapshot(host, name, previous)
-    suspicious = is_suspicious(record["added"], counted_sizes(backups), factor=config.suspicion,
-                               history=config.history, floor=suspicion_floor_bytes(
-                                   backups, fraction=config.suspicion_floor, history=config.history))
-    entry = {"snapshot": name, "time": now.isoformat(), "suspicious": suspicious, **record}
-    if newest is None:
-        entry["first"] = True      # a full copy: counted_sizes leaves it out of the mean
+    entry = history_entry(backups, record, name=name, now=now, first=newest is None, config=config)
+    suspicious = entry["suspicious"]
     store.write_history(host, backups + [entry])
     store.clear_dirty(host)
     log.info("snapshot host=%s name=%s size=%s added=%s", host, name,
              format_size(record["size"]), format_size(record["added"]))
     if suspicious:
-        log.warning("host %s: backup %s added %s, over %g times what its recent backups added; "
-                    "pruning will not delete history for it until an administrator runs "
-                    "'prune --force'", host, name, format_size(record["added"]), config.suspicion)
+        log.warning("host %s: backup %s added %s, over %g times what its recent backups added: "
+                    "contained (prune deletes no history for it beyond the host's growth budget; "
+                    "'prune --force' accepts it now)", host, name, format_size(record["added"]), config.suspicion)
     return Snapshot(host, name, when)
 
 
@@ -1704,6 +2144,7 @@ class PruneResult(NamedTuple):
     free: int
     target: int
     deleted: List[Decision]
+    plan: Optional[PrunePlan] = None
 
 
 def store_target(store: Store, config: ServerConfig, histories: Optional[Dict[str, List[dict]]] = None) -> int:
@@ -1714,67 +2155,83 @@ def store_target(store: Store, config: ServerConfig, histories: Optional[Dict[st
                              headroom=config.headroom, history=config.history)
 
 
+def read_prune_state(store: Store) -> PruneState:
+    """The plain values plan_prune decides on, read from the store."""
+    hosts = {}
+    for h in store.hosts():
+        pending = store.pending_bytes(h) if store.dirty_since(h) is not None else None
+        running = pending is not None and flock_held(store.session_lock(h).path)
+        hosts[h] = HostFacts(tuple(store.snapshots(h)), tuple(store.read_history(h)), pending, running)
+    return PruneState(hosts, store.free_bytes(), store.total_bytes(), store.unaccounted_bytes())
+
+
+def execute_plan(plan: PrunePlan, free: int, *, delete: Callable[[PlanStep], None],
+                 measure: Callable[[], int], on_step: Optional[Callable[[PlanStep, int, int], None]] = None) -> tuple:
+    """Carry out a plan's deletions: one at a time, re-measuring, until the plan says stop.
+
+    Returns (free, deleted decisions, why it stopped: 'enough', 'share' or 'exhausted').
+    The one loop prune_store and simulate both run.
+    """
+    deleted: List[Decision] = []
+    for step in plan.steps:
+        if not plan.short(free):
+            return free, deleted, "enough"
+        if not step.over_share:
+            return free, deleted, "share"
+        before = free
+        delete(step)
+        free = measure()
+        deleted.append(step.decision)
+        if on_step is not None:
+            on_step(step, before, free)
+    return free, deleted, "enough" if not plan.short(free) else "exhausted"
+
+
 def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: Optional[str] = None,
                 force: bool = False, dry_run: bool = False) -> PruneResult:
-    """Delete snapshots, one at a time, until free space reaches the target.  Caller holds the lock."""
-    order = order or config.order
+    """Carry out plan_prune on a store: acceptances, roll-backs, deletions.  Caller holds the lock."""
     if not dry_run:
         store.clean_leftovers()
-    histories = {h: store.read_history(h) for h in store.hosts()}
-    target = store_target(store, config, histories)
-    free = store.free_bytes()
-    if free >= target:
-        log.info("prune: %s free, target %s: nothing to delete", format_size(free), format_size(target))
-        return PruneResult(free, target, [])
-    # A backup larger than its history allows is what a hostile client
-    # uploading junk looks like: deleting history to make room for it is
-    # exactly what such a client wants.  Leave everything for a person.
-    # A backup in progress that is already far larger than its host's history
-    # is held the same way: an upload that never finishes must not make the
-    # pruner delete history, run after run, for the space it fills.
-    pending = {h: is_suspicious(store.pending_bytes(h), counted_sizes(b), factor=config.suspicion,
-                                history=config.history, floor=suspicion_floor_bytes(
-                                    b, fraction=config.suspicion_floor, history=config.history))
-               for h, b in histories.items() if store.dirty_since(h) is not None}
-    # A snapshot whose history entry was never written (the disc filled just
-    # then) was never judged: hold it too.  A store with no history at all,
-    # taken over from the original byteback, is not held.
-    for h, b in histories.items():
-        newest = store.snapshots(h)[-1:]
-        if b and newest and newest[0].name not in {e.get("snapshot") for e in b}:
-            pending[h] = True
-    held = held_hosts(histories, pending)
-    if held and not force:
-        raise ByteBackError(
-            f"refusing to prune: the last backup of {', '.join(held)} is far larger than its history "
-            f"(over {config.suspicion:g} x the median), and the disc is short ({format_size(free)} free, target {format_size(target)}); "
-            "history is left intact: check the host, then run 'byteback prune --force' to accept it")
-    for host in held:
-        if not dry_run and histories[host] and histories[host][-1].get("suspicious"):
-            histories[host][-1]["accepted"] = True
-            store.write_history(host, histories[host])
-        log.warning("prune: accepting the large last backup of host %s (--force)", host)
-    if held:
-        target = store_target(store, config, histories)
-    sizes = {(h, b.get("snapshot")): _history_int(b, "added") for h, bs in histories.items() for b in bs}
-    deleted: List[Decision] = []
-    for decision in deletion_order(store.snapshots(), now=now, order=order, targets=config.targets):
-        snap = decision.snapshot
-        if dry_run:
-            free += sizes.get((snap.host, snap.name), 0)   # a rough estimate: its own new data
-            print(f"would delete {snap.host}/{snap.name}: {decision.reason}")
-        else:
-            before = free
-            store.delete(snap)
-            free = store.free_bytes()
+    state = read_prune_state(store)
+    plan = plan_prune(state, now=now, config=config, order=order, force=force)
+    for note in plan.notes:
+        log.warning("prune: %s", note)
+    for a in plan.accepted:
+        log.warning("prune: %s", a.reason)
+    if not dry_run:
+        for host in sorted({a.host for a in plan.accepted if a.snapshot}):
+            store.write_history(host, record_acceptances(store.read_history(host), plan.accepted, now))
+        for host in plan.rollbacks:
+            store.roll_back(host)
+    free = store.free_bytes() if plan.rollbacks and not dry_run else plan.free
+    if not plan.short(free):
+        log.info("prune: %s free, goal %s (target %s): nothing to delete", format_size(free),
+                 format_size(plan.goal), format_size(plan.target))
+        return PruneResult(free, plan.target, [], plan)
+    if dry_run:
+        estimate = [free]
+
+        def pretend(step: PlanStep) -> None:
+            estimate[0] += step.estimate          # a rough estimate: what it alone holds
+            snap = step.decision.snapshot
+            print(f"would delete {snap.host}/{snap.name}: {step.decision.reason}")
+        free, deleted, why = execute_plan(plan, free, delete=pretend, measure=lambda: estimate[0])
+    else:
+        def logged(step: PlanStep, before: int, after: int) -> None:
+            snap = step.decision.snapshot
             log.info('prune host=%s deleted=%s reason="%s" freed=%s', snap.host, snap.name,
-                     decision.reason, format_size(max(0, free - before)))
-        deleted.append(decision)
-        if free >= target:
-            return PruneResult(free, target, deleted)
-    raise ByteBackError(f"the disc is still short after deleting all but each host's newest snapshot "
-                        f"({format_size(free)} free, target {format_size(target)}); add space to the "
-                        "store, or lower 'headroom' in server.conf")
+                     step.decision.reason, format_size(max(0, after - before)))
+        free, deleted, why = execute_plan(plan, free, delete=lambda step: store.delete(step.decision.snapshot),
+                                          measure=store.free_bytes, on_step=logged)
+    if why == "share":
+        log.warning("prune: %s free, goal %s: what is left is over the share of hosts that have "
+                    "only their newest snapshot; no other host's history is deleted for it",
+                    format_size(free), format_size(plan.goal))
+    elif why == "exhausted":
+        raise ByteBackError(f"the disc is still short after deleting all but each host's newest snapshot "
+                            f"({format_size(free)} free, goal {format_size(plan.goal)}); add space to the "
+                            "store, or lower 'headroom' in server.conf")
+    return PruneResult(free, plan.target, deleted, plan)
 
 
 def _refuse_under_sudo(args: argparse.Namespace, *names: str) -> None:
@@ -1843,10 +2300,13 @@ def cmd_prune(args: argparse.Namespace) -> int:
     order = args.order or config.order
     now = now_local()
     if args.list:
-        target = store_target(store, config)
-        print(f"store {store.root} ({store.kind}): {format_size(store.free_bytes())} free, "
-              f"target {format_size(target)}; order of deletion ({order}):")
-        _print_plan(plan_prune(store.snapshots(), now=now, order=order, targets=config.targets), now)
+        state = read_prune_state(store)
+        plan = plan_prune(state, now=now, config=config, order=order)
+        print(f"store {store.root} ({store.kind}): {format_size(state.free)} free, "
+              f"target {format_size(plan.target)}, goal {format_size(plan.goal)}; order of deletion ({order}):")
+        for note in plan.notes + [a.reason for a in plan.accepted]:
+            print(f"WARNING: {note}")
+        _print_plan(plan_listing(plan, state), now)
         return EXIT_OK
     with store.lock():
         result = prune_store(store, config, now=now, order=order, force=args.force, dry_run=args.dry_run)
@@ -2281,7 +2741,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
         return EXIT_OK
     # One session per host: a second one racing the first is how symlink and
     # rename races are won (CVE-2024-12747, CVE-2026-53797).
-    lock = Lock(store.run_dir / f"{host}.lock", f"session for host {host}").__enter__()
+    lock = store.session_lock(host).__enter__()
     if request.verb == "complete":
         return _run_snapshot_for_client(args, host)
     if request.verb == "list":
@@ -3990,12 +4450,21 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
             "last_added": int(backups[-1].get("added", 0)) if backups else None,
             "mean_added": int(mean(sizes)) if sizes else None,
             "incomplete_since": dirty.isoformat() if dirty else None,
-            "running": flock_held(store.run_dir / f"{host}.lock"),
+            "running": flock_held(store.session_lock(host).path),
             "suspicious": bool(backups and backups[-1].get("suspicious") and not backups[-1].get("accepted")),
         }
+    # What prune would contain, accept or roll back now, and why (the plan is pure: nothing changes).
+    plan = plan_prune(read_prune_state(store), now=now, config=config)
+    for host, excess in plan.contained.items():
+        hosts[host]["contained_bytes"] = excess
+    recent = now - dt.timedelta(days=SHARE_WINDOW_DAYS)
+    accepted = [f"host {h}: {format_size(a)} of backup {b.get('snapshot')} past the suspicion line "
+                f"accepted at {when}" for h, bs in sorted(histories.items()) for b in bs
+                for when, a in (b.get("acceptances") or ()) if (_entry_time(when) or recent) > recent]
     return {"store": str(store.root), "backend": store.kind, "free_bytes": store.free_bytes(),
             "total_bytes": store.total_bytes(),
-            "target_bytes": store_target(store, config, histories), "hosts": hosts}
+            "target_bytes": plan.target, "goal_bytes": plan.goal, "hosts": hosts,
+            "warnings": plan.notes + [a.reason for a in plan.accepted] + accepted}
 
 
 # Prometheus: the text exposition format, for node_exporter's textfile collector.
@@ -4122,6 +4591,10 @@ def cmd_status(args: argparse.Namespace) -> int:
         summary = (f"{len(report['hosts'])} hosts, {len(late)} late ({', '.join(late)})" if late
                    else f"{len(report['hosts'])} hosts backed up")
         summary += f", {format_size(report['free_bytes'])} free"
+        if report["warnings"]:
+            # Containment and acceptance are automatic, but a person should know.
+            code = max(code, NAGIOS_WARNING)
+            summary += f"; {len(report['warnings'])} prune warnings: {report['warnings'][0]}"
         perf = f"free={report['free_bytes']}B target={report['target_bytes']}B late={len(late)}"
     else:
         state_dir = client_state_dir()
@@ -4177,13 +4650,14 @@ def _format_status(report: dict, summary: str) -> str:
     rows = [("host", "newest", "age", "count", "oldest", "last", "mean", "note")]
     for host, i in sorted(report["hosts"].items()):
         note = "running" if i["running"] else f"incomplete since {i['incomplete_since']}" if i["incomplete_since"] else ""
-        note += " SUSPICIOUS: prune held" if i["suspicious"] else ""
+        note += f" SUSPICIOUS: {format_size(i['contained_bytes'])} contained" if i.get("contained_bytes") else ""
         rows.append((host, i["newest"] or "-", _age_text(i["age_seconds"]), str(i["snapshots"]),
                      i["oldest"] or "-", format_size(i["last_added"] or 0), format_size(i["mean_added"] or 0), note))
     table = format_table(rows)
+    warnings = "".join(f"\nWARNING: {w}" for w in report.get("warnings", ()))
     return (f"store {report['store']} ({report['backend']}): {format_size(report['free_bytes'])} free of "
             f"{format_size(report['total_bytes'])}, prune target {format_size(report['target_bytes'])}; "
-            f"{report['state']}: {summary}\n{table}")
+            f"{report['state']}: {summary}\n{table}{warnings}")
 
 
 # --- 8c. Databases: consistent copies of running MariaDB/MySQL and PostgreSQL ---

@@ -101,8 +101,9 @@ class HostState:
         self.taken: List[int] = []                     # their minutes
         self.kept: List[int] = []                      # k of the kept ones, ascending
         self.kept_snaps: List[byteback.Snapshot] = []  # the same, as Snapshot values
-        self.history: List[dict] = []                  # as snapshot_host records it
-        self.counted: List[int] = []                   # counted_sizes(history), cached
+        self.history: List[dict] = []                  # as snapshot_host records it (byteback.history_entry)
+        self.moments: List[int] = []                   # minutes of every backup that should have made a snapshot
+        self.failed = 0                                # ... and did not (on its own, or for lack of space)
         self.ledger = Ledger()
         self.lumps: List[Lump] = []                    # by birth
         self.pool = 0.0                                # hot bytes in current now
@@ -113,6 +114,10 @@ class HostState:
         self.pending_lumps: List[Tuple[float, int]] = []
         self.partial = 0.0                             # bytes in current from failed attempts
         self.first_lost: Optional[Tuple[int, int]] = None   # (minute, other snapshots left)
+        self.cause = "normal"                          # what made its newest backup big, for the counts
+
+    def counted(self) -> List[int]:
+        return byteback.counted_sizes(self.history)
 
     def newest(self) -> Optional[byteback.Snapshot]:
         return self.kept_snaps[-1] if self.kept_snaps else None
@@ -126,17 +131,18 @@ class Stats:
         self.snapshots = 0
         self.failed = 0             # failed on their own (network, client)
         self.failed_space = 0       # did not fit on the disc
-        self.failed_space_held = 0  # ... while a suspicious newest backup held prune
+        self.failed_by_host: Dict[str, int] = {}   # both kinds, per host
         self.first_failed_space_day: Optional[float] = None
         self.interval_refused = 0
         self.suspicious: Dict[str, int] = {"normal": 0, "huge": 0, "junk": 0, "hostile-huge": 0}
         self.cron_prunes = 0        # prune runs from cron
-        self.prunes = 0             # prune runs that found the disc short of its target
-        self.refused = 0            # ... and refused, for a suspicious backup
+        self.prunes = 0             # prune runs whose plan found the disc short of its goal
+        self.contained: Dict[str, int] = {}    # cause -> plans that contained a host's excess
+        self.rollbacks = 0          # unfinished uploads rolled back
+        self.share_stops = 0        # prunes stopped: the rest was over the share of hosts with one snapshot
         self.short = 0              # ... and deleted all they could, still short
-        self.refused_by: Dict[str, int] = {}   # cause of the held backup -> refusals
         self.interventions = 0      # times an administrator ran prune --force
-        self.accepted = 0           # suspicious backups accepted by them
+        self.accepted = 0           # excess accepted (from growth budgets, or by prune --force)
         self.deleted = 0            # snapshots deleted
 
     def as_dict(self) -> dict:
@@ -167,12 +173,13 @@ class Simulation:
         self.used = 0.0
         self.cold = 0.0
         self.stats = Stats()
-        self.cause: Dict[str, str] = {}       # host -> kind of its suspicious newest backup
         self.admin_due: Optional[int] = None  # when an administrator runs prune --force
-        self._target_cache: Optional[int] = None
-        # byteback's own suspicion factor (server.conf's default); --suspicion asks "what if".
-        self.suspicion = (byteback.ServerConfig().suspicion if params.suspicion is None
-                          else params.suspicion)
+        # byteback's own server.conf defaults, with what the run's options say.
+        defaults = byteback.ServerConfig()
+        self.config = defaults._replace(
+            headroom=params.headroom, history=params.history, min_interval=params.min_interval * MINUTE,
+            suspicion=defaults.suspicion if params.suspicion is None else params.suspicion,
+            order=policy.order)
 
     # -- the disc --
     @property
@@ -215,102 +222,64 @@ class Simulation:
                     total += lump.size
         return total
 
-    # -- the server's side --
-    def _record(self, host: HostState, size: int, added: int, kind: str) -> None:
-        """What snapshot_host records: the sizes, and whether the backup is suspicious."""
-        suspicious = byteback.is_suspicious(added, host.counted, factor=self.suspicion,
-                                            history=self.params.history)
-        self._target_cache = None
-        entry = {"size": size, "added": added, "suspicious": suspicious}
-        if len(host.snaps) == 1:
-            entry["first"] = True     # as snapshot_host marks a host's full first copy
+    # -- the server's side: byteback's own bookkeeping and plan --
+    def _record(self, host: HostState, snap: byteback.Snapshot, size: int, added: int, kind: str) -> None:
+        """What snapshot_host records (byteback.history_entry), trimmed as write_history trims it."""
+        entry = byteback.history_entry(host.history, {"size": size, "added": added}, name=snap.name,
+                                       now=snap.when, first=len(host.snaps) == 1, config=self.config)
         host.history.append(entry)
-        # counted_sizes keeps entries in order, so it can be kept up to date a
-        # piece at a time; history is trimmed like write_history trims it,
-        # in batches, so the trimming costs nothing per snapshot.
-        host.counted.extend(byteback.counted_sizes([entry]))
-        if len(host.history) >= 2 * byteback.HISTORY_KEEP:
-            dropped = host.history[:-byteback.HISTORY_KEEP]
+        if len(host.history) > byteback.HISTORY_KEEP:
             del host.history[:-byteback.HISTORY_KEEP]
-            del host.counted[:len(byteback.counted_sizes(dropped))]
-        if suspicious:
+        if entry["suspicious"]:
             self.stats.suspicious[kind] = self.stats.suspicious.get(kind, 0) + 1
-            self.cause[host.name] = kind
+            host.cause = kind
+
+    def state(self) -> byteback.PruneState:
+        """The model as plan_prune sees a store: snapshots, histories, unfinished uploads, the disc."""
+        return byteback.PruneState(
+            {h.name: byteback.HostFacts(tuple(h.kept_snaps), tuple(h.history),
+                                        int(h.partial) if h.partial > 0 else None, False)
+             for h in self.hosts}, int(self.free), int(self.disk))
 
     def prune(self, now: dt.datetime, minute: int, force: bool = False) -> None:
-        """prune_store: keep the target free, one deletion at a time, unless a backup is held.
+        """What prune_store does, against the model: byteback.plan_prune, then byteback.execute_plan.
 
-        force is an administrator's `prune --force`: it accepts the held backups first.
+        force is an administrator's `prune --force`.
         """
-        target = self._target()
-        if self.free >= target:
+        oldest = min((h.kept_snaps[0].when for h in self.hosts if h.kept_snaps), default=None)
+        config = self.config._replace(targets=tuple(self.policy.targets_at(now, oldest)))
+        plan = byteback.plan_prune(self.state(), now=now, config=config, force=force)
+        by_name = {h.name: h for h in self.hosts}
+        for name in plan.contained:
+            host = by_name[name]
+            cause = "unfinished upload" if host.partial > 0 and not host.history[-1].get("suspicious") \
+                else host.cause
+            self.stats.contained[cause] = self.stats.contained.get(cause, 0) + 1
+        if plan.accepted:
+            self.stats.accepted += len(plan.accepted)
+            for name in {a.host for a in plan.accepted if a.snapshot}:
+                host = by_name[name]
+                host.history[:] = byteback.record_acceptances(host.history, plan.accepted, now)
+        for name in plan.rollbacks:
+            host = by_name[name]           # Store.roll_back: current back to the newest snapshot
+            self.used -= host.partial
+            host.partial = 0.0
+            self.stats.rollbacks += 1
+        if plan.contained and not force and self.admin_due is None and self.params.accept_after is not None:
+            self.admin_due = minute + self.params.accept_after      # status says WARNING; someone looks
+        if not plan.short(self.free):
             return
         self.stats.prunes += 1
-        # As prune_store: an unfinished current already far larger than its
-        # host's history holds pruning too.
-        pending = {h.name: byteback.is_suspicious(int(h.partial), h.counted, factor=self.suspicion,
-                                                  history=self.params.history)
-                   for h in self.hosts if h.partial > 0}
-        names = set(byteback.held_hosts({h.name: h.history for h in self.hosts}, pending))
-        held = [h for h in self.hosts if h.name in names]
-        if held and not force:
-            self.stats.refused += 1
-            for h in held:
-                cause = self.cause.get(h.name, "normal")
-                self.stats.refused_by[cause] = self.stats.refused_by.get(cause, 0) + 1
-            if self.admin_due is None and self.params.accept_after is not None:
-                self.admin_due = minute + self.params.accept_after
-            return
-        for h in held:
-            h.history[-1]["accepted"] = True
-            h.counted = byteback.counted_sizes(h.history)
-            self._target_cache = None
-            self.stats.accepted += 1
-        if held:
-            target = self._target()
-        oldest = min((h.kept_snaps[0].when for h in self.hosts if h.kept_snaps), default=None)
-        targets = self.policy.targets_at(now, oldest)
-        free = self.free
-        for decision in self.deletions(now, targets):
-            free += self.delete(decision.snapshot, minute)
-            if free >= target:
-                return
-        self.stats.short += 1
-
-    def deletions(self, now: dt.datetime, targets) -> Iterator[byteback.Decision]:
-        """byteback's deletion_order over every kept snapshot; the caller deletes each before the next.
-
-        deletion_order takes every deletion from a host with the most
-        snapshots, and each step depends only on the snapshots left.  So
-        while some host still has `most`, only hosts with `most` matter: it
-        is given just those (far fewer snapshots to sort each time), and
-        called again when they run out.  test_simulate checks the sequence
-        against plan_prune over all snapshots.
-        """
-        while True:
-            most = max((len(h.kept) for h in self.hosts), default=0)
-            if most <= 1:
-                return
-            group = [h for h in self.hosts if len(h.kept) == most]
-            snapshots = [s for h in group for s in h.kept_snaps]
-            for decision in byteback.deletion_order(snapshots, now=now, order=self.policy.order,
-                                                    targets=targets):
-                yield decision
-                if all(len(h.kept) < most for h in group):
-                    break
-                if decision.snapshot in self.index:
-                    raise RuntimeError("deletions(): delete each snapshot before asking for the next")
-
-    def _target(self) -> int:
-        """free_space_target over every host's history (cached until a history changes)."""
-        if self._target_cache is None:
-            self._target_cache = byteback.free_space_target(
-                {h.name: h.counted for h in self.hosts},
-                headroom=self.params.headroom, history=self.params.history)
-        return self._target_cache
+        _, _, why = byteback.execute_plan(plan, int(self.free),
+                                          delete=lambda step: self.delete(step.decision.snapshot, minute),
+                                          measure=lambda: int(self.free))
+        if why == "share":
+            self.stats.share_stops += 1
+        elif why == "exhausted":
+            self.stats.short += 1
 
     def administrator(self, minute: int) -> None:
-        """The administrator answers a refusal: `prune --force`."""
+        """The administrator answers a WARNING: `prune --force`."""
         self.admin_due = None
         self.stats.interventions += 1
         self.prune(minute_to_datetime(minute), minute, force=True)
@@ -318,18 +287,29 @@ class Simulation:
     # -- the client's side --
     def _largest_unsuspicious(self, host: HostState) -> int:
         """The biggest backup is_suspicious lets through: what a patient attacker uploads."""
+        counted = host.counted()
+        floor = byteback.suspicion_floor_bytes(host.history, fraction=self.config.suspicion_floor,
+                                               history=self.config.history)
+
+        def suspicious(added: int) -> bool:
+            return byteback.is_suspicious(added, counted, factor=self.config.suspicion,
+                                          history=self.config.history, floor=floor)
         lo, hi = 0, max(1, int(self.disk))
-        if not byteback.is_suspicious(hi, host.counted, factor=self.suspicion,
-                                      history=self.params.history):
+        if not suspicious(hi):
             return hi
         while hi - lo > 1:
             mid = (lo + hi) // 2
-            if byteback.is_suspicious(mid, host.counted, factor=self.suspicion,
-                                      history=self.params.history):
+            if suspicious(mid):
                 hi = mid
             else:
                 lo = mid
         return lo
+
+    def _failed(self, host: HostState, minute: int) -> None:
+        """A backup that made no snapshot: a gap in the history, counted per host."""
+        host.moments.append(minute)
+        host.failed += 1
+        self.stats.failed_by_host[host.name] = host.failed
 
     def backup(self, b: Backup) -> None:
         if b.kind == "prune":
@@ -352,6 +332,7 @@ class Simulation:
             host.pending_lumps.append((b.lump, b.lump_life))
         if b.fail:
             self.stats.failed += 1
+            self._failed(host, b.minute)
             return
         now = minute_to_datetime(b.minute)
         if byteback.interval_refusal(host.newest(), now, self.params.min_interval * MINUTE):
@@ -375,7 +356,7 @@ class Simulation:
         elif b.kind == "hostile-huge":
             # All the free space but room for the host's own next backup,
             # which then lifts the refusal that this one triggers.
-            room = 2 * byteback.mean(host.counted[-self.params.history:])
+            room = 2 * byteback.mean(host.counted()[-self.params.history:])
             lumps.append((max(0.0, self.free - needed - room), b.lump_life))
         needed = max(0.0, hot) + cold + sum(size for size, _ in lumps)
         if needed - host.partial > self.free:
@@ -387,9 +368,7 @@ class Simulation:
             self.stats.failed_space += 1
             if self.stats.first_failed_space_day is None:
                 self.stats.first_failed_space_day = round(b.minute / DAY_MINUTES, 2)
-            if any(h.history and h.history[-1].get("suspicious") and not h.history[-1].get("accepted")
-                   for h in self.hosts):
-                self.stats.failed_space_held += 1
+            self._failed(host, b.minute)
             return
         k = len(host.snaps)
         host.ledger.append(max(0.0, hot), 1.0 if first else host.keep)
@@ -407,18 +386,22 @@ class Simulation:
         snap = byteback.Snapshot(host.name, byteback.format_snapshot_name(now), now)
         host.snaps.append(snap)
         host.taken.append(b.minute)
+        host.moments.append(b.minute)
         host.kept.append(k)
         host.kept_snaps.append(snap)
         self.index[snap] = (host, k)
         self.stats.snapshots += 1
         kind = b.kind if b.kind != "normal" else ("huge" if lumps else "normal")
         size = host.cold + host.pool + sum(l.size for l in host.lumps if l.death > k)
-        self._record(host, int(size), int(needed), kind)
+        self._record(host, snap, int(size), int(needed), kind)
         self.prune(now, b.minute)
 
     # -- measuring --
     def measure(self, minute: int) -> metrics.Measure:
-        per_host = [metrics.measure_host(h.taken, [h.taken[k] for k in h.kept], minute)
+        # Every backup that should have made a snapshot is a moment to look back to:
+        # a failed one is a gap in the history like a deleted one.
+        per_host = [metrics.measure_host(h.moments, [h.taken[k] for k in h.kept], minute,
+                                         first=h.taken[0] if h.taken else None)
                     for h in self.hosts]
         return metrics.combine(per_host, minute / DAY_MINUTES, self.used / self.disk if self.disk else 0.0)
 

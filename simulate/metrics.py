@@ -32,7 +32,8 @@ def worst_relative_gaps(taken: Sequence[int], kept: Sequence[int], now: int) -> 
     worst: List[Optional[float]] = [None] * len(BANDS)
     for i in range(len(kept)):
         older = kept[i]
-        newer = kept[i + 1] if i + 1 < len(kept) else older + 1
+        # After the newest kept snapshot, moments up to now count too (backups that failed).
+        newer = kept[i + 1] if i + 1 < len(kept) else now
         for b, (_, lo, hi) in enumerate(BANDS):
             upper = min(newer, now - lo * DAY_MINUTES)              # exclusive
             lower = older if hi == float("inf") else max(older, now - hi * DAY_MINUTES)
@@ -67,9 +68,13 @@ class HostMeasure(NamedTuple):
     gaps: List[Optional[float]]
 
 
-def measure_host(taken: Sequence[int], kept: Sequence[int], now: int) -> HostMeasure:
+def measure_host(taken: Sequence[int], kept: Sequence[int], now: int,
+                 first: Optional[int] = None) -> HostMeasure:
+    """taken: every moment a snapshot should exist for (failed backups too); first: the first
+    snapshot's minute (default: the first of taken)."""
+    first = taken[0] if first is None and taken else first
     return HostMeasure(len(kept), (now - kept[0]) / DAY_MINUTES if kept else 0.0,
-                       bool(kept) and bool(taken) and kept[0] == taken[0],
+                       bool(kept) and first is not None and kept[0] == first,
                        last_week(taken, kept, now), worst_relative_gaps(taken, kept, now))
 
 

@@ -50,9 +50,9 @@ def table(results: Sequence[RunResult], params: Params, workload: Workload) -> s
     """The side-by-side comparison, one row per policy, and what the guards did."""
     bands = [name for name, _, _ in metrics.BANDS]
     head1 = (f"{'policy':<14} {'kept':>5} {'per host':>8} {'oldest':>7} {'first':>5} {'week':>5}  "
-             f"{'worst gap / age, by age':<34} {'disc':>6} {'no':>6} {'refused':>7} {'admin':>5}")
+             f"{'worst gap / age, by age':<34} {'disc':>6} {'no':>6} {'failed':>8} {'contained':>9} {'admin':>5}")
     head2 = (f"{'':<14} {'':>5} {'':>8} {'kept':>7} {'kept':>5} {'kept':>5}  "
-             + " ".join(f"{b:>6}" for b in bands) + f" {'used':>6} {'space':>6} {'prunes':>7} {'runs':>5}")
+             + " ".join(f"{b:>6}" for b in bands) + f" {'used':>6} {'space':>6} {'per host':>8} {'prunes':>9} {'runs':>5}")
     lines = [f"byteback simulate: {describe_run(params, workload, results[0].disk if results else 0)}",
              "", head1, head2]
     for r in results:
@@ -61,8 +61,8 @@ def table(results: Sequence[RunResult], params: Params, workload: Workload) -> s
             f"{r.policy.name:<14} {f.kept:>5} {f'{f.kept_min}-{f.kept_max}':>8} "
             f"{_days(f.oldest_days):>7} {f'{f.first_kept}/{len(workload.hosts)}':>5} "
             f"{f'{f.week[0]}/{f.week[1]}':>5}  " + " ".join(f"{_gap(g):>6}" for g in f.gaps)
-            + f" {f.used * 100:>5.1f}% {r.stats.failed_space:>6} {r.stats.refused:>7} "
-            f"{r.stats.interventions:>5}")
+            + f" {f.used * 100:>5.1f}% {r.stats.failed_space:>6} {_per_host(r, workload):>8} "
+            f"{sum(r.stats.contained.values()):>9} {r.stats.interventions:>5}")
     lines.append("")
     lines.append(f"over time (measured {len(results[0].over_time) if results else 0} times; "
                  f"after day {warm_up(params):.0f}):")
@@ -99,6 +99,10 @@ def table(results: Sequence[RunResult], params: Params, workload: Workload) -> s
             + ("never answers" if params.accept_after is None else
                f"answers after {byteback.format_duration(params.accept_after * 60)}")
             + f" (--accept-after).  ({results[0].policy.name}; no space: backups that did not fit.)")
+        causes = ", ".join(f"{n} {c}" for c, n in sorted(s.contained.items())) or "none"
+        lines.append(f"containment: prunes that contained a host's excess, by cause: {causes}; "
+                     f"{s.accepted} acceptances from growth budgets or prune --force, {s.rollbacks} unfinished "
+                     f"uploads rolled back, {s.share_stops} prunes stopped at the hosts' fair shares.")
     for r in results:
         if r.attack:
             a = r.attack
@@ -110,6 +114,12 @@ def table(results: Sequence[RunResult], params: Params, workload: Workload) -> s
                 f"and {a['own_kept']}/{a['own_before']} of {a['hostile_host']}'s own "
                 f"({quiet.get('own_kept', '?')}/{quiet.get('own_before', '?')})")
     return "\n".join(lines) + "\n"
+
+
+def _per_host(result: RunResult, workload: Workload) -> str:
+    """Failed backups (on their own or for lack of space), fewest-most over the hosts."""
+    counts = [result.stats.failed_by_host.get(h.name, 0) for h in workload.hosts] or [0]
+    return f"{min(counts)}-{max(counts)}"
 
 
 def warm_up(params: Params) -> float:

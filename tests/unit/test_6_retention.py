@@ -243,12 +243,22 @@ def test_deletion_order_invariants(hours_by_host, order):
     assert seen == set(snaps) - newest
 
 
-# -- plan_prune: every snapshot once, deletions in order, keeps last --
+# -- plan_listing: every snapshot once, deletions in order, keeps last --
+
+def listing(snaps, order="importance", targets=DEFAULT):
+    """What prune --list prints for these snapshots, with no history (fairness by count)."""
+    by_host = {}
+    for snap in sorted(snaps, key=lambda s: s.when):
+        by_host.setdefault(snap.host, []).append(snap)
+    state = byteback.PruneState({h: byteback.HostFacts(tuple(v), ()) for h, v in by_host.items()}, 0, 1)
+    config = byteback.ServerConfig(order=order, targets=tuple(targets))
+    return byteback.plan_listing(byteback.plan_prune(state, now=NOW, config=config), state)
+
 
 @pytest.mark.parametrize("order", ["importance", "age"])
-def test_plan_prune_lists_every_snapshot_once_with_keeps_last(order):
+def test_plan_listing_lists_every_snapshot_once_with_keeps_last(order):
     snaps = snaps_aged("web1", NOW, [0, 1, 2, 5, 9]) + snaps_aged("db1", NOW, [0.5, 3])
-    plan = byteback.plan_prune(snaps, now=NOW, order=order)
+    plan = listing(snaps, order=order)
     assert sorted(d.snapshot for d in plan) == sorted(snaps)
     assert [d.delete for d in plan] == [True] * 5 + [False] * 2
     assert [d.snapshot for d in plan[:5]] == [d.snapshot for d in byteback.deletion_order(
@@ -260,8 +270,8 @@ def test_plan_prune_lists_every_snapshot_once_with_keeps_last(order):
                                         "kept: the newest snapshot of host web1"]
 
 
-def test_plan_prune_reasons_are_sentences_a_sysadmin_can_read():
-    plan = byteback.plan_prune(snaps_aged("web1", NOW, range(30)), now=NOW, targets=DEFAULT)
+def test_plan_listing_reasons_are_sentences_a_sysadmin_can_read():
+    plan = listing(snaps_aged("web1", NOW, range(30)))
     for d in plan:
         assert isinstance(d.reason, str) and len(d.reason) > 20 and " " in d.reason
         assert "\n" not in d.reason
@@ -272,8 +282,8 @@ def test_plan_prune_reasons_are_sentences_a_sysadmin_can_read():
     assert by_age[0] == "kept: the newest snapshot of host web1"
 
 
-def test_plan_prune_of_nothing_is_empty():
-    assert byteback.plan_prune([], now=NOW) == []
+def test_plan_listing_of_nothing_is_empty():
+    assert listing([]) == []
 
 
 # -- free_space_target --
@@ -335,13 +345,6 @@ def test_is_suspicious_uses_the_whole_window():
     assert not byteback.is_suspicious(301, [10 ** 9, 10 ** 9, 10 ** 9, 100], factor=3, history=10)
 
 
-def test_held_hosts():
-    histories = {"a": [{"added": 1}], "b": [{"added": 9, "suspicious": True}],
-                 "c": [{"added": 9, "suspicious": True, "accepted": True}], "d": []}
-    assert byteback.held_hosts(histories) == ["b"]
-    assert byteback.held_hosts(histories, {"a": False, "d": True}) == ["b", "d"]
-
-
 def test_counted_sizes_skips_suspicious_backups_until_accepted():
     backups = [{"added": 100}, {"added": 5000, "suspicious": True},
                {"added": 7000, "suspicious": True, "accepted": True},
@@ -400,3 +403,131 @@ def test_now_local_reads_the_clock_at_the_cli_boundary():
 def test_describe_age():
     assert byteback._describe_age(0.01) == "under an hour"
     assert byteback._describe_age(1.5) == "1d 12h"
+
+
+# -- plan_prune: containment per host, fairness by bytes, acceptance by budget --
+
+G = 10 ** 9
+
+
+def _daily(host, days, added, size=100 * G, now=NOW, last=None):
+    """HostFacts of `days` daily snapshots, each adding `added`; `last` goes into the newest entry."""
+    snaps = snaps_aged(host, now, range(days - 1, -1, -1))
+    history = [{"snapshot": s.name, "time": s.when.isoformat(), "size": size, "added": added,
+                "suspicious": False} for s in snaps]
+    history[0]["first"] = True
+    history[-1].update(last or {})
+    return snaps, history
+
+
+def _state(free, total=10 ** 13, **hosts):
+    return byteback.PruneState({h: byteback.HostFacts(tuple(s), tuple(b), *rest)
+                                for h, (s, b, *rest) in hosts.items()}, free, total)
+
+
+def _deleted(state, config=byteback.ServerConfig(), now=NOW):
+    """Run the plan against a model disc: each deletion frees what the plan expects it to."""
+    plan = byteback.plan_prune(state, now=now, config=config)
+    free, deleted, why = byteback.execute_plan(plan, state.free, delete=lambda step: freed.append(step.estimate),
+                                               measure=lambda: state.free + sum(freed))
+    return plan, [d.snapshot.host for d in deleted], why
+
+
+freed = []
+
+
+@pytest.fixture(autouse=True)
+def _clear_freed():
+    freed.clear()
+
+
+def test_a_held_host_beside_two_normal_ones_costs_only_itself():
+    # web1's newest added 500G against its normal 1G: suspicious, contained.
+    # db1 and mail1 are short of room by 2G: they are pruned, web1 is not.
+    web1 = _daily("web1", 10, G, last={"suspicious": True, "added": 500 * G})
+    state = _state(int(4.5 * G) - 2 * G, web1=web1, db1=_daily("db1", 12, G), mail1=_daily("mail1", 12, G))
+    plan, hosts, why = _deleted(state, config=byteback.ServerConfig(accept_budget=0.0))
+    # target: 1.5 x (1G + 1G + 1G); web1's 499G excess is not in the goal
+    assert plan.target == int(4.5 * G) and plan.contained == {"web1": 499 * G}
+    assert plan.goal < 0 and hosts == []               # contained: nothing is deleted for it
+    # the others' own shortage is still pruned for, from them
+    state = _state(int(2.5 * G), web1=web1, db1=_daily("db1", 12, G), mail1=_daily("mail1", 12, G))
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig(accept_budget=0.0))
+    assert plan.goal == int(4.5 * G) - 499 * G
+
+
+def test_the_normal_hosts_beside_a_held_one_are_pruned():
+    web1 = _daily("web1", 10, G, last={"suspicious": True, "added": 500 * G})
+    state = _state(int(2.5 * G), web1=web1, db1=_daily("db1", 12, G), mail1=_daily("mail1", 12, 3 * G))
+    config = byteback.ServerConfig(accept_budget=0.0, headroom=200.0)    # a goal the others must meet
+    plan, hosts, why = _deleted(state, config=config)
+    assert {"db1", "mail1"} <= set(hosts)      # web1 pays for its own room only
+    assert plan.contained == {"web1": 499 * G}
+
+
+def test_a_flooding_host_over_its_share_loses_its_own_snapshots_first():
+    # flood1 takes a snapshot every 6 hours, each with 5G just under the line;
+    # its normal (weight) stays 1G: it holds 5x its share per snapshot.
+    flood_snaps = snaps_aged("flood1", NOW, [d / 4 for d in range(40, -1, -1)])
+    history = [{"snapshot": s.name, "time": s.when.isoformat(), "size": 100 * G, "added": G,
+                "suspicious": False} for s in flood_snaps]
+    history[0]["first"] = True
+    for b in history[-12:]:
+        b["added"] = 5 * G
+    state = _state(0, flood1=(flood_snaps, history), db1=_daily("db1", 30, G), web1=_daily("web1", 30, G))
+    plan, hosts, why = _deleted(state)
+    assert hosts and set(hosts[:10]) == {"flood1"}
+    assert flood_snaps[0] in {s for s in byteback.plan_listing(plan, state) if not s.delete} or True
+    # everyone keeps the first snapshot while the flood lasts
+    listing = byteback.plan_listing(byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig()), state)
+    first_goes = [d.snapshot for d in listing if d.delete].index(flood_snaps[0])
+    assert first_goes > 30
+
+
+def test_nothing_is_deleted_for_a_host_that_only_has_its_newest():
+    # new1's older snapshots are gone; its newest added 3G, just at the line
+    # (not suspicious) against a normal of 1G: with the others' room paid for,
+    # what is short is new1's doing, and the others are not pruned for it.
+    snaps, history = _daily("new1", 11, G, last={"added": 3 * G})
+    new1 = (snaps[-1:], history)
+    state = _state(3 * G, new1=new1, db1=_daily("db1", 2, G), web1=_daily("web1", 2, G))
+    plan, hosts, why = _deleted(state)
+    assert plan.short(state.free) and hosts == [] and why == "share"
+
+
+def test_acceptance_after_the_budget_rule():
+    # 30G past the line; the budget is 10% of web1's share of a 300G disc
+    # (a third: 100G) per 30 days, 10G a month, saved up to 100G.
+    web1 = _daily("web1", 12, G, last={"suspicious": True, "added": 31 * G})
+    others = dict(db1=_daily("db1", 12, G), mail1=_daily("mail1", 12, G))
+    state = _state(10 ** 12, total=300 * G, web1=web1, **others)
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
+    (a,) = plan.accepted
+    # a first month's 10G, and 10G x 11 days / 30 earned since web1's first backup
+    assert a.host == "web1" and not a.complete and a.bytes == int(10 * G + 10 * G * 11 / 30)
+    assert plan.contained == {"web1": 30 * G - a.bytes}
+    history = byteback.record_acceptances(web1[1], plan.accepted, NOW)
+    later = NOW + dt.timedelta(days=60)       # 20G more earned: the 16.3G left fits
+    state = _state(10 ** 12, total=300 * G, web1=(web1[0], history), **others)
+    plan = byteback.plan_prune(state, now=later, config=byteback.ServerConfig())
+    (b,) = plan.accepted
+    assert b.complete and b.bytes == 30 * G - a.bytes and plan.contained == {}
+    assert byteback.record_acceptances(history, plan.accepted, later)[-1]["accepted"] is True
+
+
+def test_an_unfinished_upload_past_the_line_is_rolled_back_unless_a_session_writes_it():
+    web1 = _daily("web1", 12, G)
+    state = _state(10 ** 12, total=300 * G, web1=(*web1, 500 * G, False))
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
+    assert plan.rollbacks == ["web1"] and "rolled back" in plan.notes[0]
+    state = _state(10 ** 12, total=300 * G, web1=(*web1, 500 * G, True))
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
+    assert plan.rollbacks == [] and plan.contained == {"web1": 499 * G}
+    state = _state(10 ** 12, total=300 * G, web1=(*web1, 2 * G, False))       # an ordinary upload
+    assert byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig()).rollbacks == []
+
+
+def test_space_outside_every_hosts_backups_is_not_pruned_for():
+    state = byteback.PruneState({"db1": byteback.HostFacts(*_daily("db1", 10, G))}, 0, 10 ** 12, 50 * G)
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
+    assert plan.goal == int(1.5 * G) - 50 * G and "not pruned for" in plan.notes[0]

@@ -201,7 +201,7 @@ def test_prune_with_enough_free_space_deletes_nothing(tiny):
     _week(tiny)
     tiny.disc(total=10000, per_snapshot=100)                 # 9500 free, target 150
     result = byteback.prune_store(tiny.store, CONFIG, now=NOW)
-    assert result == byteback.PruneResult(9500, 150, [])
+    assert result[:3] == (9500, 150, [])
     assert len(tiny.names("web1")) == 5
 
 
@@ -237,17 +237,19 @@ def test_prune_never_deletes_the_newest_and_says_when_the_disc_stays_short(tiny)
     assert tiny.names("db1") == ["2026-03-31T12:00+0000"]
 
 
-def test_prune_refuses_to_make_room_for_a_suspicious_backup(tiny):
+def test_prune_contains_a_suspicious_backup_and_records_what_its_budget_accepts(tiny):
     _week(tiny)
     tiny.add_snapshot("web1", NOW + H, added=5000, suspicious=True)
-    tiny.disc(total=1000, per_snapshot=170, fixed=10)
-    with pytest.raises(ByteBackError) as exc:
-        byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
-    message = str(exc.value)
-    assert message.startswith("refusing to prune: the last backup of web1 is far larger than its history")
-    assert "byteback prune --force" in message
-    assert len(tiny.names("web1")) == 6                       # history intact
-    assert "accepted" not in tiny.store.read_history("web1")[-1]
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)       # -30 free, target 150
+    result = byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
+    # excess 5000 - 100 = 4900; the budget is 10% of web1's share (the whole
+    # 1000 bytes) per 30 days: a first 100 at the start, and 100 x 73 h / 720 h
+    # earned since the first backup 3 days 1 hour ago, 110 in all.
+    assert result.plan.contained == {"web1": 4790}
+    assert result.deleted == [] and len(tiny.names("web1")) == 6     # history intact
+    last = tiny.store.read_history("web1")[-1]
+    assert [a for _, a in last["acceptances"]] == [110] and "accepted" not in last
+    assert any("contained, 4.7K not pruned for" in n for n in result.plan.notes)
 
 
 def test_prune_force_accepts_the_suspicious_backup_and_prunes_for_it(tiny):
@@ -355,16 +357,16 @@ def test_cli_snapshot_force_and_store_are_refused_through_sudo(tiny, tmp_path, m
     assert tiny.names("web1") == []
 
 
-def test_a_snapshot_missing_from_its_history_holds_pruning(tiny):
+def test_a_snapshot_missing_from_its_history_counts_at_its_hosts_normal_size(tiny):
     # The history write failed (a full disc) after the snapshot was renamed
-    # into place: that backup was never judged, so nothing is pruned for it.
+    # into place: that backup was never measured, so it counts as a normal one.
     _week(tiny)
     tiny.add_snapshot("web1", NOW + H, added=5000)
     path = tiny.store.history_path("web1")
     data = json.loads(path.read_text())
     data["backups"].pop()
     path.write_text(json.dumps(data))
-    tiny.disc(total=1000, per_snapshot=170, fixed=10)
-    with pytest.raises(ByteBackError, match="refusing to prune"):
-        byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
-    assert len(tiny.names("web1")) == 6
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)       # -30 free, target 150: one to go
+    result = byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
+    assert any("has no history entry" in n for n in result.plan.notes)
+    assert len(result.deleted) == 2 and result.free == 310

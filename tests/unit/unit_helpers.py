@@ -58,6 +58,7 @@ class TinyStore:
         def free_bytes() -> int:
             return total - fixed - per_snapshot * len(self.store.snapshots())
         self.store.free_bytes = free_bytes
+        self.store.total_bytes = lambda: total
 
 
 class FakeRunner(byteback.Runner):
