@@ -4498,12 +4498,15 @@ HOST_METRICS = (
      lambda h, now: int(bool(h["incomplete_since"]))),
     ("byteback_host_suspicious", "1 if the host's last backup is suspiciously large and not accepted.",
      lambda h, now: int(bool(h["suspicious"]))),
+    ("byteback_host_contained_bytes", "Bytes of the host's backups past the suspicion line that prune "
+     "counts at the host's normal size (containment).", lambda h, now: h.get("contained_bytes")),
 )
 STORE_METRICS = (
     ("byteback_store_free_bytes", "Free space on the store's filesystem.", "free_bytes"),
     ("byteback_store_size_bytes", "Size of the store's filesystem.", "total_bytes"),
     ("byteback_store_prune_target_bytes", "Free space prune keeps: headroom x recent backup sizes.",
      "target_bytes"),
+    ("byteback_store_prune_goal_bytes", "Free space prune deletes towards when it must delete.", "goal_bytes"),
 )
 STATE_HELP = "byteback status as a Nagios code: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."
 
@@ -4558,7 +4561,7 @@ def prometheus_text(report: dict, now: dt.datetime) -> str:
         return "\n".join(out) + "\n"
     store = (("store", report["store"]),)
     for name, help_text, key in STORE_METRICS:
-        family(name, help_text, [(store, report[key])])
+        family(name, help_text, [(store, report.get(key))])
     hosts = sorted(report["hosts"].items())
     for name, help_text, get in HOST_METRICS:
         family(name, help_text, [(store + (("host", h),), get(i, now)) for h, i in hosts])
@@ -4569,6 +4572,10 @@ def prometheus_text(report: dict, now: dt.datetime) -> str:
                [(store + (("host", h),), int(bool(i.get(key)))) for h, i in hosts])
     family("byteback_suspicious_backups", "Hosts whose last backup is suspicious and not accepted.",
            [(store, sum(bool(i["suspicious"]) for _, i in hosts))])
+    family("byteback_contained_hosts", "Hosts whose suspicious backups prune contains now.",
+           [(store, sum(bool(i.get("contained_bytes")) for _, i in hosts))])
+    family("byteback_warnings", "Containments and acceptances status warns about.",
+           [(store, None if "warnings" not in report else len(report["warnings"]))])
     family("byteback_status", STATE_HELP, [(store, code)])
     return "\n".join(out) + "\n"
 

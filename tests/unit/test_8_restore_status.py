@@ -847,6 +847,8 @@ def test_prometheus_server_report_by_hand():
     assert f'byteback_host_contained{{{store},host="web"}} 1' in lines
     assert f'byteback_host_contained{{{store},host="db"}} 0' in lines
     assert f"byteback_status{{{store}}} 1" in lines
+    assert f"byteback_contained_hosts{{{store}}} 0" in lines
+    assert not [l for l in lines if "goal" in l or "warnings" in l or "contained_bytes" in l]   # not in this report
     # Every family: HELP, then TYPE gauge, then its samples; no name twice.
     names = [l.split()[2] for l in lines if l.startswith("# HELP")]
     assert len(names) == len(set(names))
@@ -865,3 +867,16 @@ def test_prometheus_client_report_before_any_backup():
         "# HELP byteback_backup_running 1 while a backup runs.\n"
         "# TYPE byteback_backup_running gauge\nbyteback_backup_running 0\n"
         f"# HELP byteback_status {byteback.STATE_HELP}\n# TYPE byteback_status gauge\nbyteback_status 2\n")
+
+
+def test_prometheus_exports_containment_where_the_report_has_it():
+    now = dt.datetime(2026, 11, 28, 4, 15, tzinfo=UTC)
+    report = {"store": "/srv", "backend": "btrfs", "free_bytes": 500, "total_bytes": 1000, "target_bytes": 300,
+              "goal_bytes": 400, "state": "WARNING", "warnings": ["host web: contained", "host db: accepted"],
+              "hosts": {"web": _host(contained_bytes=7000), "db": _host()}}
+    lines = byteback.prometheus_text(report, now).splitlines()
+    assert 'byteback_host_contained_bytes{store="/srv",host="web"} 7000' in lines
+    assert not [l for l in lines if 'contained_bytes{store="/srv",host="db"}' in l]
+    assert 'byteback_contained_hosts{store="/srv"} 1' in lines
+    assert 'byteback_store_prune_goal_bytes{store="/srv"} 400' in lines
+    assert 'byteback_warnings{store="/srv"} 2' in lines
