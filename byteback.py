@@ -820,23 +820,29 @@ def walk_files(root: Path) -> Iterator[tuple]:
 
 
 def tree_size(root: Path) -> tuple:
-    """(bytes in regular files, bytes in files not hard-linked elsewhere) below root.
+    """(bytes in regular files, bytes in files not hard-linked elsewhere) below root."""
+    return tree_stats(root)[:2]
+
+
+def tree_stats(root: Path) -> tuple:
+    """tree_size's two figures, and how many names below root share an inode with another.
 
     Files hard-linked within the tree count once.
     """
-    total = unique = 0
+    total = unique = linked = 0
     seen = set()
     for _, st in walk_files(root):
         if not stat.S_ISREG(st.st_mode):
             continue
         if st.st_nlink > 1:
+            linked += 1
             if st.st_ino in seen:
                 continue
             seen.add(st.st_ino)
         else:
             unique += st.st_size
         total += st.st_size
-    return total, unique
+    return total, unique, linked
 
 
 def _is_real_dir(path: Path) -> bool:
@@ -1056,8 +1062,11 @@ class Store:
                 os.chown(current, *owner)
         return current
 
-    def unshare_current(self, host: str) -> int:
+    def unshare_current(self, host: str, resumed: bool = True) -> int:
         """Make sure rsync cannot change anything outside current through a shared inode.
+
+        resumed: current may hold an unfinished run's files (its dirty marker
+        was there before this run began).
 
         A file in current with more than one link may share its inode with a
         snapshot (hardlink backend: an interrupted run leaves --link-dest
@@ -1071,6 +1080,16 @@ class Store:
         if not _is_real_dir(current):
             return 0
         reflink = is_btrfs_subvolume(current)
+        if reflink:
+            # btrfs (also where the backup user sees a HardlinkStore): a
+            # snapshot never shares an inode with current, so the walk is
+            # needed only if current may hold hard-linked names.
+            try:
+                backups = self.read_history(host)
+            except ByteBackError:
+                backups = []            # unreadable: walk, as if nothing were known
+            if not unshare_walk_needed(backups, resumed):
+                return 0
         count = 0
         for path, st in walk_files(current):
             if st.st_nlink > 1:
@@ -1244,7 +1263,9 @@ class BtrfsStore(Store):
             raise ByteBackError(f"{current} is not a btrfs subvolume; move it aside and run "
                                 "the backup again, which creates it as one")
         since = _history_int(previous, "generation") + 1 if previous else 0
-        size, _ = tree_size(current)
+        # linked: unshare_current's walk before the next run is needed only
+        # where current holds hard-linked names.
+        size, _, linked = tree_stats(current)
         added = self.bytes_written_since(current, since)
         generation = self.generation(current)
         host_dir = self.host_dir(host)
@@ -1259,7 +1280,7 @@ class BtrfsStore(Store):
         self._btrfs("property", "set", "-ts", str(tmp), "ro", "true")
         # Only now, complete and read-only, does it take its final name (atomic).
         os.rename(tmp, host_dir / name)
-        return {"size": size, "added": added, "generation": generation}
+        return {"size": size, "added": added, "generation": generation, "linked": linked}
 
 
     def is_read_only(self, path: Path) -> bool:
@@ -1315,6 +1336,18 @@ class BtrfsStore(Store):
         # pruner deletes far more history than it needs to.
         self._btrfs("subvolume", "delete", "--commit-each", str(path))
         self._btrfs("subvolume", "sync", str(self.root))
+
+
+def unshare_walk_needed(backups: Sequence[dict], resumed: bool) -> bool:
+    """Whether a btrfs current may hold hard-linked names (pure).
+
+    Not when the newest snapshot recorded none in it and no run has written
+    into it since: rsync --hard-links makes links only after it has written
+    a group's first file, which it never writes again in the same run.
+    """
+    last = backups[-1] if backups else None
+    linked = last.get("linked") if isinstance(last, dict) else None
+    return resumed or not (isinstance(linked, int) and not isinstance(linked, bool) and linked == 0)
 
 
 def is_btrfs_subvolume(path: Path) -> bool:
@@ -2767,8 +2800,9 @@ def cmd_receive(args: argparse.Namespace) -> int:
             if not _is_within(resolved, real_host_dir):
                 raise ByteBackError(f"refused: {path!r} leads outside host {host}'s backups")
     if request.verb == "push" and "n" not in request.letters:   # a dry run writes nothing
+        resumed = store.dirty_since(host) is not None
         store.mark_dirty(host, now_local())
-        store.unshare_current(host)
+        store.unshare_current(host, resumed)
     log.debug("exec %s", shlex.join(argv))
     os.chdir(host_dir)
     lock.keep_across_exec()     # held until rsync exits
@@ -3906,8 +3940,9 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
         current = store.current(plan.host)
     else:
         current = store.prepare_host(plan.host)
+        resumed = store.dirty_since(plan.host) is not None
         store.mark_dirty(plan.host, now_local())
-        store.unshare_current(plan.host)
+        store.unshare_current(plan.host, resumed)
     auto = automatic_excludes(plan.sources, _read_mounts(), [str(store.root)] + _client_config_files(plan))
     backend = store.rsync_options(plan.host) if current.is_dir() else []
     argv = build_rsync_argv(plan, f"{current}/", backend_options=backend,

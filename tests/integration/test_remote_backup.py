@@ -527,6 +527,34 @@ def test_an_unreachable_server_is_retried_then_fails_in_one_line(remote, tmp_pat
     assert not ssh_masters_left(tmp) and not list(tmp.iterdir())
 
 
+# === Hard links split on the client ======================================================
+
+def _history(remote: RemoteByteback) -> List[dict]:
+    path = remote.store / ".byteback" / "history" / f"{remote.host}.json"
+    return json.loads(path.read_text())["backups"]
+
+
+def test_a_hard_link_group_split_on_the_client_is_stored_as_it_now_is(remote, tmp_path):
+    """current is written in place (--inplace): a file split off from a hard-link group
+    must not be written into the inode its old partners still share in current."""
+    src = write_tree(tmp_path / "src", {"a": b"alone\n", "b": b"shared, old\n"})
+    snapshot_backup(remote, "--source", str(src))
+    assert _history(remote)[-1]["linked"] == 0        # the next run needs no walk over current
+    os.link(src / "b", src / "b-link")
+    linked = snapshot_backup(remote, "--source", str(src))
+    assert os.stat(stored(linked, src) / "b").st_ino == os.stat(stored(linked, src) / "b-link").st_ino
+    assert _history(remote)[-1]["linked"] == 2
+
+    (src / "b").unlink()                               # as editors and package upgrades replace files
+    (src / "b").write_bytes(b"b on its own, new\n")
+    split = snapshot_backup(remote, "--source", str(src))
+    assert (stored(split, src) / "b").read_bytes() == b"b on its own, new\n"
+    assert (stored(split, src) / "b-link").read_bytes() == b"shared, old\n"
+    assert (stored(linked, src) / "b").read_bytes() == b"shared, old\n"
+    assert (stored(linked, src) / "b-link").read_bytes() == b"shared, old\n"
+    assert _history(remote)[-1]["linked"] == 0
+
+
 # === The client's state file ===========================================================
 
 def test_state_file_names_the_remote_destination(remote, tmp_path):

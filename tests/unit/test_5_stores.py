@@ -261,3 +261,33 @@ def test_btrfs_generation_and_bytes_written_parse_find_new(tmp_path):
         (["btrfs", "subvolume", "find-new", str(tmp_path / "web1" / "current"), "9999999999"], False),
         (["btrfs", "subvolume", "find-new", str(tmp_path / "web1" / "current"), "1100"], False),
     ]
+
+
+# -- whether a btrfs current needs unshare_current's walk --
+
+@pytest.mark.parametrize("backups,resumed,needed", [
+    ([], False, True),                                         # nothing known yet
+    ([{"linked": 0}], False, False),                           # no hard links at the last snapshot
+    ([{"linked": 0}], True, True),                             # an unfinished run wrote since
+    ([{"linked": 3}], False, True),
+    ([{"linked": 0}, {"linked": 2}], False, True),             # only the newest counts
+    ([{"linked": 2}, {"linked": 0}], False, False),
+    ([{"size": 5}], False, True),                              # recorded before "linked" existed
+    ([{"linked": "0"}], False, True), ([{"linked": False}], False, True), ([{"linked": None}], False, True),
+])
+def test_unshare_walk_needed(backups, resumed, needed):
+    assert byteback.unshare_walk_needed(backups, resumed) is needed
+
+
+def test_tree_stats_counts_every_name_of_a_shared_inode(tmp_path):
+    root = tmp_path / "tree"
+    (root / "sub").mkdir(parents=True)
+    (root / "a").write_bytes(b"x" * 10)
+    (root / "b").write_bytes(b"y" * 5)
+    os.link(root / "b", root / "sub" / "b2")
+    os.link(root / "b", root / "sub" / "b3")
+    (root / "sym").symlink_to(root / "a")
+    assert byteback.tree_stats(root) == (15, 10, 3)
+    (root / "sub" / "b2").unlink()
+    (root / "sub" / "b3").unlink()
+    assert byteback.tree_stats(root) == (15, 15, 0)
