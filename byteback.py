@@ -4487,6 +4487,9 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
             "incomplete_since": dirty.isoformat() if dirty else None,
             "running": flock_held(store.session_lock(host).path),
             "suspicious": bool(backups and backups[-1].get("suspicious") and not backups[-1].get("accepted")),
+            # Information only: the client wrote it.
+            "database_warnings": snapshot_database_warnings(str(store.snapshot_path(snaps[-1])))
+            if snaps else [],
         }
     # What prune would contain, accept or roll back now, and why (the plan is pure: nothing changes).
     plan = plan_prune(read_prune_state(store), now=now, config=config)
@@ -4693,6 +4696,8 @@ def _format_status(report: dict, summary: str) -> str:
     for host, i in sorted(report["hosts"].items()):
         note = "running" if i["running"] else f"incomplete since {i['incomplete_since']}" if i["incomplete_since"] else ""
         note += f" SUSPICIOUS: {format_size(i['contained_bytes'])} contained" if i.get("contained_bytes") else ""
+        note += f" database WARNING (client says): {'; '.join(i['database_warnings'])}" \
+            if i.get("database_warnings") else ""
         rows.append((host, i["newest"] or "-", _age_text(i["age_seconds"]), str(i["snapshots"]),
                      i["oldest"] or "-", format_size(i["last_added"] or 0), format_size(i["mean_added"] or 0), note))
     table = format_table(rows)
@@ -4980,9 +4985,38 @@ def databases_in_sources(found: Sequence[Database], sources: Sequence[str]) -> L
 
 
 def database_warnings(results: Iterable[dict]) -> List[str]:
-    """The WARNING lines of a phase's results, for status."""
-    return [f"{r.get('kind')} {r.get('datadir')}: {r.get('warning')}"
+    """The WARNING lines of a phase's results, for status (printable characters only)."""
+    return [re.sub(r"[^\x20-\x7e]", "?", f"{r.get('kind')} {r.get('datadir')}: {r.get('warning')}")[:500]
             for r in results if isinstance(r, dict) and r.get("warning")]
+
+
+# Where a client running as root keeps DATABASES_RESULT, as a backup of / holds it.
+SNAPSHOT_DATABASES_RESULT = "var/lib/byteback/" + DATABASES_RESULT
+
+
+def snapshot_database_warnings(snapshot: str) -> List[str]:
+    """The database warnings a snapshot's client recorded (server side: information, never trusted).
+
+    Read only through real directories, from a regular file of at most 64 KiB.
+    """
+    path = os.path.join(snapshot, SNAPSHOT_DATABASES_RESULT)
+    if not _no_links_between(snapshot, SNAPSHOT_DATABASES_RESULT):
+        return []
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return []
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > 65536:
+            return []
+        data = json.loads(os.read(fd, 65536).decode("utf-8", "replace"))
+    except (OSError, ValueError):
+        return []
+    finally:
+        os.close(fd)
+    results = data.get("databases") if isinstance(data, dict) else None
+    return database_warnings(results) if isinstance(results, list) else []
 
 
 # --- finding servers (reads /proc) -----------------------------------------------
@@ -5001,6 +5035,13 @@ def _socket_inodes(pid: int) -> List[int]:
                 if m:
                     inodes.append(int(m.group(1)))
     return inodes
+
+
+def _uid_of(user: str) -> int:
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return int(user) if user.isdigit() else -1
 
 
 def _owner_name(uid: int) -> str:
@@ -5307,6 +5348,12 @@ class DatabasePhase:
                 extra = [p for p in row[2:] if p and p != "NULL"]
             else:
                 extra = _postgres_extra_paths(datadir)
+            # What a server says of itself is taken only for a directory its own
+            # user owns: a compromised server could otherwise have root snapshot,
+            # replace or leave out any directory of the backup.
+            if os.stat(db.datadir).st_uid != _uid_of(db.owner):
+                raise ByteBackError(f"{db.datadir} is not owned by {db.owner}, the user the server "
+                                    "runs as; not touched")
             subvolume = one_subvolume(db, extra, _read_mounts())
             methods = choose_methods(db.kind, configured, on_one_subvolume=subvolume is not None,
                                      have=lambda p: shutil.which(p) is not None)
@@ -5378,7 +5425,6 @@ class DatabasePhase:
                     session.query(sql)
                 lock_seconds = time.monotonic() - held
         self.binds.append((os.path.join(place, os.path.relpath(db.datadir, subvolume)), db.datadir))
-        self.excludes.append(exclude_pattern(place, contents_only=False))
         return lock_seconds, ""
 
     def _copy_dir(self, db: Database, owner: str) -> str:
@@ -5391,7 +5437,6 @@ class DatabasePhase:
         os.mkdir(path, 0o700)
         pw = pwd.getpwnam(owner)
         os.chown(path, pw.pw_uid, pw.pw_gid)
-        self.excludes.append(exclude_pattern(self.config.copy_dir, contents_only=False))
         return path
 
     def _by_mariabackup(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
@@ -5442,7 +5487,11 @@ class DatabasePhase:
         self._remember(path)
         client = shutil.which("mariadb-dump") or "mysqldump"
         defaults = [f"--defaults-file={self.config.mariadb_defaults_file}"] if self.config.mariadb_defaults_file else []
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        # A new file, never one found there: a hard link planted at this name
+        # would otherwise have root truncate whatever it points to.
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as out:
             argv = [client, *defaults, f"--socket={db.socket}", "--user=root", "--single-transaction",
                     "--all-databases", "--routines", "--events", "--triggers"]
@@ -5515,11 +5564,14 @@ def database_phase(plan: BackupPlan, entry: dict, *, dry_run: bool) -> Iterator[
     then carries (status reads it; so can the server, as information only).
     """
     config = load_database_config(plan.config_dir)
+    # Never back up a snapshot or a copy of ours, even one whose note is lost.
+    always = [DB_SNAPSHOT_PREFIX + "*", exclude_pattern(config.copy_dir, contents_only=False)]
     if not config.enabled or dry_run or os.geteuid() != 0:
-        yield []
+        yield always
         return
     state_dir = client_state_dir()
     phase = DatabasePhase(config, state_dir, Runner())
+    phase.excludes += always
     phase.clean_stale()
     try:
         for db in databases_in_sources(find_databases(), plan.sources):

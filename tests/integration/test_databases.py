@@ -22,7 +22,8 @@ from typing import Iterator
 import pytest
 
 from dbservers import MariaDB, Postgres, Writer, open_tempdir, restore_and_check, skip_reason, slow_write
-from sshd_env import btrfs_mount
+from remote_env import remote_byteback
+from sshd_env import _sigterm_as_interrupt, _skip_or_check, btrfs_mount
 from test_local_backup import Env, _btrfs_skip_reason, _require_rsync, in_snapshot
 
 pytestmark = pytest.mark.integration
@@ -245,3 +246,29 @@ def test_a_stale_snapshot_from_a_killed_run_is_removed(machine):
         assert not leftovers(mnt)
         snap = env.snap("dbhost", env.snapshots("dbhost")[-1])
         assert not in_snapshot(snap, stale).exists(), "a snapshot was backed up"
+
+
+# === over ssh, restored with byteback's own restore ===========================
+
+def test_remote_backup_through_sshd_restores_with_the_restore_command(machine):
+    """The real forced command receives the copy like any file; `restore` gets the datadir back."""
+    _skip_or_check()
+    mnt = machine["btrfs"]
+    datadir = make_subvolume(mnt / "data")
+    server = MariaDB(datadir, mnt / "run")
+    with _sigterm_as_interrupt(), remote_byteback() as remote, running(server):
+        server.create_bank()
+        writer = Writer(server).start()
+        before = writer.done
+        remote.backup("--source", str(mnt)).check()
+        writer.stop()
+        state = json.loads((remote.client_state / "last-backup.json").read_text())["last_attempt"]
+        result = {r["datadir"]: r for r in state["databases"]}[str(datadir)]
+        assert result["method"] == "snapshot" and not result["warning"], result
+        assert not leftovers(mnt)
+        target = open_tempdir("bbtest-db-got-")
+        try:
+            remote.run("restore", "--restore", str(datadir), "--to", str(target)).check()
+            restore_and_check(server, in_snapshot(target, datadir), at_least=before)
+        finally:
+            shutil.rmtree(target, ignore_errors=True)

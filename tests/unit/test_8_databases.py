@@ -188,3 +188,34 @@ def test_client_status_warns_of_a_database_without_a_consistent_copy():
     report = byteback.client_status({"last_attempt": attempt, "last_success": attempt},
                                     byteback.dt.datetime(2026, 3, 1, 4, tzinfo=byteback.dt.timezone.utc), False)
     assert report["database_warnings"] == ["mariadb /var/lib/mysql: the backup lock timed out"]
+
+
+# -- the server's look at a snapshot's result file --
+
+def _write_result(snapshot, text):
+    path = snapshot / byteback.SNAPSHOT_DATABASES_RESULT
+    path.parent.mkdir(parents=True)
+    path.write_text(text)
+    return path
+
+
+def test_snapshot_database_warnings_reads_the_clients_result(tmp_path):
+    _write_result(tmp_path, '{"databases": [{"kind": "mariadb", "datadir": "/var/lib/mysql", '
+                            '"warning": "lock timed out\\u001b[2J"}, {"kind": "postgresql", "warning": ""}]}')
+    assert byteback.snapshot_database_warnings(str(tmp_path)) == ["mariadb /var/lib/mysql: lock timed out?[2J"]
+
+
+@pytest.mark.parametrize("text", ["not json", "[1, 2]", '{"databases": "x"}', "x" * 70000])
+def test_snapshot_database_warnings_ignores_what_is_not_a_result(tmp_path, text):
+    _write_result(tmp_path, text)
+    assert byteback.snapshot_database_warnings(str(tmp_path)) == []
+
+
+def test_snapshot_database_warnings_follows_no_symlink(tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    _write_result(elsewhere, '{"databases": [{"kind": "k", "datadir": "/d", "warning": "w"}]}')
+    snap = tmp_path / "snap"
+    (snap / "var" / "lib").mkdir(parents=True)
+    (snap / "var" / "lib" / "byteback").symlink_to(elsewhere / "var" / "lib" / "byteback")
+    assert byteback.snapshot_database_warnings(str(snap)) == []
+    assert byteback.snapshot_database_warnings(str(tmp_path / "missing")) == []
