@@ -135,12 +135,15 @@ class Bench:
         self.client_env = dict(self.raw_env, BYTEBACK_STATE_DIR=str(remote.client_state))
         self.times = {}          # (system, run) -> [seconds]
         self.rss = []
+        self.raw_rss = []
         self.space = []
 
     def raw(self, flags: str, dest: str) -> float:
         argv = ["rsync", flags, "--numeric-ids", "-e", self.rsh, "--rsync-path", "sudo -n rsync",
                 f"{self.tree}/", f"{self.login}:{dest}/"]
-        return timed(argv, self.raw_env)[0]
+        took, rss = timed(argv, self.raw_env)
+        self.raw_rss.append(rss)
+        return took
 
     def byteback(self, *args: str) -> tuple:
         argv = [str(self.remote.pyz), "--config-dir", str(self.remote.client_config), *args]
@@ -208,7 +211,7 @@ def report(bench: Bench, figures: dict) -> str:
                      f"{bb / a:>7.2f}x{(f'{bb / ahx:.2f}x' if ahx else '-'):>8}")
     lines.append(f"  server space per no-change backup: {figures['space']:.2f} MiB "
                  f"(runs: {', '.join(f'{s:.2f}' for s in bench.space)})")
-    lines.append(f"  client peak RSS: {figures['rss']:.1f} MiB")
+    lines.append(f"  client peak RSS: {figures['rss']:.1f} MiB (raw rsync: {max(bench.raw_rss):.1f} MiB)")
     lines.append("  targets:")
     for key, (label, limit) in TARGETS.items():
         verdict = "ok" if figures[key] <= limit else "MISSED"
