@@ -625,9 +625,16 @@ def read_setting(config_dir: str, name: str, default=None, convert: Callable = s
         raise ByteBackError(f"{Path(config_dir) / name} line {number}: bad value: {e}") from None
 
 
-def read_setting_lines(config_dir: str, name: str) -> List[str]:
-    """Every value line of a setting file such as excludes (missing file: none)."""
-    return [value for _, value in _read_setting_file(config_dir, name)]
+def read_setting_text(config_dir: str, name: str) -> str:
+    """A setting file read whole, as it is (excludes, rsync_flags); '' when it is missing.
+    Bytes that are not UTF-8 are kept (surrogateescape): file names may hold them."""
+    path = Path(config_dir) / name
+    try:
+        return path.read_text(encoding="utf-8", errors="surrogateescape")
+    except FileNotFoundError:
+        return ""
+    except OSError as e:
+        raise ByteBackError(f"cannot read {path}: {e.strerror}") from None
 
 
 def config_dir_args(config_dir: str) -> List[str]:
@@ -2360,11 +2367,12 @@ RSYNC_PROGRAM = "/usr/bin/rsync"
 MIN_RSYNC = (3, 4, 0)           # CVE-2024-12084/12085: hostile client on restore
 CONFINE_RSYNC = (3, 5, 0)       # --confine-root (refuses operator paths outside the host)
 COMPRESS_PUSH_RSYNC = (3, 4, 3)  # CVE-2026-43618: a hostile sender's compressed data overflows
+ACL_RSYNC = (3, 5, 0)            # CVE-2026-53799: ACLs applied by path, through a raced symlink
 
 # Single-letter options, by direction.  NOTE: build_rsync_argv (section 8) and
 # the restore client send these; keep the tables and the client in step.
-PUSH_LETTERS = frozenset("vlogDtpXrRHnzSxcWIuq")
-SEND_LETTERS = frozenset("vlogDtpXrRHnzq")
+PUSH_LETTERS = frozenset("vlogDtpXrRHnzSxcWIuqA")
+SEND_LETTERS = frozenset("vlogDtpXrRHnzqA")
 REFUSED_LETTERS = {
     "s": "secluded args hide the real options from this check",
     "L": "--copy-links follows symlinks a client planted, out of the host's tree",
@@ -2372,7 +2380,6 @@ REFUSED_LETTERS = {
     "K": "--keep-dirlinks writes through symlinks a client planted",
     "b": "--backup makes the server write files by name",
     "T": "--temp-dir names a server path",
-    "A": "ACL parsing is attack surface byteback does not need (CVE-2026-53799)",
     "P": "--partial --progress: progress output is not for the server",
 }
 
@@ -2695,6 +2702,11 @@ def server_rsync_argv(request: Request, *, host_dir: str, current: str, backend_
     if request.verb == "push" and "z" in request.letters and version < COMPRESS_PUSH_RSYNC:
         raise Refused("compression (-z) on a backup needs rsync 3.4.3 on the server "
                       "(CVE-2026-43618); drop -z from rsync_flags, or upgrade the server's rsync")
+    if "A" in request.letters and version < ACL_RSYNC:
+        # --acls (rsync_flags; the original's man page suggests it): under
+        # --fake-super the ACLs are kept in xattrs, applied safely from 3.5.0.
+        raise Refused("ACLs (-A, --acls) need rsync 3.5.0 on the server (CVE-2026-53799); drop "
+                      "--acls from rsync_flags, or upgrade the server's rsync")
     argv = [RSYNC_PROGRAM, "--server"]
     if request.verb == "restore":
         argv.append("--sender")
@@ -3699,7 +3711,8 @@ NONLOCAL_FSTYPES = frozenset({
 })
 # Paths that are never worth keeping (the seed README's list, plus the usual):
 # directories keep their empty selves, files go altogether.
-JUNK_DIRS = ("/tmp", "/var/tmp", "/var/cache/apt/archives", "/var/backups/localhost", "/lost+found")
+JUNK_DIRS = ("/tmp", "/var/tmp", "/var/cache/apt/archives", "/var/backups/localhost", "/lost+found",
+             "/var/lib/php5")     # the original's: PHP 5's session files
 JUNK_FILES = ("/swap.file", "/swapfile", "/swap.img", "/swap.filkeye")
 
 
@@ -3746,6 +3759,31 @@ def exclude_pattern(path: str, contents_only: bool) -> str:
     return rsync_escape(path) if re.search(r"[*?\[]", path) else path
 
 
+def exclude_lines(text: str) -> List[str]:
+    """The patterns of an excludes file, read as rsync --exclude-from read it for the original:
+    each line verbatim but for its newline (spaces are part of a name), except empty
+    lines and lines that start with '#' or ';'."""
+    return [line for line in text.split("\n") if line and line[0] not in "#;"]
+
+
+def split_rsync_flags(text: str, source: str = "rsync_flags") -> List[str]:
+    """rsync_flags' arguments.  The original passed each line as one argument, so
+    '--exclude=/srv/My Files' stays whole.  A line that holds several options (its
+    own comment says they may share a line) is split shell-style, quotes honoured,
+    when every word it splits into is an option: '-z --acls' is two."""
+    flags = []
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        try:
+            words = shlex.split(line)
+        except ValueError as e:
+            raise ByteBackError(f"{source} line {number}: {e}; fix its quoting") from None
+        flags += words if all(w.startswith("-") for w in words) else [line]
+    return flags
+
+
 class BackupPlan(NamedTuple):
     """Everything a backup needs, resolved once from the command line and the config files."""
     destination: Destination
@@ -3781,12 +3819,9 @@ def resolve_backup_plan(args: argparse.Namespace) -> BackupPlan:
         if not os.access(source, os.R_OK):
             raise ByteBackError(f"source {source} cannot be read by this user; run as root or pick "
                                 "another --source")
-    excludes = read_setting_lines(config_dir, "excludes") + list(args.exclude or [])
+    excludes = exclude_lines(read_setting_text(config_dir, "excludes")) + list(args.exclude or [])
     filter_file = Path(config_dir) / "rsync_filter"
-    try:
-        extra_flags = [f for line in read_setting_lines(config_dir, "rsync_flags") for f in shlex.split(line)]
-    except ValueError as e:
-        raise ByteBackError(f"{config_dir}/rsync_flags: {e}; fix its quoting") from None
+    extra_flags = split_rsync_flags(read_setting_text(config_dir, "rsync_flags"), f"{config_dir}/rsync_flags")
     io_timeout = args.io_timeout or read_setting(config_dir, "io_timeout", 300, _positive_int)
     return BackupPlan(destination, host, sources, excludes,
                       str(filter_file) if filter_file.is_file() else None, extra_flags,
@@ -3825,6 +3860,9 @@ def build_rsync_argv(plan: BackupPlan, target: str, *, backend_options: Sequence
     return argv
 
 
+HOOK_NAME_RE = re.compile(r"[A-Za-z0-9_-]+\Z")
+
+
 def run_hooks(config_dir: str, phase: str, env: Optional[Dict[str, str]] = None) -> None:
     """Run the executables in <config_dir>/<phase>.d/ in name order; a failure is an error."""
     hook_dir = Path(config_dir) / f"{phase}.d"
@@ -3836,9 +3874,12 @@ def run_hooks(config_dir: str, phase: str, env: Optional[Dict[str, str]] = None)
         raise ByteBackError(f"cannot read {hook_dir}: {e.strerror}") from None
     for name in names:
         path = hook_dir / name
-        # run-parts' rule: skip hidden files, editor backups and package leftovers.
-        if (name.startswith(".") or name.endswith(("~", ".dpkg-old", ".dpkg-dist", ".dpkg-new"))
-                or not path.is_file() or not os.access(path, os.X_OK)):
+        # Debian run-parts' rule, which ran the original's hooks: only names of
+        # letters, digits, '_' and '-' (so '10-hook.sh' and 'x.dpkg-old' are
+        # skipped), executable regular files, in C-locale name order.
+        if not HOOK_NAME_RE.match(name) or not path.is_file() or not os.access(path, os.X_OK):
+            if not name.startswith("."):
+                log.info("skipping %s: run-parts would not run it", path)
             continue
         log.info("running %s hook %s", phase, path)
         try:
@@ -4386,12 +4427,16 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
         sources = [f"{_login(destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
         transport = rsync_over_ssh(session.argv())
     target.mkdir(parents=True, exist_ok=True)
+    # ACLs backed up (--acls in rsync_flags, as the original's restore read it) come back too.
+    flags = split_rsync_flags(read_setting_text(args.config_dir, "rsync_flags"),
+                              f"{args.config_dir}/rsync_flags")
+    acls = ["--acls"] if {"--acls", "-A"} & set(flags) else []
     # NOTE: the receive guard's SEND_LETTERS must allow every letter this sends.
     done = 0
     for batch in _batches(sources, RESTORE_BATCH_CHARS):
         # --no-implied-dirs: directories that already exist where a file comes
         # back keep their own owner and mode; --relative would reset them.
-        argv = ["rsync", "--archive", "--hard-links", "--xattrs", "--numeric-ids", "--relative",
+        argv = ["rsync", "--archive", "--hard-links", "--xattrs", *acls, "--numeric-ids", "--relative",
                 "--no-implied-dirs", "--timeout=300", *transport, "--", *batch, f"{target}/"]
         rc, output = run_rsync(argv, show=args.verbose > 0)
         # Not even 24 (vanished files) is success here: snapshots never

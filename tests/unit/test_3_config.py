@@ -4,6 +4,8 @@ The files live in a pyfakefs file system, at the real paths under /etc/byteback.
 """
 from __future__ import annotations
 
+import os
+
 import pytest
 
 import byteback
@@ -239,20 +241,49 @@ def test_read_setting_with_a_bad_value_after_comments_names_its_real_line(fs):
     assert str(exc.value).startswith(f"{CONF_DIR}/io_timeout line 3: bad value: ")
 
 
-def test_read_setting_lines_keeps_every_value_line_in_order(fs):
+# -- excludes and rsync_flags, read as the original byteback read them --
+
+def test_excludes_lines_are_kept_verbatim_but_for_the_newline(fs):
+    """rsync --exclude-from read them for the original: spaces belong to the name."""
     fs.create_file(f"{CONF_DIR}/excludes", contents=(
-        "# byteback excludes\n/var/log/*.gz\n\n   *.o  \n   # indented comment\n/home/*/cache\n"))
-    assert byteback.read_setting_lines(CONF_DIR, "excludes") == ["/var/log/*.gz", "*.o", "/home/*/cache"]
+        "# byteback excludes\n/var/log/*.gz\n\n   *.o  \n; a comment too\n/srv/My Files/\n"
+        "   # indented: a pattern\n"))
+    assert byteback.exclude_lines(byteback.read_setting_text(CONF_DIR, "excludes")) == [
+        "/var/log/*.gz", "   *.o  ", "/srv/My Files/", "   # indented: a pattern"]
 
 
-def test_read_setting_lines_of_a_missing_file_is_empty(fs):
-    assert byteback.read_setting_lines(CONF_DIR, "excludes") == []
+def test_a_missing_setting_file_reads_as_empty(fs):
+    assert byteback.read_setting_text(CONF_DIR, "excludes") == ""
+    assert byteback.exclude_lines("") == [] and byteback.split_rsync_flags("") == []
 
 
-def test_read_setting_lines_of_an_unreadable_file_is_a_clear_error(fs):
+def test_an_excludes_line_that_is_not_utf8_keeps_its_bytes(fs):
     fs.create_file(f"{CONF_DIR}/excludes", contents=b"/tmp/\xff\n")
+    (line,) = byteback.exclude_lines(byteback.read_setting_text(CONF_DIR, "excludes"))
+    assert os.fsencode(line) == b"/tmp/\xff"
+
+
+def test_an_unreadable_setting_file_is_a_clear_error(fs):
+    fs.create_dir(f"{CONF_DIR}/excludes")
     with pytest.raises(ByteBackError, match=f"cannot read {CONF_DIR}/excludes"):
-        byteback.read_setting_lines(CONF_DIR, "excludes")
+        byteback.read_setting_text(CONF_DIR, "excludes")
+
+
+@pytest.mark.parametrize("text,flags", [
+    ("--exclude=/srv/My Files\n", ["--exclude=/srv/My Files"]),        # one line, one argument
+    ("-z --acls\n", ["-z", "--acls"]),                                  # several options on a line
+    ("--acls\n--bwlimit=100\n", ["--acls", "--bwlimit=100"]),           # one per line
+    ('--exclude="/srv/My Files" --acls\n', ["--exclude=/srv/My Files", "--acls"]),   # quotes honoured
+    ("  --acls  \n# a comment\n\n", ["--acls"]),
+    ("--exclude /srv/x\n", ["--exclude /srv/x"]),    # the original passed it whole too
+])
+def test_rsync_flags_are_split_as_the_original_passed_them(text, flags):
+    assert byteback.split_rsync_flags(text) == flags
+
+
+def test_rsync_flags_with_a_broken_quote_name_the_line():
+    with pytest.raises(ByteBackError, match="rsync_flags line 2: .*fix its quoting"):
+        byteback.split_rsync_flags('--acls\n--exclude="/srv/x --z\n')
 
 
 # -- where the client keeps its state --

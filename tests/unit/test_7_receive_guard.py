@@ -158,7 +158,6 @@ def _hostile_table():
         (f"rsync --server -KvlogDtpr{CAPS} . current/", "-K"),
         (f"rsync --server -vlogDtprb{CAPS} . current/", "-b"),
         (f"rsync --server -vlogDtprT{CAPS} . current/", "-T"),
-        (f"rsync --server -vlogDtprA{CAPS} . current/", "-A"),
         (f"rsync --server -vlogDtprP{CAPS} . current/", "-P"),
         (f"rsync --server -s -vlogDtpr{CAPS} . current/", "-s"),
         (f"rsync --server -vlogDtpr{CAPS} -L . current/", "-L"),
@@ -309,7 +308,7 @@ def test_every_option_refused_by_name_is_not_also_allowed():
                    "--no-super", "--iconv", "--chmod", "--chown", "--usermap", "--groupmap",
                    "--debug", "--max-alloc", "--compress-threads", "--preallocate"):
         assert option in byteback.REFUSED_LONG_OPTIONS, option
-    for letter in "sLkKbTA":
+    for letter in "sLkKbT":
         assert letter in byteback.REFUSED_LETTERS, letter
 
 
@@ -529,6 +528,18 @@ def test_server_argv_has_one_cluster_with_the_blob_last():
     clusters = [a for a in argv if a.startswith("-") and not a.startswith("--")]
     assert len(clusters) == 1
     assert clusters[0].endswith(CAPS) and sorted(clusters[0][1:-len(CAPS)]) == sorted("vlogDtpr")
+
+
+@pytest.mark.parametrize("version,allowed", [((3, 4, 0), False), ((3, 4, 4), False), ((3, 5, 0), True)])
+@pytest.mark.parametrize("command", [f"rsync --server -vlogDtprA{CAPS} . current/",
+                                     f"rsync --server --sender -vlogDtprRA{CAPS} . {SNAP}/etc"])
+def test_acls_need_the_rsync_that_applies_them_safely(command, version, allowed):
+    """--acls (the original's man page example): CVE-2026-53799 is fixed in rsync 3.5.0."""
+    if allowed:
+        assert "A" in [a for a in _argv(command, version=version) if a.startswith("-v")][0]
+    else:
+        with pytest.raises(byteback.Refused, match="need rsync 3.5.0 on the server .CVE-2026-53799."):
+            _argv(command, version=version)
 
 
 @pytest.mark.parametrize("version", [(3, 4, 0), (3, 4, 2)])

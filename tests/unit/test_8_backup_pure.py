@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import stat
 import subprocess
 
@@ -27,7 +28,7 @@ def test_automatic_excludes_for_a_backup_of_root():
         # non-local mounts and junk directories: their contents (the empty directory stays)
         "/proc/*", "/sys/*", "/sys/fs/cgroup/*", "/dev/*", "/run/*", "/mnt/nfs/*", "/media/x/*",
         "/tmp/*", "/var/tmp/*", "/var/cache/apt/archives/*", "/var/backups/localhost/*",
-        "/lost+found/*",
+        "/lost+found/*", "/var/lib/php5/*",        # the original's default: PHP 5's sessions
         # swap files, the store and the key: whole
         "/swap.file", "/swapfile", "/swap.img", "/swap.filkeye", "/srv/store", "/etc/byteback/key",
     ]
@@ -301,8 +302,29 @@ def test_hooks_run_in_name_order_skipping_what_run_parts_skips(tmp_path):
     _hook(hooks / "40-backup~", f'echo editor >> "{log}"')
     _hook(hooks / "50-x.dpkg-old", f'echo dpkg >> "{log}"')
     (hooks / "60-dir").mkdir()
+    _hook(hooks / "10-hook.sh", f'echo dotted >> "{log}"')      # run-parts skips any '.'
+    _hook(hooks / "70_under", f'echo under >> "{log}"')
+    _hook(hooks / "Zed", f'echo upper >> "{log}"')                # C order: upper case first
     byteback.run_hooks(str(tmp_path), "pre-backup", {"BYTEBACK_RESULT": "ok"})
-    assert log.read_text() == "first ok\nsecond\n"
+    assert log.read_text() == "first ok\nsecond\nunder\nupper\n"
+
+
+HOOK_NAMES = ["10-hook.sh", "10-hook", "20_x", "a.b", "UPPER", "lower", "-dash", "_u", "x~",
+              "y.dpkg-old", ".hidden", "sp ace", "caf\u00e9", "1", "a+b", "a,b"]
+
+
+@pytest.mark.skipif(shutil.which("run-parts") is None, reason="run-parts (debianutils) not installed")
+def test_hooks_are_chosen_exactly_as_debians_run_parts_chooses(tmp_path):
+    hooks = tmp_path / "post-backup.d"
+    log = tmp_path / "log"
+    for name in HOOK_NAMES:
+        _hook(hooks / name, f'printf "%s\\n" "$(basename "$0")" >> "{log}"')
+    wanted = subprocess.run(["run-parts", "--test", str(hooks)], stdout=subprocess.PIPE,
+                            universal_newlines=True, env={"LC_ALL": "C", "PATH": os.environ["PATH"]},
+                            check=True).stdout.split()
+    byteback.run_hooks(str(tmp_path), "post-backup")
+    assert log.read_text().split() == [os.path.basename(p) for p in wanted]
+    assert "10-hook.sh" not in log.read_text()
 
 
 def test_a_failing_pre_hook_stops_the_backup(tmp_path):

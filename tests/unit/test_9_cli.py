@@ -259,7 +259,7 @@ def test_rsync_flags_with_a_broken_quote_is_one_line(tmp_path, capsys):
             "--destination", str(tmp_path / "store"), "--host", "h"]
     assert byteback.main(argv) == 1
     err = capsys.readouterr().err
-    assert err == f"byteback: {cfg}/rsync_flags: No closing quotation; fix its quoting\n"
+    assert err == f"byteback: {cfg}/rsync_flags line 1: No closing quotation; fix its quoting\n"
 
 
 def test_an_os_error_is_one_line_naming_the_file_not_a_traceback(monkeypatch, capsys):
