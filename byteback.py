@@ -1746,6 +1746,10 @@ def history_entry(backups: Sequence[dict], record: dict, *, name: str, now: dt.d
     entry = {"snapshot": name, "time": now.isoformat(), "suspicious": suspicious, **record}
     if first:
         entry["first"] = True
+    # The host's normal backup for its share of the disc, kept in the entry so that
+    # plan_prune reads it instead of walking the history every time (normal_backup).
+    entry["normal"] = int(normal_backup(list(backups) + [entry], history=config.history,
+                                        growth=config.share_growth, floor=config.suspicion_floor))
     return entry
 
 
@@ -1857,33 +1861,60 @@ def _window_factor(growth: float, seconds: float) -> float:
     return (1.0 + growth) ** (max(0.0, seconds) / (SHARE_WINDOW_DAYS * DAY))
 
 
-def normal_backup(backups: Sequence[dict], *, history: int, growth: float) -> float:
+def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor: float = 0.02) -> float:
     """A host's normal backup for its share of the disc: the mean of its counted sizes, which
     may grow by at most `growth` per 30 days (a flood just under the suspicion line must not
-    buy a bigger share in days); it follows a fall at once."""
+    buy a bigger share in days), from no less than `floor` of the host's smallest recent
+    size (after quiet days it would never grow again); it follows a fall at once."""
     window: List[int] = []
     total = 0
     normal: Optional[float] = None
     last = None
     per_second = math.log1p(growth) / (SHARE_WINDOW_DAYS * DAY)
-    for b in backups:
+    start = 0
+    # Resume from the newest entry that has its normal recorded (history_entry writes it).
+    for i in range(len(backups) - 2, -1, -1):
+        b = backups[i]
+        if isinstance(b.get("normal"), int) and not isinstance(b.get("normal"), bool):
+            normal, last, start = float(b["normal"]), _entry_time(b.get("time")), i + 1
+            window = [_num(e, "added") for e in backups[:i + 1]
+                      if not e.get("first") and (not e.get("suspicious") or e.get("accepted"))][-history:]
+            total = sum(window)
+            break
+    sizes = [_num(e, "size") for e in backups[max(0, start - history):start] if not e.get("baseline")]
+    for b in backups[start:]:
+        if not b.get("baseline"):
+            sizes.append(_num(b, "size"))
+            if len(sizes) > history:
+                sizes.pop(0)
         if b.get("first") or (b.get("suspicious") and not b.get("accepted")):
             continue
         added = _num(b, "added")
         window.append(added)
         total += added
         if len(window) > history:
-            total -= window[-history - 1]
-        value = total / min(len(window), history)
+            total -= window.pop(0)
+        value = total / len(window)
         when = _entry_time(b.get("time"))
         if normal is None:
             normal = value
         else:
             elapsed = (when - last).total_seconds() if when is not None and last is not None else 0.0
-            normal = min(value, max(normal, 1.0) * math.exp(per_second * max(0.0, elapsed)))
+            base = max(normal, floor * min(sizes, default=0), 1.0)
+            normal = min(value, base * math.exp(per_second * max(0.0, elapsed)))
         if when is not None:
             last = when
     return normal or 0.0
+
+
+def _recorded_normal(backups: Sequence[dict], config: "ServerConfig") -> float:
+    """normal_backup as history_entry recorded it in the newest entry, else walked afresh."""
+    if backups:
+        value = backups[-1].get("normal")
+        if isinstance(value, int) and not isinstance(value, bool) and not backups[-1].get("acceptances"):
+            return float(value)
+    return normal_backup(backups, history=config.history, growth=config.share_growth,
+                         floor=config.suspicion_floor)
 
 
 def _num(entry: dict, key: str) -> int:
@@ -1914,15 +1945,21 @@ def snapshot_bytes(backups: Sequence[dict]) -> Dict[str, int]:
     than what left by the next backup (what that one rewrote or removed), so data that
     stays (a new VM image) is not counted as if its first snapshot held it alone."""
     held: Dict[str, int] = {}
-    after = None
+    after_added = after_size = None
     for b in reversed(backups):
+        added, size = b.get("added", 0), b.get("size", 0)
+        if type(added) is not int or added < 0:
+            added = _history_int(b, "added")
+        if type(size) is not int or size < 0:
+            size = _history_int(b, "size")
         name = b.get("snapshot")
         if isinstance(name, str):
-            added = _num(b, "added")
-            if after is not None:
-                added = min(added, _num(after, "added") + max(0, _num(b, "size") - _num(after, "size")))
-            held[name] = added
-        after = b
+            if after_added is not None:
+                left = after_added + size - after_size if size > after_size else after_added
+                held[name] = added if added < left else left
+            else:
+                held[name] = added
+        after_added, after_size = added, size
     return held
 
 
@@ -1967,9 +2004,8 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     def weights() -> Dict[str, float]:
         """Each host's weight: its normal backup (shares = normal) times its server.conf weight."""
         if "w" not in memo:
-            memo["w"] = {h: (1.0 if config.shares == "equal" else max(1.0, normal_backup(
-                f.history, history=config.history, growth=config.share_growth))) * config.weights.get(h, 1.0)
-                for h, f in hosts.items()}
+            memo["w"] = {h: (1.0 if config.shares == "equal" else max(1.0, _recorded_normal(
+                f.history, config))) * config.weights.get(h, 1.0) for h, f in hosts.items()}
         return memo["w"]
 
     def budget(h: str) -> float:
@@ -2304,6 +2340,14 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     config = load_server_config(args.config_dir)
     store = _server_store(args.store, config, Runner())
     host = check_host_name(args.host)
+    if getattr(args, "prepare", False):
+        with store.lock():
+            try:
+                prune_store(store, config, now=now_local())
+            except (ByteBackError, OSError) as e:
+                log.error("before a backup of %s: %s", host, e)
+                return EXIT_FAILURE
+        return EXIT_OK
     snap = snapshot_and_prune(store, host, config, force=args.force)
     print(f"snapshot {snap.host}/{snap.name} taken")
     return EXIT_OK
@@ -2736,13 +2780,22 @@ def _store_for_user(config: ServerConfig, runner: Optional[Runner] = None) -> St
     return open_store(config.store or pwd.getpwuid(os.getuid()).pw_dir, runner)
 
 
-def _run_snapshot_for_client(args: argparse.Namespace, host: str) -> int:
-    """`complete`: snapshot as root through sudo, or as this user where sudo is not set up."""
+def _run_snapshot_for_client(args: argparse.Namespace, host: str, prepare: bool = False) -> int:
+    """`complete`: snapshot as root through sudo, or as this user where sudo is not set up.
+
+    prepare: the start of a push instead (`snapshot --prepare`, which setup-server's
+    sudoers line `snapshot --host *` allows): a prune, with nothing on stdout."""
     argv = [program_path(), *config_dir_args(args.config_dir), "snapshot", "--host", host]
+    argv += ["--prepare"] if prepare else []
     allowed = shutil.which("sudo") and subprocess.run(
         ["sudo", "-n", "-l", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
     if allowed:
-        return subprocess.run(["sudo", "-n", *argv], stdin=subprocess.DEVNULL).returncode
+        # stdout is rsync's protocol channel at the start of a push
+        return subprocess.run(["sudo", "-n", *argv], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL if prepare else None).returncode
+    if prepare:
+        args.store, args.force, args.prepare = None, False, True
+        return cmd_snapshot(args)
     log.warning("sudo is not set up for byteback on this server: snapshotting as %s; "
                 "history is protected only by the forced command (run setup-server as root)",
                 os.environ.get("USER", "this user"))
@@ -2786,6 +2839,12 @@ def cmd_receive(args: argparse.Namespace) -> int:
         return EXIT_OK
     # One session per host: a second one racing the first is how symlink and
     # rename races are won (CVE-2024-12747, CVE-2026-53797).
+    if request.verb == "push" and "n" not in request.letters:
+        # The start of a backup: prune first, as root, so that an upload abandoned past
+        # the suspicion line is rolled back and the room an accepted one needs is made
+        # before this one writes (plan_prune).  Its failure never stops the backup.
+        if _run_snapshot_for_client(args, host, prepare=True) != EXIT_OK:
+            log.warning("host %s: the prune before this backup failed (see the log); backing up anyway", host)
     lock = store.session_lock(host).__enter__()
     if request.verb == "complete":
         return _run_snapshot_for_client(args, host)
@@ -5718,6 +5777,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--store", metavar="ROOT", help="the store root (default: from server.conf)")
     p.add_argument("--force", action="store_true",
                    help="take it even inside the minimum interval (administrators only)")
+    p.add_argument("--prepare", action="store_true",
+                   help="take no snapshot: prune before the host's next backup (the forced command "
+                        "runs this at the start of every push)")
     p.set_defaults(func=cmd_snapshot)
 
     p = sub.add_parser("prune", help="(server) delete old snapshots until free space meets the target",

@@ -338,6 +338,8 @@ class Simulation:
         if byteback.interval_refusal(host.newest(), now, self.params.min_interval * MINUTE):
             self.stats.interval_refused += 1
             return
+        # The forced command prunes at the start of every push (snapshot --prepare).
+        self.prune(now, b.minute)
         if first:
             spec = self.workload.hosts[b.host]
             hot, cold = host.pool, spec.full * data_factor(self.params, b.minute) - host.pool
@@ -361,7 +363,14 @@ class Simulation:
         needed = max(0.0, hot) + cold + sum(size for size, _ in lumps)
         if needed - host.partial > self.free:
             # rsync writes until the disc is full and fails; what it wrote stays
-            # in current for the next attempt to resume.
+            # in current for the next attempt to resume.  The client retries
+            # (10 minutes later): that push starts with a prune too, which now
+            # sees the unfinished upload.
+            written = max(0.0, self.free)
+            host.partial += written
+            self.used += written
+            self.prune(now, b.minute)
+        if needed - host.partial > self.free:
             written = max(0.0, self.free)
             host.partial += written
             self.used += written
