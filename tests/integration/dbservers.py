@@ -11,6 +11,7 @@ the invariant of what was restored and how long writers were held up:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import pwd
@@ -66,6 +67,23 @@ def open_tempdir(prefix: str) -> Path:
 
 def _chown_tree(path: Path, user: str) -> None:
     subprocess.run(["chown", "-R", f"{user}:{user}", str(path)], check=True)
+
+
+_TEMPLATES: dict = {}      # kind -> a freshly installed datadir, copied for each server
+
+
+def _from_template(server: "Server", install) -> None:
+    """Fill server.datadir with a copy of a datadir installed once per test run."""
+    if server.kind not in _TEMPLATES:
+        base = open_tempdir(f"bbtest-db-template-{server.kind}-")
+        atexit.register(shutil.rmtree, base, True)
+        template = base / "data"
+        template.mkdir()
+        shutil.chown(template, server.user, server.user)
+        os.chmod(template, 0o700)
+        install(template)
+        _TEMPLATES[server.kind] = template
+    subprocess.run(["cp", "-a", f"{_TEMPLATES[server.kind]}/.", str(server.datadir)], check=True)
 
 
 class Server:
@@ -133,14 +151,18 @@ class MariaDB(Server):
     def start(self, *, install: bool = True) -> "MariaDB":
         self._prepare_dirs()
         if install and not (self.datadir / "mysql").exists():
-            subprocess.run(["mariadb-install-db", "--no-defaults", f"--user={self.user}",
-                            f"--datadir={self.datadir}", "--auth-root-authentication-method=socket",
-                            "--skip-test-db"], check=True, capture_output=True, timeout=120)
+            _from_template(self, lambda d: subprocess.run(
+                ["mariadb-install-db", "--no-defaults", f"--user={self.user}", f"--datadir={d}",
+                 "--auth-root-authentication-method=socket", "--skip-test-db"],
+                check=True, capture_output=True, timeout=120))
+        # Datadir and socket in a my.cnf, not on the command line, as Debian's
+        # server runs: byteback must find them in /proc (cwd, open sockets).
+        config = self.rundir / "my.cnf"
+        config.write_text(f"[mysqld]\ndatadir = {self.datadir}\nsocket = {self.socket}\n"
+                          f"pid-file = {self.rundir / 'mysqld.pid'}\nlog-error = {self.rundir / 'server.log'}\n"
+                          "skip-networking\ninnodb-buffer-pool-size = 32M\ninnodb-log-file-size = 16M\n")
         self.proc = subprocess.Popen(
-            ["mariadbd", "--no-defaults", f"--user={self.user}", f"--datadir={self.datadir}",
-             f"--socket={self.socket}", "--skip-networking", f"--pid-file={self.rundir / 'mysqld.pid'}",
-             f"--log-error={self.rundir / 'server.log'}", "--innodb-buffer-pool-size=32M",
-             "--innodb-log-file-size=16M", *NO_FLUSH_WAIT["mariadb"]],
+            ["mariadbd", f"--defaults-file={config}", f"--user={self.user}", *NO_FLUSH_WAIT["mariadb"]],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_for(self._answers, 60, f"mariadbd on {self.datadir} (log: {self.rundir / 'server.log'})")
         return self
@@ -186,9 +208,9 @@ class Postgres(Server):
         self._prepare_dirs()
         os.chmod(self.datadir, 0o700)
         if install and not (self.datadir / "PG_VERSION").exists():
-            subprocess.run(["runuser", "-u", self.user, "--", str(PG_BIN / "initdb"), "-D", str(self.datadir),
-                            "-A", "peer", "-U", self.user, "--no-sync"], check=True, capture_output=True,
-                           timeout=120)
+            _from_template(self, lambda d: subprocess.run(
+                ["runuser", "-u", self.user, "--", str(PG_BIN / "initdb"), "-D", str(d),
+                 "-A", "peer", "-U", self.user, "--no-sync"], check=True, capture_output=True, timeout=120))
         log = open(self.rundir / "server.log", "ab")
         self.proc = subprocess.Popen(
             ["runuser", "-u", self.user, "--", str(PG_BIN / "postgres"), "-D", str(self.datadir),
