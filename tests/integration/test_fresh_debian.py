@@ -82,3 +82,20 @@ def test_the_readme_command_installs_rsync_and_backs_up_as_root(no_rsync):
     assert len(snapshots) == 1, snapshots
     copied = snapshots[0] / "rsync" / "copyright"
     assert copied.read_bytes() == no_rsync.path("/usr/share/doc/rsync/copyright").read_bytes()
+
+
+def test_at_a_terminal_root_is_asked_and_a_yes_installs(no_rsync):
+    # The README's command on a small source: the question is what this test is about.
+    command = readme_first_command().replace(" --install-missing", "").replace(
+        "--source /usr/share/doc ", "--source /usr/share/doc/dpkg ")
+    assert "/usr/share/doc/dpkg" in command
+    purge = no_rsync.run("dpkg --purge --force-depends rsync && ! command -v rsync")
+    assert purge.returncode == 0, purge.stdout + purge.stderr
+    # script(1) gives the command a terminal; its input is the person's answer.
+    proc = no_rsync.run(f"cd {shlex.quote(str(REPO))} && export HOME=/tmp/asked-root && mkdir -p $HOME && "
+                        f"echo y | script -qec {shlex.quote(command)} /dev/null", timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "byteback: rsync is not installed; run 'apt-get install -y rsync' now? [y/N]" in proc.stdout
+    check = no_rsync.run("command -v rsync")
+    assert check.stdout == "/usr/bin/rsync\n"
+    assert len(list(no_rsync.path("/tmp/asked-root/byteback-store").glob("*/2*/usr/share/doc/dpkg"))) == 1
