@@ -47,11 +47,31 @@ def skip_reason() -> Optional[str]:
     return None
 
 
+def overlay_base(prefix: str) -> Path:
+    """A fresh directory that can hold an overlay's upper and work directories.
+
+    An overlayfs cannot be an upper layer itself: where /tmp is on one (a
+    container's root), a tmpfs is mounted on the directory; remove_base undoes it.
+    """
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    fstype = subprocess.run(["stat", "-f", "-c", "%T", str(base)], stdout=subprocess.PIPE,
+                            universal_newlines=True, check=True).stdout.strip()
+    if fstype == "overlayfs":
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4G,mode=0755", "tmpfs", str(base)], check=True)
+    return base
+
+
+def remove_base(base: Path) -> None:
+    if os.path.ismount(base):
+        subprocess.run(["umount", "-l", str(base)], check=False)
+    shutil.rmtree(base, ignore_errors=True)
+
+
 class ScratchRoot:
     """Run commands as root in a throw-away copy-on-write view of this machine."""
 
     def __init__(self) -> None:
-        self.base = Path(tempfile.mkdtemp(prefix="byteback-scratch-root."))
+        self.base = overlay_base("byteback-scratch-root.")
         for name in ("upper", "work", "merged"):
             (self.base / name).mkdir()
 
@@ -73,4 +93,4 @@ class ScratchRoot:
         return self.base / "upper" / inside.lstrip("/")
 
     def remove(self) -> None:
-        shutil.rmtree(self.base, ignore_errors=True)
+        remove_base(self.base)

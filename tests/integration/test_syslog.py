@@ -14,12 +14,12 @@ import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import List
 
 import pytest
 
+import scratch_root
 from test_local_backup import tmpfs_mount
 
 pytestmark = pytest.mark.integration
@@ -40,7 +40,7 @@ class Syslog:
     """A stand-in /dev/log: a bound datagram socket, and byteback run so that it logs there."""
 
     def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="bbtest-syslog-"))
+        self.dir = scratch_root.overlay_base("bbtest-syslog-")
         (self.dir / "upper").mkdir()
         (self.dir / "work").mkdir()
         self.path = self.dir / "log.sock"
@@ -68,7 +68,7 @@ class Syslog:
 
     def close(self) -> None:
         self.sock.close()
-        shutil.rmtree(self.dir, ignore_errors=True)
+        scratch_root.remove_base(self.dir)
 
 
 @pytest.fixture
