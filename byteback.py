@@ -4100,6 +4100,37 @@ def _die_with_parent() -> Callable[[], None]:
     return lambda: libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+# Where the original's clients found the server's key: ssh's own defaults.
+INHERITED_KNOWN_HOSTS = ("~/.ssh/known_hosts", "/etc/ssh/ssh_known_hosts")
+
+
+def pin_known_host(config_dir: str, destination: Destination,
+                   sources: Sequence[str] = INHERITED_KNOWN_HOSTS) -> Optional[str]:
+    """Pin the server's key into <config_dir>/known_hosts from root's, once; the source used.
+
+    byteback trusts only its own known_hosts.  A client of the original
+    byteback has none: its ssh trusted root's, so the key found there is the
+    one that client has always trusted, and it is copied once, with a word.
+    """
+    pinned = Path(config_dir) / "known_hosts"
+    if os.path.lexists(pinned):
+        return None
+    name = destination.host if destination.port in (None, 22) else f"[{destination.host}]:{destination.port}"
+    for source in sources:
+        path = os.path.expanduser(source)
+        if not os.path.isfile(path):
+            continue
+        found = subprocess.run(["ssh-keygen", "-F", name, "-f", path], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, universal_newlines=True)
+        lines = [l for l in found.stdout.splitlines() if l.strip() and not l.startswith("#")]
+        if found.returncode == 0 and lines:
+            write_file_atomically(pinned, "\n".join(lines) + "\n", mode=0o644)
+            log.warning("pinned the host key of %s from %s into %s (once: byteback trusts only "
+                        "that file from now on)", name, path, pinned)
+            return path
+    return None
+
+
 class SshSession:
     """One authenticated ssh connection that a backup's ping, rsync and complete share.
 
@@ -4183,6 +4214,8 @@ class SshSession:
             self.dir = None
 
     def __enter__(self) -> "SshSession":
+        if not self.destination.is_local:
+            pin_known_host(self.config_dir, self.destination)
         return self
 
     def __exit__(self, *exc) -> None:

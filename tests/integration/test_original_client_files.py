@@ -47,3 +47,26 @@ def test_acls_excludes_and_flags_as_the_original_read_them(byteback_remote, tmp_
     finally:
         flags.unlink()
         excludes.unlink()
+
+
+def test_a_client_without_its_own_known_hosts_pins_the_key_root_trusted_once(byteback_remote, tmp_path):
+    remote = byteback_remote
+    pinned = remote.client_config / "known_hosts"
+    saved = pinned.read_text()
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "known_hosts").write_text("# root's own\n" + remote.env.sshd.known_hosts_line() + "\n")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_text("a\n")
+    pinned.unlink()
+    try:
+        first = remote.run("restore", "--host", remote.host, str(src), env={"HOME": str(home)})
+        assert f"byteback: pinned the host key of [{remote.env.host}]:{remote.env.port} from " \
+               f"{home}/.ssh/known_hosts into {pinned}" in first.stderr, first.stderr
+        assert "Host key verification failed" not in first.stderr
+        assert pinned.read_text().split() == remote.env.sshd.known_hosts_line().split()
+        second = remote.run("restore", "--host", remote.host, str(src), env={"HOME": str(home)})
+        assert "pinned" not in second.stderr
+    finally:
+        pinned.write_text(saved)
