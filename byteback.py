@@ -237,9 +237,8 @@ def ensure_programs(programs: Sequence[str], *, install: bool) -> None:
     argv = ["apt-get", "install", "-y", *packages]
     can_install = root and shutil.which("apt-get") is not None
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
-    if can_install and (install or (interactive and _confirm(
-            f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
-            f"run '{shlex.join(argv)}' now?"))):
+    not_installed = f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed"
+    if can_install and (install or (interactive and _confirm(f"{not_installed}; run '{shlex.join(argv)}' now?"))):
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
         proc = Runner().run(argv, check=False, capture=not interactive, env=env)
         if proc.returncode != 0:
@@ -252,8 +251,8 @@ def ensure_programs(programs: Sequence[str], *, install: bool) -> None:
                                 f"PATH ({os.environ.get('PATH', '')}); check the PATH")
         log.warning("installed %s (%s)", " ".join(packages), shlex.join(argv))
         return
-    message = (f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed; "
-               f"install {'it' if len(missing) == 1 else 'them'} with: {install_hint(packages, root=root)}")
+    message = (f"{not_installed}; install {'it' if len(missing) == 1 else 'them'} with: "
+               f"{install_hint(packages, root=root)}")
     if can_install:
         message += " (or run this again with --install-missing)"
     raise ByteBackError(message)
