@@ -4483,7 +4483,12 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
     destination = session.destination
     if args.restore and args.all:
         raise UsageError("--all lists every version; to restore one, pick it with --snapshot NAME")
-    cwd = os.getcwd()
+    if args.database and (len(args.pattern) != 1 or not args.pattern[0].startswith("/") or not args.restore
+                          or args.to):
+        raise UsageError("--database takes one absolute datadir, with --restore and without --to: "
+                         "it puts the datadir back in its place")
+    # A database's datadir comes back at its own path, whatever the current directory.
+    cwd = "/" if args.database else os.getcwd()
     patterns = absolute_patterns(args.pattern, cwd)
     if destination.is_local:
         store = open_store(destination.path)
@@ -4501,6 +4506,8 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
     snapshot = entries[0].snapshot
     target = Path(os.path.abspath(args.to or cwd))     # 'a:b' must not read as a remote host
     pairs = restore_sources(topmost_paths(e.path for e in entries), cwd)
+    if args.database:
+        move_datadir_aside(os.path.normpath(args.pattern[0]), snapshot)
     clashes = [str(target / rel) for _, rel in pairs if os.path.lexists(target / rel)]
     if clashes and not args.overwrite:
         more = f" and {len(clashes) - 3} more" if len(clashes) > 3 else ""
@@ -4541,6 +4548,9 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
                                 + " | ".join(output.strip().splitlines()[-3:]))
         done += len(batch)
     print(f"restored {len(pairs)} path{'s' if len(pairs) != 1 else ''} from {snapshot} into {target}")
+    if args.database:
+        print(f"start the database server now: it recovers {args.pattern[0]} from its logs, as after "
+              "a power cut")
     return EXIT_OK
 
 
@@ -5650,6 +5660,25 @@ class DatabasePhase:
             os.unlink(self.state_dir / "database-copies.json")
 
 
+def move_datadir_aside(datadir: str, snapshot: str) -> Optional[str]:
+    """Before `restore --database`: refuse while a server runs on datadir, else move it aside.
+
+    The old datadir is kept (renamed, never deleted) until the restored one works.
+    """
+    running = [d for d in find_databases() if os.path.normpath(d.datadir) == datadir]
+    if running:
+        raise ByteBackError(f"a {running[0].kind} server (pid {running[0].pid}) runs on {datadir}; "
+                            "stop it first (systemctl stop ...), then restore again")
+    if not os.path.lexists(datadir):
+        return None
+    aside = f"{datadir}.before-{snapshot}"
+    if os.path.lexists(aside):
+        raise ByteBackError(f"{aside} exists already: move it away, then restore again")
+    os.rename(datadir, aside)
+    print(f"moved {datadir} to {aside}")
+    return aside
+
+
 # Mount-namespace calls (linux/sched.h, linux/mount.h), through libc.
 CLONE_NEWNS, MS_BIND, MS_REC, MS_PRIVATE = 0x00020000, 4096, 16384, 1 << 18
 
@@ -5839,6 +5868,9 @@ def build_parser() -> argparse.ArgumentParser:
     what.add_argument("--restore", action="store_true", help="copy the matches back")
     p.add_argument("--to", metavar="DIR", help="restore into DIR (default: the current directory)")
     p.add_argument("--overwrite", action="store_true", help="replace files that exist where they are restored")
+    p.add_argument("--database", action="store_true",
+                   help="the pattern is a database's datadir: refuse while its server runs, move the "
+                   "live one aside, and put the snapshot's copy back in its place")
     p.add_argument("--destination", metavar="DEST", help="the store (default: <config-dir>/destination)")
     p.add_argument("--host", metavar="NAME", help="whose backups (default: this machine's FQDN)")
     p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: <config-dir>/port, else 22)")

@@ -251,7 +251,7 @@ def test_a_stale_snapshot_from_a_killed_run_is_removed(machine):
 # === over ssh, restored with byteback's own restore ===========================
 
 def test_remote_backup_through_sshd_restores_with_the_restore_command(machine):
-    """The real forced command receives the copy like any file; `restore` gets the datadir back."""
+    """The real forced command receives the copy like any file; `restore --database` puts it back."""
     _skip_or_check()
     mnt = machine["btrfs"]
     datadir = make_subvolume(mnt / "data")
@@ -266,9 +266,14 @@ def test_remote_backup_through_sshd_restores_with_the_restore_command(machine):
         result = {r["datadir"]: r for r in state["databases"]}[str(datadir)]
         assert result["method"] == "snapshot" and not result["warning"], result
         assert not leftovers(mnt)
-        target = open_tempdir("bbtest-db-got-")
-        try:
-            remote.run("restore", "--restore", str(datadir), "--to", str(target)).check()
-            restore_and_check(server, in_snapshot(target, datadir), at_least=before)
-        finally:
-            shutil.rmtree(target, ignore_errors=True)
+        # README's restore, in one command: refused while the server runs ...
+        refused = remote.run("restore", "--database", "--restore", str(datadir))
+        assert refused.returncode == 1 and "stop it first" in refused.stderr, refused.stderr
+        server.stop()
+        # ... then the live datadir moves aside and the snapshot's copy takes its place.
+        remote.run("restore", "--database", "--restore", str(datadir)).check()
+        snapshot = remote.snapshots()[-1]
+        assert (mnt / f"data.before-{snapshot}" / "ibdata1").exists(), "the old datadir was not kept"
+        server.start(install=False)
+        assert server.check_invariant(at_least=before) <= writer.done
+        server.check_tables()

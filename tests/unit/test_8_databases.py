@@ -219,3 +219,39 @@ def test_snapshot_database_warnings_follows_no_symlink(tmp_path):
     (snap / "var" / "lib" / "byteback").symlink_to(elsewhere / "var" / "lib" / "byteback")
     assert byteback.snapshot_database_warnings(str(snap)) == []
     assert byteback.snapshot_database_warnings(str(tmp_path / "missing")) == []
+
+
+# -- restore --database --
+
+@pytest.mark.parametrize("words", [
+    ["var/lib/mysql", "--restore"],                      # not absolute
+    ["/var/lib/mysql"],                                  # a listing: nothing to put back
+    ["/var/lib/mysql", "/var/lib/postgresql", "--restore"],
+    ["/var/lib/mysql", "--restore", "--to", "/tmp/x"],   # its place is its own path
+])
+def test_restore_database_usage(tmp_path, capsys, words):
+    code = byteback.main(["--config-dir", str(tmp_path), "restore", "--destination", str(tmp_path / "store"),
+                          "--host", "h1", "--database", *words])
+    assert code == byteback.EXIT_USAGE
+    assert "--database takes one absolute datadir" in capsys.readouterr().err
+
+
+def test_move_datadir_aside_keeps_the_old_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(byteback, "find_databases", lambda: [])
+    datadir = tmp_path / "mysql"
+    datadir.mkdir()
+    (datadir / "ibdata1").write_text("x")
+    aside = byteback.move_datadir_aside(str(datadir), "2026-03-01T03:15+0000")
+    assert aside == f"{datadir}.before-2026-03-01T03:15+0000" and not datadir.exists()
+    assert (tmp_path / "mysql.before-2026-03-01T03:15+0000" / "ibdata1").read_text() == "x"
+    datadir.mkdir()
+    with pytest.raises(ByteBackError, match="exists already"):
+        byteback.move_datadir_aside(str(datadir), "2026-03-01T03:15+0000")
+
+
+def test_move_datadir_aside_refuses_while_the_server_runs(tmp_path, monkeypatch):
+    running = byteback.Database("mariadb", 42, str(tmp_path), "/s", None, "mysql")
+    monkeypatch.setattr(byteback, "find_databases", lambda: [running])
+    with pytest.raises(ByteBackError, match=r"pid 42\) runs on .*stop it first"):
+        byteback.move_datadir_aside(str(tmp_path), "2026-03-01T03:15+0000")
+    assert tmp_path.exists()
