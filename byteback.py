@@ -1679,6 +1679,36 @@ def mean(values: Sequence[float]) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _remembered(func: Callable) -> Callable:
+    """func(backups, **options), remembered for the tuples of history entries it was given lately.
+
+    simulate plans after every backup, and every host's history but one is
+    the same tuple as the time before (entries are never changed in place:
+    record_acceptances makes new ones).  A store's prune reads its histories
+    afresh, so nothing is ever served stale.  Lists are never remembered.
+    Options that are numbers or strings count by value, others by identity.
+    What is returned is shared: callers do not change it.
+    """
+    memo: Dict[tuple, tuple] = {}
+
+    @functools.wraps(func)
+    def remembered(backups, **options):
+        if type(backups) is not tuple:
+            return func(backups, **options)
+        objects = (backups, *options.values())
+        key = tuple(o if isinstance(o, (int, float, str)) else id(o) for o in objects)
+        hit = memo.get(key)
+        if hit is not None and all(a is b for a, b in zip(hit[0], objects)):
+            return hit[1]
+        if len(memo) >= 4096:
+            memo.clear()
+        result = func(backups, **options)
+        memo[key] = (objects, result)      # the objects kept alive: their ids are not reused meanwhile
+        return result
+    return remembered
+
+
+@_remembered
 def counted_sizes(backups: Sequence[dict]) -> List[int]:
     """The sizes that speak for a host's normal backup: suspicious ones only once accepted.
 
@@ -1860,6 +1890,7 @@ def _window_factor(growth: float, seconds: float) -> float:
     return (1.0 + growth) ** (max(0.0, seconds) / (SHARE_WINDOW_DAYS * DAY))
 
 
+@_remembered
 def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor: float = 0.02) -> float:
     """A host's normal backup for its share of the disc: the mean of its counted sizes, which
     may grow by at most `growth` per 30 days (a flood just under the suspicion line must not
@@ -1939,6 +1970,7 @@ def accept_tokens(backups: Sequence[dict], *, now: dt.datetime, rate: float, cap
     return max(0.0, min(cap, tokens + rate * max(0.0, (now - last).total_seconds()) / (SHARE_WINDOW_DAYS * DAY)))
 
 
+@_remembered
 def snapshot_bytes(backups: Sequence[dict]) -> Dict[str, int]:
     """What deleting each recorded snapshot is expected to free: what it added, but no more
     than what left by the next backup (what that one rewrote or removed), so data that
@@ -1960,6 +1992,15 @@ def snapshot_bytes(backups: Sequence[dict]) -> Dict[str, int]:
                 held[name] = added
         after_added, after_size = added, size
     return held
+
+
+@_remembered
+def _entries(backups: Sequence[dict]) -> tuple:
+    """({snapshot name: its entries}, the suspicious entries not accepted), in history order."""
+    by_name: Dict[object, List[dict]] = {}
+    for b in backups:
+        by_name.setdefault(b.get("snapshot"), []).append(b)
+    return by_name, [b for b in backups if b.get("suspicious") and not b.get("accepted")]
 
 
 def _excess(entry: dict, normal: float) -> int:
@@ -2019,16 +2060,17 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     for h, f in hosts.items():
         normal = means[h]
         tokens: Optional[float] = None
-        kept = {s.name for s in f.snapshots}
         newest = f.snapshots[-1].name if f.snapshots else None
-        recorded = {b.get("snapshot") for b in f.history}
+        by_name, unaccepted = _entries(f.history)
         claim = 0.0
         held_back = 0
-        for b in f.history:
+        for b in by_name.get(newest, ()):
+            if not b.get("first") and not b.get("suspicious"):
+                claim += _excess(b, normal)           # a big but ordinary newest: its own to pay
+        kept = {s.name for s in f.snapshots} if unaccepted else set()
+        for b in unaccepted:
             name = b.get("snapshot")
-            if name not in kept or not b.get("suspicious") or b.get("accepted"):
-                if name == newest and not b.get("first") and not b.get("suspicious"):
-                    claim += _excess(b, normal)       # a big but ordinary newest: its own to pay
+            if name not in kept:
                 continue
             left = _excess(b, normal) - _accepted_bytes(b)
             tokens = budget(h) if tokens is None else tokens
@@ -2066,7 +2108,7 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
                     notes.append(f"host {h}: an unfinished upload of {format_size(f.pending)}, far over its "
                                  f"normal {format_size(normal)} and its growth budget: current is rolled "
                                  "back to its newest snapshot")
-        if newest and f.history and newest not in recorded:
+        if newest and f.history and newest not in by_name:
             notes.append(f"host {h}: snapshot {newest} has no history entry (the disc filled while it was "
                          "recorded?): counted at the host's normal size")
         if held_back:
@@ -2101,28 +2143,39 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
     deletable: Dict[str, Dict[str, int]] = {}
     claims: Dict[str, float] = {}
     for h, f in hosts.items():
-        held = snapshot_bytes(f.history)
-        # A snapshot with no size recorded (taken over, or its entry was lost) counts as a
-        # normal backup; with no history at all, fairness by bytes is fairness by count.
-        unit = max(1, int(means[h]))
-        deletable[h] = {s.name: held.get(s.name, unit) for s in f.snapshots[:-1]}
-        claims[h] = extra[h] + sum(deletable[h].values()) + room[h]
+        deletable[h], held = _deletable(f.snapshots, held=snapshot_bytes(f.history), unit=max(1, int(means[h])))
+        claims[h] = extra[h] + held + room[h]
     disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
     fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
     several = len(hosts) > 1
-    orders = {h: host_deletion_order(f.snapshots, now=now, order=order, targets=targets)
-              for h, f in hosts.items()}
-    heap = []
-    for h, it in orders.items():
-        step = next(it, None)
-        # A host with nothing to give back stays in the heap: while it is the most over its
-        # share, what the disc lacks is its doing, and nobody else pays for it.
-        heap.append((-claims[h] / w[h], step.key if step else (), step.snapshot.when if step else now, h, step))
+    orders: Dict[str, Iterator[HostStep]] = {}
+
+    def entry(h: str, resolved: bool, step: Optional[HostStep] = None) -> tuple:
+        # Ordered by claim per weight, then (on a tie) by the step's key, its
+        # snapshot's time and the host.  A host's next step is worked out
+        # only when its entry comes to the top unresolved: unresolved entries
+        # go before resolved ones of the same ratio, so every tie is resolved
+        # before it is broken, and a prune that deletes one snapshot orders
+        # one host's snapshots, not every host's.
+        if not resolved:
+            return (-claims[h] / w[h], False, (), now, h, None)
+        return (-claims[h] / w[h], True, step.key if step else (), step.snapshot.when if step else now, h, step)
+
+    left = {h: len(f.snapshots) for h, f in hosts.items()}    # a host has a step while 2 are left
+    heap = [entry(h, False) for h in hosts]
     heapq.heapify(heap)
     while heap:
-        ratio, _, _, h, step = heapq.heappop(heap)
+        ratio, resolved, _, _, h, step = heapq.heappop(heap)
+        if not resolved:
+            if h not in orders:
+                f = hosts[h]
+                orders[h] = host_deletion_order(f.snapshots, now=now, order=order, targets=targets)
+            heapq.heappush(heap, entry(h, True, next(orders[h], None)))
+            continue
         if step is None:
-            if all(entry[-1] is None for entry in heap):
+            # A host with nothing to give back stays in the heap: while it is the most over its
+            # share, what the disc lacks is its doing, and nobody else pays for it.
+            if all(left[e[4]] < 2 for e in heap):
                 return                                # nothing left anywhere: exhausted
             if -ratio > fair:
                 yield PlanStep(None, False, 0)       # the executor stops here
@@ -2134,10 +2187,19 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
             reason += (f"; host {h} is the most over its share of the disc ({-ratio / fair:.0%} of it)"
                        if fair > 0 else f"; host {h} claims the most of the disc")
         claims[h] -= freed
+        left[h] -= 1
         yield PlanStep(Decision(step.snapshot, True, reason), over, freed)
-        following = next(orders[h], None)
-        heapq.heappush(heap, (-claims[h] / w[h], following.key if following else (),
-                              following.snapshot.when if following else now, h, following))
+        heapq.heappush(heap, entry(h, False))
+
+
+@_remembered
+def _deletable(snapshots: Sequence[Snapshot], *, held: Dict[str, int], unit: int) -> tuple:
+    """({name: bytes deleting it frees} for every snapshot but the newest, their sum).
+
+    A snapshot with no size recorded (taken over, or its entry was lost) counts as a
+    normal backup (unit); with no history at all, fairness by bytes is fairness by count."""
+    deletable = {s.name: held.get(s.name, unit) for s in snapshots[:-1]}
+    return deletable, sum(deletable.values())
 
 
 def plan_listing(plan: PrunePlan, state: PruneState) -> List[Decision]:

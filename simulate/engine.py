@@ -115,9 +115,30 @@ class HostState:
         self.partial = 0.0                             # bytes in current from failed attempts
         self.first_lost: Optional[Tuple[int, int]] = None   # (minute, other snapshots left)
         self.cause = "normal"                          # what made its newest backup big, for the counts
+        self._facts: Optional[byteback.HostFacts] = None
 
     def counted(self) -> List[int]:
         return byteback.counted_sizes(self.history)
+
+    def facts(self) -> byteback.HostFacts:
+        """This host as plan_prune sees it.
+
+        The same tuples as last time while nothing changed (a cheap comparison:
+        the same objects), so that byteback remembers what it worked out from
+        them: most plans differ from the one before in one host only.
+        """
+        snaps, history = tuple(self.kept_snaps), tuple(self.history)
+        pending = int(self.partial) if self.partial > 0 else None
+        last = self._facts
+        if last is not None:
+            if snaps == last.snapshots:
+                snaps = last.snapshots
+            if history == last.history:
+                history = last.history
+            if snaps is last.snapshots and history is last.history and pending == last.pending:
+                return last
+        self._facts = byteback.HostFacts(snaps, history, pending, False)
+        return self._facts
 
     def newest(self) -> Optional[byteback.Snapshot]:
         return self.kept_snaps[-1] if self.kept_snaps else None
@@ -236,10 +257,7 @@ class Simulation:
 
     def state(self) -> byteback.PruneState:
         """The model as plan_prune sees a store: snapshots, histories, unfinished uploads, the disc."""
-        return byteback.PruneState(
-            {h.name: byteback.HostFacts(tuple(h.kept_snaps), tuple(h.history),
-                                        int(h.partial) if h.partial > 0 else None, False)
-             for h in self.hosts}, int(self.free), int(self.disk))
+        return byteback.PruneState({h.name: h.facts() for h in self.hosts}, int(self.free), int(self.disk))
 
     def prune(self, now: dt.datetime, minute: int, force: bool = False) -> None:
         """What prune_store does, against the model: byteback.plan_prune, then byteback.execute_plan.

@@ -142,3 +142,32 @@ def test_the_reference_agrees_with_the_hand_worked_table():
     ages = [round((NOW - s.when).total_seconds() / byteback.DAY)
             for _, s, _ in reference_host_order(snaps, NOW, byteback.ORIGINAL_TARGET_DAYS)]
     assert ages[:9] == [26, 24, 22, 20, 18, 16, 13, 25, 11]
+
+
+@settings(deadline=None, database=None)
+@given(st.lists(st.lists(HOURS, min_size=1, max_size=12), min_size=1, max_size=5), TARGETS,
+       st.sampled_from(["importance", "age"]))
+def test_the_plan_without_history_deletes_in_the_reference_order(hours_by_host, targets, order):
+    # With no history every snapshot counts as one unit, so fairness by bytes
+    # is fairness by count: the plan, which works a host's steps out only when
+    # that host comes to the top (or ties with it), must give the reference's order.
+    by_host = {f"h{i}": sorted((byteback.Snapshot(f"h{i}", f"s{j}", NOW - dt.timedelta(hours=h))
+                                for j, h in enumerate(hours)), key=lambda s: s.when)
+               for i, hours in enumerate(hours_by_host)}
+    state = byteback.PruneState({h: byteback.HostFacts(tuple(v), ()) for h, v in by_host.items()}, 0, 1)
+    config = byteback.ServerConfig(order=order, targets=tuple(targets))
+    plan = [s.decision.snapshot for s in byteback.plan_prune(state, now=NOW, config=config).steps if s.decision]
+    snaps = [s for v in by_host.values() for s in v]
+    assert plan == [snap for snap, _ in reference_deletion_order(snaps, NOW, targets, order)]
+
+
+def test_remembered_serves_only_the_very_same_tuple():
+    calls = []
+    counted = byteback._remembered(lambda backups, **options: calls.append(options) or len(backups))
+    history = ({"added": 1}, {"added": 2})
+    assert counted(history, history_len=10) == 2 and counted(history, history_len=10) == 2
+    assert len(calls) == 1                                  # the same tuple: remembered
+    assert counted(tuple(dict(b) for b in history), history_len=10) == 2 and len(calls) == 2
+    assert counted(history, history_len=5) == 2 and len(calls) == 3      # other options
+    assert counted(list(history), history_len=10) == 2 and len(calls) == 4  # lists never
+    assert counted(list(history), history_len=10) == 2 and len(calls) == 5
