@@ -258,6 +258,10 @@ def ensure_programs(programs: Sequence[str], *, install: bool) -> None:
     raise ByteBackError(message)
 
 
+class LockBusy(ByteBackError):
+    """Another process holds the lock."""
+
+
 class Lock:
     """An exclusive, non-blocking flock on a file; a second holder is refused."""
 
@@ -277,7 +281,7 @@ class Lock:
             os.close(self._fd)
             self._fd = -1
             if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise ByteBackError(f"another {self.what} is running (lock {self.path}); "
+                raise LockBusy(f"another {self.what} is running (lock {self.path}); "
                                     "try again when it has finished") from None
             raise
         return self
@@ -2453,8 +2457,19 @@ def cmd_prune(args: argparse.Namespace) -> int:
             print(f"WARNING: {note}")
         _print_plan(plan_listing(plan, state), now)
         return EXIT_OK
-    with store.lock():
+    lock = store.lock()
+    try:
+        lock.__enter__()
+    except LockBusy as e:
+        if not args.if_idle:
+            raise
+        # The scheduled prune: a snapshot's own prune is running, which does the same.
+        log.info("prune skipped: %s", e)
+        return EXIT_OK
+    try:
         result = prune_store(store, config, now=now, order=order, force=args.force, dry_run=args.dry_run)
+    finally:
+        lock.__exit__(None, None, None)
     if args.dry_run and not result.deleted:
         print(f"nothing to delete: {format_size(result.free)} free, target {format_size(result.target)}")
     return EXIT_OK
@@ -3664,7 +3679,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     _install_file(Path("/etc/sudoers.d") / sudoers_name,
                   _sudoers_text(args.user, install, config_args).encode(), 0o440, done, visudo_check)
     prune_job = Job(sudoers_name.replace("byteback", "byteback-prune", 1), "prune",
-                    job_argv(install, args.config_dir, "prune"), hourly=True)
+                    job_argv(install, args.config_dir, "prune", "--if-idle"), hourly=True)
     done += install_job(prune_job, cron_file=Path(args.cron_file or f"/etc/cron.d/{prune_job.name}"),
                         unit_dir=Path(args.unit_dir), systemd=args.systemd)
     for line in done:
@@ -5915,6 +5930,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
     p.add_argument("--force", action="store_true",
                    help="accept a suspiciously large backup and prune for it (administrators only)")
+    p.add_argument("--if-idle", action="store_true",
+                   help="do nothing, successfully, while a snapshot or prune holds the store "
+                   "(the scheduled prune: it would only repeat that one's work)")
     p.set_defaults(func=cmd_prune)
 
     p = sub.add_parser("restore", help="list the versions of files in the snapshots, and get them back",

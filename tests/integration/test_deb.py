@@ -132,7 +132,7 @@ def test_setup_server_from_the_package_names_the_packaged_program(installed):
     sudoers = installed.path("/etc/sudoers.d/byteback").read_text()
     assert "NOPASSWD: /usr/bin/byteback snapshot --host *" in sudoers
     cron = installed.path("/etc/cron.d/byteback-prune").read_text()
-    assert re.search(r"^\d+ \* \* \* \* root /usr/bin/byteback prune$", cron, re.M), cron
+    assert re.search(r"^\d+ \* \* \* \* root /usr/bin/byteback prune --if-idle$", cron, re.M), cron
 
 
 def test_the_package_purges_cleanly(installed):

@@ -11,6 +11,7 @@ import re
 import shlex
 import shutil
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -55,17 +56,31 @@ def test_setup_server_installs_the_hourly_prune_once_and_it_runs(remote):
     assert len(jobs) == 1, jobs
     minute, command = HOURLY_RE.fullmatch(jobs[0]).groups()
     assert 0 <= int(minute) < 60
-    assert shlex.split(command) == [str(remote.program), "--config-dir", str(remote.server_config), "prune"]
+    assert shlex.split(command) == [str(remote.program), "--config-dir", str(remote.server_config), "prune", "--if-idle"]
     # Re-runs keep the line and its minute, byte for byte.
     for _ in range(2):
         again = _setup_server(remote)
         assert again.returncode == 0, again.stderr
         assert "nothing changed" in again.stdout, again.stdout
         assert cron_file.read_text() == first
-    # The line's command, run as cron runs it: succeeds and prints nothing (cron would mail it).
-    proc = subprocess.run(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          universal_newlines=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, timeout=300)
+    # The line's command, run as cron runs it: succeeds and prints nothing (cron would mail it),
+    # also while a snapshot's own prune holds the store.
+    def cron_run():
+        return subprocess.run(["/bin/sh", "-c", command], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, timeout=300)
+    proc = cron_run()
     assert (proc.returncode, proc.stdout, proc.stderr) == (0, "", "")
+    holder = subprocess.Popen(["flock", "--nonblock", str(remote.store / ".byteback" / "store.lock"),
+                               "sleep", "30"])
+    try:
+        time.sleep(0.5)
+        busy = cron_run()
+        assert (busy.returncode, busy.stdout, busy.stderr) == (0, "", "")
+        by_hand = remote.server("prune")
+        assert by_hand.returncode == 1 and "another snapshot or prune on this store is running" in by_hand.stderr
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_setup_server_systemd_writes_a_verified_prune_timer_once(remote, tmp_path):
@@ -74,7 +89,7 @@ def test_setup_server_systemd_writes_a_verified_prune_timer_once(remote, tmp_pat
     assert first.returncode == 0, first.stderr
     assert f"wrote      {tmp_path / name}.timer" in first.stdout
     service, timer = tmp_path / f"{name}.service", tmp_path / f"{name}.timer"
-    assert f"ExecStart={remote.program} --config-dir {remote.server_config} prune\n" in service.read_text()
+    assert f"ExecStart={remote.program} --config-dir {remote.server_config} prune --if-idle\n" in service.read_text()
     assert "Type=oneshot\n" in service.read_text()
     for line in ("OnCalendar=hourly", "RandomizedDelaySec=1h", "FixedRandomDelay=true", "Persistent=true"):
         assert line + "\n" in timer.read_text()
