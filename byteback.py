@@ -5510,6 +5510,15 @@ def _postgres_extra_paths(datadir: str) -> List[str]:
     return ["pg_wal"]
 
 
+def _problem_text(e: Exception) -> str:
+    """Why a method failed, and for a refused login what to do about it."""
+    text = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else str(e)
+    if "Access denied" in text or "authentication failed" in text:
+        text += (f"; name a my.cnf with the credentials in {DATABASES_FILE}: "
+                 "mariadb_defaults_file = /etc/mysql/debian.cnf")
+    return text
+
+
 class DatabasePhase:
     """The database part of one backup: copies made, where they are bound, what to exclude."""
 
@@ -5559,6 +5568,8 @@ class DatabasePhase:
         """Make the best consistent copy of one server; on failure, say why (a WARNING)."""
         started = time.monotonic()
         configured = self.config.postgresql_method if db.kind == "postgresql" else self.config.mariadb_method
+        if "off" in configured:
+            return DatabaseResult(db.kind, db.datadir, "none", 0.0)
         problems, datadir, extra = [], db.datadir, []
         session = None
         try:
@@ -5586,21 +5597,19 @@ class DatabasePhase:
                 try:
                     lock_seconds, warning = getattr(self, f"_by_{method}")(db, session, subvolume,
                                                                            row[0] if session else "")
-                except ByteBackError as e:
-                    problems.append(f"{method}: {e}")
-                    log.warning("%s %s: %s did not work: %s", db.kind, db.datadir, method, e)
+                except (ByteBackError, OSError) as e:
+                    problems.append(f"{method}: {_problem_text(e)}")
+                    log.warning("%s %s: %s did not work: %s", db.kind, db.datadir, method, _problem_text(e))
                     continue
                 if problems:
                     log.info("%s %s: copied by %s after: %s", db.kind, db.datadir, method, "; ".join(problems))
                 return DatabaseResult(db.kind, db.datadir, method, round(time.monotonic() - started, 3),
                                       warning, round(lock_seconds, 3))
-        except ByteBackError as e:
-            problems.append(str(e))
+        except (ByteBackError, OSError) as e:
+            problems.append(_problem_text(e))
         finally:
             if session:
                 session.close()
-        if "off" in configured:
-            return DatabaseResult(db.kind, db.datadir, "none", 0.0)
         warning = ("no consistent copy, its files were copied as they are (may not restore): "
                    + "; ".join(problems))
         log.warning("%s %s: %s", db.kind, db.datadir, warning)

@@ -255,3 +255,11 @@ def test_move_datadir_aside_refuses_while_the_server_runs(tmp_path, monkeypatch)
     with pytest.raises(ByteBackError, match=r"pid 42\) runs on .*stop it first"):
         byteback.move_datadir_aside(str(tmp_path), "2026-03-01T03:15+0000")
     assert tmp_path.exists()
+
+
+def test_problem_text_says_how_to_give_credentials():
+    denied = ByteBackError("'SELECT @@version' failed: ERROR 1045 (28000): Access denied for user 'root'@'localhost'")
+    assert "mariadb_defaults_file = /etc/mysql/debian.cnf" in byteback._problem_text(denied)
+    assert byteback._problem_text(ByteBackError("lock timed out")) == "lock timed out"
+    assert byteback._problem_text(FileNotFoundError(2, "No such file or directory", "/var/lib/mysql")) == \
+        "/var/lib/mysql: No such file or directory"
