@@ -1690,8 +1690,9 @@ def _remembered(func: Callable) -> Callable:
     the same tuple as the time before (entries are never changed in place:
     record_acceptances makes new ones).  A store's prune reads its histories
     afresh, so nothing is ever served stale.  Lists are never remembered.
-    Options that are numbers or strings count by value, others by identity.
-    What is returned is shared: callers do not change it.
+    Options that are tuples count by identity too, others by value.  The
+    tuples are kept alive beside the answer, so no other object can take
+    their ids meanwhile.  What is returned is shared: callers do not change it.
     """
     memo: Dict[tuple, tuple] = {}
 
@@ -1699,15 +1700,14 @@ def _remembered(func: Callable) -> Callable:
     def remembered(backups, **options):
         if type(backups) is not tuple:
             return func(backups, **options)
-        objects = (backups, *options.values())
-        key = tuple(o if isinstance(o, (int, float, str)) else id(o) for o in objects)
+        key = (id(backups), *[id(o) if type(o) is tuple else o for o in options.values()])
         hit = memo.get(key)
-        if hit is not None and all(a is b for a, b in zip(hit[0], objects)):
+        if hit is not None:
             return hit[1]
         if len(memo) >= 4096:
             memo.clear()
         result = func(backups, **options)
-        memo[key] = (objects, result)      # the objects kept alive: their ids are not reused meanwhile
+        memo[key] = ((backups, *options.values()), result)
         return result
     return remembered
 
@@ -2147,7 +2147,7 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
     deletable: Dict[str, Dict[str, int]] = {}
     claims: Dict[str, float] = {}
     for h, f in hosts.items():
-        deletable[h], held = _deletable(f.snapshots, held=snapshot_bytes(f.history), unit=max(1, int(means[h])))
+        deletable[h], held = _deletable(f.snapshots, history=f.history, unit=max(1, int(means[h])))
         claims[h] = extra[h] + held + room[h]
     disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
     fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
@@ -2197,11 +2197,12 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
 
 
 @_remembered
-def _deletable(snapshots: Sequence[Snapshot], *, held: Dict[str, int], unit: int) -> tuple:
+def _deletable(snapshots: Sequence[Snapshot], *, history: Sequence[dict], unit: int) -> tuple:
     """({name: bytes deleting it frees} for every snapshot but the newest, their sum).
 
     A snapshot with no size recorded (taken over, or its entry was lost) counts as a
     normal backup (unit); with no history at all, fairness by bytes is fairness by count."""
+    held = snapshot_bytes(history)
     deletable = {s.name: held.get(s.name, unit) for s in snapshots[:-1]}
     return deletable, sum(deletable.values())
 
