@@ -3706,30 +3706,42 @@ CRON_PLACES = ("/etc/crontab", "/etc/cron.d", "/etc/cron.hourly", "/etc/cron.dai
                "/etc/cron.weekly", "/var/spool/cron/crontabs")
 
 
-def find_prune_jobs(places: Sequence[str] = CRON_PLACES) -> List[str]:
-    """'file:line' of every cron entry that runs the original's byteback-prune."""
-    found = []
+def _system_files(places: Sequence[str], suffix: str = "") -> Iterator[tuple]:
+    """(name, lines) of each readable file in places: files, or directories of them."""
     for place in places:
-        files = ([os.path.join(place, n) for n in sorted(os.listdir(place))]
+        files = ([os.path.join(place, n) for n in sorted(os.listdir(place)) if n.endswith(suffix)]
                  if os.path.isdir(place) else [place])
         for name in files:
             try:
                 with open(name, encoding="utf-8", errors="replace") as f:
-                    lines = f.read(1 << 20).splitlines()
+                    yield name, f.read(1 << 20).splitlines()
             except OSError:
                 continue
-            if any(JOB_MARK in line for line in lines):
-                continue        # our own job (setup-server installs one)
-            found += [f"{name}:{n}" for n, line in enumerate(lines, 1)
-                      if ORIGINAL_PRUNE_RE.search(line) and not line.lstrip().startswith("#")]
-    return found
+
+
+def find_prune_jobs(places: Sequence[str] = CRON_PLACES) -> List[str]:
+    """'file:line' of every cron entry that runs the original's byteback-prune."""
+    return [f"{name}:{n}" for name, lines in _system_files(places)
+            if not any(JOB_MARK in line for line in lines)       # our own job: setup-server's
+            for n, line in enumerate(lines, 1)
+            if ORIGINAL_PRUNE_RE.search(line) and not line.lstrip().startswith("#")]
+
+
+SSHD_CONFIGS = ("/etc/ssh/sshd_config", "/etc/ssh/sshd_config.d")
+
+
+def user_environment_settings(places: Sequence[str] = SSHD_CONFIGS) -> List[str]:
+    """'file:line' of each sshd setting that lets authorized_keys set environment variables."""
+    return [f"{name}:{n}" for name, lines in _system_files(places, ".conf")
+            for n, line in enumerate(lines, 1)
+            if re.match(r"\s*PermitUserEnvironment\s+(?!no\b)\S", line, re.I)]
 
 
 def is_original_store(store: Store, keys: Sequence[str]) -> bool:
     """True when the original byteback left something here for adoption to take over."""
     if any((store.root / n).exists() for n in ORIGINAL_STATE_FILES):
         return True
-    if any(ORIGINAL_KEY_MARK not in l and _is_original_line(l) for l in keys):
+    if any(_is_original_line(l) for l in keys):
         return True
     return any(store.snapshots(h) and not store.history_path(h).exists() for h in store.hosts())
 
@@ -3797,6 +3809,10 @@ def _adopt_original(store: Store, owner: tuple, keys: Path, program: str, config
     if converted and not dry_run:
         write_file_atomically(keys, "\n".join(new_lines) + "\n", mode=0o644)
     said += [("would:     " if dry_run else "") + line for line in converted]
+    for where in user_environment_settings():
+        # The original needed it for environment="BYTEBACK_HOST=..."; ours do not.
+        print(f"WARNING: {where} permits user environments (the original needed it): set "
+              "'PermitUserEnvironment no' and reload sshd")
     for job in find_prune_jobs():
         # Not ours to edit; but two pruners on one store would each delete by
         # their own rules, and the original's reads a state byteback removes.

@@ -74,3 +74,15 @@ def test_prune_jobs_of_the_original_are_found_in_cron_files(tmp_path):
     crontab.write_text("SHELL=/bin/sh\n0 1 * * * root byteback-prune --list\n")
     found = byteback.find_prune_jobs([str(crontab), str(crond), str(tmp_path / "missing")])
     assert found == [f"{crontab}:2", f"{crond / 'byteback'}:2"]
+
+
+def test_sshd_settings_that_let_keys_set_the_environment_are_found(tmp_path):
+    conf = tmp_path / "sshd_config"
+    conf.write_text("Port 22\n#PermitUserEnvironment yes\nPermitUserEnvironment yes\n")
+    drop_in = tmp_path / "sshd_config.d"
+    drop_in.mkdir()
+    (drop_in / "10-byteback.conf").write_text("  permituserenvironment BYTEBACK_HOST\n")
+    (drop_in / "20-ok.conf").write_text("PermitUserEnvironment no\n")
+    (drop_in / "notes.txt").write_text("PermitUserEnvironment yes\n")       # sshd reads *.conf only
+    assert byteback.user_environment_settings([str(conf), str(drop_in)]) == [
+        f"{conf}:3", f"{drop_in / '10-byteback.conf'}:1"]
