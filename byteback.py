@@ -1930,10 +1930,10 @@ def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor
             total -= window.pop(0)
         value = total / len(window)
         when = _entry_time(b.get("time"))
-        if normal is None:
-            normal = value
+        if normal is None or when is None or last is None:
+            normal = value          # no times recorded (an old history): nothing to cap by
         else:
-            elapsed = (when - last).total_seconds() if when is not None and last is not None else 0.0
+            elapsed = (when - last).total_seconds()
             base = max(normal, floor * min(sizes, default=0), 1.0)
             normal = min(value, base * math.exp(per_second * max(0.0, elapsed)))
         if when is not None:
@@ -2037,8 +2037,13 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
         raise ValueError(f"unknown prune order {order!r}")
     hosts = state.hosts
     counted = {h: counted_sizes(f.history) for h, f in hosts.items()}
-    means = {h: mean(c[-config.history:]) for h, c in counted.items()}
-    target = free_space_target(counted, headroom=config.headroom, history=config.history)
+    # A host's normal backup: the mean of its counted sizes, but never more than its share
+    # normal (normal_backup), whose growth is capped: backups just under the suspicion
+    # line, one after another (a flood), would otherwise raise the target as they please.
+    share_normal = {h: _recorded_normal(f.history, config) for h, f in hosts.items()}
+    means = {h: min(mean(c[-config.history:]), max(share_normal[h], 1.0)) if c else 0.0
+             for h, c in counted.items()}
+    target = int(config.headroom * sum(means.values()))
     notes: List[str] = []
     accepted: List[Acceptance] = []
     contained: Dict[str, int] = {}
@@ -2048,8 +2053,8 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     def weights() -> Dict[str, float]:
         """Each host's weight: its normal backup (shares = normal) times its server.conf weight."""
         if "w" not in memo:
-            memo["w"] = {h: (1.0 if config.shares == "equal" else max(1.0, _recorded_normal(
-                f.history, config))) * config.weights.get(h, 1.0) for h, f in hosts.items()}
+            memo["w"] = {h: (1.0 if config.shares == "equal" else max(1.0, share_normal[h]))
+                         * config.weights.get(h, 1.0) for h in hosts}
         return memo["w"]
 
     def budget(h: str) -> float:
@@ -2070,7 +2075,17 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
         held_back = 0
         for b in by_name.get(newest, ()):
             if not b.get("first") and not b.get("suspicious"):
-                claim += _excess(b, normal)           # a big but ordinary newest: its own to pay
+                # A big but ordinary newest is its own to pay, up to the suspicion
+                # line over its normal; beyond that (a flood's growth) it is contained.
+                over = _excess(b, normal)
+                beyond = max(0, int(_num(b, "added") - config.suspicion * max(normal, 1.0)))
+                claim += over - beyond
+                if beyond:
+                    held_back += beyond
+                    notes.append(f"host {h}: backup {newest} added {format_size(_num(b, 'added'))}, over "
+                                 f"{config.suspicion:g} x its normal {format_size(normal)} (which grows "
+                                 f"by at most {config.share_growth:.0%} in 30 days): contained, "
+                                 f"{format_size(beyond)} not pruned for")
         kept = {s.name for s in f.snapshots} if unaccepted else set()
         for b in unaccepted:
             name = b.get("snapshot")
@@ -2124,8 +2139,10 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     if any(a.complete and a.snapshot for a in accepted):
         # What is accepted counts in its host's normal size from now on (counted_sizes).
         counted = {h: counted_sizes(record_acceptances(f.history, accepted, now)) for h, f in hosts.items()}
-        target = free_space_target(counted, headroom=config.headroom, history=config.history)
-    room = {h: config.headroom * mean(c[-config.history:]) for h, c in counted.items()}
+        means = {h: min(mean(c[-config.history:]), max(share_normal[h], float(max(c[-1:] or [0]))))
+                 if c else 0.0 for h, c in counted.items()}
+        target = int(config.headroom * sum(means.values()))
+    room = {h: config.headroom * means[h] for h in counted}
     goal = target - sum(contained.values()) - max(0, state.unaccounted)
     # The disc the claims share: the free space and everything the claims count, with the
     # contained and unaccounted bytes as if they were free (they are not pruned for).

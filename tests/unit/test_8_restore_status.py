@@ -701,7 +701,9 @@ def test_server_status_values(two_hosts):
     assert (new1["snapshots"], new1["newest"], new1["age_seconds"]) == (0, None, None)
     assert report["backend"] == "hardlink" and report["store"] == str(two_hosts.root)
     assert report["free_bytes"] > 0 and report["total_bytes"] >= report["free_bytes"]
-    assert report["target_bytes"] == int(1.5 * (200 + 5000))
+    # web1's normal went from 100 to a mean of 200 within hours: the target counts
+    # it only as far as a normal may grow (share_growth, 100% per 30 days)
+    assert int(1.5 * (100 + 5000)) <= report["target_bytes"] < int(1.5 * (200 + 5000))
 
 
 def test_server_status_a_dirty_current_is_incomplete(two_hosts):
