@@ -370,3 +370,37 @@ def test_a_snapshot_missing_from_its_history_counts_at_its_hosts_normal_size(tin
     result = byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
     assert any("has no history entry" in n for n in result.plan.notes)
     assert len(result.deleted) == 2 and result.free == 310
+
+
+def test_prune_and_simulate_make_the_same_decisions_on_the_same_state(tiny):
+    """prune_store on a real store and simulate's prune on the same state delete the same snapshots."""
+    from simulate import engine, model, policies
+    for host, added, days, hour in (("web1", 100, 12, 1), ("db1", 300, 9, 2), ("mail1", 50, 15, 3)):
+        for d in range(days, -1, -1):
+            tiny.add_snapshot(host, NOW - dt.timedelta(days=d, hours=hour), added=added)
+    tiny.disc(total=20000, per_snapshot=500)
+    state = byteback.read_prune_state(tiny.store)
+    # simulate, given the very same snapshots, histories and free space, each deletion
+    # freeing what the store's does (500 bytes)
+    params = model.Params(hosts=3, cron_prune=False, accept_after=None, headroom=10.0)
+    sim = engine.Simulation(params, model.Workload([], [], 0), policies.policy_named("week"), disk=20000)
+    sim.hosts = []
+    for name, facts in state.hosts.items():
+        host = engine.HostState(name)
+        host.kept_snaps, host.history = list(facts.snapshots), list(facts.history)
+        sim.hosts.append(host)
+    sim.used = 20000 - state.free
+    simulated = []
+
+    def delete(snap, minute):
+        simulated.append(snap)
+        for host in sim.hosts:
+            if snap in host.kept_snaps:
+                host.kept_snaps.remove(snap)
+        sim.used -= 500
+        return 500
+    sim.delete = delete
+    sim.prune(NOW, 0)
+    result = byteback.prune_store(tiny.store, CONFIG._replace(headroom=10.0), now=NOW)
+    assert [d.snapshot for d in result.deleted] == simulated
+    assert len(simulated) > 5 and len({s.host for s in simulated}) >= 2
