@@ -9,6 +9,7 @@ so <14> is info, <12> warning, <11> error.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -93,17 +94,19 @@ def test_a_backup_and_a_prune_each_log_their_line(syslog, tmp_path):
     cfg.mkdir()
     src.mkdir()
     env = _env(tmp_path)
-    with tmpfs_mount("64M") as disc:
+    with tmpfs_mount("160M") as disc:
         store = disc / "store"
         (cfg / "server.conf").write_text(f"[server]\nstore = {store}\nmin_interval = 0\n")
-        # The first backup holds 8 MiB only it keeps; the second replaces it with 8 MiB more.
-        (src / "old").write_bytes(os.urandom(8 << 20))
+        # An ordinary host: 40 MiB that stay, and 2 MiB that change between the
+        # two backups, so the older snapshot holds 2 MiB only it keeps.
+        (src / "stable").write_bytes(os.urandom(40 << 20))
+        (src / "old").write_bytes(os.urandom(2 << 20))
         backup = ["--config-dir", str(cfg), "backup", "--source", str(src), "--destination", str(store),
                   "--host", "web1"]
         first = syslog.run(*backup, env=env)
         assert first.returncode == 0, first.stderr
         (src / "old").unlink()
-        (src / "new").write_bytes(os.urandom(8 << 20))
+        (src / "new").write_bytes(os.urandom(2 << 20))
         syslog.lines()
         second = syslog.run(*backup, env=env)
         assert (second.returncode, second.stdout, second.stderr) == (0, "", "")
@@ -114,13 +117,14 @@ def test_a_backup_and_a_prune_each_log_their_line(syslog, tmp_path):
         snapshots = sorted(p.name for p in (store / "web1").iterdir() if p.name[:1].isdigit())
         assert len(snapshots) == 2 and len([l for l in lines if f"name={snapshots[1]}" in l]) == 1, lines
 
-        # Fill the disc until it is 2 MiB short of the prune target: deleting the
-        # older snapshot (8 MiB of its own) is enough, and it is all prune may delete.
-        import json
+        # Fill the disc until it is a little short of what prune aims at: deleting
+        # the older snapshot (2 MiB of its own) is enough, and all prune may delete.
         status = json.loads(syslog.run("--config-dir", str(cfg), "status", "--store", str(store), "--json",
                                        env=env).stdout)
+        goal = min(status["target_bytes"], status.get("goal_bytes", status["target_bytes"]))
+        short = min(1 << 20, goal // 2)
         with open(disc / "filler", "wb") as f:
-            f.write(b"\0" * (status["free_bytes"] - status["target_bytes"] + (2 << 20)))
+            f.write(b"\0" * (status["free_bytes"] - goal + short))
         syslog.lines()
         prune = syslog.run("--config-dir", str(cfg), "prune", env=env)
         assert (prune.returncode, prune.stdout, prune.stderr) == (0, "", "")
