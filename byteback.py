@@ -5562,7 +5562,6 @@ class DatabasePhase:
         self.binds: List[tuple] = []          # (copy, datadir): the copy is seen at the datadir
         self.excludes: List[str] = []         # rsync patterns for the main rsync
         self.made: List[str] = []             # snapshots and copies to remove afterwards
-        self.dumps: List[str] = []
 
     # Records every snapshot and copy before it is made, so a run that is
     # killed leaves a list for the next run to clean up.
@@ -5767,7 +5766,6 @@ class DatabasePhase:
             raise CommandFailed(argv, proc.returncode, proc.stderr)
         # The live files stay out of the backup; the dump is the database's copy.
         self.excludes.append(exclude_pattern(db.datadir, contents_only=True))
-        self.dumps.append(path)
         if others:
             return 0.0, (f"dumped to {path}, but these tables are not InnoDB and may be "
                          f"out of step with the rest: {', '.join(others)}")
@@ -5852,6 +5850,9 @@ def database_phase(plan: BackupPlan, entry: dict, *, dry_run: bool) -> Iterator[
     # Never back up a snapshot or a copy of ours, even one whose note is lost.
     always = [DB_SNAPSHOT_PREFIX + "*", exclude_pattern(config.copy_dir, contents_only=False)]
     if not config.enabled or dry_run or os.geteuid() != 0:
+        if dry_run and config.enabled and os.geteuid() == 0:
+            for db in databases_in_sources(find_databases(), plan.sources):
+                log.info("dry-run: would make a consistent copy of %s %s", db.kind, db.datadir)
         yield always
         return
     state_dir = client_state_dir()
