@@ -42,7 +42,9 @@ import pwd
 import re
 import select
 import shlex
+import select
 import shutil
+import signal
 import socket
 import stat
 import struct
@@ -151,7 +153,7 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = True) -> None:
     # Records for the administrator's log only (the guard's REFUSED line with
     # the client's own command) stay off stderr, which the client reads.
     err.addFilter(lambda record: not getattr(record, "syslog_only", False))
-    err.setFormatter(logging.Formatter("byteback: %(message)s"))
+    err.setFormatter(_PrintableFormatter("byteback: %(message)s"))
     log.addHandler(err)
     # Without this check every record on a machine without syslog prints a
     # "--- Logging error ---" traceback (containers, minimal CI images).
@@ -159,6 +161,7 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = True) -> None:
         if stat.S_ISSOCK(os.stat("/dev/log").st_mode):
             sys_handler = logging.handlers.SysLogHandler(address="/dev/log")
             sys_handler.ident = "byteback: "
+            sys_handler.setFormatter(_PrintableFormatter())
             sys_handler.setLevel(logging.INFO)
             sys_handler.addFilter(lambda record: not getattr(record, "stderr_only", False))
             log.addHandler(sys_handler)
@@ -263,15 +266,23 @@ class LockBusy(ByteBackError):
 
 
 class Lock:
-    """An exclusive, non-blocking flock on a file; a second holder is refused."""
+    """An exclusive, non-blocking flock on a file; a second holder is refused.
 
-    def __init__(self, path: Path, what: str):
-        self.path, self.what, self._fd = Path(path), what, -1
+    A lock file anyone else can open is a lock anyone can hold forever
+    (flock needs only a read-only descriptor: issue 8, class 6).  So a lock
+    file is a plain 0600 file of `owner` (default: whoever takes the lock;
+    root may also own a session lock); anything else found at its path (a
+    0644 file someone may still hold open, a directory, a FIFO, a link) is
+    removed with a log line and a fresh file made in its place.
+    """
+
+    def __init__(self, path: Path, what: str, owner: Optional[tuple] = None):
+        self.path, self.what, self.owner, self._fd = Path(path), what, owner, -1
 
     def __enter__(self) -> "Lock":
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            self._fd = self._open()
         except OSError as e:
             raise ByteBackError(f"cannot open lock file {self.path}: {e.strerror}; "
                                 f"check the permissions of {self.path.parent}") from None
@@ -285,6 +296,26 @@ class Lock:
                                     "try again when it has finished") from None
             raise
         return self
+
+    def _open(self) -> int:
+        uid, gid = self.owner or (os.geteuid(), os.getegid())
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK,
+                             0o600)
+            except OSError as e:
+                if e.errno not in (errno.ELOOP, errno.EISDIR, errno.ENXIO, errno.EACCES):
+                    raise
+            else:
+                st = os.fstat(fd)
+                if (stat.S_ISREG(st.st_mode) and st.st_nlink == 1 and not st.st_mode & 0o077
+                        and st.st_uid in (uid, 0)):
+                    if st.st_uid != uid and os.geteuid() == 0:
+                        os.fchown(fd, uid, gid)      # root made it: the backup user takes it too
+                    return fd
+                os.close(fd)
+            remove_hostile_entry(self.path, "lock files are 0600 files of their user")
+        raise OSError(errno.EPERM, "it keeps being replaced by something that is not a lock file")
 
     def keep_across_exec(self) -> None:
         """Let a program we exec into hold the lock until it exits."""
@@ -323,6 +354,28 @@ def write_file_atomically(path: Path, text: str, mode: int = 0o644) -> None:
 def write_json_atomically(path: Path, data: object) -> None:
     """Write data as JSON, atomically (see write_file_atomically)."""
     write_file_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
+
+
+def remove_hostile_entry(path: Path, rule: str) -> None:
+    """Remove what was planted at path (a file, a link, a FIFO, a whole directory), saying so.
+
+    For the places the backup user can write into (.byteback/run/): root
+    treats what it finds there as hostile, and recovers instead of failing.
+    Raises OSError only when the entry cannot be removed.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    kind = ("directory" if stat.S_ISDIR(st.st_mode) else "symlink" if stat.S_ISLNK(st.st_mode)
+            else "file" if stat.S_ISREG(st.st_mode) else "special file")
+    log.warning("removing %s: a %s of uid %d, mode %04o, %d bytes, modified %s; %s", path, kind, st.st_uid,
+                stat.S_IMODE(st.st_mode), st.st_size,
+                dt.datetime.fromtimestamp(st.st_mtime, dt.timezone.utc).isoformat(timespec="seconds"), rule)
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)         # fd-based on Linux: never follows a link planted inside
+    else:
+        os.unlink(path)
 
 
 def read_json(path: Path, default: object) -> object:
@@ -391,6 +444,43 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
                      for r in rows)
 
 
+_ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+
+
+def printable(text: str) -> str:
+    """text as it may go to a terminal or a log: every character a terminal would act on escaped.
+
+    File names come from clients: ESC sequences, newlines (a forged row or
+    log line), bidi overrides.  Controls and other unprintable characters
+    show as \\xNN or \\uNNNN, a byte that was not UTF-8 as \\xNN, and a
+    backslash as two, so what is shown reads back unambiguously.  JSON
+    output never goes through here: it stays exact.
+    """
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for c in text:
+        code = ord(c)
+        if c in _ESCAPES:
+            out.append(_ESCAPES[c])
+        elif 0xDC80 <= code <= 0xDCFF:          # surrogateescape: a byte that was not UTF-8
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif c.isprintable():
+            out.append(c)
+        else:
+            out.append(f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}" if code < 0x10000
+                       else f"\\U{code:08x}")
+    return "".join(out)
+
+
+class _PrintableFormatter(logging.Formatter):
+    """Log lines hold file names and client words: escape them (the traceback stays as it is)."""
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = printable(record.message)
+        return super().formatMessage(record)
+
+
 def now_local() -> dt.datetime:
     """The clock, read in one place: an aware datetime in the machine's time zone."""
     return dt.datetime.now(dt.timezone.utc).astimezone()
@@ -409,6 +499,21 @@ def default_server_program() -> str:
 def running_under_sudo() -> bool:
     """True when sudo started us for another user (root-side code trusts nothing then)."""
     return os.geteuid() == 0 and bool(os.environ.get("SUDO_USER"))
+
+
+# What a root-side command keeps of its caller's environment under sudo:
+# sudo itself passes TZ and the locale on, and a zone of the caller's
+# choosing made snapshot names no pattern reads back (issue 8, class 7).
+SUDO_KEPT_ENV = ("SUDO_USER", "SUDO_UID", "SUDO_GID", "SUDO_COMMAND")
+SAFE_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+def scrub_environment(environ) -> None:
+    """Under sudo: drop everything the caller chose, so the clock's zone is /etc/localtime's."""
+    kept = {k: environ[k] for k in SUDO_KEPT_ENV if k in environ}
+    environ.clear()
+    environ.update(kept, **SAFE_ENV)
+    time.tzset()
 
 
 # === 3. Configuration ========================================================
@@ -688,7 +793,14 @@ def check_host_name(name: str) -> str:
 
 
 def format_snapshot_name(when: dt.datetime, seconds: bool = False) -> str:
-    """A snapshot's directory name for an aware datetime (the original's format)."""
+    """A snapshot's directory name for an aware datetime (the original's format).
+
+    A zone whose offset is not whole minutes (TZ=XXX-05:30:30) would give a
+    '+053030' that no name pattern reads back: such a moment is named in UTC.
+    """
+    offset = when.utcoffset()
+    if offset is None or offset.total_seconds() % 60:
+        when = when.astimezone(dt.timezone.utc)
     return when.strftime(SNAPSHOT_FORMAT_SECONDS if seconds else SNAPSHOT_FORMAT)
 
 
@@ -923,6 +1035,18 @@ class Store:
         """The store-wide lock that snapshot and prune hold (root-owned directory on a server)."""
         return Lock(self.state_dir / "store.lock", "snapshot or prune on this store")
 
+    def session_lock_path(self, host: str) -> Path:
+        return self.run_dir / f"{check_host_name(host)}.lock"
+
+    def session_lock(self, host: str) -> Lock:
+        """One session per host (a push, restore or list, and the snapshot that ends a push).
+
+        Its file belongs to the backup user, who owns run/, even when root makes it.
+        """
+        st = os.lstat(self.run_dir) if _is_real_dir(self.run_dir) else None
+        owner = (st.st_uid, st.st_gid) if st is not None else None
+        return Lock(self.session_lock_path(host), f"session for host {host}", owner=owner)
+
     # -- reading --
     def hosts(self) -> List[str]:
         """Host directories in the store (real directories with a valid name)."""
@@ -983,6 +1107,8 @@ class Store:
     def mark_dirty(self, host: str, when: dt.datetime) -> None:
         """Record that current is being written (kept from the first write until a snapshot)."""
         path = self.dirty_path(host)
+        if os.path.lexists(path) and not os.path.islink(path) and not path.is_file():
+            remove_hostile_entry(path, "the in-progress marker is a small file")
         if not path.exists():
             write_json_atomically(path, {"since": when.isoformat()})
 
@@ -1004,12 +1130,15 @@ class Store:
             os.close(fd)
 
     def clear_dirty(self, host: str) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(self.dirty_path(host))
-
-    def session_lock(self, host: str) -> Lock:
-        """The lock a client's session (the forced command, and rsync after it) holds."""
-        return Lock(self.run_dir / f"{check_host_name(host)}.lock", f"session for host {host}")
+        """The backup is finished.  Whatever sits at the marker's path goes, a planted directory too."""
+        path = self.dirty_path(host)
+        try:
+            if stat.S_ISREG(os.lstat(path).st_mode):
+                os.unlink(path)
+            else:
+                remove_hostile_entry(path, "the in-progress marker is a small file")
+        except FileNotFoundError:
+            pass
 
     def unaccounted_bytes(self) -> int:
         """Disc used in run/, which belongs to no host's backups (the backup user can write there).
@@ -1184,6 +1313,208 @@ HOST_DIR_MODE = 0o750   # <host>/ on a server: root:<backup group>; see Store.pr
 FICLONE = 0x40049409   # ioctl: make a file share another's extents (btrfs reflink)
 HISTORY_KEEP = 100   # entries kept per host; the mean uses the last `history` of them
 
+# -- Reading a subvolume's own tree (binary, through the kernel) --------------
+#
+# What a backup cost must come from a source a client cannot write into.
+# `btrfs subvolume find-new` prints client-chosen file names raw: a name
+# holding "\ninode 1 file offset 0 len 1000000000000000" forged a line and a
+# 10^15-byte backup (issue 8, class 1).  The kernel's tree search hands back
+# fixed-size binary records instead, in which a name is only ever bytes
+# inside one item.  Layouts from linux include/uapi/linux/btrfs.h and
+# btrfs_tree.h (all little-endian, packed).
+BTRFS_IOC_TREE_SEARCH_V2 = 0xC0709411   # _IOWR(0x94, 17, btrfs_ioctl_search_args_v2: 112 bytes)
+BTRFS_IOC_SPACE_INFO = 0xC0109414       # _IOWR(0x94, 20, btrfs_ioctl_space_args: 16 bytes)
+BTRFS_IOC_SYNC = 0x9408                 # _IO(0x94, 8): write out delayed data and inodes, commit
+_SEARCH_KEY = struct.Struct("<7Q4I4Q")  # btrfs_ioctl_search_key: 104 bytes
+_SEARCH_HEADER = struct.Struct("<3Q2I")  # btrfs_ioctl_search_header: transid objectid offset type len
+_SEARCH_BUFFER = 256 * 1024             # items per ioctl call: a few thousand
+_U64_MAX = 2 ** 64 - 1
+BTRFS_INODE_ITEM, BTRFS_INODE_REF, BTRFS_INODE_EXTREF = 1, 12, 13
+BTRFS_XATTR_ITEM, BTRFS_DIR_ITEM, BTRFS_DIR_INDEX, BTRFS_EXTENT_DATA = 24, 84, 96, 108
+BTRFS_ITEM_OVERHEAD = 25    # struct btrfs_item: the key and place of every item in its leaf
+# btrfs_inode_item: generation, transid, size, nbytes, block_group, nlink, uid, gid, mode
+_INODE_ITEM = struct.Struct("<QQQQQIIII")
+_DIR_ITEM_TRANSID = struct.Struct("<17xQ")          # btrfs_dir_item: location key, then transid
+_EXTENT_ITEM = struct.Struct("<Q12xBQQ")            # generation, (ram_bytes..), type, disk_bytenr, disk_num_bytes
+BTRFS_FILE_EXTENT_INLINE = 0
+_NAME_ITEMS = frozenset({BTRFS_XATTR_ITEM, BTRFS_DIR_ITEM, BTRFS_DIR_INDEX})   # all a btrfs_dir_item
+BTRFS_BLOCK_GROUP_DATA, BTRFS_BLOCK_GROUP_METADATA = 1, 4
+# Block group profile bits -> copies of every byte on disc.
+BTRFS_PROFILE_COPIES = {16: 2, 32: 2, 64: 2, 512: 3, 1024: 4}   # RAID1 DUP RAID10 RAID1C3 RAID1C4
+
+
+class SubvolumeUsage(NamedTuple):
+    """What a subvolume's tree says about it, counted from the kernel's binary items."""
+    size: int          # bytes in regular files, hard-linked files once (full walks only)
+    data: int          # disc bytes of data extents written after `since`, each extent once
+    metadata: int      # bytes of tree items (inodes, names, xattrs, inline data) changed after `since`
+    generation: int    # the newest transaction any of its leaves was written in
+    linked: int        # names of regular files that share their inode (full walks only)
+
+
+class SubvolumeTally:
+    """Adds up a subvolume's tree items, buffer by buffer: its size, and what changed since.
+
+    Pure: it reads only the kernel's buffers.  Every item carries the
+    transaction that last wrote it (an inode's transid, a name's or an
+    xattr's transid, an extent's generation), except an inode's back
+    references, which go with their inode.  Data extents count at their disc
+    size, once each even when several files share them (a reflinked copy keeps
+    its extent's old generation, so it costs nothing).  A file name is only
+    ever bytes inside one item: nothing here reads it.
+    """
+
+    def __init__(self, since: int):
+        self.since = since
+        self.size = self.data = self.metadata = self.generation = self.linked = 0
+        self._inode, self._inode_changed = -1, False
+        self._extents: set = set()
+
+    def add(self, buf, count: int) -> Optional[tuple]:
+        """Take `count` records of a search buffer; return the last key (objectid, type, offset).
+
+        A record that claims more bytes than the buffer holds ends the buffer
+        (the kernel never writes one).
+        """
+        since, end, pos, last = self.since, len(buf), 0, None
+        header, inode_item, name_transid, extent = (_SEARCH_HEADER.unpack_from, _INODE_ITEM.unpack_from,
+                                                    _DIR_ITEM_TRANSID.unpack_from, _EXTENT_ITEM.unpack_from)
+        for _ in range(count):
+            if pos + _SEARCH_HEADER.size > end:
+                break
+            transid, objectid, offset, kind, length = header(buf, pos)
+            pos += _SEARCH_HEADER.size
+            item, pos = pos, pos + length
+            if pos > end:
+                break
+            last = objectid, kind, offset
+            if transid > self.generation:
+                self.generation = transid
+            if objectid != self._inode:
+                self._inode, self._inode_changed = objectid, False
+            changed = False
+            if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
+                _gen, written, isize, _nbytes, _bg, nlink, _uid, _gid, mode = inode_item(buf, item)
+                if mode & 0o170000 == 0o100000:      # a regular file
+                    self.size += isize
+                    if nlink > 1:
+                        self.linked += nlink
+                changed = self._inode_changed = written >= since
+            elif kind == BTRFS_EXTENT_DATA and length >= 21:
+                changed = struct.unpack_from("<Q", buf, item)[0] >= since
+                if changed and length >= _EXTENT_ITEM.size:
+                    _gen, form, bytenr, disc_bytes = extent(buf, item)
+                    # bytenr 0 is a hole; an inline extent's bytes are the item's own.
+                    if form != BTRFS_FILE_EXTENT_INLINE and bytenr and bytenr not in self._extents:
+                        self._extents.add(bytenr)
+                        self.data += disc_bytes
+            elif kind in _NAME_ITEMS and length >= _DIR_ITEM_TRANSID.size:
+                changed = name_transid(buf, item)[0] >= since
+            elif kind in (BTRFS_INODE_REF, BTRFS_INODE_EXTREF):
+                changed = self._inode_changed
+            if changed:
+                self.metadata += length + BTRFS_ITEM_OVERHEAD
+        return last
+
+    def usage(self) -> SubvolumeUsage:
+        return SubvolumeUsage(self.size, self.data, self.metadata, self.generation, self.linked)
+
+
+def _next_key(objectid: int, kind: int, offset: int) -> Optional[tuple]:
+    """The smallest (objectid, type, offset) after the given one, or None at the end."""
+    if offset < _U64_MAX:
+        return objectid, kind, offset + 1
+    if kind < 255:
+        return objectid, kind + 1, 0
+    return (objectid + 1, 0, 0) if objectid < _U64_MAX else None
+
+
+def search_subvolume(fd: int, tally: SubvolumeTally, min_transid: int = 0) -> SubvolumeUsage:
+    """Feed every item of the subvolume tree holding fd to tally, from leaves written at
+    min_transid or later.  Needs root (CAP_SYS_ADMIN).  Raises OSError."""
+    args = bytearray(_SEARCH_KEY.size + 8 + _SEARCH_BUFFER)
+    records = memoryview(args)[_SEARCH_KEY.size + 8:]
+    key: Optional[tuple] = (0, 0, 0)
+    while key is not None:
+        # tree_id 0: the tree of the subvolume fd is in.  The key range is
+        # compound (objectid, type, offset), so it resumes after the last item.
+        _SEARCH_KEY.pack_into(args, 0, 0, key[0], _U64_MAX, key[2], _U64_MAX, min_transid, _U64_MAX,
+                              key[1], 255, 1 << 20, 0, 0, 0, 0, 0)
+        struct.pack_into("<Q", args, _SEARCH_KEY.size, _SEARCH_BUFFER)
+        fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, args, True)
+        count = struct.unpack_from("<I", args, 64)[0]      # nr_items: how many came back
+        last = tally.add(records, count) if count else None
+        key = _next_key(*last) if last else None
+    return tally.usage()
+
+
+def profile_copies(spaces: Sequence[tuple]) -> tuple:
+    """(copies of data, copies of metadata) from BTRFS_IOC_SPACE_INFO's (flags, total, used)."""
+    def copies(kind: int) -> int:
+        found = [max([n for bit, n in BTRFS_PROFILE_COPIES.items() if flags & bit] or [1])
+                 for flags, _total, _used in spaces if flags & kind]
+        return max(found or [1])
+    return copies(BTRFS_BLOCK_GROUP_DATA), copies(BTRFS_BLOCK_GROUP_METADATA)
+
+
+def _space_info(fd: int) -> List[tuple]:
+    """(flags, total, used) of each kind of block group on the filesystem holding fd."""
+    head = bytearray(16)
+    fcntl.ioctl(fd, BTRFS_IOC_SPACE_INFO, head, True)     # space_slots 0: how many are there?
+    slots = struct.unpack_from("<QQ", head)[1]
+    args = bytearray(16 + 24 * slots)
+    struct.pack_into("<Q", args, 0, slots)
+    fcntl.ioctl(fd, BTRFS_IOC_SPACE_INFO, args, True)
+    found = min(slots, struct.unpack_from("<QQ", args)[1])
+    return [struct.unpack_from("<3Q", args, 16 + 24 * i) for i in range(found)]
+
+
+def measure_subvolume(path: Path, since: int, *, full: bool) -> tuple:
+    """(SubvolumeUsage, bytes added on disc) of the subvolume at path, since transaction `since`.
+
+    full=False reads only leaves written since then (size is then partial).
+    The added bytes count every copy the filesystem keeps (DUP metadata
+    stores each xattr twice), and never more than the filesystem uses.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ByteBackError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        if os.fstat(fd).st_ino != 256:
+            raise ByteBackError(f"{path} is not a btrfs subvolume; move it aside and run the backup "
+                                "again, which creates it as one")
+        # Data still in the page cache has no extent yet, and inode updates
+        # wait for the commit: without this the tree says a fresh backup is empty.
+        fcntl.ioctl(fd, BTRFS_IOC_SYNC)
+        usage = search_subvolume(fd, SubvolumeTally(since), 0 if full else since)
+        data_copies, metadata_copies = profile_copies(_space_info(fd))
+        st = os.fstatvfs(fd)
+    except OSError as e:
+        raise ByteBackError(f"cannot read the btrfs tree of {path}: {e.strerror} "
+                            "(byteback measures backups as root on btrfs)") from None
+    finally:
+        os.close(fd)
+    added = usage.data * data_copies + usage.metadata * metadata_copies
+    used = (st.f_blocks - st.f_bfree) * st.f_frsize
+    if added > used:
+        # The kernel's own items cannot say more than the disc holds; if they
+        # seem to, trust the disc and say so.
+        log.warning("%s: measured %s added, more than the %s the filesystem uses; counting %s",
+                    path, format_size(added), format_size(used), format_size(used))
+        added = used
+    return usage, added
+
+
+def last_measured(backups: Sequence[dict]) -> Optional[dict]:
+    """The newest history entry that recorded a btrfs generation: the next backup's writes come after it."""
+    return next((b for b in reversed(backups) if "generation" in b), None)
+
+
+def written_since(previous: Optional[dict]) -> int:
+    """The first transaction that belongs to the next backup (0: everything is new)."""
+    return _history_int(previous, "generation") + 1 if previous else 0
+
 
 def _history_int(entry: Optional[dict], key: str) -> int:
     """A number from a history entry, 0 when it is missing or not a number."""
@@ -1252,32 +1583,14 @@ class BtrfsStore(Store):
         current = self.current(host)
         if not is_btrfs_subvolume(current):
             return Store.pending_bytes(self, host)
-        backups = self.read_history(host)
-        previous = next((b for b in reversed(backups) if "generation" in b), None)
-        return self.bytes_written_since(current, _history_int(previous, "generation") + 1 if previous else 0)
-
-    def generation(self, path: Path) -> int:
-        """The subvolume's current transaction id ('transid marker')."""
-        out = self._btrfs("subvolume", "find-new", str(path), "9999999999", destructive=False).stdout
-        m = re.search(r"transid marker was (\d+)", out)
-        return int(m.group(1)) if m else 0
-
-    def bytes_written_since(self, path: Path, generation: int) -> int:
-        """Bytes of file extents in the subvolume written after `generation`."""
-        out = self._btrfs("subvolume", "find-new", str(path), str(generation), destructive=False).stdout
-        return sum(int(m.group(1)) for m in re.finditer(r"^inode \d+ file offset \d+ len (\d+)", out, re.M))
+        since = written_since(last_measured(self.read_history(host)))
+        return measure_subvolume(current, since, full=False)[1]
 
     def take_snapshot(self, host: str, name: str, previous: Optional[dict]) -> dict:
         current = self.current(host)
-        if not is_btrfs_subvolume(current):
-            raise ByteBackError(f"{current} is not a btrfs subvolume; move it aside and run "
-                                "the backup again, which creates it as one")
-        since = _history_int(previous, "generation") + 1 if previous else 0
         # linked: unshare_current's walk before the next run is needed only
         # where current holds hard-linked names.
-        size, _, linked = tree_stats(current)
-        added = self.bytes_written_since(current, since)
-        generation = self.generation(current)
+        usage, added = measure_subvolume(current, written_since(previous), full=True)
         host_dir = self.host_dir(host)
         tmp = host_dir / f".incomplete-{name}"
         if tmp.exists():
@@ -1290,7 +1603,7 @@ class BtrfsStore(Store):
         self._btrfs("property", "set", "-ts", str(tmp), "ro", "true")
         # Only now, complete and read-only, does it take its final name (atomic).
         os.rename(tmp, host_dir / name)
-        return {"size": size, "added": added, "generation": generation, "linked": linked}
+        return {"size": usage.size, "added": added, "generation": usage.generation, "linked": usage.linked}
 
 
     def is_read_only(self, path: Path) -> bool:
@@ -2283,8 +2596,7 @@ def snapshot_host(store: Store, host: str, config: ServerConfig, *, now: dt.date
         # setup-server's adoption records), never as a whole new copy, which
         # would make prune delete the inherited history to make room for it.
         backups = [store.baseline_entry(newest)]
-    previous = next((b for b in reversed(backups) if "generation" in b), backups[-1] if backups else None)
-    record = store.take_snapshot(host, name, previous)
+    record = store.take_snapshot(host, name, last_measured(backups))
     entry = history_entry(backups, record, name=name, now=now, first=newest is None, config=config)
     suspicious = entry["suspicious"]
     store.write_history(host, backups + [entry])
@@ -2442,12 +2754,15 @@ def snapshot_and_prune(store: Store, host: str, config: ServerConfig, *, force: 
     The snapshot stands whatever the prune says: a refused or short prune is
     the administrator's to see (syslog, status), not a failed backup.
     """
-    with store.lock():
+    # The host's session lock only for the snapshot: no push may be half-way
+    # through what it records.  The prune after it waits for nobody's session.
+    with store.session_lock(host), store.lock():
         snap = snapshot_host(store, host, config, now=now_local(), force=force)
-        try:
+    try:
+        with store.lock():
             prune_store(store, config, now=now_local())
-        except (ByteBackError, OSError) as e:
-            log.error("snapshot %s/%s taken, but %s", host, snap.name, e)
+    except (ByteBackError, OSError) as e:
+        log.error("snapshot %s/%s taken, but %s", host, snap.name, e)
     return snap
 
 
@@ -2897,6 +3212,49 @@ def _run_snapshot_for_client(args: argparse.Namespace, host: str, prepare: bool 
     return cmd_snapshot(args)
 
 
+def processes_with_open(path: Path) -> List[int]:
+    """This user's processes that have path open (from /proc/<pid>/fd)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return []
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or _process_uid(int(entry)) != os.geteuid() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{entry}/fd"):
+                with contextlib.suppress(OSError):
+                    target = os.stat(f"/proc/{entry}/fd/{fd}")
+                    if (target.st_dev, target.st_ino) == (st.st_dev, st.st_ino):
+                        found.append(int(entry))
+                        break
+    return found
+
+
+def take_session(store: Store, host: str, timeout: float) -> Lock:
+    """This host's session lock.  A stuck session holding it (no data for longer than the
+    I/O timeout) is ended first: it would otherwise stop the host's backups for good."""
+    try:
+        return store.session_lock(host).__enter__()
+    except ByteBackError:
+        state, holders, quiet = session_state(store.session_lock_path(host), time.time(), timeout)
+        if state != "stuck":
+            raise
+    # The lock belongs to an open file, which children inherit: end every
+    # process of ours that has it open, not only the one that took it.
+    holders = sorted(set(holders) | set(processes_with_open(store.session_lock_path(host))))
+    log.warning("host %s: ending a stuck session (process %s, no data for %s)", host,
+                ", ".join(map(str, holders)), format_duration(quiet or 0))
+    for pid in holders:
+        with contextlib.suppress(OSError):     # only the backup user's own processes can be ended
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while lock_holders(store.session_lock_path(host)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return store.session_lock(host).__enter__()
+
+
 def cmd_receive(args: argparse.Namespace) -> int:
     """receive: the forced command.  Checks SSH_ORIGINAL_COMMAND and runs only what is allowed."""
     # The host comes from authorized_keys (our own argv), never from the client.
@@ -2939,11 +3297,13 @@ def cmd_receive(args: argparse.Namespace) -> int:
         # before this one writes (plan_prune).  Its failure never stops the backup.
         if _run_snapshot_for_client(args, host, prepare=True) != EXIT_OK:
             log.warning("host %s: the prune before this backup failed (see the log); backing up anyway", host)
-    lock = store.session_lock(host).__enter__()
     if request.verb == "complete":
+        # The snapshot takes this host's session lock itself (as root): it
+        # must never record half of an upload that is still running.
         return _run_snapshot_for_client(args, host)
+    lock = take_session(store, host, config.rsync_timeout)
     if request.verb == "list":
-        return serve_list(store, host, request)
+        return serve_list(store, host, request, limit=config.rsync_timeout)
     version = rsync_version(Runner().run([RSYNC_PROGRAM, "--version"]).stdout)
     if version < MIN_RSYNC:
         raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
@@ -2983,39 +3343,123 @@ MUNGED_PREFIX = "/rsyncd-munged/"
 _GLOB_CHARS_RE = re.compile(r"[*?\[]")
 
 
-def glob_to_regex(pattern: str) -> "re.Pattern":
-    """A shell-style glob over absolute paths: * ? [...] within a name, ** across names."""
-    out, i, n = "", 0, len(pattern)
+class Glob(NamedTuple):
+    """A compiled shell-style glob over absolute paths: * ? [...] within a name, ** across names.
+
+    Matching is by name (path component) without backtracking: a name is
+    matched with the two-pointer '*' algorithm (at most len(name) x
+    len(part) steps), and a '**' part, which stands for any number of whole
+    names, by keeping the set of parts a path can have reached.  A client
+    chooses both the pattern and the names it is matched against; a
+    backtracking regex over them ran for weeks (issue 8, class 3).
+    """
+    pattern: str
+    parts: tuple        # per name: None for '**', else a tuple of tokens (see _glob_tokens)
+
+    def match(self, path: str) -> bool:
+        parts, reached = self.parts, _after_any_depth(self.parts, {0})
+        for name in path.split("/"):
+            step = set()
+            for k in reached:
+                if k < len(parts):
+                    if parts[k] is None:
+                        step.add(k)                       # '**' takes this name too
+                    elif _match_name(parts[k], name):
+                        step.add(k + 1)
+            if not step:
+                return False
+            reached = _after_any_depth(parts, step)
+        return len(parts) in reached
+
+
+def _after_any_depth(parts: tuple, reached: set) -> set:
+    """reached, plus the parts after each '**' that may stand for no name at all."""
+    more = set(reached)
+    for k in reached:
+        while k < len(parts) and parts[k] is None:
+            k += 1
+            more.add(k)
+    return more
+
+
+_GLOB_STAR, _GLOB_ONE = None, ""    # tokens: '*', '?'; a one-character str is that character
+
+
+def _glob_tokens(part: str, pattern: str) -> tuple:
+    """A name's tokens: _GLOB_STAR, _GLOB_ONE, a character, or a class (negated, characters, ranges)."""
+    tokens: list = []
+    i, n = 0, len(part)
     while i < n:
-        c = pattern[i]
-        if pattern.startswith("**", i):
-            if out.endswith("/") and (i + 2 == n or pattern[i + 2] == "/"):
-                out = out[:-1] + "(?:/.*)?"     # '/**/' and a trailing '/**': any depth, even none
-            else:
-                out += ".*"
-            i += 2
-            continue
+        c = part[i]
         if c == "*":
-            out += "[^/]*"
+            if not tokens or tokens[-1] is not _GLOB_STAR:    # '**' inside a name is one '*'
+                tokens.append(_GLOB_STAR)
         elif c == "?":
-            out += "[^/]"
+            tokens.append(_GLOB_ONE)
         elif c == "[":
-            first = i + 2 if pattern[i + 1:i + 2] == "!" else i + 1
-            end = pattern.find("]", first + 1 if pattern[first:first + 1] == "]" else first)
+            first = i + 2 if part[i + 1:i + 2] in ("!", "^") else i + 1
+            end = part.find("]", first + 1 if part[first:first + 1] == "]" else first)
             if end == -1:
-                out += re.escape(c)
+                tokens.append(c)                              # an unclosed '[' is itself
             else:
-                body = pattern[i + 1:end]
-                body = "^" + body[1:] if body.startswith("!") else body
-                out += "[" + body.replace("\\", "\\\\") + "]"
+                tokens.append(_glob_class(part[first:end], part[i + 1:i + 2] in ("!", "^"), pattern))
                 i = end
         else:
-            out += re.escape(c)
+            tokens.append(c)
         i += 1
-    try:
-        return re.compile(out + r"\Z", re.S)
-    except re.error as e:
-        raise ByteBackError(f"{pattern!r} is not a pattern byteback understands ({e})") from None
+    return tuple(tokens)
+
+
+def _glob_class(body: str, negated: bool, pattern: str) -> tuple:
+    chars, ranges, i = set(), [], 0
+    while i < len(body):
+        if i + 2 < len(body) and body[i + 1] == "-":
+            low, high = body[i], body[i + 2]
+            if low > high:
+                raise ByteBackError(f"{pattern!r} is not a pattern byteback understands "
+                                    f"(bad character range {low}-{high})")
+            ranges.append((low, high))
+            i += 3
+        else:
+            chars.add(body[i])
+            i += 1
+    return negated, frozenset(chars), tuple(ranges)
+
+
+def _match_one(token, c: str) -> bool:
+    if token == _GLOB_ONE:
+        return True
+    if isinstance(token, str):
+        return token == c
+    negated, chars, ranges = token
+    return (c in chars or any(low <= c <= high for low, high in ranges)) != negated
+
+
+def _match_name(tokens: tuple, name: str) -> bool:
+    """Whether one name matches one part's tokens: greedy, going back only to the last '*'."""
+    t = n = 0
+    star, resume = -1, 0
+    while n < len(name):
+        if t < len(tokens) and tokens[t] is _GLOB_STAR:
+            star, resume = t, n
+            t += 1
+        elif t < len(tokens) and _match_one(tokens[t], name[n]):
+            t += 1
+            n += 1
+        elif star >= 0:
+            resume += 1             # the last '*' takes one more character; earlier ones stay
+            t, n = star + 1, resume
+        else:
+            return False
+    while t < len(tokens) and tokens[t] is _GLOB_STAR:
+        t += 1
+    return t == len(tokens)
+
+
+def compile_glob(pattern: str) -> Glob:
+    """The Glob for a pattern; a bad class (such as [z-a]) is a ByteBackError."""
+    return Glob(pattern, tuple(None if part == "**" else _glob_tokens(part, pattern)
+                               for part in pattern.split("/")))
 
 
 def glob_base(pattern: str) -> tuple:
@@ -3036,15 +3480,14 @@ def check_list_pattern(pattern: str) -> str:
         raise Refused(f"pattern {pattern!r} must be absolute")
     if ".." in pattern.split("/"):
         raise Refused(f"pattern {pattern!r} climbs with '..'")
-    # Each '*' in one name nests another backtracking loop in the regex: a
-    # pattern with many, matched against a long name the client uploaded
-    # itself, would hold a server CPU (and the host's lock) for hours.
+    # Matching takes at most len(name) x len(part) steps a name (compile_glob);
+    # the limits keep that, and the number of parts a path is tried against, small.
     if len(pattern) > 1024 or pattern.count("**") > 2 or any(
             part.replace("**", "").count("*") + part.count("?") > 4 for part in pattern.split("/")):
         raise Refused(f"pattern {pattern[:80]!r} is too complex: at most 4 wildcards in one name "
                       "and 2 '**', 1024 characters")
     try:
-        glob_to_regex(pattern)
+        compile_glob(pattern)
     except ByteBackError as e:
         raise Refused(str(e)) from None
     return pattern
@@ -3114,11 +3557,19 @@ def _no_links_between(root: str, path: str) -> bool:
     return True
 
 
-def list_snapshot(snapshot: str, root: str, patterns: Sequence[str]) -> List[Entry]:
-    """Entries of one snapshot tree (root) whose client path matches any pattern."""
+def _no_check() -> None:
+    pass
+
+
+def list_snapshot(snapshot: str, root: str, patterns: Sequence[str], *,
+                  check: Callable[[], None] = _no_check) -> List[Entry]:
+    """Entries of one snapshot tree (root) whose client path matches any pattern.
+
+    check() runs before each directory is read; it raises to stop the walk.
+    """
     found: Dict[str, Entry] = {}
     for pattern in patterns:
-        regex = glob_to_regex(pattern)
+        glob = compile_glob(pattern)
         base, depth = glob_base(pattern)
         start = root + base.rstrip("/")
         if not _no_links_between(root, base):
@@ -3127,13 +3578,14 @@ def list_snapshot(snapshot: str, root: str, patterns: Sequence[str]) -> List[Ent
             st = os.lstat(start or "/")
         except OSError:
             continue
-        if depth == 0 or regex.match(base):
+        if depth == 0 or glob.match(base):
             found.setdefault(base, _entry(snapshot, root, start, st))
         if depth == 0 or not stat.S_ISDIR(st.st_mode):
             continue
         stack = [(start, 1)]
         while stack:
             top, level = stack.pop()
+            check()
             try:
                 with os.scandir(top) as it:
                     children = list(it)
@@ -3141,7 +3593,7 @@ def list_snapshot(snapshot: str, root: str, patterns: Sequence[str]) -> List[Ent
                 continue
             for child in children:
                 client_path = child.path[len(root):]
-                if regex.match(client_path) and client_path not in found:
+                if glob.match(client_path) and client_path not in found:
                     try:
                         found[client_path] = _entry(snapshot, root, child.path,
                                                     child.stat(follow_symlinks=False))
@@ -3173,7 +3625,7 @@ def _version_key(e: Entry) -> tuple:
 
 
 def list_store(store: Store, host: str, patterns: Sequence[str], *, snapshot: Optional[str] = None,
-               every: bool = False) -> List[Entry]:
+               every: bool = False, check: Callable[[], None] = _no_check) -> List[Entry]:
     """Match patterns in the newest snapshot, one named snapshot, or (every) all of them."""
     names = [s.name for s in store.snapshots(host)]
     if snapshot:
@@ -3188,24 +3640,19 @@ def list_store(store: Store, host: str, patterns: Sequence[str], *, snapshot: Op
     if not chosen:
         raise ByteBackError(f"host {host} has no snapshots yet; take a backup first")
     if not every:
-        return list_snapshot(chosen[0], str(store.host_dir(host) / chosen[0]), patterns)
+        return list_snapshot(chosen[0], str(store.host_dir(host) / chosen[0]), patterns, check=check)
     # Fold as each snapshot is read, not after: --all '**' over 100 snapshots
     # of 100,000 files would otherwise hold 10M entries at once.
     folded: List[Entry] = []
     for name in chosen:
-        folded = fold_versions(folded + list_snapshot(name, str(store.host_dir(host) / name), patterns),
-                               chosen)
+        folded = fold_versions(folded + list_snapshot(name, str(store.host_dir(host) / name), patterns,
+                                                      check=check), chosen)
     return folded
 
 
 def _mode_string(kind: str, mode: int) -> str:
     chars = "".join(c if mode & (1 << (8 - i)) else "-" for i, c in enumerate("rwxrwxrwx"))
     return {"f": "-", "d": "d", "l": "l"}.get(kind, "?") + chars
-
-
-def print_text(text: str) -> None:
-    """Print text that may hold file names which are not UTF-8: such bytes show as \\xNN."""
-    print(text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace"))
 
 
 def format_entries(entries: Sequence[Entry]) -> str:
@@ -3215,7 +3662,8 @@ def format_entries(entries: Sequence[Entry]) -> str:
         when = dt.datetime.fromtimestamp(e.mtime).strftime("%Y-%m-%d %H:%M")
         path = e.path + (f" -> {e.target}" if e.kind == "l" else "")
         name = e.snapshot + (" (incomplete)" if e.snapshot == "current" else "")
-        rows.append((name, _mode_string(e.kind, e.mode), str(e.size), f"{e.uid}:{e.gid}", when, path))
+        rows.append((printable(name), _mode_string(e.kind, e.mode), str(e.size), f"{e.uid}:{e.gid}", when,
+                     printable(path)))
     return format_table(rows)
 
 
@@ -3239,20 +3687,49 @@ def parse_list_words(words: Sequence[str]) -> Request:
     return Request("list", options=tuple(options), paths=tuple(patterns))
 
 
-def serve_list(store: Store, host: str, request: Request) -> int:
-    """Answer a client's list with one JSON object a line (the client formats it)."""
+def listing_watch(limit: float, out_fd: int, clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
+    """A check for list_snapshot: stop once `limit` seconds have passed, or the client went away.
+
+    A listing writes nothing until it is done, so it would not notice a
+    client that hung up; the write end of its stdout shows it (POLLERR on a
+    pipe whose reader is gone, POLLHUP on a socket).
+    """
+    deadline = clock() + limit
+    poller = select.poll()
+    poller.register(out_fd, 0)          # POLLERR, POLLHUP and POLLNVAL are always reported
+
+    def check() -> None:
+        if clock() > deadline:
+            raise ByteBackError(f"the listing took longer than {limit:.0f}s and was stopped; "
+                                "list less at a time (a narrower pattern, or --snapshot)")
+        if poller.poll(0):
+            raise ByteBackError("the client went away; the listing was stopped")
+    return check
+
+
+def serve_list(store: Store, host: str, request: Request, *, limit: float) -> int:
+    """Answer a client's list with one JSON object a line (the client formats it).
+
+    It ends within `limit` seconds, or as soon as the client goes away; the
+    alarm ends it even should one directory take that long to read.
+    """
+    signal.alarm(int(limit) + 30)
     snapshot = next((o.partition("=")[2] for o in request.options if o.startswith("--snapshot=")), None)
-    entries = list_store(store, host, request.paths, snapshot=snapshot, every="--all" in request.options)
+    entries = list_store(store, host, request.paths, snapshot=snapshot, every="--all" in request.options,
+                         check=listing_watch(limit, sys.stdout.fileno()))
     if ORIGINAL_NEWEST in request.options:
         entries = list({e.path: e for e in entries}.values())      # oldest first: the last stays
-    if ORIGINAL_TABLE in request.options:
-        # The original client prints what it gets, so it gets what a person reads.
-        print_text(format_entries(entries) if entries else
-                   "** Sorry.  There were no files matching:\n--> " + "\n--> ".join(request.paths))
-        return EXIT_OK
-    out = sys.stdout
-    for e in entries:
-        out.write(json.dumps(e._asdict(), ensure_ascii=True, separators=(",", ":")) + "\n")
+    try:
+        if ORIGINAL_TABLE in request.options:
+            # The original client prints what it gets, so it gets what a person reads.
+            print(format_entries(entries) if entries else "** Sorry.  There were no files matching:\n--> "
+                  + "\n--> ".join(printable(p) for p in request.paths))
+        else:
+            for e in entries:
+                sys.stdout.write(json.dumps(e._asdict(), ensure_ascii=True, separators=(",", ":")) + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        raise ByteBackError("the client went away; the listing was stopped") from None
     return EXIT_OK
 
 
@@ -4583,6 +5060,19 @@ def _batches(paths: Sequence[str], limit: int) -> Iterator[List[str]]:
         yield batch
 
 
+# What a restore of files anywhere but onto their own host leaves out: a
+# hostile client's setuid-root program, 0666 device node or file capability
+# (an xattr) must not come back live on an administrator's machine.
+# --no-perms keeps the modes less the umask and clears the set-id bits.
+FOREIGN_RESTORE_OPTIONS = ("--no-owner", "--no-group", "--no-perms", "--no-devices", "--no-specials")
+
+
+def restore_keeps_everything(host: str, this_host: str, as_root: bool, same_owner: bool) -> bool:
+    """Whether a restore keeps owners, set-id bits, devices and xattrs: as root onto the host itself,
+    or when asked (--same-owner)."""
+    return same_owner or (as_root and host == this_host)
+
+
 def cmd_restore(args: argparse.Namespace) -> int:
     """restore: list the versions of files in the snapshots, and copy them back."""
     destination, host = client_target(args)
@@ -4612,7 +5102,7 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
         raise ByteBackError(f"nothing matches {' '.join(args.pattern)} in {where} of host {host}; "
                             "try --all, or a pattern with * or **")
     if not args.restore:
-        print_text(format_entries(entries))
+        print(format_entries(entries))
         return EXIT_OK
     snapshot = entries[0].snapshot
     target = Path(os.path.abspath(args.to or cwd))     # 'a:b' must not read as a remote host
@@ -4635,6 +5125,11 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
     else:
         sources = [f"{_login(destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
         transport = rsync_over_ssh(session.argv())
+    keep = restore_keeps_everything(host, default_host_name(), os.geteuid() == 0, args.same_owner)
+    if not keep:
+        log.warning("restoring host %s's files on %s: owners, set-id bits, device and special files "
+                    "and extended attributes are not restored (a hostile client's setuid-root program "
+                    "or device node stays harmless); use --same-owner to keep them", host, default_host_name())
     target.mkdir(parents=True, exist_ok=True)
     # ACLs backed up (--acls in rsync_flags, as the original's restore read it) come back too.
     flags = split_rsync_flags(read_setting_text(args.config_dir, "rsync_flags"),
@@ -4645,8 +5140,9 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
     for batch in _batches(sources, RESTORE_BATCH_CHARS):
         # --no-implied-dirs: directories that already exist where a file comes
         # back keep their own owner and mode; --relative would reset them.
-        argv = ["rsync", "--archive", "--hard-links", "--xattrs", *acls, "--numeric-ids", "--relative",
-                "--no-implied-dirs", "--timeout=300", *transport, "--", *batch, f"{target}/"]
+        argv = ["rsync", "--archive", "--hard-links", "--numeric-ids", "--relative", "--no-implied-dirs",
+                "--timeout=300", *(["--xattrs", *acls] if keep else FOREIGN_RESTORE_OPTIONS), *transport,
+                "--", *batch, f"{target}/"]
         rc, output = run_rsync(argv, show=args.verbose > 0)
         # Not even 24 (vanished files) is success here: snapshots never
         # change, so a file vanishes only when a prune took the snapshot.
@@ -4667,27 +5163,89 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
 
 # --- 8b. status ---------------------------------------------------------------
 
-def flock_held(path: Path) -> bool:
-    """Whether any process holds a flock on path (read from /proc/locks, taking nothing)."""
+def lock_holders(path: Path) -> List[int]:
+    """The processes holding a flock on path (read from /proc/locks, taking nothing)."""
+    holders = []
     try:
         inode = os.stat(path).st_ino
         with open("/proc/locks") as f:
             for line in f:
                 fields = line.split()
+                # "1: FLOCK ADVISORY WRITE <pid> <maj:min:inode> 0 EOF"; waiters have a "->" field.
                 if len(fields) > 5 and fields[1] == "FLOCK" and fields[5].rsplit(":", 1)[-1] == str(inode):
-                    return True
+                    with contextlib.suppress(ValueError):
+                        holders.append(int(fields[4]))
     except OSError:
         pass
-    return False
+    return holders
 
 
-def nagios_state(age: Optional[float], warning: float, critical: float, running: bool) -> int:
-    """OK, WARNING or CRITICAL for the age of the last good backup; a running backup is never late."""
-    if running:
+def flock_held(path: Path) -> bool:
+    """Whether any process holds a flock on path."""
+    return bool(lock_holders(path))
+
+
+def process_idle_seconds(pid: int, now: float) -> Optional[float]:
+    """How long a session process has moved no data, from the kernel's own clocks; None if unknown.
+
+    An ssh session's stdin and stdout are pipes, and the kernel stamps a
+    pipe at every read and write.  A holder whose stdio are not pipes (a
+    shell holding the lock by hand) is idle for as long as it has lived.
+    """
+    stamps = []
+    for fd in (0, 1):
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/proc/{pid}/fd/{fd}")
+            if stat.S_ISFIFO(st.st_mode):
+                stamps.append(max(st.st_mtime, st.st_atime))
+    if stamps:
+        return max(0.0, now - max(stamps))
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            started_ticks = int(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/stat") as f:
+            boot = next(int(line.split()[1]) for line in f if line.startswith("btime "))
+    except (OSError, ValueError, IndexError, StopIteration):
+        return None
+    return max(0.0, now - (boot + started_ticks / os.sysconf("SC_CLK_TCK")))
+
+
+def _process_uid(pid: int) -> Optional[int]:
+    try:
+        return os.stat(f"/proc/{pid}").st_uid
+    except OSError:
+        return None
+
+
+def session_state(path: Path, now: float, timeout: float) -> tuple:
+    """("idle", "running" or "stuck", the holders, seconds without data) of a host's session lock.
+
+    A session that has moved no data for longer than the I/O timeout is
+    stuck, not running: rsync's own --timeout should have ended it.
+    """
+    holders = lock_holders(path)
+    if not holders:
+        return "idle", [], None
+    idle = [process_idle_seconds(pid, now) for pid in holders]
+    quiet = min((i for i in idle if i is not None), default=None)
+    if quiet is not None and all(i is not None and i > timeout for i in idle):
+        return "stuck", holders, quiet
+    return "running", holders, quiet
+
+
+def nagios_state(age: Optional[float], warning: float, critical: float, running: bool,
+                 stuck: bool = False) -> int:
+    """OK, WARNING or CRITICAL for the age of the last good backup.
+
+    A running backup is never late; a stuck one is at least a WARNING.
+    """
+    if running and not stuck:
         return NAGIOS_OK
     if age is None or age >= critical:
         return NAGIOS_CRITICAL
-    return NAGIOS_WARNING if age >= warning else NAGIOS_OK
+    if stuck or age >= warning:
+        return NAGIOS_WARNING
+    return NAGIOS_OK
 
 
 NAGIOS_NAMES = {NAGIOS_OK: "OK", NAGIOS_WARNING: "WARNING", NAGIOS_CRITICAL: "CRITICAL",
@@ -4733,6 +5291,7 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
         histories[host] = backups
         sizes = counted_sizes(backups)[-config.history:]
         dirty = store.dirty_since(host)
+        session, _, quiet = session_state(store.session_lock_path(host), now.timestamp(), config.rsync_timeout)
         hosts[host] = {
             "snapshots": len(snaps),
             "newest": snaps[-1].name if snaps else None,
@@ -4742,7 +5301,9 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
             "last_added": int(backups[-1].get("added", 0)) if backups else None,
             "mean_added": int(mean(sizes)) if sizes else None,
             "incomplete_since": dirty.isoformat() if dirty else None,
-            "running": flock_held(store.session_lock(host).path),
+            "running": session in ("running", "stuck"),
+            "stuck": session == "stuck",
+            "session_idle_seconds": quiet,
             "suspicious": bool(backups and backups[-1].get("suspicious") and not backups[-1].get("accepted")),
             # Information only: the client wrote it.
             "database_warnings": snapshot_database_warnings(str(store.snapshot_path(snaps[-1])))
@@ -4886,12 +5447,15 @@ def cmd_status(args: argparse.Namespace) -> int:
     if args.store:
         config = load_server_config(args.config_dir)
         report = server_status(open_store(args.store), config, now)
-        states = {h: nagios_state(i["age_seconds"], warning, critical, i["running"])
+        states = {h: nagios_state(i["age_seconds"], warning, critical, i["running"], i["stuck"])
                   for h, i in report["hosts"].items()}
         code = max(states.values(), default=NAGIOS_OK)
         late = [h for h, c in states.items() if c != NAGIOS_OK]
         summary = (f"{len(report['hosts'])} hosts, {len(late)} late ({', '.join(late)})" if late
                    else f"{len(report['hosts'])} hosts backed up")
+        stuck = [h for h, i in report["hosts"].items() if i["stuck"]]
+        if stuck:
+            summary += f", {len(stuck)} stuck ({', '.join(stuck)})"
         summary += f", {format_size(report['free_bytes'])} free"
         if report["warnings"]:
             # Containment and acceptance are automatic, but a person should know.
@@ -4931,9 +5495,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     elif args.json:
         print(json.dumps(report, indent=1, sort_keys=True))
     elif args.nagios:
-        print(f"BYTEBACK {NAGIOS_NAMES[code]} - {summary}|{perf}")
+        print(f"BYTEBACK {NAGIOS_NAMES[code]} - {printable(summary)}|{perf}")
     else:
-        print(_format_status(report, summary))
+        print(_format_status(report, printable(summary)))
     return code
 
 
@@ -4946,14 +5510,17 @@ def _format_status(report: dict, summary: str) -> str:
                  f"last attempt:   {report['last_attempt'] or 'never'} ({report['last_result'] or '-'})",
                  f"running now:    {'yes' if report['running'] else 'no'}"]
         if report["last_error"]:
-            lines.append(f"last error:     {report['last_error']}")
-        lines += [f"database:       WARNING {w}" for w in report["database_warnings"]]
+            lines.append(f"last error:     {printable(report['last_error'])}")
+        lines += [f"database:       WARNING {printable(w)}" for w in report["database_warnings"]]
         return "\n".join(lines)
     rows = [("host", "newest", "age", "count", "oldest", "last", "mean", "note")]
     for host, i in sorted(report["hosts"].items()):
-        note = "running" if i["running"] else f"incomplete since {i['incomplete_since']}" if i["incomplete_since"] else ""
+        note = (f"STUCK: no data for {format_duration(i['session_idle_seconds'])}" if i["stuck"]
+                else "running" if i["running"]
+                else f"incomplete since {i['incomplete_since']}" if i["incomplete_since"] else "")
         note += f" SUSPICIOUS: {format_size(i['contained_bytes'])} contained" if i.get("contained_bytes") else ""
-        note += f" database WARNING (client says): {'; '.join(i['database_warnings'])}" \
+        # The client wrote these: escaped, as every name is.
+        note += f" database WARNING (client says): {printable('; '.join(i['database_warnings']))}" \
             if i.get("database_warnings") else ""
         rows.append((host, i["newest"] or "-", _age_text(i["age_seconds"]), str(i["snapshots"]),
                      i["oldest"] or "-", format_size(i["last_added"] or 0), format_size(i["mean_added"] or 0), note))
@@ -5995,6 +6562,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--database", action="store_true",
                    help="the pattern is a database's datadir: refuse while its server runs, move the "
                    "live one aside, and put the snapshot's copy back in its place")
+    p.add_argument("--same-owner", action="store_true",
+                   help="keep owners, set-id bits, devices and extended attributes even when restoring "
+                   "another host's files, or not as root (kept anyway as root on the host itself)")
     p.add_argument("--destination", metavar="DEST", help="the store (default: <config-dir>/destination)")
     p.add_argument("--host", metavar="NAME", help="whose backups (default: this machine's FQDN)")
     p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: <config-dir>/port, else 22)")
@@ -6111,6 +6681,8 @@ def cmd_simulate(words: Sequence[str]) -> int:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Parse, dispatch, and map failures to exit codes; the only place they are printed."""
+    if running_under_sudo():
+        scrub_environment(os.environ)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
     command_at = _command_index(argv)

@@ -32,6 +32,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import subprocess
 import sys
 import time
@@ -42,6 +43,7 @@ from typing import Dict, List, Optional, Sequence
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
+import sshd_env  # noqa: E402
 import treeutil  # noqa: E402
 from remote_env import RemoteByteback, byteback_remote  # noqa: E402,F401  (fixture)
 from sshd_env import (_client_env, pids_of_uid, run, ssh_argv, stop_process,  # noqa: E402
@@ -199,8 +201,8 @@ def _differences(before: Dict[str, object], after: Dict[str, object], allowed_ne
             if not any(key.startswith(prefix) for prefix in allowed_new):
                 problems.append(f"{key}: new")
         elif before[key] != after[key]:
-            if key.endswith("/") and any(key.startswith(p) for p in allowed_new):
-                continue          # the host dir lists the new snapshot
+            if any(key.startswith(p) for p in allowed_new):
+                continue          # the attacking host's own directory and backups
             if key in ("store entries", "history dir") and allowed_new:
                 continue
             problems.append(f"{key}: changed")
@@ -591,11 +593,11 @@ def _server_rsyncs(w: World) -> List[int]:
 
 
 @contextlib.contextmanager
-def open_session(w: World, command: str):
-    """Hold a session of client1 open: a push whose client never speaks."""
+def open_session(w: World, command: str, key: Optional[Path] = None):
+    """Hold a session of client1 (or key's host) open: a push whose client never speaks."""
     wait_for(lambda: not _server_rsyncs(w), 20, "earlier sessions to end")
     proc = subprocess.Popen(
-        ssh_argv(port=w.env.port, known_hosts=w.env.known_hosts, key=w.key, host=w.env.host,
+        ssh_argv(port=w.env.port, known_hosts=w.env.known_hosts, key=key or w.key, host=w.env.host,
                  user=w.env.user.name) + ["--", command],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_client_env(None))
     try:
@@ -840,3 +842,307 @@ def test_a_shell_as_byteback_cannot_touch_history(world, template):
     proc = world.as_user(script)
     assert_failed(world, proc, script)
     assert _ro(h1 / world.snapshot) == "ro=true" and _ro(h2 / world.client2_snapshot) == "ro=true"
+
+
+# === 8. Issue 8: a second red team's attacks ========================================
+#
+# A host of the attacker's own ("evil1", set up like any client), so the
+# autouse fingerprint checks that every other host's history and current
+# stay byte-for-byte as they were whatever it uploads.
+
+@dataclass
+class Attacker:
+    host: str
+    config: Path
+
+    @property
+    def key(self) -> Path:
+        return self.config / "key"
+
+
+@pytest.fixture(scope="module")
+def attacker(world) -> Attacker:
+    config = world.env.workdir / "config-evil1"
+    config.mkdir(mode=0o700)
+    _setup_client(world.remote, config, "evil1")
+    return Attacker("evil1", config)
+
+
+@contextlib.contextmanager
+def min_interval(w: World, value: str):
+    """server.conf's min_interval for a while; back to the module's 1h afterwards."""
+    w.remote.set_server_conf(min_interval=value)
+    try:
+        yield
+    finally:
+        w.remote.set_server_conf(min_interval="1h")
+
+
+def attacker_backup(w: World, a: Attacker, src: Path):
+    time.sleep(1.1)                      # snapshot names have one-second resolution
+    return w.remote.run("backup", "--host", a.host, "--retry-delay", "1", "--source", str(src),
+                        config_dir=a.config)
+
+
+def history_of(w: World, host: str) -> List[dict]:
+    import json
+    return json.loads((w.store / ".byteback" / "history" / f"{host}.json").read_text())["backups"]
+
+
+def disc_used(store: Path) -> int:
+    """Bytes the store's filesystem uses, every copy counted (DUP metadata twice), after a sync."""
+    run(["btrfs", "filesystem", "sync", str(store)])
+    out = run(["btrfs", "filesystem", "df", "-b", str(store)]).stdout
+    used = 0
+    for kind, profile, number in re.findall(r"^(Data|Metadata|System)(?:\+\w+)?, (\w+): total=\d+, used=(\d+)",
+                                            out, re.M):
+        used += int(number) * (2 if profile in ("DUP", "RAID1", "RAID10") else 1)
+    return used
+
+
+FORGED_LINE = "\ninode 1 file offset 0 len {n} disk start 0 offset 0 gen 9 flags NONE"
+
+
+def test_a_file_name_cannot_forge_what_a_backup_added(world, attacker):
+    """Class 1: find-new printed names raw; a forged line made a 1-byte backup 10^15 bytes.
+
+    The attacker's second to fourth backups each add one 1-byte file whose name
+    forges a huge line, one just under the suspicion line, and one in a
+    directory name; what they added must be their real, tiny cost, and the
+    cron prune after them must delete nothing of any other host.
+    """
+    world.allowed_new = [f"{attacker.host}/"]
+    src = world.env.workdir / f"forged-{secrets.token_hex(3)}"
+    src.mkdir()
+    (src / "one").write_bytes(b"x")
+    names = [f"a{FORGED_LINE.format(n=10 ** 15)}",
+             f"b{FORGED_LINE.format(n=2 * 10 ** 6)}\ninode 2 file offset 0 len {10 ** 9}",
+             f"c{FORGED_LINE.format(n=10 ** 12)}/d"]
+    with min_interval(world, "0"):
+        attacker_backup(world, attacker, src).check()
+        for name in names:
+            (src / name).parent.mkdir(exist_ok=True)
+            (src / name).write_bytes(b"y")
+            attacker_backup(world, attacker, src).check()
+    added = [b["added"] for b in history_of(world, attacker.host)[-len(names):]]
+    assert all(0 < a < 1024 * 1024 for a in added), f"forged sizes were believed: {added}\n{world.log()}"
+    prune = world.remote.server("prune")
+    assert prune.returncode == 0, f"{prune}\n{world.log()}"
+    status = world.remote.server("status", "--store", str(world.store), "--json")
+    assert str(10 ** 15) not in status.stdout
+
+
+def test_a_flood_of_xattrs_counts_in_what_the_backup_added(world, attacker):
+    """Class 2 (the measure): empty files each with a 15 KB xattr used 212 MB, 'added' said 0."""
+    world.allowed_new = [f"{attacker.host}/"]
+    count, size = 1500, 15000
+    with sshd_env.btrfs_mount("256M") as fs:          # ext4 keeps xattrs of at most a block
+        src = fs / "flood"
+        src.mkdir()
+        for i in range(count):
+            f = src / f"empty-{i}"
+            f.touch()
+            os.setxattr(f, "user.pad", bytes([i % 251]) * size)
+        before = disc_used(world.store)
+        with min_interval(world, "0"):
+            attacker_backup(world, attacker, src).check()
+        used = disc_used(world.store) - before
+    added = history_of(world, attacker.host)[-1]["added"]
+    assert added >= count * size, f"the xattrs were not counted: added {added}, the disc used {used} more"
+    assert 0.6 * used <= added <= 1.6 * used, f"added {added} is far from what the disc used: {used}"
+
+
+def test_a_list_pattern_cannot_keep_the_server_busy(world, attacker):
+    """Class 3: two uploaded 255-character names and '*a*a*a*a' twice ran for weeks (~n^6)."""
+    world.allowed_new = [f"{attacker.host}/"]
+    src = world.env.workdir / f"long-names-{secrets.token_hex(3)}"
+    (src / "d" / ("a" * 255)).mkdir(parents=True)
+    (src / "d" / ("a" * 255) / ("a" * 254 + "z")).write_text("long\n")
+    proc = world.rsync("-a", f"{src}/", world.login("current/"), key=attacker.key)
+    assert proc.returncode == 0, f"{proc}\n{world.log()}"
+    for pattern in ("/d/*a*a*a*a/*a*a*a*a/zz", "/d/**/*a*a*a*a/zz", "/**/*a*a?a*a/*a*a*a*z"):
+        started = time.monotonic()
+        listed = world.ssh(f"list --snapshot=current '{pattern}'", key=attacker.key, timeout=30)
+        took = time.monotonic() - started
+        assert listed.returncode == 0, f"{pattern}: {listed}\n{world.log()}"
+        assert took < 10, f"{pattern}: the listing took {took:.1f}s"
+    assert "a" * 254 + "z" in listed.stdout                 # the last one matches the file
+    wait_for(lambda: not _server_processes(world, b"receive"), 10, "the listing processes to end")
+
+
+def _server_processes(w: World, word: bytes) -> List[int]:
+    """The byteback user's live processes with word in their command line."""
+    found = []
+    for pid in pids_of_uid(w.env.user.uid):
+        with contextlib.suppress(OSError):
+            if word in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
+
+def test_a_snapshot_through_sudo_waits_for_the_push_of_its_host(world, attacker):
+    """Class 8: `snapshot --host H` in the middle of H's push recorded half an upload as a backup."""
+    world.allowed_new = [f"{attacker.host}/"]
+    before = sorted(os.listdir(world.store / attacker.host))
+    with min_interval(world, "0"), open_session(world, f"{PUSH} . current/", key=attacker.key):
+        for _ in range(2):
+            proc = world.sudo("snapshot", "--host", attacker.host)
+            assert proc.returncode == 1 and "another session for host evil1" in proc.stderr, (
+                f"{proc}\n{world.log()}")
+        complete = world.ssh("complete", key=attacker.key)
+        assert complete.returncode == 1 and "another session" in complete.stderr, f"{complete}\n{world.log()}"
+    assert sorted(os.listdir(world.store / attacker.host)) == before
+
+
+def test_the_callers_time_zone_never_reaches_a_snapshot_name(world, attacker):
+    """Class 7: TZ=XXX-05:30:30 through sudo made names no pattern reads (invisible to everything)."""
+    world.allowed_new = [f"{attacker.host}/"]
+    before = set(os.listdir(world.store / attacker.host))
+    with min_interval(world, "0"):
+        for zone in ("XXX-05:30:30", "UTC+14", ":/etc/../tmp/zone"):
+            time.sleep(1.1)
+            proc = world.sudo("snapshot", "--host", attacker.host, env_prefix=["env", f"TZ={zone}", "LC_ALL=tr_TR"])
+            assert proc.returncode == 0, f"TZ={zone}: {proc}\n{world.log()}"
+    made = sorted(set(os.listdir(world.store / attacker.host)) - before)
+    local = run(["date", "+%z"], env={"PATH": "/usr/bin:/bin"}).stdout.strip()   # /etc/localtime's zone
+    assert len(made) == 3 and all(SNAPSHOT_RE.match(n) and n.endswith(local) for n in made), (made, local)
+
+
+def test_an_unprivileged_local_user_cannot_hold_the_locks(world):
+    """Class 6: the store lock was 0644; any local user could flock it and stop every snapshot and prune."""
+    store_lock = world.store / ".byteback" / "store.lock"
+    assert world.remote.server("prune").returncode == 0          # makes the lock file if need be
+    session_lock = world.store / ".byteback" / "run" / "client1.lock"
+    hold = ("import fcntl, os, sys\n"
+            "for p in sys.argv[1:]:\n"
+            "    try:\n"
+            "        fd = os.open(p, os.O_RDONLY)\n"
+            "        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\n"
+            "        print('held', p)\n"
+            "    except OSError as e:\n"
+            "        print('refused', p, e.strerror)\n")
+    proc = run(["runuser", "-u", "nobody", "--", "python3", "-c", hold, str(store_lock), str(session_lock)],
+               check=False)
+    assert "held" not in proc.stdout, proc.stdout
+    for lock in (store_lock, session_lock):
+        if lock.exists():
+            st = os.lstat(lock)
+            assert stat.S_IMODE(st.st_mode) == 0o600, (lock, oct(st.st_mode))
+
+
+def test_a_lock_file_someone_opened_while_it_was_0644_is_replaced(world):
+    """An old store's 0644 lock, held open by a local user: the next prune makes a new one."""
+    store_lock = world.store / ".byteback" / "store.lock"
+    with contextlib.suppress(FileNotFoundError):
+        store_lock.unlink()
+    store_lock.touch(mode=0o644)
+    os.chmod(store_lock, 0o644)
+    holder = subprocess.Popen(["runuser", "-u", "nobody", "--", "python3", "-c",
+                               "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(store_lock)!r}, os.O_RDONLY)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(120)\n"],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = world.remote.server("prune")
+        assert proc.returncode == 0, f"{proc}\n{world.log()}"
+        assert stat.S_IMODE(os.lstat(store_lock).st_mode) == 0o600
+    finally:
+        stop_process(holder)
+        holder.stdout.close()
+
+
+def test_what_a_byteback_shell_plants_in_run_never_fails_a_backup(world, attacker):
+    """Class 11: a directory at run/<host>.dirty made the backup fail although its snapshot existed."""
+    world.allowed_new = [f"{attacker.host}/"]
+    run_dir = world.store / ".byteback" / "run"
+    src = _small_tree(world, "planted")
+    for plant in ("mkdir -p {r}/evil1.dirty/deep && touch {r}/evil1.dirty/deep/f",
+                  "ln -sfn /etc/passwd {r}/evil1.dirty", "mkfifo {r}/evil1.dirty",
+                  "rm -rf {r}/evil1.lock && mkdir {r}/evil1.lock", "ln -sfn /etc/shadow {r}/evil1.lock",
+                  "rm -f {r}/evil1.lock && mkfifo {r}/evil1.lock"):
+        world.as_user(f"rm -rf {run_dir}/evil1.dirty; " + plant.format(r=run_dir))
+        before = len([n for n in os.listdir(world.store / attacker.host) if SNAPSHOT_RE.match(n)])
+        with min_interval(world, "0"):
+            proc = attacker_backup(world, attacker, src)
+        after = len([n for n in os.listdir(world.store / attacker.host) if SNAPSHOT_RE.match(n)])
+        assert proc.returncode == 0 and after == before + 1, f"{plant}: {proc}\n{world.log()}"
+        assert not os.path.lexists(run_dir / "evil1.dirty"), plant
+        assert stat.S_ISREG(os.lstat(run_dir / "evil1.lock").st_mode), plant
+    assert Path("/etc/passwd").stat().st_uid == 0 and Path("/etc/shadow").stat().st_uid == 0
+
+
+def test_a_session_lock_held_forever_shows_stuck_and_is_ended(world, attacker):
+    """Classes 4 and 11: a silent push, or a shell holding the session lock, kept the host
+    'running' (never late for Nagios) and stopped its backups for good."""
+    world.allowed_new = [f"{attacker.host}/"]
+    lock = world.store / ".byteback" / "run" / "evil1.lock"
+    world.remote.set_server_conf(min_interval="1h", rsync_timeout="3")
+    try:
+        holder = subprocess.Popen(["runuser", "-u", world.env.user.name, "--", "flock", str(lock),
+                                   "sleep", "300"], stdin=subprocess.DEVNULL)
+        try:
+            wait_for(lambda: lock.exists() and _lock_held(lock), 10, "the shell to hold the lock")
+            time.sleep(4)
+            status = world.remote.server("status", "--store", str(world.store), "--nagios",
+                                         "--warning", "1000d", "--critical", "2000d")
+            assert status.returncode == 1 and "stuck (evil1)" in status.stdout, f"{status}"
+            report = world.remote.server("status", "--store", str(world.store), "--json")
+            import json
+            host = json.loads(report.stdout)["hosts"]["evil1"]
+            assert host["stuck"] and host["session_idle_seconds"] >= 3, host
+            # The next session of the host ends the stuck one and goes ahead.
+            listed = world.ssh("list --snapshot=current /x", key=attacker.key)
+            assert listed.returncode == 0, f"{listed}\n{world.log()}"
+            holder.wait(10)
+        finally:
+            stop_process(holder)
+        # A push whose client never speaks is ended by rsync's own --timeout.
+        with open_session(world, f"{PUSH} . current/", key=attacker.key) as session:
+            session.wait(15)
+    finally:
+        world.remote.set_server_conf(min_interval="1h")
+
+
+def _lock_held(path: Path) -> bool:
+    inode = str(os.stat(path).st_ino)
+    return any(len(f) > 5 and f[1] == "FLOCK" and f[5].rsplit(":", 1)[-1] == inode
+               for f in (line.split() for line in Path("/proc/locks").read_text().splitlines()))
+
+
+def test_an_administrators_restore_elsewhere_drops_setuid_devices_and_owners(world, attacker, tmp_path):
+    """Class 12: restoring a hostile client's files on the server brought a setuid-root binary
+    and a 0666 device node back live."""
+    world.allowed_new = [f"{attacker.host}/"]
+    src = world.env.workdir / f"trojan-{secrets.token_hex(3)}"
+    src.mkdir()
+    shutil.copy("/bin/true", src / "rootshell")
+    os.chown(src / "rootshell", 0, 0)
+    os.chmod(src / "rootshell", 0o4755)
+    os.mknod(src / "disk", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (src / "shared").mkdir()
+    os.chown(src / "shared", 1234, 0)
+    os.chmod(src / "shared", 0o2777)
+    with min_interval(world, "0"):
+        attacker_backup(world, attacker, src).check()
+    pattern = f"{src}/**"
+    plain, same = tmp_path / "plain", tmp_path / "same"
+    got = world.remote.server("restore", "--destination", str(world.store), "--host", attacker.host,
+                              "--restore", "--to", str(plain), pattern)
+    assert got.returncode == 0, f"{got}"
+    assert "owners, set-id bits, device and special files" in got.stderr and "--same-owner" in got.stderr, got.stderr
+    restored = plain / src.relative_to("/")
+    st = os.lstat(restored / "rootshell")
+    assert not st.st_mode & (stat.S_ISUID | stat.S_ISGID), oct(st.st_mode)
+    assert not os.path.lexists(restored / "disk")
+    assert os.lstat(restored / "shared").st_uid == 0 and not os.lstat(restored / "shared").st_mode & stat.S_ISGID
+    kept = world.remote.server("restore", "--destination", str(world.store), "--host", attacker.host,
+                               "--restore", "--same-owner", "--to", str(same), pattern)
+    assert kept.returncode == 0 and "are not restored" not in kept.stderr, f"{kept}"
+    again = same / src.relative_to("/")
+    assert os.lstat(again / "rootshell").st_mode & stat.S_ISUID
+    assert stat.S_ISCHR(os.lstat(again / "disk").st_mode)
+    assert os.lstat(again / "shared").st_uid == 1234
+    for tree in (plain, same):
+        shutil.rmtree(tree)

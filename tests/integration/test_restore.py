@@ -81,7 +81,9 @@ class Side:
         return Result(argv, proc.returncode, proc.stdout, proc.stderr)
 
     def restore(self, *args: str, cwd=None) -> Result:
-        return self.run("restore", "--host", self.host, *args, cwd=cwd)
+        """restore --host client1 (not this machine's name): --same-owner keeps everything as it was."""
+        same = ["--same-owner"] if "--restore" in args else []
+        return self.run("restore", "--host", self.host, *same, *args, cwd=cwd)
 
     def _backup(self, source: Path) -> Result:
         raise NotImplementedError

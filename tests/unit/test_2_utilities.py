@@ -1,6 +1,7 @@
 """Section 2: durations and sizes, atomic JSON, the lock, the Runner, logging."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import stat
@@ -169,13 +170,53 @@ def test_lock_is_released_when_the_body_raises(tmp_path):
         pass
 
 
-def test_lock_refuses_a_symlinked_lock_file(tmp_path):
+def test_a_symlinked_lock_file_is_replaced_never_followed(tmp_path, capsys):
     target = tmp_path / "elsewhere"
     (tmp_path / "backup.lock").symlink_to(target)
-    with pytest.raises(ByteBackError, match="cannot open lock file"):
-        with byteback.Lock(tmp_path / "backup.lock", "backup"):
-            pass
+    with byteback.Lock(tmp_path / "backup.lock", "backup"):
+        pass
     assert not target.exists()                                  # nothing created through it
+    st = os.lstat(tmp_path / "backup.lock")
+    assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600
+
+
+@pytest.mark.parametrize("plant", ["open-0644", "directory", "fifo", "hard-link"])
+def test_what_is_planted_at_a_lock_path_is_replaced_and_cannot_hold_the_lock(tmp_path, plant, caplog,
+                                                                              monkeypatch):
+    """Issue 8 classes 6 and 11: a 0644 lock file anyone could flock forever; a planted directory."""
+    monkeypatch.setattr(byteback.log, "propagate", True)
+    path = tmp_path / "store.lock"
+    holder = None
+    if plant == "open-0644":
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        os.chmod(path, 0o644)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)          # held "forever" by someone else
+        holder = fd
+    elif plant == "directory":
+        (path / "inside").mkdir(parents=True)
+        (path / "inside" / "file").write_text("x")
+    elif plant == "fifo":
+        os.mkfifo(path)
+    else:
+        (tmp_path / "other").write_text("")
+        os.chmod(tmp_path / "other", 0o600)
+        os.link(tmp_path / "other", path)
+    try:
+        with byteback.Lock(path, "prune"):
+            st = os.lstat(path)
+            assert stat.S_ISREG(st.st_mode) and stat.S_IMODE(st.st_mode) == 0o600 and st.st_nlink == 1
+            with pytest.raises(ByteBackError, match="another prune is running"):
+                with byteback.Lock(path, "prune"):
+                    pass
+    finally:
+        if holder is not None:
+            os.close(holder)
+    assert any(f"removing {path}" in r.getMessage() for r in caplog.records), caplog.records
+
+
+def test_a_new_lock_file_is_0600(tmp_path):
+    with byteback.Lock(tmp_path / "x.lock", "backup"):
+        assert stat.S_IMODE(os.lstat(tmp_path / "x.lock").st_mode) == 0o600
 
 
 # -- Runner --

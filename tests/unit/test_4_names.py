@@ -235,3 +235,30 @@ def test_parse_destination_bracketed_ipv6(text, user, host, path):
 def test_parse_destination_rejects_broken_ipv6(text):
     with pytest.raises(ByteBackError):
         byteback.parse_destination(text)
+
+
+@pytest.mark.parametrize("offset", [dt.timedelta(hours=5, minutes=30, seconds=30),
+                                    -dt.timedelta(hours=5, minutes=30, seconds=30), dt.timedelta(seconds=1)])
+def test_a_zone_of_seconds_still_gives_a_name_in_the_documented_format(offset):
+    """Issue 8 class 7: TZ=XXX-05:30:30 through sudo made '+053030' names no pattern reads."""
+    when = dt.datetime(2026, 11, 28, 3, 15, 42, tzinfo=dt.timezone(offset))
+    for seconds in (False, True):
+        name = byteback.format_snapshot_name(when, seconds=seconds)
+        parsed = byteback.parse_snapshot_name(name)
+        assert parsed is not None and name.endswith("+0000"), name
+        assert abs((parsed - when).total_seconds()) < 60
+
+
+def test_scrubbing_the_environment_keeps_only_sudo_s_own_and_safe_values():
+    import os
+    import time
+    environ = {"TZ": "XXX-05:30:30", "LANG": "de_DE.UTF-8", "LC_TIME": "x", "PATH": "/tmp:/usr/bin",
+               "PYTHONPATH": "/tmp", "BYTEBACK_CONFIG_DIR": "/tmp", "SUDO_USER": "byteback", "SUDO_UID": "999"}
+    saved = os.environ.get("TZ")
+    try:
+        byteback.scrub_environment(environ)
+    finally:
+        time.tzset()
+    assert environ == {"SUDO_USER": "byteback", "SUDO_UID": "999", "PATH": "/usr/sbin:/usr/bin:/sbin:/bin",
+                       "LC_ALL": "C"}
+    assert os.environ.get("TZ") == saved

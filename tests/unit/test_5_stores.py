@@ -4,12 +4,13 @@ from __future__ import annotations
 import json
 import os
 import stat
+import struct
 
 import pytest
 
 import byteback
 from byteback import ByteBackError
-from unit_helpers import FakeRunner, at
+from unit_helpers import at
 
 PROC_MOUNTS = r"""sysfs /sys sysfs rw,nosuid,nodev,noexec,relatime 0 0
 proc /proc proc rw,nosuid,nodev,noexec,relatime 0 0
@@ -245,22 +246,122 @@ def test_open_store_on_btrfs_needs_root_for_the_btrfs_backend(tmp_path, monkeypa
     assert isinstance(store, byteback.BtrfsStore) and store.kind == "btrfs"
 
 
-# -- BtrfsStore's parsing of btrfs output, with a FakeRunner --
+# -- Measuring a btrfs backup from the kernel's binary tree-search records --
+#
+# Hand-made buffers in the layout of linux/btrfs.h and btrfs_tree.h: a record
+# header (transid, objectid, offset, type, len) and the item's bytes.
 
-def test_btrfs_generation_and_bytes_written_parse_find_new(tmp_path):
-    runner = FakeRunner([
-        "transid marker was 1234\n",
-        "inode 257 file offset 0 len 4096 disk start 0 offset 0 gen 1200 flags NONE a\n"
-        "inode 258 file offset 4096 len 100 disk start 0 offset 0 gen 1201 flags INLINE b\n"
-        "transid marker was 1234\n",
-    ])
-    store = byteback.BtrfsStore(tmp_path, runner)
-    assert store.generation(tmp_path / "web1" / "current") == 1234
-    assert store.bytes_written_since(tmp_path / "web1" / "current", 1100) == 4196
-    assert runner.calls == [
-        (["btrfs", "subvolume", "find-new", str(tmp_path / "web1" / "current"), "9999999999"], False),
-        (["btrfs", "subvolume", "find-new", str(tmp_path / "web1" / "current"), "1100"], False),
+def _record(transid, objectid, kind, item, offset=0):
+    return struct.pack("<3Q2I", transid, objectid, offset, kind, len(item)) + item
+
+
+def _inode(transid, size, mode=0o100644):
+    # generation, transid, size, nbytes, block_group, nlink, uid, gid, mode, then the rest
+    return struct.pack("<QQQQQIIII", 1, transid, size, size, 0, 1, 0, 0, mode) + bytes(104)
+
+
+def _name_item(transid, name: bytes, data: bytes = b""):
+    # btrfs_dir_item: location key (17), transid, data_len, name_len, type; then name, data
+    return bytes(17) + struct.pack("<QHHB", transid, len(data), len(name), 1) + name + data
+
+
+def _extent(generation, bytenr, disc_bytes, kind=1):
+    return (struct.pack("<QQBBHB", generation, disc_bytes, 0, 0, 0, kind)
+            + struct.pack("<4Q", bytenr, disc_bytes, 0, disc_bytes))
+
+
+def _inline(generation, data: bytes):
+    return struct.pack("<QQBBHB", generation, len(data), 0, 0, 0, 0) + data
+
+
+FORGED = b"x\ninode 1 file offset 0 len 1000000000000000 disk start 0 offset 0 gen 9 flags NONE y"
+
+
+def _tally(records, since, count=None):
+    tally = byteback.SubvolumeTally(since)
+    last = tally.add(b"".join(records), len(records) if count is None else count)
+    return tally.usage(), last
+
+
+def test_a_search_buffer_ends_at_a_record_longer_than_the_buffer():
+    records = [_record(7, 257, 1, _inode(7, 10)), _record(7, 257, 12, b"\x01\x02", offset=256),
+               struct.pack("<3Q2I", 7, 258, 0, 1, 999) + _inode(7, 5000)]
+    usage, last = _tally(records, 0, count=5)
+    assert last == (257, 12, 256) and usage.size == 10
+
+
+def test_tally_counts_what_changed_since_and_never_reads_names_as_sizes():
+    old, new = 100, 200
+    records = [
+        _record(old, 256, 1, _inode(old, 0, mode=0o040755)),            # the root directory, old
+        _record(new, 256, 84, _name_item(new, FORGED)),                 # a new name in it: metadata only
+        _record(new, 256, 96, _name_item(old, b"old-name")),            # an old entry in a rewritten leaf
+        _record(new, 257, 1, _inode(new, 4096)),                        # a new file of 4096 bytes
+        _record(new, 257, 12, b"\x00" * 10 + FORGED),                   # its back reference (the name)
+        _record(new, 257, 24, _name_item(new, b"user.big", b"z" * 15000)),   # a 15 KB xattr
+        _record(new, 257, 108, _extent(new, 1 << 20, 4096)),            # its data
+        _record(old, 258, 1, _inode(old, 1000)),                        # an old file ...
+        _record(old, 258, 108, _extent(old, 2 << 20, 4096)),            # ... and its old extent
+        _record(new, 259, 1, _inode(new, 4096)),                        # a new reflinked copy:
+        _record(new, 259, 108, _extent(old, 2 << 20, 4096)),            # the extent keeps its generation
+        _record(new, 260, 1, _inode(new, 8192)),                        # two new extents, one shared
+        _record(new, 260, 108, _extent(new, 1 << 20, 4096), offset=0),
+        _record(new, 260, 108, _extent(new, 3 << 20, 8192), offset=4096),
+        _record(new, 260, 108, _extent(new, 0, 4096), offset=12288),    # a hole: no data
+        _record(new, 261, 1, _inode(new, 3)),
+        _record(new, 261, 108, _inline(new, b"abc")),
     ]
+    unchanged = {0, 2, 7, 8, 10}                                        # by place in the list above
+    overhead = byteback.BTRFS_ITEM_OVERHEAD
+    item_bytes = [len(r) - 32 + overhead for r in records]
+    usage, last = _tally(records, since=new)
+    assert last == (261, 108, 0)
+    assert usage.size == 4096 + 1000 + 4096 + 8192 + 3          # regular files only, directories not
+    assert usage.data == 4096 + 8192                            # each new extent once; the forged name adds nothing
+    assert usage.generation == new
+    assert usage.metadata == sum(n for i, n in enumerate(item_bytes) if i not in unchanged)
+    assert usage.metadata > 15000                               # the xattr counts
+    everything, _ = _tally(records, since=0)                    # a first backup: all of it is new
+    assert everything.data == 4096 + 4096 + 8192
+    assert everything.metadata == sum(item_bytes)
+
+
+def test_a_tally_carries_an_inode_across_buffers():
+    tally = byteback.SubvolumeTally(5)
+    tally.add(_record(5, 300, 1, _inode(5, 0)), 1)
+    tally.add(_record(5, 300, 12, b"\x00" * 20) + _record(1, 301, 12, b"\x00" * 20), 2)
+    assert tally.usage().metadata == (160 + 20 + 2 * byteback.BTRFS_ITEM_OVERHEAD)
+
+
+def test_tally_of_many_empty_files_with_big_xattrs_is_not_zero():
+    """Issue 8 class 2: thousands of empty files each with a 15 KB xattr used 212 MB, counted 0."""
+    records = [r for i in range(1000) for r in (
+        _record(9, 300 + i, 1, _inode(9, 0)), _record(9, 300 + i, 24, _name_item(9, b"user.x", b"q" * 15000)))]
+    usage, _ = _tally(records, since=9)
+    assert usage.data == 0 and usage.size == 0
+    assert usage.metadata >= 1000 * 15000
+
+
+@pytest.mark.parametrize("spaces,copies", [
+    ([(1, 8 << 20, 0), (34, 8 << 20, 0), (36, 50 << 20, 0), (1 << 49, 5 << 20, 0)], (1, 2)),  # single, DUP
+    ([(17, 1, 0), (20, 1, 0)], (2, 2)),                                                      # RAID1 both
+    ([(5, 1, 0)], (1, 1)),                                                                   # mixed groups
+    ([(1 | 512, 1, 0), (4 | 1024, 1, 0)], (3, 4)),                                           # RAID1C3, C4
+    ([], (1, 1)),
+])
+def test_profile_copies(spaces, copies):
+    assert byteback.profile_copies(spaces) == copies
+
+
+@pytest.mark.parametrize("backups,since", [
+    ([], 0),
+    ([{"added": 1}], 0),                                     # adopted or hardlink history: all is new
+    ([{"generation": 40}, {"added": 3}], 41),
+    ([{"generation": 40}, {"generation": 52}], 53),
+    ([{"generation": "soon"}], 1),                           # garbage counts as 0, never a crash
+])
+def test_written_since_takes_the_newest_recorded_generation(backups, since):
+    assert byteback.written_since(byteback.last_measured(backups)) == since
 
 
 # -- whether a btrfs current needs unshare_current's walk --
@@ -291,3 +392,9 @@ def test_tree_stats_counts_every_name_of_a_shared_inode(tmp_path):
     (root / "sub" / "b2").unlink()
     (root / "sub" / "b3").unlink()
     assert byteback.tree_stats(root) == (15, 15, 0)
+
+
+def test_tally_counts_every_name_of_a_shared_inode():
+    linked = struct.pack("<QQQQQIIII", 1, 5, 7, 7, 0, 3, 0, 0, 0o100644) + bytes(104)   # nlink 3
+    usage, _ = _tally([_record(5, 300, 1, linked), _record(5, 301, 1, _inode(5, 2))], since=0)
+    assert usage.linked == 3 and usage.size == 9

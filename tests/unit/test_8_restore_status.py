@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import datetime as dt
 import fcntl
+import fnmatch
 import json
 import shlex
 import os
@@ -18,6 +19,7 @@ import stat
 
 import pytest
 from freezegun import freeze_time
+from hypothesis import given, settings, strategies as st
 
 import byteback
 from unit_helpers import UTC, at
@@ -27,10 +29,10 @@ WARNING, CRITICAL = 26 * H, 50 * H          # the documented defaults
 FAKE_SUPER = byteback.FAKE_SUPER_XATTR
 
 
-# === glob_to_regex =============================================================
+# === compile_glob =============================================================
 
 def matches(pattern: str, path: str) -> bool:
-    return bool(byteback.glob_to_regex(pattern).match(path))
+    return bool(byteback.compile_glob(pattern).match(path))
 
 
 @pytest.mark.parametrize("pattern,path,expected", [
@@ -108,7 +110,7 @@ def matches(pattern: str, path: str) -> bool:
     ("/x/a b", "/x/a b", True),
 ])
 def test_glob_table(pattern, path, expected):
-    assert matches(pattern, path) is expected, (pattern, path, byteback.glob_to_regex(pattern).pattern)
+    assert matches(pattern, path) is expected, (pattern, path, byteback.compile_glob(pattern).parts)
 
 
 def test_a_glob_is_case_sensitive():
@@ -119,7 +121,7 @@ def test_a_glob_is_case_sensitive():
 @pytest.mark.parametrize("pattern", ["/[z-a]", "/x/[b-a]y"])
 def test_a_pattern_that_is_no_glob_is_a_byteback_error_not_a_traceback(pattern):
     with pytest.raises(byteback.ByteBackError) as e:
-        byteback.glob_to_regex(pattern)
+        byteback.compile_glob(pattern)
     assert pattern in str(e.value)
 
 
@@ -127,6 +129,68 @@ def test_a_negated_class_may_start_with_a_closing_bracket():
     assert matches("/x/[!]a]", "/x/b")
     assert not matches("/x/[!]a]", "/x/]")
     assert not matches("/x/[!]a]", "/x/a")
+
+
+def _reference_match(pattern: str, path: str) -> bool:
+    """The same glob by fnmatch (a backtracking regex), name by name, '**' by recursion."""
+    def names(parts, got):
+        if not parts:
+            return not got
+        if parts[0] == "**":
+            return any(names(parts[1:], got[k:]) for k in range(len(got) + 1))
+        return bool(got) and fnmatch.fnmatchcase(got[0], parts[0].replace("**", "*")) and names(parts[1:], got[1:])
+    return names(pattern.split("/"), path.split("/"))
+
+
+@settings(max_examples=400, deadline=None, database=None)
+@given(st.lists(st.sampled_from(["a", "b", "*", "?", "[ab]", "[!a]", "/", "/**/", "**"]), max_size=8),
+       st.lists(st.sampled_from(["a", "b", "/"]), max_size=10))
+def test_property_the_glob_matches_as_fnmatch_does_name_by_name(pattern_parts, path_parts):
+    pattern, path = "/" + "".join(pattern_parts), "/" + "".join(path_parts)
+    assert matches(pattern, path) is _reference_match(pattern, path), (pattern, path)
+
+
+@pytest.mark.parametrize("pattern", [
+    "/d/*a*a*a*a/*a*a*a*a/zz",                          # the attack of issue 8, class 3
+    "/d/" + "*a" * 40 + "b",                            # more stars than the guard allows
+    "/**/**/" + "*a" * 10 + "/zz",
+])
+def test_matching_takes_time_in_proportion_to_the_names(pattern):
+    import time
+    path = f"/d/{'a' * 255}/{'a' * 255}/{'a' * 254}z"
+    started = time.process_time()
+    for _ in range(20):
+        assert not matches(pattern, path)
+    assert time.process_time() - started < 2, "20 matches of three 255-character names took over 2 s"
+
+
+def test_a_listing_stops_at_its_time_limit_and_when_the_client_goes_away(tmp_path):
+    now = [100.0]
+    read, write = os.pipe()
+    try:
+        check = byteback.listing_watch(30, write, clock=lambda: now[0])
+        check()                                      # in time, the client there: nothing
+        now[0] += 31
+        with pytest.raises(byteback.ByteBackError, match="longer than 30s"):
+            check()
+        check = byteback.listing_watch(30, write, clock=lambda: now[0])
+        os.close(read)
+        read = -1
+        with pytest.raises(byteback.ByteBackError, match="went away"):
+            check()
+    finally:
+        os.close(write)
+        if read >= 0:
+            os.close(read)
+    (tmp_path / "snap" / "a" / "b").mkdir(parents=True)
+    calls = []
+
+    def stop():
+        calls.append(1)
+        raise byteback.ByteBackError("stopped")
+    with pytest.raises(byteback.ByteBackError, match="stopped"):
+        byteback.list_snapshot("snap", str(tmp_path / "snap"), ["/**"], check=stop)
+    assert calls == [1]
 
 
 # === glob_base =================================================================
@@ -466,6 +530,58 @@ def test_restore_sources_table(path, cwd, expected):
 ])
 def test_nagios_state_edges(age, running, expected):
     assert byteback.nagios_state(age, WARNING, CRITICAL, running) == expected
+
+
+@pytest.mark.parametrize("age,expected", [
+    (0.0, byteback.NAGIOS_WARNING),                     # a stuck session is never OK ...
+    (WARNING, byteback.NAGIOS_WARNING),
+    (CRITICAL, byteback.NAGIOS_CRITICAL),               # ... and does not hide a critical age
+    (None, byteback.NAGIOS_CRITICAL),
+])
+def test_a_stuck_session_is_at_least_a_warning(age, expected):
+    """Issue 8 class 4: a session that sends nothing kept the host 'running', never late."""
+    assert byteback.nagios_state(age, WARNING, CRITICAL, True, stuck=True) == expected
+
+
+def test_a_session_lock_held_by_a_quiet_process_is_stuck(tmp_path):
+    import subprocess
+    import sys
+    import time
+    lock = tmp_path / "web1.lock"
+    lock.write_text("")
+    read, write = os.pipe()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               f"fd = os.open({str(lock)!r}, os.O_RDWR)\n"
+                               "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('held', flush=True)\ntime.sleep(60)\n"],
+                              stdin=read, stdout=subprocess.PIPE, text=True)
+    os.close(read)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        now = time.time()
+        assert byteback.lock_holders(lock) == [holder.pid]
+        state, holders, quiet = byteback.session_state(lock, now, timeout=600)
+        assert state == "running" and holders == [holder.pid]
+        state, _, quiet = byteback.session_state(lock, now + 700, timeout=600)
+        assert state == "stuck" and quiet >= 600
+        os.write(write, b"data")                        # the client speaks: not stuck any more
+        state, _, quiet = byteback.session_state(lock, time.time() + 1, timeout=600)
+        assert state == "running" and quiet < 5
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+        os.close(write)
+    assert byteback.session_state(lock, time.time(), timeout=600) == ("idle", [], None)
+
+
+@pytest.mark.parametrize("host,this,root,same,keep", [
+    ("web1", "web1", True, False, True),      # as root onto the host itself: everything
+    ("web1", "backup1", True, False, False),  # the administrator on the server: dropped
+    ("web1", "web1", False, False, False),    # not root: dropped (it could not chown anyway)
+    ("web1", "backup1", True, True, True),    # asked for
+])
+def test_what_a_restore_keeps(host, this, root, same, keep):
+    assert byteback.restore_keeps_everything(host, this, root, same) is keep
 
 
 def test_nagios_state_with_equal_thresholds_goes_straight_to_critical():
@@ -882,3 +998,42 @@ def test_prometheus_exports_containment_where_the_report_has_it():
     assert 'byteback_contained_hosts{store="/srv"} 1' in lines
     assert 'byteback_store_prune_goal_bytes{store="/srv"} 400' in lines
     assert 'byteback_warnings{store="/srv"} 2' in lines
+
+
+# === names shown on a terminal or in a log (issue 8, class 5) =====================
+
+@pytest.mark.parametrize("text,shown", [
+    ("plain name.txt", "plain name.txt"),
+    ("caf\u00e9", "caf\u00e9"),                            # printable Unicode stays
+    ("a\nb", "a\\nb"),                                     # a forged row or log line
+    ("\x1b[2J\x1b[Hred", "\\x1b[2J\\x1b[Hred"),            # clear screen, cursor home
+    ("bell\x07", "bell\\x07"),
+    ("c1\x9b31m", "c1\\x9b31m"),                           # the 8-bit CSI
+    ("bidi\u202etxt.exe", "bidi\\u202etxt.exe"),           # right-to-left override
+    ("tab\there", "tab\\there"),
+    ("back\\slash", "back\\\\slash"),                       # so '\n' shown is never a backslash and n
+    ("not-utf8-\udcff", "not-utf8-\\xff"),
+    ("line\u2028sep", "line\\u2028sep"),
+])
+def test_printable_escapes_what_a_terminal_would_act_on(text, shown):
+    assert byteback.printable(text) == shown
+    assert byteback.printable(shown).isprintable()
+
+
+def test_a_listing_shows_hostile_names_escaped_but_json_keeps_them_exact(capsys):
+    name = "/x/\x1b[31mred\nsnapshot  -rw-r--r--  1  0:0  2020-01-01 00:00  /etc/forged"
+    e = byteback.Entry("2026-01-01T00:00+0000", name, "l", 0o120777, 0, 0, 0, 0, target="\x1b]0;title\x07")
+    text = byteback.format_entries([e])
+    assert len(text.splitlines()) == 2 and "\x1b" not in text and "\x07" not in text, text
+    assert "/x/\\x1b[31mred\\nsnapshot" in text and "-> \\x1b]0;title\\x07" in text
+    assert json.loads(json.dumps(e._asdict()))["path"] == name
+
+
+def test_log_lines_escape_names_but_keep_tracebacks(capsys):
+    byteback.setup_logging(0)
+    try:
+        byteback.log.error("cannot read %s", "/x/\x1b[2Jevil\nbyteback: forged line")
+    finally:
+        byteback.log.handlers.clear()
+    err = capsys.readouterr().err
+    assert err == "byteback: cannot read /x/\\x1b[2Jevil\\nbyteback: forged line\n", err
