@@ -7,6 +7,8 @@ BYTEBACK_CONFIG_DIR, and a client state directory inside tmp_path.
 from __future__ import annotations
 
 import logging
+import os
+import time
 
 import pytest
 
@@ -20,7 +22,13 @@ def clean_environment(monkeypatch, tmp_path):
     monkeypatch.delenv("SUDO_USER", raising=False)
     monkeypatch.delenv("BYTEBACK_CONFIG_DIR", raising=False)
     monkeypatch.setenv("BYTEBACK_STATE_DIR", str(tmp_path / "client-state"))
+    saved = dict(os.environ)
     yield
+    # main() run as if under sudo scrubs the whole environment (issue 8, class 7).
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+        time.tzset()
     # main() points the handler at the sys.stderr of its test (capsys); a later
     # test must not log into that closed stream.
     byteback.log.handlers.clear()
