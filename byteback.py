@@ -3354,17 +3354,21 @@ class Glob(NamedTuple):
     backtracking regex over them ran for weeks (issue 8, class 3).
     """
     pattern: str
-    parts: tuple        # per name: None for '**', else a tuple of tokens (see _glob_tokens)
+    parts: tuple        # per name: None for '**', a str without wildcards, or tokens (_glob_tokens)
 
     def match(self, path: str) -> bool:
-        parts, reached = self.parts, _after_any_depth(self.parts, {0})
-        for name in path.split("/"):
+        parts = self.parts
+        names = path.split("/")
+        if parts and parts[-1] is not None and not _match_part(parts[-1], names[-1]):
+            return False                                  # most paths fail here, at once
+        reached = _after_any_depth(parts, {0})
+        for name in names:
             step = set()
             for k in reached:
                 if k < len(parts):
                     if parts[k] is None:
                         step.add(k)                       # '**' takes this name too
-                    elif _match_name(parts[k], name):
+                    elif _match_part(parts[k], name):
                         step.add(k + 1)
             if not step:
                 return False
@@ -3435,6 +3439,10 @@ def _match_one(token, c: str) -> bool:
     return (c in chars or any(low <= c <= high for low, high in ranges)) != negated
 
 
+def _match_part(part, name: str) -> bool:
+    return part == name if isinstance(part, str) else _match_name(part, name)
+
+
 def _match_name(tokens: tuple, name: str) -> bool:
     """Whether one name matches one part's tokens: greedy, going back only to the last '*'."""
     t = n = 0
@@ -3458,8 +3466,13 @@ def _match_name(tokens: tuple, name: str) -> bool:
 
 def compile_glob(pattern: str) -> Glob:
     """The Glob for a pattern; a bad class (such as [z-a]) is a ByteBackError."""
-    return Glob(pattern, tuple(None if part == "**" else _glob_tokens(part, pattern)
-                               for part in pattern.split("/")))
+    def compiled(part: str):
+        if part == "**":
+            return None
+        tokens = _glob_tokens(part, pattern)
+        literal = all(isinstance(t, str) and t != _GLOB_ONE for t in tokens)
+        return "".join(tokens) if literal else tokens
+    return Glob(pattern, tuple(compiled(part) for part in pattern.split("/")))
 
 
 def glob_base(pattern: str) -> tuple:
