@@ -31,7 +31,9 @@ import byteback  # noqa: E402  (the program's own client session)
 from sshd_env import wait_for  # noqa: E402
 
 ACCOUNTS, START_BALANCE = 20, 1000
-PG_BIN = Path("/usr/lib/postgresql/15/bin")
+# Debian keeps each PostgreSQL version's programs apart; take the newest installed.
+PG_BIN = max(Path("/usr/lib/postgresql").glob("*/bin"), key=lambda p: int(p.parent.name)
+             if p.parent.name.isdigit() else 0, default=Path("/usr/lib/postgresql/15/bin"))
 # Commits are written to the OS at once but not waited for on the disc: on a
 # loop file of a shared machine a flush alone can take over 100 ms, which would
 # hide the stall the backup causes (the lock) under the disc's.  Snapshots
