@@ -108,6 +108,8 @@ def _change(text: str) -> model.ChangeSpec:
 
 def _disk(text: str) -> model.DiskSpec:
     t = text.strip().lower()
+    if t.endswith("steady") and t[:-6].strip().replace(".", "", 1).isdigit():
+        return model.DiskSpec("steady", _number(t[:-6], low=0.0))
     for suffix in ("snapshots", "snaps", "snap"):
         if t.endswith(suffix) and t[:-len(suffix)].strip().replace(".", "", 1).isdigit():
             return model.DiskSpec("snapshots", _number(t[:-len(suffix)], low=0.0))
@@ -117,7 +119,8 @@ def _disk(text: str) -> model.DiskSpec:
         return model.DiskSpec("bytes", float(_size(t)))
     except ValueError:
         raise ValueError(f"{text!r} is not a disc size: give a size (2T), a multiple of the hosts' "
-                         "full size (1.5x) or room for a number of snapshots per host (30snap)") from None
+                         "full size (1.5x) or room for a number of snapshots per host (30snap, "
+                         "or 30steady at every moment)") from None
 
 
 def _policy_name(text: str) -> str:
@@ -168,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--disk", type=_check(_disk, "a disc size"), default="30snap",
                    help="disc size: bytes (2T), a multiple of the hosts' full size (1.5x), or "
                         "room for N snapshots per host at the end of the run, beside the data and "
-                        "the free-space target (30snap, the default)")
+                        "the free-space target (30snap, the default); 30steady: room for N at "
+                        "every moment, the disc growing with the data")
     g.add_argument("--headroom", type=_check(lambda t: _number(t, low=0.0), "a number"), default=d.headroom,
                    help="free space kept = headroom x mean backup (server.conf; default %(default)g)")
     g.add_argument("--history", type=_check(lambda t: _count(t, 100), "a number"), default=d.history,

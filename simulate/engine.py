@@ -188,7 +188,8 @@ class Simulation:
     def __init__(self, params: Params, workload: Workload, policy: Policy,
                  disk: Optional[int] = None) -> None:
         self.params, self.workload, self.policy = params, workload, policy
-        self.disk = disk_bytes(params, workload.hosts) if disk is None else disk
+        self.disk = disk_bytes(params, workload.hosts, 0) if disk is None else disk
+        self.steady = disk is None and params.disk.kind == "steady"   # the disc grows with the data
         self.hosts = [HostState(h.name) for h in workload.hosts]
         self.index: Dict[byteback.Snapshot, Tuple[HostState, int]] = {}
         self.used = 0.0
@@ -449,6 +450,8 @@ class Simulation:
         before: Optional[Dict[str, set]] = None
         over_time: List[metrics.Measure] = []
         for b in workload.backups:
+            if self.steady:
+                self.disk = disk_bytes(params, workload.hosts, b.minute)
             if self.admin_due is not None and self.admin_due <= b.minute:
                 self.administrator(self.admin_due)
             while sample_at and sample_at[0] <= b.minute:

@@ -24,8 +24,9 @@ HOSTILE_KINDS = ("none", "flood", "huge", "fill")
 
 
 class DiskSpec(NamedTuple):
-    """The disc's size: bytes, a multiple of the hosts' full size, or room for N changes per host."""
-    kind: str        # "bytes" | "full" | "snapshots"
+    """The disc's size: bytes, a multiple of the hosts' full size, or room for N changes per host
+    (at the end of the run, or at every moment: a disc that grows with the data)."""
+    kind: str        # "bytes" | "full" | "snapshots" | "steady"
     value: float
 
     def describe(self) -> str:
@@ -33,6 +34,8 @@ class DiskSpec(NamedTuple):
             return byteback.format_size(self.value)
         if self.kind == "full":
             return f"{self.value:g}x the hosts' full size"
+        if self.kind == "steady":
+            return f"room for {self.value:g} snapshots per host at every moment"
         return f"room for {self.value:g} snapshots per host"
 
 
@@ -191,18 +194,21 @@ def make_workload(params: Params) -> Workload:
     return Workload(hosts, backups, end)
 
 
-def disk_bytes(params: Params, hosts: List[Host]) -> int:
-    """The disc's size in bytes.
+def disk_bytes(params: Params, hosts: List[Host], minute: Optional[int] = None) -> int:
+    """The disc's size in bytes (at `minute`, for a steady disc; else the whole run).
 
     "N snapshots" sizes it for the end of the run: every host's data as it
     will have grown, the free-space target (headroom x the mean change), and
-    N mean changes per host.
+    N mean changes per host.  With growing data such a disc holds more than N
+    early on.  "N steady" is the same sum at each moment: the disc grows with
+    the data, so hosts keep about N snapshots all along (honest spacing figures).
     """
     if params.disk.kind == "bytes":
         return int(params.disk.value)
     if params.disk.kind == "full":
         return int(params.disk.value * sum(h.full for h in hosts))
-    grown = data_factor(params, params.steps * params.interval)
+    at = minute if params.disk.kind == "steady" and minute is not None else params.steps * params.interval
+    grown = data_factor(params, at)
     return int(sum(h.full * grown + (params.disk.value + params.headroom) * h.change * grown
                    for h in hosts))
 

@@ -72,7 +72,7 @@ def table(results: Sequence[RunResult], params: Params, workload: Workload) -> s
         o = over_time(r, params)
         first = f"{o['first_kept']}/{len(workload.hosts)}"
         lines.append(f"{r.policy.name:<14} {o['share_within']:>12.0%} {_gap(o['worst_gap']):>9} "
-                     f"{o['week_missed']:>11} {o['kept_min']:>9} {first:>10}")
+                     f"{o['week_missed']:>11} {str(o['kept_min']) + '-' + str(o['kept_max']):>9} {first:>10}")
     lines.append("")
     lines.append("targets (days): " + "; ".join(
         f"{r.policy.name} {r.policy.describe()}" + (" (byteback's default)" if is_default(r.policy) else "")
@@ -88,7 +88,7 @@ def table(results: Sequence[RunResult], params: Params, workload: Workload) -> s
                  "nearest kept one, divided by its age (worst host; '-': none taken that long ago; "
                  "lost: none kept).")
     lines.append("over time: how often every band from 7 days on was within 0.35, the worst gap seen, "
-                 "the most days of the last week missed, the fewest kept by a host, the fewest hosts "
+                 "the most days of the last week missed, the fewest and most kept by a host, the fewest hosts "
                  "holding their first snapshot.")
     if results:
         s = results[0].stats
@@ -129,8 +129,8 @@ def warm_up(params: Params) -> float:
 
 def over_time(result: RunResult, params: Params) -> dict:
     """The run after the warm-up: how often every band from 7 days on was within 0.35 of its
-    age, the worst gap seen, the most days of the last week missed, the fewest snapshots a host
-    had, and the fewest hosts that still held their first snapshot."""
+    age, the worst gap seen, the most days of the last week missed, the fewest and the most
+    snapshots a host had, and the fewest hosts that still held their first snapshot."""
     late = [m for m in result.over_time if m.day >= warm_up(params)] or list(result.over_time)
     worst = [max([g for g in m.gaps[1:] if g is not None], default=0.0) for m in late]
     return {"samples": len(late),
@@ -138,6 +138,7 @@ def over_time(result: RunResult, params: Params) -> dict:
             "worst_gap": max(worst, default=None),
             "week_missed": max((m.week[1] - m.week[0] for m in late), default=0),
             "kept_min": min((m.kept_min for m in late), default=0),
+            "kept_max": max((m.kept_max for m in late), default=0),
             "first_kept": min((m.first_kept for m in late), default=0)}
 
 

@@ -260,3 +260,30 @@ def test_random_snapshot_sets_prune_in_plan_prune_order():
         snapshots = [s for h in sim.hosts for s in h.kept_snaps]
         targets = sim.policy.targets
         _deleted_by_simulator_and_plan(sim, snapshots, now, targets)
+
+
+def _kept_over_time(disk: "model.DiskSpec") -> tuple:
+    """(disc at the start, at the end, [fewest kept by a host at each sample after 90 days])."""
+    params = model.Params(hosts=2, years=2, seed=5, noise=0.0, huge=0.0, fail=0.0, growth=0.5, disk=disk)
+    result = engine.run_policy(params, model.make_workload(params), policies.policy_named("week"))
+    start = model.disk_bytes(params, model.make_workload(params).hosts, 0)
+    return start, result.disk, [m.kept_min for m in result.over_time if m.day > 90]
+
+
+def test_a_steady_disc_holds_about_n_snapshots_all_along_while_nsnap_holds_more_early():
+    # With data growing 50% a year, a disc sized for N snapshots at the end
+    # holds far more early on; a steady one grows with the data and holds N
+    # (give or take the free-space target's rounding) at every moment.
+    start, end, steady = _kept_over_time(model.DiskSpec("steady", 10))
+    assert end > 2 * start * 0.9
+    assert max(steady) - min(steady) <= 2 and 9 <= min(steady)
+    _, fixed_end, fixed = _kept_over_time(model.DiskSpec("snapshots", 10))
+    assert fixed_end == pytest.approx(end, rel=0.01)     # the same disc at the end
+    assert max(fixed) >= min(steady) + 10                  # but many more snapshots early on
+
+
+def test_the_disk_option_reads_steady():
+    from simulate import cli
+    assert cli._disk("30steady") == model.DiskSpec("steady", 30.0)
+    assert cli._disk("30snap") == model.DiskSpec("snapshots", 30.0)
+    assert model.DiskSpec("steady", 30).describe() == "room for 30 snapshots per host at every moment"
