@@ -619,7 +619,7 @@ SERVER_OPTIONS: Dict[str, Option] = {
                             "suspicion line automatically, per 30 days"),
     "shares": Option("normal", _shares, "a host's share of the disc: in proportion to its normal "
                      "backup (normal), or the same for every host (equal)"),
-    "share_growth": Option("100%", _growth, "how fast a host's normal backup may grow its share, per 30 days"),
+    "share_growth": Option("25%", _growth, "how fast a host's normal backup may grow its share, per 30 days"),
     "weights": Option("", _weights, "host:weight pairs multiplying hosts' shares, e.g. web1:2 db1:0.5"),
     "rsync_timeout": Option("600", _positive_int, "the server rsync's I/O timeout, in seconds"),
 }
@@ -637,7 +637,7 @@ class ServerConfig(NamedTuple):
     suspicion_floor: float = 0.02
     accept_budget: float = 0.1
     shares: str = "normal"
-    share_growth: float = 1.0
+    share_growth: float = 0.25
     weights: Dict[str, float] = {}
     rsync_timeout: int = 600
 
@@ -2094,8 +2094,9 @@ def history_entry(backups: Sequence[dict], record: dict, *, name: str, now: dt.d
         entry["first"] = True
     # The host's normal backup for its share of the disc, kept in the entry so that
     # plan_prune reads it instead of walking the history every time (normal_backup).
-    entry["normal"] = int(normal_backup(list(backups) + [entry], history=config.history,
-                                        growth=config.share_growth, floor=config.suspicion_floor))
+    if counted_sizes(list(backups) + [entry]):      # a full copy alone has no normal yet
+        entry["normal"] = int(normal_backup(list(backups) + [entry], history=config.history,
+                                            growth=config.share_growth, floor=config.suspicion_floor / 4))
     return entry
 
 
@@ -2261,7 +2262,7 @@ def _recorded_normal(backups: Sequence[dict], config: "ServerConfig") -> float:
         if isinstance(value, int) and not isinstance(value, bool) and not backups[-1].get("acceptances"):
             return float(value)
     return normal_backup(backups, history=config.history, growth=config.share_growth,
-                         floor=config.suspicion_floor)
+                         floor=config.suspicion_floor / 4)
 
 
 def _num(entry: dict, key: str) -> int:
@@ -2388,17 +2389,7 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
         held_back = 0
         for b in by_name.get(newest, ()):
             if not b.get("first") and not b.get("suspicious"):
-                # A big but ordinary newest is its own to pay, up to the suspicion
-                # line over its normal; beyond that (a flood's growth) it is contained.
-                over = _excess(b, normal)
-                beyond = max(0, int(_num(b, "added") - config.suspicion * max(normal, 1.0)))
-                claim += over - beyond
-                if beyond:
-                    held_back += beyond
-                    notes.append(f"host {h}: backup {newest} added {format_size(_num(b, 'added'))}, over "
-                                 f"{config.suspicion:g} x its normal {format_size(normal)} (which grows "
-                                 f"by at most {config.share_growth:.0%} in 30 days): contained, "
-                                 f"{format_size(beyond)} not pruned for")
+                claim += _excess(b, normal)           # a big but ordinary newest: its own to pay
         kept = {s.name for s in f.snapshots} if unaccepted else set()
         for b in unaccepted:
             name = b.get("snapshot")

@@ -43,7 +43,7 @@ def test_snapshot_turns_current_into_a_read_only_snapshot_and_records_it(tiny):
     assert os.listdir(tiny.root / "web1" / "current") == []            # a fresh, empty current
     history = tiny.store.read_history("web1")
     assert history == [{"snapshot": snap.name, "time": T0.isoformat(), "suspicious": False,
-                        "size": 500, "added": 500, "first": True, "normal": 0}]   # a full copy: no normal yet
+                        "size": 500, "added": 500, "first": True}]     # a full copy: no normal yet
 
 
 def test_first_snapshot_of_an_inherited_host_is_measured_from_its_newest_snapshot(tiny):
