@@ -1272,12 +1272,22 @@ class Store:
     def lock_down(self, snap: Snapshot, dry_run: bool = False) -> bool:
         """Make a snapshot byteback did not take root-owned and read-only; True if it was not."""
         path = self.snapshot_path(snap)
-        st = os.lstat(path)
-        if st.st_uid == 0 and st.st_gid == 0 and not st.st_mode & 0o222:
-            return False
-        if not dry_run:
-            os.chown(path, 0, 0)
-            os.chmod(path, 0o555)
+        try:
+            # Its own descriptor, never the name: the name may have been swapped
+            # for a symlink after it was listed (the user owned the host's directory).
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            raise ByteBackError(f"{path} is not a directory (a symlink?); move it away and run "
+                                "setup-server again") from None
+        try:
+            st = os.fstat(fd)
+            if st.st_uid == 0 and st.st_gid == 0 and not st.st_mode & 0o222:
+                return False
+            if not dry_run:
+                os.fchown(fd, 0, 0)
+                os.fchmod(fd, 0o555)
+        finally:
+            os.close(fd)
         return True
 
     def _measure_from(self, snap: Snapshot) -> dict:
@@ -1612,7 +1622,9 @@ class BtrfsStore(Store):
 
     def lock_down(self, snap: Snapshot, dry_run: bool = False) -> bool:
         path = self.snapshot_path(snap)
-        if not is_btrfs_subvolume(path):        # a plain directory: as the hardlink backend does
+        # btrfs takes a name and follows links: only a real directory in a
+        # root-owned host directory (adopt_store takes that first) is handed to it.
+        if not _is_real_dir(path) or not is_btrfs_subvolume(path):   # as the hardlink backend does
             return Store.lock_down(self, snap, dry_run)
         st = os.lstat(path)
         read_only = self.is_read_only(path)
@@ -3928,10 +3940,7 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
     if not SAFE_PATH_RE.match(program):
         raise ByteBackError(f"byteback is installed at {program!r}; install it at a plain path")
     keys_file = store.root / ".ssh" / "authorized_keys"
-    try:
-        lines = keys_file.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        lines = []
+    lines = read_key_lines(keys_file)
     key_body = key.split()[1]
     for line in lines:
         if line.lstrip().startswith("#"):
@@ -4113,6 +4122,28 @@ def _ensure_dir(path: Path, uid: int, gid: int, mode: int, done: List[str]) -> N
         done.append(f"fixed      {path} (owner {uid}:{gid}, mode {mode:o})")
 
 
+def _own_plain_file(path: Path, mode: int) -> None:
+    """Make path root's, with mode, through its own descriptor: never through a link.
+
+    In an original store the backup user owned its home, so a symlink (or a hard
+    link) placed there would turn a chown and chmod onto any file of root's.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as e:
+        raise ByteBackError(f"{path} is not a plain file ({e.strerror}); move it away and run "
+                            "setup-server again") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ByteBackError(f"{path} is not a plain file of its own (a special file or a hard "
+                                "link); move it away and run setup-server again")
+        os.fchown(fd, 0, 0)
+        os.fchmod(fd, mode)
+    finally:
+        os.close(fd)
+
+
 def cmd_setup_server(args: argparse.Namespace) -> int:
     """setup-server: the seed README's server steps, done idempotently."""
     import pwd
@@ -4150,10 +4181,9 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     _ensure_dir(store, 0, 0, 0o755, done)
     _ensure_dir(store / ".ssh", 0, 0, 0o755, done)
     keys = store / ".ssh" / "authorized_keys"
-    if not keys.exists():
+    if not os.path.lexists(keys):
         _install_file(keys, b"", 0o644, done)
-    os.chown(keys, 0, 0)
-    os.chmod(keys, 0o644)
+    _own_plain_file(keys, 0o644)
     _ensure_dir(store / STATE_DIR_NAME, 0, 0, 0o755, done)
     _ensure_dir(store / STATE_DIR_NAME / "history", 0, 0, 0o755, done)
     _ensure_dir(store / STATE_DIR_NAME / "run", account.pw_uid, account.pw_gid, 0o755, done)
@@ -4261,9 +4291,8 @@ def adopt_store(store: Store, owner: tuple, *, dry_run: bool) -> List[str]:
                 and _is_real_dir(path / "current")):
             said.append(f"skipped    {path}: {name!r} is not a host name byteback accepts; rename it")
     for host in store.hosts():
-        snaps = store.snapshots(host)
         host_dir = store.host_dir(host)
-        if not snaps and not _is_real_dir(store.current(host)):
+        if not store.snapshots(host) and not _is_real_dir(store.current(host)):
             continue
         st = os.lstat(host_dir)
         if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (0, owner[1], HOST_DIR_MODE):
@@ -4272,6 +4301,8 @@ def adopt_store(store: Store, owner: tuple, *, dry_run: bool) -> List[str]:
                 os.chown(host_dir, 0, owner[1])
                 os.chmod(host_dir, HOST_DIR_MODE)
             said.append(f"{did}{host_dir}: owner 0:{owner[1]}, mode {HOST_DIR_MODE:o}")
+        # Listed again now that the user can no longer swap a snapshot for a link.
+        snaps = store.snapshots(host)
         locked = [snap.name for snap in snaps if store.lock_down(snap, dry_run)]
         if locked:
             said.append(f"{did}{len(locked)} snapshots of host {host}: root-owned and read-only")
@@ -4291,13 +4322,28 @@ def adopt_store(store: Store, owner: tuple, *, dry_run: bool) -> List[str]:
     return said
 
 
+def read_key_lines(path: Path) -> List[str]:
+    """authorized_keys as sshd reads it: lines end at '\n' only.
+
+    Not splitlines(): it also ends lines at '\r', '\f', '\v', '\x1c'..., so a
+    comment sshd ignores as one line would be written back as two, the second
+    an unrestricted key.
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except FileNotFoundError:
+        return []
+    except UnicodeDecodeError:
+        raise ByteBackError(f"{path} is not UTF-8 text; fix or remove the line that is not, "
+                            "and run setup-server again") from None
+    lines = text.split("\n")
+    return lines[:-1] if lines and lines[-1] == "" else lines
+
+
 def _adopt_original(store: Store, owner: tuple, keys: Path, program: str, config_args: Sequence[str],
                     *, dry_run: bool) -> List[str]:
     """setup-server's adoption of an original byteback store; the lines it says."""
-    try:
-        lines = keys.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        lines = []
+    lines = read_key_lines(keys)
     if not is_original_store(store, lines):
         return []
     print(f"{store.root} holds the original byteback's backups: "
@@ -4307,6 +4353,11 @@ def _adopt_original(store: Store, owner: tuple, keys: Path, program: str, config
     if converted and not dry_run:
         write_file_atomically(keys, "\n".join(new_lines) + "\n", mode=0o644)
     said += [("would:     " if dry_run else "") + line for line in converted]
+    for n, line in enumerate(new_lines, 1):
+        if line.strip() and not line.lstrip().startswith("#") and _authorized_host(line) is None:
+            # The original let its backup user write this file: any key here may be one it planted.
+            print(f"WARNING: {keys}:{n} lets a key log in without byteback's forced command; keep it "
+                  "only if it is an administrator's own")
     for where in user_environment_settings():
         # The original needed it for environment="BYTEBACK_HOST=..."; ours do not.
         print(f"WARNING: {where} permits user environments (the original needed it): set "
