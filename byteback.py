@@ -6181,7 +6181,8 @@ class DatabasePhase:
     def __init__(self, config: DatabaseConfig, state_dir: Path, runner: Runner):
         self.config, self.state_dir, self.runner = config, state_dir, runner
         self.results: List[DatabaseResult] = []
-        self.binds: List[tuple] = []          # (copy, datadir): the copy is seen at the datadir
+        self.binds: List[tuple] = []          # (copy, datadir, identity): the copy is seen at the datadir
+        self.identity: Dict[str, tuple] = {}  # datadir -> (st_dev, st_ino) when its owner was checked
         self.excludes: List[str] = []         # rsync patterns for the main rsync
         self.made: List[str] = []             # snapshots and copies to remove afterwards
 
@@ -6240,9 +6241,17 @@ class DatabasePhase:
             # What a server says of itself is taken only for a directory its own
             # user owns: a compromised server could otherwise have root snapshot,
             # replace or leave out any directory of the backup.
-            if os.stat(db.datadir).st_uid != _uid_of(db.owner):
+            # Reached without a symlink, and remembered: the copy is bound later
+            # onto this very directory, never onto what its name leads to by then.
+            fd = open_dir_no_symlinks(db.datadir)
+            try:
+                st = os.fstat(fd)
+            finally:
+                os.close(fd)
+            if st.st_uid != _uid_of(db.owner):
                 raise ByteBackError(f"{db.datadir} is not owned by {db.owner}, the user the server "
                                     "runs as; not touched")
+            self.identity[db.datadir] = (st.st_dev, st.st_ino)
             subvolume = one_subvolume(db, extra, _read_mounts())
             methods = choose_methods(db.kind, configured, on_one_subvolume=subvolume is not None,
                                      have=lambda p: shutil.which(p) is not None)
@@ -6311,7 +6320,8 @@ class DatabasePhase:
                 for sql in unlock:
                     session.query(sql)
                 lock_seconds = time.monotonic() - held
-        self.binds.append((os.path.join(place, os.path.relpath(db.datadir, subvolume)), db.datadir))
+        self.binds.append((os.path.join(place, os.path.relpath(db.datadir, subvolume)), db.datadir,
+                           self.identity[db.datadir]))
         return lock_seconds, ""
 
     def _copy_dir(self, db: Database, owner: str) -> str:
@@ -6343,7 +6353,7 @@ class DatabasePhase:
             for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
                 os.lchown(name, st.st_uid, st.st_gid)
         os.chmod(target, stat.S_IMODE(st.st_mode))
-        self.binds.append((target, db.datadir))
+        self.binds.append((target, db.datadir, self.identity[db.datadir]))
         return 0.0, ""
 
     def _by_basebackup(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
@@ -6359,7 +6369,7 @@ class DatabasePhase:
             argv = ["runuser", "-u", db.owner, "--", *argv]
         self.runner.run(argv, destructive=True)
         os.chmod(target, 0o700)
-        self.binds.append((target, db.datadir))
+        self.binds.append((target, db.datadir, self.identity[db.datadir]))
         return 0.0, ""
 
     def _by_dump(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
@@ -6433,12 +6443,41 @@ def _libc_call(name: str, *args) -> None:
         raise OSError(err, f"{name}: {os.strerror(err)}")
 
 
+def open_dir_no_symlinks(path: str) -> int:
+    """An O_PATH descriptor of the directory at absolute path, reached without following a symlink.
+
+    OSError (ENOTDIR, ELOOP) if any component is a symlink: whoever owns a
+    component could otherwise point root's bind mount or chown elsewhere.
+    """
+    flags = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+    fd = os.open("/", flags)
+    try:
+        for part in path.split("/"):
+            if part in ("", "."):
+                continue
+            if part == "..":
+                raise OSError(errno.EINVAL, "a path with '..'", path)
+            try:
+                inner = os.open(part, flags, dir_fd=fd)
+            except OSError as e:
+                raise OSError(e.errno, f"{e.strerror} (a symlink on the way?)", path) from None
+            os.close(fd)
+            fd = inner
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 @contextlib.contextmanager
 def private_view(binds: Sequence[tuple]) -> Iterator[None]:
     """Inside: this process (and what it starts) sees each copy at its datadir's path.
 
     A mount namespace of our own, made private first so nothing propagates
     back: the server and every other process keep seeing the live datadir.
+    Each copy is bound onto the directory checked before (identity): a
+    datadir its owner swapped for a symlink meanwhile (to /etc, say) is left
+    as it is, so the backup never holds the owner's files in another's place.
     """
     if not binds:
         yield
@@ -6449,8 +6488,21 @@ def private_view(binds: Sequence[tuple]) -> Iterator[None]:
         _libc_call("unshare", CLONE_NEWNS)
         try:
             _libc_call("mount", b"none", b"/", None, MS_REC | MS_PRIVATE, None)
-            for copy, datadir in binds:
-                _libc_call("mount", os.fsencode(copy), os.fsencode(datadir), None, MS_BIND, None)
+            for copy, datadir, identity in binds:
+                try:
+                    fd = open_dir_no_symlinks(datadir)
+                except OSError as e:
+                    log.warning("%s changed since it was copied (%s): its copy is left out", datadir, e.strerror)
+                    continue
+                try:
+                    st = os.fstat(fd)
+                    if (st.st_dev, st.st_ino) != identity:
+                        log.warning("%s is another directory than the one copied: its copy is left out", datadir)
+                        continue
+                    # Onto the descriptor's own directory: mount follows /proc's link to it, not a name.
+                    _libc_call("mount", os.fsencode(copy), f"/proc/self/fd/{fd}".encode(), None, MS_BIND, None)
+                finally:
+                    os.close(fd)
                 log.info("the backup sees %s at %s", copy, datadir)
             yield
         finally:

@@ -1,0 +1,66 @@
+"""The database phase's bind mounts, for real: a copy is seen only at the directory that was checked.
+
+backup (root) binds each database copy over its datadir in a private mount
+namespace.  The datadir's owner (the server's user) can replace it by a
+symlink meanwhile; the copy must never then be seen at the link's target.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+import byteback  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def dirs(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root: bind mounts in a mount namespace")
+    made = {}
+    for name in ("datadir", "copy", "victim"):
+        made[name] = tmp_path / name
+        made[name].mkdir()
+        (made[name] / name).write_text(name)
+    st = os.stat(made["datadir"])
+    return made, (st.st_dev, st.st_ino)
+
+
+def seen(path):
+    return sorted(os.listdir(path))
+
+
+def test_the_copy_is_seen_at_the_datadir_it_was_made_of(dirs):
+    made, identity = dirs
+    with byteback.private_view([(str(made["copy"]), str(made["datadir"]), identity)]):
+        assert seen(made["datadir"]) == ["copy"]
+    assert seen(made["datadir"]) == ["datadir"]
+
+
+def test_a_datadir_swapped_for_a_symlink_is_left_alone_and_its_target_too(dirs):
+    made, identity = dirs
+    os.rename(made["datadir"], made["datadir"].with_name("moved"))
+    made["datadir"].symlink_to(made["victim"])
+    with byteback.private_view([(str(made["copy"]), str(made["datadir"]), identity)]):
+        assert seen(made["victim"]) == ["victim"]
+
+
+def test_a_symlink_higher_up_is_not_followed_either(dirs):
+    made, identity = dirs
+    parent = made["datadir"].parent
+    (parent / "up").symlink_to(parent)
+    with byteback.private_view([(str(made["copy"]), str(parent / "up" / "datadir"), identity)]):
+        assert seen(made["datadir"]) == ["datadir"]
+
+
+def test_another_directory_at_the_datadirs_name_is_left_alone(dirs):
+    made, identity = dirs
+    os.rename(made["datadir"], made["datadir"].with_name("moved"))
+    os.rename(made["victim"], made["datadir"])
+    with byteback.private_view([(str(made["copy"]), str(made["datadir"]), identity)]):
+        assert seen(made["datadir"]) == ["victim"]
