@@ -5930,9 +5930,30 @@ def _owner_name(uid: int) -> str:
         return str(uid)
 
 
+def system_uid_limit(text: str) -> int:
+    """The first uid of a person's account (UID_MIN of login.defs text; Debian's 1000)."""
+    m = re.search(r"^\s*UID_MIN\s+(\d+)\s*$", text, re.M)
+    return int(m.group(1)) if m else 1000
+
+
+def _system_uid_limit() -> int:
+    try:
+        with open("/etc/login.defs", encoding="utf-8", errors="replace") as f:
+            return system_uid_limit(f.read())
+    except OSError:
+        return 1000
+
+
 def find_databases() -> List[Database]:
-    """Running MariaDB/MySQL servers and PostgreSQL postmasters, from /proc."""
+    """Running MariaDB/MySQL servers and PostgreSQL postmasters, from /proc.
+
+    Only servers run by root or a system account (mysql, postgres) count: any
+    user can start a process named mariadbd that names a socket of its own,
+    and root would log in there with the defaults file's password, then copy
+    and bind whatever that user's "server" says is its datadir.
+    """
     found = []
+    limit = _system_uid_limit()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -5943,6 +5964,10 @@ def find_databases() -> List[Database]:
                 continue
             argv = parse_proc_cmdline(_read_proc(pid, "cmdline"))
             uid = os.stat(f"/proc/{pid}").st_uid
+            if uid >= limit:
+                log.info("process %d (%s) runs as uid %d, not a system account: not a server byteback "
+                         "copies; its files are copied as they are", pid, comm, uid)
+                continue
             if comm in MYSQL_SERVERS:
                 options = mysqld_options(argv)
                 # mariadbd works in its datadir; its socket is among its open files.

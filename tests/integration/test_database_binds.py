@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+sys.path.insert(0, str(Path(__file__).parent))
 import byteback  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -64,3 +65,36 @@ def test_another_directory_at_the_datadirs_name_is_left_alone(dirs):
     os.rename(made["victim"], made["datadir"])
     with byteback.private_view([(str(made["copy"]), str(made["datadir"]), identity)]):
         assert seen(made["datadir"]) == ["victim"]
+
+
+def test_a_process_of_a_person_named_mariadbd_is_not_taken_for_a_server(tmp_path):
+    """Any user can name a process mariadbd and give it --socket=<its own>: root must not log in there."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: runs a process as another user")
+    import subprocess
+    import time
+    from sshd_env import server_user
+    home = tmp_path / "home"
+    home.mkdir()
+    with server_user(home) as user:
+        os.chown(home, user.uid, user.gid)
+        # server_user makes a system account; a person's uid is what the attack needs.
+        uid = byteback._system_uid_limit() + 4242
+
+        def as_that_person():
+            os.setgid(user.gid)
+            os.setuid(uid)
+
+        fake = subprocess.Popen(
+            ["/usr/bin/python3", "-c",
+             "import ctypes, time; ctypes.CDLL(None).prctl(15, b'mariadbd'); time.sleep(60)",
+             f"--socket={home}/evil.sock", f"--datadir={home}"], preexec_fn=as_that_person, cwd="/")
+        try:
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{fake.pid}/comm").read_text().strip() != "mariadbd":
+                assert fake.poll() is None and time.monotonic() < deadline, "the fake server did not start"
+                time.sleep(0.05)
+            assert fake.pid not in [db.pid for db in byteback.find_databases()]
+        finally:
+            fake.kill()
+            fake.wait()

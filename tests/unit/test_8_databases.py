@@ -263,3 +263,12 @@ def test_problem_text_says_how_to_give_credentials():
     assert byteback._problem_text(ByteBackError("lock timed out")) == "lock timed out"
     assert byteback._problem_text(FileNotFoundError(2, "No such file or directory", "/var/lib/mysql")) == \
         "/var/lib/mysql: No such file or directory"
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("UID_MIN\t\t\t 1000\nUID_MAX 60000\n", 1000),
+    ("#UID_MIN 5\n  UID_MIN  500 \n", 500),
+    ("", 1000),
+])
+def test_system_uid_limit_from_login_defs(text, expected):
+    assert byteback.system_uid_limit(text) == expected
