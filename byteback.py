@@ -332,7 +332,12 @@ def write_file_atomically(path: Path, text: str, mode: int = 0o644) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, mode)
+    # A new file, never one found at the (predictable) name: in a directory
+    # others can write (status --textfile's), a hard link planted there would
+    # have root truncate and rewrite whatever it points to.
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(tmp)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
         with os.fdopen(fd, "w") as f:
             f.write(text)
@@ -4180,6 +4185,13 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     # unrestricted key), and the history.  It owns only run/ (and current).
     _ensure_dir(store, 0, 0, 0o755, done)
     _ensure_dir(store / ".ssh", 0, 0, 0o755, done)
+    environment = store / ".ssh" / "environment"
+    if os.path.lexists(environment):
+        # Where sshd permits user environments (the original needed it), every
+        # login, forced command or not, gets these variables: LD_PRELOAD=...
+        # would run a client's code before the guard.  byteback needs none.
+        raise ByteBackError(f"{environment} sets variables for every login as {args.user} (sshd reads it "
+                            "where PermitUserEnvironment is on); remove it and run setup-server again")
     keys = store / ".ssh" / "authorized_keys"
     if not os.path.lexists(keys):
         _install_file(keys, b"", 0o644, done)

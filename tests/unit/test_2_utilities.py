@@ -400,3 +400,12 @@ def test_config_dir_args_pass_on_only_a_non_default_directory(config_dir, words)
 def test_config_dir_args_refuse_a_path_that_would_need_quoting(config_dir):
     with pytest.raises(byteback.UsageError):
         byteback.config_dir_args(config_dir)
+
+
+def test_write_file_atomically_never_writes_through_a_link_planted_at_its_temporary_name(tmp_path):
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    os.link(victim, tmp_path / f".byteback.prom.tmp{os.getpid()}")
+    byteback.write_file_atomically(tmp_path / "byteback.prom", "metrics\n")
+    assert victim.read_text() == "root's file\n"
+    assert (tmp_path / "byteback.prom").read_text() == "metrics\n"
