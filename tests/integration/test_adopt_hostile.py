@@ -116,3 +116,14 @@ def test_lock_down_never_chmods_through_a_symlink_put_in_a_snapshots_place(tmp_p
         store.lock_down(snap)
     st = os.stat(secret)
     assert (st.st_uid, st.st_gid, st.st_mode & 0o7777) == (0, 42, 0o640)
+
+
+def test_a_planted_ssh_environment_file_is_refused(original_store):
+    """With PermitUserEnvironment on (the original needed it) sshd would set LD_PRELOAD and the
+    like from it for every client's forced command."""
+    store, user, config, prog, tmp = original_store
+    (user.ssh_dir / "environment").write_text(f"LD_PRELOAD={store}/.byteback/run/evil.so\n")
+    os.chown(user.ssh_dir / "environment", user.uid, user.gid)
+    p = setup_server(store, user, config, prog)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    assert "environment" in p.stderr and "remove it" in p.stderr
