@@ -343,7 +343,7 @@ def write_file_atomically(path: Path, text: str, mode: int = 0o644) -> None:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode)
+            os.fchmod(f.fileno(), mode)     # the file itself: its name may be another's by now
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -4149,6 +4149,25 @@ def _own_plain_file(path: Path, mode: int) -> None:
         os.close(fd)
 
 
+def _check_root_owned(top: Path, skip: Sequence[str] = ()) -> None:
+    """Refuse when anything below top (but the names in skip) is not root's.
+
+    Prune trusts the history and state there; a file of the backup user's
+    (planted while it owned the whole home, in an original store) would stay
+    writable by it after the directories became root's.
+    """
+    for dirpath, dirnames, filenames in os.walk(top):
+        if dirpath == str(top):
+            dirnames[:] = [d for d in dirnames if d not in skip]
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            with contextlib.suppress(FileNotFoundError):
+                if os.lstat(path).st_uid != 0:
+                    raise ByteBackError(f"{path} is not root's (uid {os.lstat(path).st_uid}); byteback's "
+                                        "history and state must be: chown it to root if it is byteback's "
+                                        "own, else move it away, and run setup-server again")
+
+
 def cmd_setup_server(args: argparse.Namespace) -> int:
     """setup-server: the seed README's server steps, done idempotently."""
     import pwd
@@ -4198,6 +4217,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     _own_plain_file(keys, 0o644)
     _ensure_dir(store / STATE_DIR_NAME, 0, 0, 0o755, done)
     _ensure_dir(store / STATE_DIR_NAME / "history", 0, 0, 0o755, done)
+    _check_root_owned(store / STATE_DIR_NAME, skip=("run",))
     _ensure_dir(store / STATE_DIR_NAME / "run", account.pw_uid, account.pw_gid, 0o755, done)
     _install_file(Path(install), Path(program_path()).read_bytes(), 0o755, done)
     done += _adopt_original(open_store(store, runner), (account.pw_uid, account.pw_gid), keys,

@@ -127,3 +127,16 @@ def test_a_planted_ssh_environment_file_is_refused(original_store):
     p = setup_server(store, user, config, prog)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
     assert "environment" in p.stderr and "remove it" in p.stderr
+
+
+def test_a_history_file_the_user_planted_is_refused(original_store):
+    """It would stay the user's to rewrite (and prune trusts it) after .byteback became root's."""
+    store, user, config, prog, tmp = original_store
+    history = store / ".byteback" / "history"
+    history.mkdir(parents=True)
+    (history / "legacy.json").write_text('{"backups": []}\n')
+    for path in (store / ".byteback", history, history / "legacy.json"):
+        os.chown(path, user.uid, user.gid)
+    p = setup_server(store, user, config, prog)
+    assert p.returncode != 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    assert "legacy.json is not root's" in p.stderr

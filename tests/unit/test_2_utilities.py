@@ -409,3 +409,25 @@ def test_write_file_atomically_never_writes_through_a_link_planted_at_its_tempor
     byteback.write_file_atomically(tmp_path / "byteback.prom", "metrics\n")
     assert victim.read_text() == "root's file\n"
     assert (tmp_path / "byteback.prom").read_text() == "metrics\n"
+
+
+def test_write_file_atomically_never_chmods_through_a_symlink_swapped_in_for_its_temporary_file(
+        tmp_path, monkeypatch):
+    """Whoever may write the directory can rename the temporary file and put a symlink
+    in its place while it is written (here: at its fsync)."""
+    victim = tmp_path / "victim"
+    victim.write_text("root's file\n")
+    os.chmod(victim, 0o600)
+    tmp = tmp_path / f".byteback.prom.tmp{os.getpid()}"
+    real_fsync = os.fsync
+
+    def swap_then_fsync(fd):
+        if os.path.lexists(tmp) and not os.path.islink(tmp):
+            os.rename(tmp, tmp_path / "moved")
+            tmp.symlink_to(victim)
+        real_fsync(fd)
+
+    monkeypatch.setattr(byteback.os, "fsync", swap_then_fsync)
+    byteback.write_file_atomically(tmp_path / "byteback.prom", "metrics\n")
+    assert os.stat(victim).st_mode & 0o777 == 0o600
+    assert victim.read_text() == "root's file\n"
