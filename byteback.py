@@ -6472,7 +6472,8 @@ def move_datadir_aside(datadir: str, snapshot: str) -> Optional[str]:
 
     The old datadir is kept (renamed, never deleted) until the restored one works.
     """
-    running = [d for d in find_databases() if os.path.normpath(d.datadir) == datadir]
+    # By the directory, not the name: a server started on a symlink to it runs on it too.
+    running = [d for d in find_databases() if os.path.realpath(d.datadir) == os.path.realpath(datadir)]
     if running:
         raise ByteBackError(f"a {running[0].kind} server (pid {running[0].pid}) runs on {datadir}; "
                             "stop it first (systemctl stop ...), then restore again")

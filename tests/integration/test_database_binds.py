@@ -98,3 +98,38 @@ def test_a_process_of_a_person_named_mariadbd_is_not_taken_for_a_server(tmp_path
         finally:
             fake.kill()
             fake.wait()
+
+
+def test_restore_database_never_moves_aside_a_datadir_a_server_runs_on_through_a_symlink(tmp_path):
+    """restore --database moves the live datadir aside only when no server runs on it; a server
+    started with --datadir=<a symlink to it> runs on it just the same."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root: runs a process as a system account")
+    import subprocess
+    import time
+    from sshd_env import server_user
+    home = tmp_path / "home"
+    home.mkdir()
+    datadir = tmp_path / "mysql"
+    datadir.mkdir()
+    (tmp_path / "link").symlink_to(datadir)
+    with server_user(home) as user:
+        def as_server():
+            os.setgid(user.gid)
+            os.setuid(user.uid)
+
+        server = subprocess.Popen(
+            ["/usr/bin/python3", "-c",
+             "import ctypes, time; ctypes.CDLL(None).prctl(15, b'mariadbd'); time.sleep(60)",
+             f"--datadir={tmp_path}/link", f"--socket={home}/s.sock"], preexec_fn=as_server, cwd="/")
+        try:
+            deadline = time.monotonic() + 10
+            while Path(f"/proc/{server.pid}/comm").read_text().strip() != "mariadbd":
+                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.05)
+            with pytest.raises(byteback.ByteBackError, match="stop it first"):
+                byteback.move_datadir_aside(str(datadir), "2026-11-01T03:15+0000")
+            assert datadir.is_dir()
+        finally:
+            server.kill()
+            server.wait()
