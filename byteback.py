@@ -4347,7 +4347,9 @@ def adopt_store(store: Store, owner: tuple, *, dry_run: bool) -> List[str]:
     for name in ORIGINAL_STATE_FILES:
         path = store.root / name
         if os.path.lexists(path):
-            if not dry_run:
+            if not dry_run and _is_real_dir(path):
+                shutil.rmtree(path)         # fd-based: never follows a link planted inside
+            elif not dry_run:
                 os.unlink(path)
             said.append(f"{did}removed {path}: the original prune's state (byteback keeps its own "
                         f"in {store.state_dir})")

@@ -140,3 +140,11 @@ def test_a_history_file_the_user_planted_is_refused(original_store):
     p = setup_server(store, user, config, prog)
     assert p.returncode != 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
     assert "legacy.json is not root's" in p.stderr
+
+
+def test_the_originals_state_as_a_directory_is_removed_without_a_traceback(original_store):
+    store, user, config, prog, tmp = original_store
+    (store / ".byteback.pruning" / "x").mkdir(parents=True)
+    p = setup_server(store, user, config, prog)
+    assert p.returncode == 0 and "Traceback" not in p.stderr, p.stdout + p.stderr
+    assert not os.path.lexists(store / ".byteback.pruning")
