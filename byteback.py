@@ -42,7 +42,6 @@ import pwd
 import re
 import select
 import shlex
-import select
 import shutil
 import signal
 import socket
@@ -170,31 +169,33 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = True) -> None:
 
 
 class Runner:
-    """The one place external commands run: list argv only, never a shell."""
+    """The one place external commands run: list argv only, never a shell.
+
+    Destructive by default: under --dry-run a command runs only when its
+    caller says it changes nothing (destructive=False).
+    """
 
     def __init__(self, dry_run: bool = False):
         self.dry_run = dry_run
 
-    def run(self, argv: Sequence[str], *, destructive: bool = False, check: bool = True,
+    def run(self, argv: Sequence[str], *, destructive: bool = True, check: bool = True,
             input: Optional[str] = None, timeout: Optional[float] = None,
-            capture: bool = True, env: Optional[Dict[str, str]] = None
+            capture: bool = True, env: Optional[Dict[str, str]] = None,
+            stdin=None, stdout=None, stderr=None, errors: str = "surrogateescape"
             ) -> subprocess.CompletedProcess:
-        """Run argv; under --dry-run skip it when destructive.  Raises CommandFailed."""
-        if not isinstance(argv, (list, tuple)):
-            raise TypeError("argv must be a list, never a shell string")
-        argv = [str(a) for a in argv]
-        log.debug("run: %s", shlex.join(argv))
+        """Run argv to its end.  capture: stdout and stderr come back as text (unless
+        stdout/stderr name another file or subprocess.DEVNULL); else they are ours.
+        Raises CommandFailed (check), or ByteBackError for a missing program or a timeout."""
+        argv = self._argv(argv)
         if destructive and self.dry_run:
             log.info("dry-run: would run %s", shlex.join(argv))
             return subprocess.CompletedProcess(argv, 0, "", "")
-        run_env = dict(os.environ if env is None else env)
-        run_env["LC_ALL"] = "C"          # output below is parsed
+        pipe = subprocess.PIPE if capture else None
         try:
             proc = subprocess.run(
-                argv, input=input, timeout=timeout, env=run_env,
-                stdout=subprocess.PIPE if capture else None,
-                stderr=subprocess.PIPE if capture else None,
-                universal_newlines=True, errors="surrogateescape")
+                argv, input=input, timeout=timeout, env=self._env(env, capture), stdin=stdin,
+                stdout=pipe if stdout is None else stdout, stderr=pipe if stderr is None else stderr,
+                universal_newlines=True, errors=errors)
         except FileNotFoundError:
             raise missing_program(argv[0]) from None
         except subprocess.TimeoutExpired:
@@ -202,6 +203,31 @@ class Runner:
         if check and proc.returncode != 0:
             raise CommandFailed(argv, proc.returncode, proc.stderr or "")
         return proc
+
+    def start(self, argv: Sequence[str], *, env: Optional[Dict[str, str]] = None,
+              parsed: bool = False, **popen) -> subprocess.Popen:
+        """Start argv and hand back the process, for output streamed as it comes or a
+        session kept open on a pipe.  parsed: its output is read, so in the C locale."""
+        argv = self._argv(argv)
+        try:
+            return subprocess.Popen(argv, env=self._env(env, parsed), **popen)
+        except FileNotFoundError:
+            raise missing_program(argv[0]) from None
+
+    @staticmethod
+    def _argv(argv: Sequence[str]) -> List[str]:
+        if not isinstance(argv, (list, tuple)):
+            raise TypeError("argv must be a list, never a shell string")
+        argv = [str(a) for a in argv]
+        log.debug("run: %s", shlex.join(argv))
+        return argv
+
+    @staticmethod
+    def _env(env: Optional[Dict[str, str]], parsed: bool) -> Dict[str, str]:
+        run_env = dict(os.environ if env is None else env)
+        if parsed:
+            run_env["LC_ALL"] = "C"      # messages and numbers as this code parses them
+        return run_env
 
 
 def install_hint(packages: Sequence[str], *, root: bool) -> str:
@@ -3204,12 +3230,13 @@ def _run_snapshot_for_client(args: argparse.Namespace, host: str, prepare: bool 
     sudoers line `snapshot --host *` allows): a prune, with nothing on stdout."""
     argv = [program_path(), *config_dir_args(args.config_dir), "snapshot", "--host", host]
     argv += ["--prepare"] if prepare else []
-    allowed = shutil.which("sudo") and subprocess.run(
-        ["sudo", "-n", "-l", *argv], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode == 0
+    runner = Runner()
+    allowed = shutil.which("sudo") and runner.run(
+        ["sudo", "-n", "-l", *argv], destructive=False, check=False).returncode == 0
     if allowed:
         # stdout is rsync's protocol channel at the start of a push
-        return subprocess.run(["sudo", "-n", *argv], stdin=subprocess.DEVNULL,
-                              stdout=subprocess.DEVNULL if prepare else None).returncode
+        return runner.run(["sudo", "-n", *argv], check=False, capture=False, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL if prepare else None).returncode
     if prepare:
         args.store, args.force, args.prepare = None, False, True
         return cmd_snapshot(args)
@@ -3312,7 +3339,7 @@ def cmd_receive(args: argparse.Namespace) -> int:
     lock = take_session(store, host, config.rsync_timeout)
     if request.verb == "list":
         return serve_list(store, host, request, limit=config.rsync_timeout)
-    version = rsync_version(Runner().run([RSYNC_PROGRAM, "--version"]).stdout)
+    version = rsync_version(Runner().run([RSYNC_PROGRAM, "--version"], destructive=False).stdout)
     if version < MIN_RSYNC:
         raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
                             "and has known holes (CVE-2024-12084); upgrade rsync on the server")
@@ -4235,7 +4262,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     sudoers_name = "byteback" if args.user == "byteback" else f"byteback-{args.user}"
 
     def visudo_check(path: Path) -> None:
-        runner.run(["visudo", "-cf", str(path)])
+        runner.run(["visudo", "-cf", str(path)], destructive=False)
 
     _install_file(Path("/etc/sudoers.d") / sudoers_name,
                   _sudoers_text(args.user, install, config_args).encode(), 0o440, done, visudo_check)
@@ -4618,7 +4645,8 @@ def run_hooks(config_dir: str, phase: str, env: Optional[Dict[str, str]] = None)
             continue
         log.info("running %s hook %s", phase, path)
         try:
-            rc = subprocess.run([str(path)], env={**os.environ, **(env or {})}).returncode
+            rc = Runner().run([str(path)], check=False, capture=False,
+                              env={**os.environ, **(env or {})}).returncode
         except OSError as e:
             raise ByteBackError(f"{phase} hook {path} could not run: {e.strerror}") from None
         if rc != 0:
@@ -4628,11 +4656,7 @@ def run_hooks(config_dir: str, phase: str, env: Optional[Dict[str, str]] = None)
 
 def run_rsync(argv: Sequence[str], *, show: bool) -> tuple:
     """Run rsync, passing its output through when show; return (exit code, output tail)."""
-    log.debug("run: %s", shlex.join(argv))
-    try:
-        proc = subprocess.Popen(list(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    except FileNotFoundError:
-        raise missing_program(argv[0]) from None
+    proc = Runner().start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = b""
     while True:
         chunk = os.read(proc.stdout.fileno(), 65536)
@@ -4796,8 +4820,8 @@ def pin_known_host(config_dir: str, destination: Destination,
         path = os.path.expanduser(source)
         if not os.path.isfile(path):
             continue
-        found = subprocess.run(["ssh-keygen", "-F", name, "-f", path], stdout=subprocess.PIPE,
-                               stderr=subprocess.DEVNULL, universal_newlines=True)
+        found = Runner().run(["ssh-keygen", "-F", name, "-f", path], destructive=False, check=False,
+                             stderr=subprocess.DEVNULL)
         lines = [l for l in found.stdout.splitlines() if l.strip() and not l.startswith("#")]
         if found.returncode == 0 and lines:
             write_file_atomically(pinned, "\n".join(lines) + "\n", mode=0o644)
@@ -4850,14 +4874,13 @@ class SshSession:
             os.unlink(self.socket)
         argv = ssh_argv(self.config_dir, self.destination.port, control=self.socket, master=True)
         argv += ["-N", _login(self.destination)]
-        log.debug("run: %s", shlex.join(argv))
         errors = tempfile.TemporaryFile(dir=self.dir)
         try:
-            self.master = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                           stderr=errors, preexec_fn=_die_with_parent())
-        except FileNotFoundError:
+            self.master = Runner().start(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                         stderr=errors, preexec_fn=_die_with_parent())
+        except ByteBackError:
             errors.close()
-            raise missing_program("ssh") from None
+            raise
         # ssh listens on the socket only once it has logged in.
         deadline = time.monotonic() + 180
         with errors:
@@ -4906,13 +4929,8 @@ def _login(destination: Destination) -> str:
 def call_server(plan: BackupPlan, verb: str, session: Optional[SshSession] = None) -> subprocess.CompletedProcess:
     """Run one of the forced command's verbs (ping, complete) on the server."""
     ssh = session.argv() if session else ssh_argv(plan.config_dir, plan.destination.port)
-    argv = ssh + [_login(plan.destination), verb]
-    log.debug("run: %s", shlex.join(argv))
-    try:
-        return subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True, errors="replace")
-    except FileNotFoundError:
-        raise missing_program("ssh") from None
+    return Runner().run(ssh + [_login(plan.destination), verb], check=False, stdin=subprocess.DEVNULL,
+                        errors="replace")
 
 
 def _server_said(proc: subprocess.CompletedProcess) -> str:
@@ -4996,7 +5014,7 @@ def cmd_setup_client(args: argparse.Namespace) -> int:
     try:
         public = Path(f"{key}.pub").read_text()
     except OSError:
-        public = runner.run(["ssh-keygen", "-y", "-f", str(key)]).stdout
+        public = runner.run(["ssh-keygen", "-y", "-f", str(key)], destructive=False).stdout
     server_args = ["sudo", "-n", args.server_program or default_server_program(), *config_dir_args(args.server_config_dir or DEFAULT_CONFIG_DIR)]
     # The client's address as the server sees it goes into from="...": the
     # server's shell reads it from this very connection.
@@ -5004,10 +5022,8 @@ def cmd_setup_client(args: argparse.Namespace) -> int:
         ' --client-address "${SSH_CONNECTION%% *}"'
     argv = ssh_argv(str(config_dir), destination.port, administrator=True) + [_login(destination), remote]
     log.info("run: %s", shlex.join(argv))
-    try:
-        proc = subprocess.run(argv, input=public, universal_newlines=True)
-    except FileNotFoundError:
-        raise missing_program("ssh") from None
+    # Not captured: the administrator may be asked for a password or a passphrase.
+    proc = Runner().run(argv, input=public, check=False, capture=False)
     if proc.returncode != 0:
         raise ByteBackError(f"the server did not set up host {host} (exit {proc.returncode}); "
                             "its reason is above. Check that you can log in as "
@@ -5116,12 +5132,7 @@ def restore_sources(paths: Sequence[str], cwd: str) -> List[tuple]:
 def _remote_list(session: SshSession, words: Sequence[str]) -> List[Entry]:
     session.ensure()
     argv = session.argv() + [_login(session.destination), shlex.join(["list", *words])]
-    log.debug("run: %s", shlex.join(argv))
-    try:
-        proc = subprocess.run(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, universal_newlines=True, errors="replace")
-    except FileNotFoundError:
-        raise missing_program("ssh") from None
+    proc = Runner().run(argv, destructive=False, check=False, stdin=subprocess.DEVNULL, errors="replace")
     if proc.returncode != 0:
         raise ByteBackError(f"the server could not list: {_server_said(proc)}")
     try:
@@ -6050,13 +6061,8 @@ class SqlSession:
         argv = list(argv)
         if user and user != _owner_name(os.geteuid()):
             argv = ["runuser", "-u", user, "--", *argv]
-        log.debug("session: %s", shlex.join(argv))
-        try:
-            self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         stderr=subprocess.STDOUT, env={**os.environ, "LC_ALL": "C"},
-                                         cwd="/")
-        except FileNotFoundError:
-            raise missing_program(argv[0]) from None
+        self.proc = Runner().start(argv, parsed=True, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT, cwd="/")
 
     @classmethod
     def mariadb(cls, db: Database, config: DatabaseConfig) -> "SqlSession":
@@ -6269,7 +6275,7 @@ class DatabasePhase:
             st = os.lstat(path)
             if stat.S_ISDIR(st.st_mode) and st.st_ino == BTRFS_SUBVOLUME_INO \
                     and os.path.basename(path).startswith(DB_SNAPSHOT_PREFIX):
-                self.runner.run(["btrfs", "subvolume", "delete", path], destructive=True)
+                self.runner.run(["btrfs", "subvolume", "delete", path])
             elif stat.S_ISDIR(st.st_mode):
                 shutil.rmtree(path)
             else:
@@ -6403,9 +6409,8 @@ class DatabasePhase:
         # the datadir and socket given here are the running server's.
         self.runner.run(["mariabackup", *defaults, "--backup", f"--socket={db.socket}", "--user=root",
                          f"--datadir={db.datadir}", f"--target-dir={target}",
-                         f"--ftwrl-wait-timeout={self.config.lock_wait_timeout * self.config.lock_tries}"],
-                        destructive=True)
-        self.runner.run(["mariabackup", *defaults, "--prepare", f"--target-dir={target}"], destructive=True)
+                         f"--ftwrl-wait-timeout={self.config.lock_wait_timeout * self.config.lock_tries}"])
+        self.runner.run(["mariabackup", *defaults, "--prepare", f"--target-dir={target}"])
         # A restore is then a plain copy back: the copy has the datadir's owner.
         st = os.stat(db.datadir)
         for dirpath, dirnames, filenames in os.walk(target):
@@ -6426,7 +6431,7 @@ class DatabasePhase:
                 "-c", "fast", "--no-password"]
         if db.owner != _owner_name(os.geteuid()):
             argv = ["runuser", "-u", db.owner, "--", *argv]
-        self.runner.run(argv, destructive=True)
+        self.runner.run(argv)
         os.chmod(target, 0o700)
         self.binds.append((target, db.datadir, self.identity[db.datadir]))
         return 0.0, ""
@@ -6451,10 +6456,8 @@ class DatabasePhase:
         with os.fdopen(fd, "w") as out:
             argv = [client, *defaults, f"--socket={db.socket}", "--user=root", "--single-transaction",
                     "--all-databases", "--routines", "--events", "--triggers"]
-            log.debug("run: %s > %s", shlex.join(argv), path)
-            proc = subprocess.run(argv, stdout=out, stderr=subprocess.PIPE, universal_newlines=True)
-        if proc.returncode != 0:
-            raise CommandFailed(argv, proc.returncode, proc.stderr)
+            log.debug("dump into %s", path)
+            self.runner.run(argv, stdout=out)
         # The live files stay out of the backup; the dump is the database's copy.
         self.excludes.append(exclude_pattern(db.datadir, contents_only=True))
         if others:

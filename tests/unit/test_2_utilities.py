@@ -4,6 +4,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import subprocess
 import stat
 
 import pytest
@@ -352,15 +353,32 @@ def test_dry_run_skips_destructive_commands_only(tmp_path):
     skipped = runner.run(["touch", str(tmp_path / "destroyed")], destructive=True)
     assert skipped.returncode == 0 and skipped.stdout == ""
     assert not (tmp_path / "destroyed").exists()
-    runner.run(["touch", str(tmp_path / "looked")])             # e.g. btrfs subvolume show
+    runner.run(["touch", str(tmp_path / "unsaid")])             # destructive unless told otherwise
+    assert not (tmp_path / "unsaid").exists()
+    runner.run(["touch", str(tmp_path / "looked")], destructive=False)   # e.g. btrfs subvolume show
     assert (tmp_path / "looked").exists()
-    byteback.Runner().run(["touch", str(tmp_path / "real")], destructive=True)
+    byteback.Runner().run(["touch", str(tmp_path / "real")])
     assert (tmp_path / "real").exists()
+
+
+def test_started_processes_stream_and_a_missing_program_is_one_line(tmp_path):
+    proc = byteback.Runner().start(["sh", "-c", "echo one; echo two >&2"], stdout=subprocess.PIPE,
+                                   stderr=subprocess.STDOUT)
+    assert proc.communicate()[0].split() == [b"one", b"two"] and proc.returncode == 0
+    with pytest.raises(byteback.ByteBackError, match="no-such-program-x is not installed"):
+        byteback.Runner().start(["no-such-program-x"])
+
+
+def test_the_c_locale_only_where_output_is_read(tmp_path):
+    env = {"PATH": os.environ["PATH"], "LC_ALL": "de_DE.UTF-8"}
+    out = tmp_path / "out"
+    byteback.Runner().run(["sh", "-c", f'printf "%s" "$LC_ALL" > {out}'], capture=False, env=env)
+    assert out.read_text() == "de_DE.UTF-8"      # a hook keeps the locale it was given
 
 
 def test_dry_run_still_fails_on_a_failing_read_only_command():
     with pytest.raises(byteback.CommandFailed):
-        byteback.Runner(dry_run=True).run(["false"])
+        byteback.Runner(dry_run=True).run(["false"], destructive=False)
 
 
 # -- logging --

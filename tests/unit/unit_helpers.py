@@ -69,8 +69,8 @@ class FakeRunner(byteback.Runner):
         self.calls = []
         self._outputs = list(outputs or [])
 
-    def run(self, argv, *, destructive=False, check=True, input=None, timeout=None,
-            capture=True, env=None):
+    def run(self, argv, *, destructive=True, check=True, input=None, timeout=None,
+            capture=True, env=None, **streams):
         self.calls.append((list(argv), destructive))
         out = self._outputs.pop(0) if self._outputs else ""
         return subprocess.CompletedProcess(list(argv), 0, out, "")
