@@ -6389,13 +6389,25 @@ class DatabasePhase:
                            self.identity[db.datadir]))
         return lock_seconds, ""
 
-    def _copy_dir(self, db: Database, owner: str) -> str:
-        path = os.path.join(self.config.copy_dir, f"{db.kind}-{path_tag(db.datadir)}")
-        self._remove(path)
-        self._remember(path)
+    def _copy_dir(self, db: Database, owner: str, private: bool = False) -> str:
+        """A fresh directory for one server's copy.  private: inside a root-only directory,
+        for a copy root makes of files the database's user controls (see _by_mariabackup)."""
         # Traversable, not listable: pg_basebackup runs as the cluster's owner.
         os.makedirs(self.config.copy_dir, mode=0o711, exist_ok=True)
         os.chmod(self.config.copy_dir, 0o711)
+        parent = self.config.copy_dir
+        if private:
+            parent = os.path.join(parent, "private")
+            self._remember(parent)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(parent, 0o700)
+            st = os.lstat(parent)
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
+                raise ByteBackError(f"{parent} is not a directory of root's; remove it")
+            os.chmod(parent, 0o700)
+        path = os.path.join(parent, f"{db.kind}-{path_tag(db.datadir)}")
+        self._remove(path)
+        self._remember(path)
         os.mkdir(path, 0o700)
         pw = pwd.getpwnam(owner)
         os.chown(path, pw.pw_uid, pw.pw_gid)
@@ -6403,7 +6415,11 @@ class DatabasePhase:
 
     def _by_mariabackup(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
                         version: str) -> tuple:
-        target = self._copy_dir(db, "root")
+        # mariabackup runs as root and reads whatever the datadir's files lead to (a
+        # symlinked table may point at /etc/shadow); the copy is then given to the
+        # datadir's owner.  So it is made where only root can reach it: the owner
+        # never reads what root copied for it.
+        target = self._copy_dir(db, "root", private=True)
         defaults = [f"--defaults-file={self.config.mariadb_defaults_file}"] if self.config.mariadb_defaults_file else []
         # The server's own my.cnf is read (mariabackup needs its InnoDB settings);
         # the datadir and socket given here are the running server's.
