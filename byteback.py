@@ -2069,15 +2069,27 @@ def _remembered(func: Callable) -> Callable:
 
 
 @_remembered
-def counted_sizes(backups: Sequence[dict]) -> List[int]:
+def counted_sizes(backups: Sequence[dict], *, last: Optional[int] = None) -> List[int]:
     """The sizes that speak for a host's normal backup: suspicious ones only once accepted.
 
     A host's first backup is a full copy, not a change: counted, it would make
     the free-space target 1.5 x the whole data set for the next backups, and
     prune would strip every host to its newest snapshot (the first one too).
+    last: only the last `last` of them (the same as [-last:]), found from the
+    newest entry back: the mean needs 10 of a history of 100 (HISTORY_KEEP).
     """
-    return [int(b.get("added", 0)) for b in backups
-            if not b.get("first") and (not b.get("suspicious") or b.get("accepted"))]
+    if last is None:
+        return [int(b.get("added", 0)) for b in backups
+                if not b.get("first") and (not b.get("suspicious") or b.get("accepted"))]
+    tail: List[int] = []
+    if last > 0:
+        for b in reversed(backups):
+            if not b.get("first") and (not b.get("suspicious") or b.get("accepted")):
+                tail.append(int(b.get("added", 0)))
+                if len(tail) == last:
+                    break
+    tail.reverse()
+    return tail
 
 
 def free_space_target(sizes_by_host: Dict[str, Sequence[int]], *, headroom: float,
@@ -2129,7 +2141,8 @@ def history_entry(backups: Sequence[dict], record: dict, *, name: str, now: dt.d
     of the mean.  A host taken over with history starts from adopt's baseline
     entry instead, so its next backup is a change, never 'first'.
     """
-    suspicious = is_suspicious(record["added"], counted_sizes(backups), factor=config.suspicion,
+    prior = counted_sizes(backups, last=config.history)
+    suspicious = is_suspicious(record["added"], prior, factor=config.suspicion,
                                history=config.history, floor=suspicion_floor_bytes(
                                    backups, fraction=config.suspicion_floor, history=config.history))
     entry = {"snapshot": name, "time": now.isoformat(), "suspicious": suspicious, **record}
@@ -2137,7 +2150,7 @@ def history_entry(backups: Sequence[dict], record: dict, *, name: str, now: dt.d
         entry["first"] = True
     # The host's normal backup for its share of the disc, kept in the entry so that
     # plan_prune reads it instead of walking the history every time (normal_backup).
-    if counted_sizes(list(backups) + [entry]):      # a full copy alone has no normal yet
+    if prior or counted_sizes([entry]):              # a full copy alone has no normal yet
         entry["normal"] = int(normal_backup(list(backups) + [entry], history=config.history,
                                             growth=config.share_growth, floor=config.suspicion_floor / 4))
     return entry
@@ -2268,8 +2281,14 @@ def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor
         b = backups[i]
         if isinstance(b.get("normal"), int) and not isinstance(b.get("normal"), bool):
             normal, last, start = float(b["normal"]), _entry_time(b.get("time")), i + 1
-            window = [_num(e, "added") for e in backups[:i + 1]
-                      if not e.get("first") and (not e.get("suspicious") or e.get("accepted"))][-history:]
+            # The last `history` counted sizes up to it, from it back (not the whole history).
+            for j in range(i, -1, -1):
+                if len(window) >= history:
+                    break
+                e = backups[j]
+                if not e.get("first") and (not e.get("suspicious") or e.get("accepted")):
+                    window.append(_num(e, "added"))
+            window.reverse()
             total = sum(window)
             break
     sizes = [_num(e, "size") for e in backups[max(0, start - history):start] if not e.get("baseline")]
@@ -2393,7 +2412,7 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     if order not in ("importance", "age"):
         raise ValueError(f"unknown prune order {order!r}")
     hosts = state.hosts
-    counted = {h: counted_sizes(f.history) for h, f in hosts.items()}
+    counted = {h: counted_sizes(f.history, last=config.history) for h, f in hosts.items()}
     # A host's normal backup: the mean of its counted sizes, but never more than its share
     # normal (normal_backup), whose growth is capped: backups just under the suspicion
     # line, one after another (a flood), would otherwise raise the target as they please.
@@ -2485,7 +2504,8 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
                      "not pruned for")
     if any(a.complete and a.snapshot for a in accepted):
         # What is accepted counts in its host's normal size from now on (counted_sizes).
-        counted = {h: counted_sizes(record_acceptances(f.history, accepted, now)) for h, f in hosts.items()}
+        counted = {h: counted_sizes(record_acceptances(f.history, accepted, now), last=config.history)
+                   for h, f in hosts.items()}
         means = {h: min(mean(c[-config.history:]), max(share_normal[h], float(max(c[-1:] or [0]))))
                  if c else 0.0 for h, c in counted.items()}
         target = int(config.headroom * sum(means.values()))

@@ -101,7 +101,8 @@ class HostState:
         self.taken: List[int] = []                     # their minutes
         self.kept: List[int] = []                      # k of the kept ones, ascending
         self.kept_snaps: List[byteback.Snapshot] = []  # the same, as Snapshot values
-        self.history: List[dict] = []                  # as snapshot_host records it (byteback.history_entry)
+        self.history: Tuple[dict, ...] = ()             # as snapshot_host records it (byteback.history_entry):
+        #                                                 a new tuple at every change, so byteback remembers by identity
         self.moments: List[int] = []                   # minutes of every backup that should have made a snapshot
         self.failed = 0                                # ... and did not (on its own, or for lack of space)
         self.ledger = Ledger()
@@ -116,9 +117,11 @@ class HostState:
         self.first_lost: Optional[Tuple[int, int]] = None   # (minute, other snapshots left)
         self.cause = "normal"                          # what made its newest backup big, for the counts
         self._facts: Optional[byteback.HostFacts] = None
+        self._snaps_same = False                       # kept_snaps unchanged since _facts was made
 
-    def counted(self) -> List[int]:
-        return byteback.counted_sizes(self.history)
+    def counted(self, last: int) -> List[int]:
+        """The last `last` sizes that count for the mean (byteback.counted_sizes)."""
+        return byteback.counted_sizes(self.history, last=last)
 
     def facts(self) -> byteback.HostFacts:
         """This host as plan_prune sees it.
@@ -127,18 +130,20 @@ class HostState:
         the same objects), so that byteback remembers what it worked out from
         them: most plans differ from the one before in one host only.
         """
-        snaps, history = tuple(self.kept_snaps), tuple(self.history)
+        if type(self.history) is not tuple:            # set from outside as a list (a test)
+            self.history = tuple(self.history)
         pending = int(self.partial) if self.partial > 0 else None
         last = self._facts
-        if last is not None:
-            if snaps == last.snapshots:
-                snaps = last.snapshots
-            if history == last.history:
-                history = last.history
-            if snaps is last.snapshots and history is last.history and pending == last.pending:
-                return last
-        self._facts = byteback.HostFacts(snaps, history, pending, False)
+        if last is not None and self._snaps_same and self.history is last.history and pending == last.pending:
+            return last
+        snaps = last.snapshots if last is not None and self._snaps_same else tuple(self.kept_snaps)
+        self._snaps_same = True
+        self._facts = byteback.HostFacts(snaps, self.history, pending, False)
         return self._facts
+
+    def snapshots_changed(self) -> None:
+        """kept_snaps changed: the next facts() makes a new tuple of them."""
+        self._snaps_same = False
 
     def newest(self) -> Optional[byteback.Snapshot]:
         return self.kept_snaps[-1] if self.kept_snaps else None
@@ -223,6 +228,7 @@ class Simulation:
                 freed += lump.size
         del host.kept[pos]
         del host.kept_snaps[pos]
+        host.snapshots_changed()
         if k == 0:
             host.first_lost = (now_minute, len(host.kept) - 1)
         self.used -= freed
@@ -249,9 +255,7 @@ class Simulation:
         """What snapshot_host records (byteback.history_entry), trimmed as write_history trims it."""
         entry = byteback.history_entry(host.history, {"size": size, "added": added}, name=snap.name,
                                        now=snap.when, first=len(host.snaps) == 1, config=self.config)
-        host.history.append(entry)
-        if len(host.history) > byteback.HISTORY_KEEP:
-            del host.history[:-byteback.HISTORY_KEEP]
+        host.history = (host.history + (entry,))[-byteback.HISTORY_KEEP:]
         if entry["suspicious"]:
             self.stats.suspicious[kind] = self.stats.suspicious.get(kind, 0) + 1
             host.cause = kind
@@ -278,7 +282,7 @@ class Simulation:
             self.stats.accepted += len(plan.accepted)
             for name in {a.host for a in plan.accepted if a.snapshot}:
                 host = by_name[name]
-                host.history[:] = byteback.record_acceptances(host.history, plan.accepted, now)
+                host.history = tuple(byteback.record_acceptances(host.history, plan.accepted, now))
         for name in plan.rollbacks:
             host = by_name[name]           # Store.roll_back: current back to the newest snapshot
             self.used -= host.partial
@@ -306,7 +310,7 @@ class Simulation:
     # -- the client's side --
     def _largest_unsuspicious(self, host: HostState) -> int:
         """The biggest backup is_suspicious lets through: what a patient attacker uploads."""
-        counted = host.counted()
+        counted = host.counted(self.config.history)
         floor = byteback.suspicion_floor_bytes(host.history, fraction=self.config.suspicion_floor,
                                                history=self.config.history)
 
@@ -377,7 +381,7 @@ class Simulation:
         elif b.kind == "hostile-huge":
             # All the free space but room for the host's own next backup,
             # which then lifts the refusal that this one triggers.
-            room = 2 * byteback.mean(host.counted()[-self.params.history:])
+            room = 2 * byteback.mean(host.counted(self.params.history))
             lumps.append((max(0.0, self.free - needed - room), b.lump_life))
         needed = max(0.0, hot) + cold + sum(size for size, _ in lumps)
         if needed - host.partial > self.free:
@@ -417,6 +421,7 @@ class Simulation:
         host.moments.append(b.minute)
         host.kept.append(k)
         host.kept_snaps.append(snap)
+        host.snapshots_changed()
         self.index[snap] = (host, k)
         self.stats.snapshots += 1
         kind = b.kind if b.kind != "normal" else ("huge" if lumps else "normal")
