@@ -5995,30 +5995,21 @@ def _owner_name(uid: int) -> str:
         return str(uid)
 
 
-def system_uid_limit(text: str) -> int:
-    """The first uid of a person's account (UID_MIN of login.defs text; Debian's 1000)."""
-    m = re.search(r"^\s*UID_MIN\s+(\d+)\s*$", text, re.M)
-    return int(m.group(1)) if m else 1000
+# The accounts database servers run as on Debian (and most systems).  A server
+# run by any other account is not one byteback logs in to as root.
+DATABASE_ACCOUNTS = ("mysql", "postgres")
 
 
-def _system_uid_limit() -> int:
-    try:
-        with open("/etc/login.defs", encoding="utf-8", errors="replace") as f:
-            return system_uid_limit(f.read())
-    except OSError:
-        return 1000
-
-
-def find_databases() -> List[Database]:
+def find_databases(any_account: bool = False) -> List[Database]:
     """Running MariaDB/MySQL servers and PostgreSQL postmasters, from /proc.
 
-    Only servers run by root or a system account (mysql, postgres) count: any
-    user can start a process named mariadbd that names a socket of its own,
-    and root would log in there with the defaults file's password, then copy
-    and bind whatever that user's "server" says is its datadir.
+    Only servers run by root or by DATABASE_ACCOUNTS count: any user, a system
+    account such as www-data too, can start a process named mariadbd that names
+    a socket of its own, and root would log in there with the defaults file's
+    password, then copy and bind whatever that "server" says is its datadir.
+    any_account: every server-named process, for checks that only stay clear of them.
     """
     found = []
-    limit = _system_uid_limit()
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -6029,9 +6020,10 @@ def find_databases() -> List[Database]:
                 continue
             argv = parse_proc_cmdline(_read_proc(pid, "cmdline"))
             uid = os.stat(f"/proc/{pid}").st_uid
-            if uid >= limit:
-                log.info("process %d (%s) runs as uid %d, not a system account: not a server byteback "
-                         "copies; its files are copied as they are", pid, comm, uid)
+            if uid != 0 and _owner_name(uid) not in DATABASE_ACCOUNTS and not any_account:
+                log.info("process %d (%s) runs as %s, not as root or %s: not a server byteback "
+                         "copies; its files are copied as they are", pid, comm, _owner_name(uid),
+                         " or ".join(DATABASE_ACCOUNTS))
                 continue
             if comm in MYSQL_SERVERS:
                 options = mysqld_options(argv)
@@ -6514,7 +6506,8 @@ def move_datadir_aside(datadir: str, snapshot: str) -> Optional[str]:
     The old datadir is kept (renamed, never deleted) until the restored one works.
     """
     # By the directory, not the name: a server started on a symlink to it runs on it too.
-    running = [d for d in find_databases() if os.path.realpath(d.datadir) == os.path.realpath(datadir)]
+    running = [d for d in find_databases(any_account=True)
+               if os.path.realpath(d.datadir) == os.path.realpath(datadir)]
     if running:
         raise ByteBackError(f"a {running[0].kind} server (pid {running[0].pid}) runs on {datadir}; "
                             "stop it first (systemctl stop ...), then restore again")

@@ -67,8 +67,10 @@ def test_another_directory_at_the_datadirs_name_is_left_alone(dirs):
         assert seen(made["datadir"]) == ["victim"]
 
 
-def test_a_process_of_a_person_named_mariadbd_is_not_taken_for_a_server(tmp_path):
-    """Any user can name a process mariadbd and give it --socket=<its own>: root must not log in there."""
+@pytest.mark.parametrize("who", ["a person", "a system account"])
+def test_a_process_named_mariadbd_of_another_account_is_not_taken_for_a_server(tmp_path, who):
+    """Any user (www-data too) can name a process mariadbd and give it --socket=<its own>:
+    root must not log in there; only root's, mysql's and postgres's servers count."""
     if os.geteuid() != 0:
         pytest.skip("needs root: runs a process as another user")
     import subprocess
@@ -78,17 +80,17 @@ def test_a_process_of_a_person_named_mariadbd_is_not_taken_for_a_server(tmp_path
     home.mkdir()
     with server_user(home) as user:
         os.chown(home, user.uid, user.gid)
-        # server_user makes a system account; a person's uid is what the attack needs.
-        uid = byteback._system_uid_limit() + 4242
+        # server_user makes a system account (uid below 1000); a person's uid is above.
+        uid = user.uid if who == "a system account" else 54242
 
-        def as_that_person():
+        def as_that_user():
             os.setgid(user.gid)
             os.setuid(uid)
 
         fake = subprocess.Popen(
             ["/usr/bin/python3", "-c",
              "import ctypes, time; ctypes.CDLL(None).prctl(15, b'mariadbd'); time.sleep(60)",
-             f"--socket={home}/evil.sock", f"--datadir={home}"], preexec_fn=as_that_person, cwd="/")
+             f"--socket={home}/evil.sock", f"--datadir={home}"], preexec_fn=as_that_user, cwd="/")
         try:
             deadline = time.monotonic() + 10
             while Path(f"/proc/{fake.pid}/comm").read_text().strip() != "mariadbd":

@@ -241,7 +241,7 @@ def test_restore_database_usage(tmp_path, capsys, words):
 
 
 def test_move_datadir_aside_keeps_the_old_one(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(byteback, "find_databases", lambda: [])
+    monkeypatch.setattr(byteback, "find_databases", lambda any_account=False: [])
     datadir = tmp_path / "mysql"
     datadir.mkdir()
     (datadir / "ibdata1").write_text("x")
@@ -255,7 +255,7 @@ def test_move_datadir_aside_keeps_the_old_one(tmp_path, monkeypatch, capsys):
 
 def test_move_datadir_aside_refuses_while_the_server_runs(tmp_path, monkeypatch):
     running = byteback.Database("mariadb", 42, str(tmp_path), "/s", None, "mysql")
-    monkeypatch.setattr(byteback, "find_databases", lambda: [running])
+    monkeypatch.setattr(byteback, "find_databases", lambda any_account=False: [running])
     with pytest.raises(ByteBackError, match=r"pid 42\) runs on .*stop it first"):
         byteback.move_datadir_aside(str(tmp_path), "2026-03-01T03:15+0000")
     assert tmp_path.exists()
@@ -267,15 +267,6 @@ def test_problem_text_says_how_to_give_credentials():
     assert byteback._problem_text(ByteBackError("lock timed out")) == "lock timed out"
     assert byteback._problem_text(FileNotFoundError(2, "No such file or directory", "/var/lib/mysql")) == \
         "/var/lib/mysql: No such file or directory"
-
-
-@pytest.mark.parametrize("text,expected", [
-    ("UID_MIN\t\t\t 1000\nUID_MAX 60000\n", 1000),
-    ("#UID_MIN 5\n  UID_MIN  500 \n", 500),
-    ("", 1000),
-])
-def test_system_uid_limit_from_login_defs(text, expected):
-    assert byteback.system_uid_limit(text) == expected
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the copy directories are root's")
