@@ -627,7 +627,7 @@ def parse_targets(text: str) -> tuple:
     return tuple(days)
 
 
-def _store_path(text: str) -> str:
+def _absolute_path(text: str) -> str:
     if not text.startswith("/"):
         raise ValueError(f"{text!r} must be an absolute path")
     return text
@@ -635,7 +635,7 @@ def _store_path(text: str) -> str:
 
 # NOTE: README.md's "server.conf" section documents these keys; keep them in step.
 SERVER_OPTIONS: Dict[str, Option] = {
-    "store": Option("", _store_path, "the store root (default: the byteback user's home)"),
+    "store": Option("", _absolute_path, "the store root (default: the byteback user's home)"),
     "min_interval": Option("6h", parse_duration, "refuse a snapshot younger than this"),
     "order": Option("importance", _order, "prune order: importance or age"),
     "targets": Option("week", parse_targets,
@@ -713,27 +713,35 @@ def parse_server_config(text: str, source: str = "server.conf") -> ServerConfig:
             raise ByteBackError(f"{source} line {line}: unknown section [{section}]; "
                                 "put settings under [server]")
         for key, raw in parser.items(section):
-            line = _line_of_key(lines, section, key)
-            if key not in SERVER_OPTIONS:
-                raise ByteBackError(f"{source} line {line}: unknown key '{key}'; "
-                                    f"known keys: {', '.join(sorted(SERVER_OPTIONS))}")
-            try:
-                values[key] = SERVER_OPTIONS[key].convert(raw.strip())
-            except ValueError as e:
-                raise ByteBackError(f"{source} line {line}: bad value for {key}: {e}") from None
+            where = f"{source} line {_line_of_key(lines, section, key)}"
+            values[key] = convert_option(SERVER_OPTIONS, key, raw, where)
     return ServerConfig(**values)
+
+
+def convert_option(options: Dict[str, Option], key: str, raw: str, where: str) -> object:
+    """A setting's value from its text, or a one-line error that names where it stands."""
+    if key not in options:
+        raise ByteBackError(f"{where}: unknown key '{key}'; known keys: {', '.join(sorted(options))}")
+    try:
+        return options[key].convert(raw.strip())
+    except ValueError as e:
+        raise ByteBackError(f"{where}: bad value for {key}: {e}") from None
+
+
+def read_config_file(path: Path) -> str:
+    """A configuration file's text; '' when there is none (the defaults then hold)."""
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return ""
+    except (OSError, UnicodeDecodeError) as e:
+        raise ByteBackError(f"cannot read {path}: {e}") from None
 
 
 def load_server_config(config_dir: str) -> ServerConfig:
     """Read <config_dir>/server.conf, or the defaults when there is none."""
     path = Path(config_dir) / "server.conf"
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return parse_server_config("", str(path))
-    except (OSError, UnicodeDecodeError) as e:
-        raise ByteBackError(f"cannot read {path}: {e}") from None
-    return parse_server_config(text, str(path))
+    return parse_server_config(read_config_file(path), str(path))
 
 
 def _setting_lines(text: str) -> List[tuple]:
@@ -743,13 +751,7 @@ def _setting_lines(text: str) -> List[tuple]:
 
 
 def _read_setting_file(config_dir: str, name: str) -> List[tuple]:
-    path = Path(config_dir) / name
-    try:
-        return _setting_lines(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return []
-    except (OSError, UnicodeDecodeError) as e:
-        raise ByteBackError(f"cannot read {path}: {e}") from None
+    return _setting_lines(read_config_file(Path(config_dir) / name))
 
 
 def read_setting(config_dir: str, name: str, default=None, convert: Callable = str):
@@ -5703,23 +5705,17 @@ def _yes_no(text: str) -> bool:
     raise ValueError(f"{text!r} is not yes or no")
 
 
-def _absolute_file(text: str) -> str:
-    if not text.startswith("/"):
-        raise ValueError(f"{text!r} must be an absolute path")
-    return text
-
-
 # NOTE: README.md's "Databases" section documents these keys; keep them in step.
 DATABASE_OPTIONS: Dict[str, Option] = {
     "enabled": Option("yes", _yes_no, "no: back database files up as they are, like any file"),
     "mariadb_method": Option("auto", _method_list, "auto, off, or snapshot/mariabackup/dump in order"),
     "postgresql_method": Option("auto", _method_list, "auto, off, or snapshot/basebackup in order"),
-    "mariadb_defaults_file": Option("", _absolute_file,
+    "mariadb_defaults_file": Option("", _absolute_path,
                                     "a my.cnf with the credentials (default: root over the socket)"),
     "lock_wait_timeout": Option("1", _positive_int,
                                 "seconds the backup lock may wait behind a long write (writers wait too)"),
     "lock_tries": Option("3", _positive_int, "tries at the backup lock before giving up"),
-    "copy_dir": Option("/var/lib/byteback/database-copies", _absolute_file,
+    "copy_dir": Option("/var/lib/byteback/database-copies", _absolute_path,
                        "where mariabackup and pg_basebackup copies are made (needs the space)"),
 }
 
@@ -5743,25 +5739,14 @@ def parse_database_config(text: str, source: str = DATABASES_FILE) -> DatabaseCo
         key = key.strip().lower()
         if not sep:
             raise ByteBackError(f"{source} line {number}: not a 'key = value' line")
-        if key not in DATABASE_OPTIONS:
-            raise ByteBackError(f"{source} line {number}: unknown key '{key}'; known keys: "
-                                f"{', '.join(sorted(DATABASE_OPTIONS))}")
-        try:
-            values[key] = DATABASE_OPTIONS[key].convert(raw.strip())
-        except ValueError as e:
-            raise ByteBackError(f"{source} line {number}: bad value for {key}: {e}") from None
+        values[key] = convert_option(DATABASE_OPTIONS, key, raw, f"{source} line {number}")
     return DatabaseConfig(**values)
 
 
 def load_database_config(config_dir: str) -> DatabaseConfig:
     """Read <config_dir>/databases, or the defaults when there is none."""
     path = Path(config_dir) / DATABASES_FILE
-    try:
-        return parse_database_config(path.read_text(encoding="utf-8"), str(path))
-    except FileNotFoundError:
-        return DatabaseConfig()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ByteBackError(f"cannot read {path}: {e}") from None
+    return parse_database_config(read_config_file(path), str(path))
 
 
 class Database(NamedTuple):
