@@ -2554,13 +2554,17 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
     left = {h: len(f.snapshots) for h, f in hosts.items()}    # a host has a step while 2 are left
     heap = [entry(h, False) for h in hosts]
     heapq.heapify(heap)
-    while heap:
-        ratio, resolved, _, _, h, step = heapq.heappop(heap)
+    # An entry put back is at once compared with the top (heappushpop: one heap
+    # operation, not two; the entries differ in their host, so the order is the same).
+    pushpop, pop = heapq.heappushpop, heapq.heappop
+    item = pop(heap) if heap else None
+    while item is not None:
+        ratio, resolved, _, _, h, step = item
         if not resolved:
             if h not in orders:
                 f = hosts[h]
                 orders[h] = host_deletion_order(f.snapshots, now=now, order=order, targets=targets)
-            heapq.heappush(heap, entry(h, True, next(orders[h], None)))
+            item = pushpop(heap, entry(h, True, next(orders[h], None)))
             continue
         if step is None:
             # A host with nothing to give back stays in the heap: while it is the most over its
@@ -2569,6 +2573,7 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
                 return                                # nothing left anywhere: exhausted
             if -ratio > fair:
                 yield PlanStep(None, False, 0)       # the executor stops here
+            item = pop(heap) if heap else None
             continue
         freed = deletable[h].get(step.snapshot.name, 0)
         over = -ratio > fair
@@ -2579,7 +2584,7 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
         claims[h] -= freed
         left[h] -= 1
         yield PlanStep(Decision(step.snapshot, True, reason), over, freed)
-        heapq.heappush(heap, entry(h, False))
+        item = pushpop(heap, entry(h, False))
 
 
 @_remembered
