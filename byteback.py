@@ -8,9 +8,10 @@ so the disc never fills.  See README.md for set-up and the trust model.
 Sections (grep -n '^# [=-][=-][=-] '):
     1 constants & errors        2 utilities (run, lock, log, files)
     3 configuration             4 destinations & names
-    5 store backends            6 retention (pure)
+    5 store backends            6 retention (pure); 6b the prune plan (pure)
     7 server commands: snapshot, prune; 7b the receive guard (the forced
-      command); 7c listing files in snapshots; 7d server set-up
+      command); 7c listing files in snapshots; 7d server set-up (and taking
+      over an original byteback store)
     8 client commands: backup, setup-client, install-cron, restore; 8b status;
       8c databases (consistent copies of running MariaDB/MySQL, PostgreSQL)
     9 CLI dispatch
@@ -3868,7 +3869,7 @@ def _authorized_host(line: str) -> Optional[str]:
     return m.group(1) if m and is_host_name(m.group(1)) else None
 
 
-# --- The original byteback's authorized_keys lines (adopted by setup-server) --
+# The original byteback's authorized_keys lines, adopted by setup-server.
 # It wrote  command="byteback-receive",from="IP",environment="BYTEBACK_HOST=h" key
 # and relied on PermitUserEnvironment: the host came from an environment the
 # line itself sets.  setup-server turns each into our restricted line for the
