@@ -6661,22 +6661,7 @@ def _add_systemd(parser: argparse.ArgumentParser, name: str) -> None:
                         help=f"where --systemd writes them (default: {DEFAULT_UNIT_DIR})")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The command line: one subparser per command that works."""
-    parser = argparse.ArgumentParser(
-        prog="byteback", description="Maintenance-free client/server backups: rsync over "
-        "OpenSSH into read-only snapshots that are pruned automatically.",
-        epilog="Exit codes: 0 ok, 1 failure, 2 usage (status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).")
-    parser.add_argument("--version", action="version", version=f"byteback {VERSION}")
-    parser.add_argument("--config-dir", metavar="DIR",
-                        help="configuration directory (default: $BYTEBACK_CONFIG_DIR or /etc/byteback)")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    sub.required = True
-
-    p = sub.add_parser("backup", help="back this machine up now (run it from cron)",
-                       description="Copy files with rsync to the destination, then have a read-only "
-                       "snapshot taken and old snapshots pruned.")
-    _add_common(p)
+def _options_backup(p: argparse.ArgumentParser) -> None:
     p.add_argument("--destination", metavar="DEST",
                    help="a local store path, or user@host: (default: <config-dir>/destination)")
     p.add_argument("--source", action="append", metavar="DIR",
@@ -6696,22 +6681,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--install-missing", action="store_true",
                    help="(root) install rsync and ssh with apt-get if they are missing "
                    "(at a terminal byteback asks; from cron it never installs unasked)")
-    p.set_defaults(func=cmd_backup)
 
-    p = sub.add_parser("install-cron", help="(client, root) back up daily at a random minute",
-                       description="Write a cron.d file that runs this program's backup once a day at a "
-                       "time picked at random (and kept on re-runs), so clients spread out.")
-    _add_common(p)
+
+def _options_install_cron(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cron-file", default="/etc/cron.d/byteback", metavar="PATH",
                    help="where to write it (default: /etc/cron.d/byteback)")
     p.add_argument("--hour", type=int, choices=range(24), metavar="H", help="run in this hour (0-23) instead of a random one")
     _add_systemd(p, "byteback")
-    p.set_defaults(func=cmd_install_cron)
 
-    p = sub.add_parser("snapshot", help="(server) snapshot a host's current backup, then prune",
-                       description="Make <store>/<host>/current a read-only snapshot named by the "
-                       "time, refused inside the minimum interval; then prune.")
-    _add_common(p)
+
+def _options_snapshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", required=True, help="the host whose backup to snapshot")
     p.add_argument("--store", metavar="ROOT", help="the store root (default: from server.conf)")
     p.add_argument("--force", action="store_true",
@@ -6719,12 +6698,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prepare", action="store_true",
                    help="take no snapshot: prune before the host's next backup (the forced command "
                         "runs this at the start of every push)")
-    p.set_defaults(func=cmd_snapshot)
 
-    p = sub.add_parser("prune", help="(server) delete old snapshots until free space meets the target",
-                       description="Delete snapshots one at a time, least important first, until the "
-                       "store's free space reaches headroom x the mean size of recent backups.")
-    _add_common(p)
+
+def _options_prune(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", metavar="ROOT", help="the store root (default: from server.conf)")
     p.add_argument("--order", choices=("importance", "age"), help="order of deletion (default: server.conf, else importance)")
     p.add_argument("--list", action="store_true", help="print the order of deletion with reasons; delete nothing")
@@ -6734,13 +6710,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--if-idle", action="store_true",
                    help="do nothing, successfully, while a snapshot or prune holds the store "
                    "(the scheduled prune: it would only repeat that one's work)")
-    p.set_defaults(func=cmd_prune)
 
-    p = sub.add_parser("restore", help="list the versions of files in the snapshots, and get them back",
-                       description="List files matching shell-style patterns (* ? [...] and ** for any "
-                       "depth; relative ones are taken from the current directory) in the newest "
-                       "snapshot, and with --restore copy them back.")
-    _add_common(p)
+
+def _options_restore(p: argparse.ArgumentParser) -> None:
     p.add_argument("pattern", nargs="+", help="what to look for, e.g. /etc/ssh/** or notes.txt")
     p.add_argument("--all", action="store_true", help="list every distinct version in every snapshot")
     p.add_argument("--snapshot", metavar="NAME", help="look in this snapshot ('current': the unfinished one)")
@@ -6758,12 +6730,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--destination", metavar="DEST", help="the store (default: <config-dir>/destination)")
     p.add_argument("--host", metavar="NAME", help="whose backups (default: this machine's FQDN)")
     p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: <config-dir>/port, else 22)")
-    p.set_defaults(func=cmd_restore)
 
-    p = sub.add_parser("status", help="when did backups last succeed? (a Nagios plugin too)",
-                       description="On a client, the last backup; with --store, every host of a server "
-                       "store. Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.")
-    _add_common(p)
+
+def _options_status(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", metavar="ROOT", help="report on this server store instead of this client")
     p.add_argument("--json", action="store_true", help="print JSON for scripts")
     p.add_argument("--nagios", action="store_true", help="print one plugin line: BYTEBACK OK - ...|perfdata")
@@ -6775,28 +6744,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="WARNING when the last good backup is this old (default: 26h)")
     p.add_argument("--critical", type=_arg(parse_duration), default=50 * 3600.0, metavar="AGE",
                    help="CRITICAL when the last good backup is this old (default: 50h)")
-    p.set_defaults(func=cmd_status)
 
-    p = sub.add_parser("simulate", add_help=False,
-                       help="model pruning over years of synthetic backups (see simulate --help)",
-                       description="The retention simulator: runs this program's own pruning over "
-                       "years of synthetic backups and compares policies.")
+
+def _options_simulate(p: argparse.ArgumentParser) -> None:
     p.add_argument("words", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    # main() hands simulate's words over before argparse sees them; this
-    # serves a parse that reaches it anyway (its words then start with no option).
-    p.set_defaults(func=lambda args: cmd_simulate(args.words))
 
-    p = sub.add_parser("receive", help="(server) the forced command in authorized_keys; not run by hand",
-                       description="Check SSH_ORIGINAL_COMMAND against byteback's allow-list and run "
-                       "only ping, complete, or rsync into (or, to restore, out of) this host's backups.")
-    _add_common(p)
+
+def _options_receive(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", required=True, help="the client's host name, fixed in authorized_keys")
-    p.set_defaults(func=cmd_receive)
 
-    p = sub.add_parser("setup-server", help="(server, root) create the backup user, store and sudo rules",
-                       description="Idempotently: create the user with its home on the store, set the "
-                       "store's ownership, install this program, and allow snapshots through sudo.")
-    _add_common(p)
+
+def _options_setup_server(p: argparse.ArgumentParser) -> None:
     p.add_argument("--store", required=True, metavar="ROOT", help="the store root, ideally a btrfs filesystem")
     p.add_argument("--user", default="byteback", help="the backup user (default: byteback)")
     p.add_argument("--install-path", metavar="PATH",
@@ -6807,20 +6765,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_systemd(p, "byteback-prune")
     p.add_argument("--dry-run", action="store_true",
                    help="say what adopting an original byteback store would do; change nothing")
-    p.set_defaults(func=cmd_setup_server)
 
-    p = sub.add_parser("setup-host", help="(server, root via sudo) the server half of setup-client",
-                       description="Add one client: its host directory, and its public key (read from "
-                       "standard input) as a restricted authorized_keys line.")
-    _add_common(p)
+
+def _options_setup_host(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", required=True, help="the client's host name")
     p.add_argument("--client-address", required=True, metavar="IP", help="the client's address, for from=")
-    p.set_defaults(func=cmd_setup_host)
 
-    p = sub.add_parser("setup-client", help="(client, root) set this machine up to back up to a server",
-                       description="Create <config-dir>/key, log in to the server once with your own "
-                       "credentials to register it, pin the server's host key, write the destination.")
-    _add_common(p)
+
+def _options_setup_client(p: argparse.ArgumentParser) -> None:
     p.add_argument("--destination", required=True, metavar="USER@HOST:", help="the server, e.g. byteback@backuphost:")
     p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: 22)")
     p.add_argument("--hostname", metavar="NAME", help="this machine's name on the server (default: its FQDN)")
@@ -6829,7 +6781,94 @@ def build_parser() -> argparse.ArgumentParser:
                    f"{PACKAGED_PATH} when this copy is the Debian package's)")
     p.add_argument("--server-config-dir", metavar="DIR",
                    help="the server's --config-dir, if setup-server was given one")
-    p.set_defaults(func=cmd_setup_client)
+
+
+class CommandSpec(NamedTuple):
+    """One command of the command line (see commands())."""
+    name: str
+    run: Callable
+    options: Callable          # adds the command's own options to its subparser
+    verbose: bool = True       # takes -v/--verbose
+    help: str = ""
+    description: str = ""
+    add_help: bool = True
+
+
+def commands() -> List[CommandSpec]:
+    """Every command: its name, the function that runs it, the one that adds its options,
+    whether it takes -v, and what `byteback --help` says of it (help, description).
+
+    Built when the parser is, so each name is looked up then."""
+    return [
+        CommandSpec("backup", cmd_backup, _options_backup,
+                    help="back this machine up now (run it from cron)",
+                    description="Copy files with rsync to the destination, then have a read-only "
+                    "snapshot taken and old snapshots pruned."),
+        CommandSpec("install-cron", cmd_install_cron, _options_install_cron,
+                    help="(client, root) back up daily at a random minute",
+                    description="Write a cron.d file that runs this program's backup once a day at a "
+                    "time picked at random (and kept on re-runs), so clients spread out."),
+        CommandSpec("snapshot", cmd_snapshot, _options_snapshot,
+                    help="(server) snapshot a host's current backup, then prune",
+                    description="Make <store>/<host>/current a read-only snapshot named by the "
+                    "time, refused inside the minimum interval; then prune."),
+        CommandSpec("prune", cmd_prune, _options_prune,
+                    help="(server) delete old snapshots until free space meets the target",
+                    description="Delete snapshots one at a time, least important first, until the "
+                    "store's free space reaches headroom x the mean size of recent backups."),
+        CommandSpec("restore", cmd_restore, _options_restore,
+                    help="list the versions of files in the snapshots, and get them back",
+                    description="List files matching shell-style patterns (* ? [...] and ** for any "
+                    "depth; relative ones are taken from the current directory) in the newest "
+                    "snapshot, and with --restore copy them back."),
+        CommandSpec("status", cmd_status, _options_status,
+                    help="when did backups last succeed? (a Nagios plugin too)",
+                    description="On a client, the last backup; with --store, every host of a server "
+                    "store. Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."),
+        # main() hands simulate's words over before argparse sees them; its run
+        # serves a parse that reaches it anyway (its words then start with no option).
+        CommandSpec("simulate", lambda args: cmd_simulate(args.words), _options_simulate, verbose=False,
+                    add_help=False,
+                    help="model pruning over years of synthetic backups (see simulate --help)",
+                    description="The retention simulator: runs this program's own pruning over "
+                    "years of synthetic backups and compares policies."),
+        CommandSpec("receive", cmd_receive, _options_receive,
+                    help="(server) the forced command in authorized_keys; not run by hand",
+                    description="Check SSH_ORIGINAL_COMMAND against byteback's allow-list and run "
+                    "only ping, complete, or rsync into (or, to restore, out of) this host's backups."),
+        CommandSpec("setup-server", cmd_setup_server, _options_setup_server,
+                    help="(server, root) create the backup user, store and sudo rules",
+                    description="Idempotently: create the user with its home on the store, set the "
+                    "store's ownership, install this program, and allow snapshots through sudo."),
+        CommandSpec("setup-host", cmd_setup_host, _options_setup_host,
+                    help="(server, root via sudo) the server half of setup-client",
+                    description="Add one client: its host directory, and its public key (read from "
+                    "standard input) as a restricted authorized_keys line."),
+        CommandSpec("setup-client", cmd_setup_client, _options_setup_client,
+                    help="(client, root) set this machine up to back up to a server",
+                    description="Create <config-dir>/key, log in to the server once with your own "
+                    "credentials to register it, pin the server's host key, write the destination."),
+    ]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line: one subparser per command that works."""
+    parser = argparse.ArgumentParser(
+        prog="byteback", description="Maintenance-free client/server backups: rsync over "
+        "OpenSSH into read-only snapshots that are pruned automatically.",
+        epilog="Exit codes: 0 ok, 1 failure, 2 usage (status: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN).")
+    parser.add_argument("--version", action="version", version=f"byteback {VERSION}")
+    parser.add_argument("--config-dir", metavar="DIR",
+                        help="configuration directory (default: $BYTEBACK_CONFIG_DIR or /etc/byteback)")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+    for command in commands():
+        p = sub.add_parser(command.name, help=command.help, description=command.description,
+                           add_help=command.add_help)
+        if command.verbose:
+            _add_common(p)
+        command.options(p)
+        p.set_defaults(func=command.run)
     return parser
 
 
