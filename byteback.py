@@ -6392,23 +6392,11 @@ class DatabasePhase:
                            self.identity[db.datadir]))
         return lock_seconds, ""
 
-    def _copy_dir(self, db: Database, owner: str, private: bool = False) -> str:
-        """A fresh directory for one server's copy.  private: inside a root-only directory,
-        for a copy root makes of files the database's user controls (see _by_mariabackup)."""
-        # Traversable, not listable: pg_basebackup runs as the cluster's owner.
+    def _copy_dir(self, db: Database, owner: str) -> str:
+        # Traversable, not listable: the copy is made as the server's owner.
         os.makedirs(self.config.copy_dir, mode=0o711, exist_ok=True)
         os.chmod(self.config.copy_dir, 0o711)
-        parent = self.config.copy_dir
-        if private:
-            parent = os.path.join(parent, "private")
-            self._remember(parent)
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(parent, 0o700)
-            st = os.lstat(parent)
-            if not stat.S_ISDIR(st.st_mode) or st.st_uid != 0:
-                raise ByteBackError(f"{parent} is not a directory of root's; remove it")
-            os.chmod(parent, 0o700)
-        path = os.path.join(parent, f"{db.kind}-{path_tag(db.datadir)}")
+        path = os.path.join(self.config.copy_dir, f"{db.kind}-{path_tag(db.datadir)}")
         self._remove(path)
         self._remember(path)
         os.mkdir(path, 0o700)
@@ -6418,24 +6406,23 @@ class DatabasePhase:
 
     def _by_mariabackup(self, db: Database, session: Optional[SqlSession], subvolume: Optional[str],
                         version: str) -> tuple:
-        # mariabackup runs as root and reads whatever the datadir's files lead to (a
-        # symlinked table may point at /etc/shadow); the copy is then given to the
-        # datadir's owner.  So it is made where only root can reach it: the owner
-        # never reads what root copied for it.
-        target = self._copy_dir(db, "root", private=True)
+        # As the datadir's owner, never as root: mariabackup reads whatever the
+        # datadir's files lead to (a symlinked table may point at /etc/shadow),
+        # and what it copies is the owner's to read and, restored, to keep.  It
+        # logs in as the account of that name (Debian's MariaDB makes one with
+        # unix_socket authentication), unless the defaults file names another.
+        target = self._copy_dir(db, db.owner)
         defaults = [f"--defaults-file={self.config.mariadb_defaults_file}"] if self.config.mariadb_defaults_file else []
+        login = [] if defaults else [f"--user={db.owner}"]
+        as_owner = [] if db.owner == _owner_name(os.geteuid()) else ["runuser", "-u", db.owner, "--"]
         # The server's own my.cnf is read (mariabackup needs its InnoDB settings);
         # the datadir and socket given here are the running server's.
-        self.runner.run(["mariabackup", *defaults, "--backup", f"--socket={db.socket}", "--user=root",
+        self.runner.run([*as_owner, "mariabackup", *defaults, "--backup", f"--socket={db.socket}", *login,
                          f"--datadir={db.datadir}", f"--target-dir={target}",
                          f"--ftwrl-wait-timeout={self.config.lock_wait_timeout * self.config.lock_tries}"])
-        self.runner.run(["mariabackup", *defaults, "--prepare", f"--target-dir={target}"])
-        # A restore is then a plain copy back: the copy has the datadir's owner.
-        st = os.stat(db.datadir)
-        for dirpath, dirnames, filenames in os.walk(target):
-            for name in [dirpath] + [os.path.join(dirpath, n) for n in dirnames + filenames]:
-                os.lchown(name, st.st_uid, st.st_gid)
-        os.chmod(target, stat.S_IMODE(st.st_mode))
+        self.runner.run([*as_owner, "mariabackup", *defaults, "--prepare", f"--target-dir={target}"])
+        # A restore is then a plain copy back: the copy has the datadir's owner and mode.
+        os.chmod(target, stat.S_IMODE(os.stat(db.datadir).st_mode))
         self.binds.append((target, db.datadir, self.identity[db.datadir]))
         return 0.0, ""
 

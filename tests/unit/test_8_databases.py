@@ -1,10 +1,6 @@
 """Section 8c: the database phase's pure parts (/proc parsing, versions, method choice, config)."""
 from __future__ import annotations
 
-import os
-import stat
-from pathlib import Path
-
 import pytest
 
 import byteback
@@ -267,19 +263,3 @@ def test_problem_text_says_how_to_give_credentials():
     assert byteback._problem_text(ByteBackError("lock timed out")) == "lock timed out"
     assert byteback._problem_text(FileNotFoundError(2, "No such file or directory", "/var/lib/mysql")) == \
         "/var/lib/mysql: No such file or directory"
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root: the copy directories are root's")
-def test_a_copy_root_makes_for_mariabackup_is_out_of_the_database_users_reach(tmp_path):
-    """mariabackup reads as root whatever a datadir's files lead to; the copy is the datadir
-    owner's afterwards, so it is made inside a directory only root can enter."""
-    config = byteback.DatabaseConfig(copy_dir=str(tmp_path / "copies"))
-    phase = byteback.DatabasePhase(config, tmp_path / "state", byteback.Runner())
-    db = byteback.Database("mariadb", 1, "/var/lib/mysql", "/run/mysqld/mysqld.sock", None, "mysql")
-    private = Path(phase._copy_dir(db, "root", private=True))
-    parent = os.lstat(private.parent)
-    assert (parent.st_uid, stat.S_IMODE(parent.st_mode)) == (0, 0o700)
-    shared = os.lstat(phase._copy_dir(db._replace(kind="postgresql"), "root"))
-    assert stat.S_IMODE(os.lstat(config.copy_dir).st_mode) == 0o711 and shared.st_uid == 0
-    phase.remove_copies()
-    assert not any(Path(config.copy_dir).iterdir())
