@@ -6,9 +6,13 @@ symlink meanwhile; the copy must never then be seen at the link's target.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import time
 import sys
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -67,14 +71,33 @@ def test_another_directory_at_the_datadirs_name_is_left_alone(dirs):
         assert seen(made["datadir"]) == ["victim"]
 
 
+@contextlib.contextmanager
+def fake_mariadbd(*args: str, uid: int, gid: int) -> Iterator[subprocess.Popen]:
+    """A process named mariadbd with these arguments, run as uid, until the block ends."""
+    def as_that_user():
+        os.setgid(gid)
+        os.setuid(uid)
+
+    fake = subprocess.Popen(
+        ["/usr/bin/python3", "-c", "import ctypes, time; ctypes.CDLL(None).prctl(15, b'mariadbd'); time.sleep(60)",
+         *args], preexec_fn=as_that_user, cwd="/")
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{fake.pid}/comm").read_text().strip() != "mariadbd":
+            assert fake.poll() is None and time.monotonic() < deadline, "the fake server did not start"
+            time.sleep(0.05)
+        yield fake
+    finally:
+        fake.kill()
+        fake.wait()
+
+
 @pytest.mark.parametrize("who", ["a person", "a system account"])
 def test_a_process_named_mariadbd_of_another_account_is_not_taken_for_a_server(tmp_path, who):
     """Any user (www-data too) can name a process mariadbd and give it --socket=<its own>:
     root must not log in there; only root's, mysql's and postgres's servers count."""
     if os.geteuid() != 0:
         pytest.skip("needs root: runs a process as another user")
-    import subprocess
-    import time
     from sshd_env import server_user
     home = tmp_path / "home"
     home.mkdir()
@@ -83,23 +106,8 @@ def test_a_process_named_mariadbd_of_another_account_is_not_taken_for_a_server(t
         # server_user makes a system account (uid below 1000); a person's uid is above.
         uid = user.uid if who == "a system account" else 54242
 
-        def as_that_user():
-            os.setgid(user.gid)
-            os.setuid(uid)
-
-        fake = subprocess.Popen(
-            ["/usr/bin/python3", "-c",
-             "import ctypes, time; ctypes.CDLL(None).prctl(15, b'mariadbd'); time.sleep(60)",
-             f"--socket={home}/evil.sock", f"--datadir={home}"], preexec_fn=as_that_user, cwd="/")
-        try:
-            deadline = time.monotonic() + 10
-            while Path(f"/proc/{fake.pid}/comm").read_text().strip() != "mariadbd":
-                assert fake.poll() is None and time.monotonic() < deadline, "the fake server did not start"
-                time.sleep(0.05)
+        with fake_mariadbd(f"--socket={home}/evil.sock", f"--datadir={home}", uid=uid, gid=user.gid) as fake:
             assert fake.pid not in [db.pid for db in byteback.find_databases()]
-        finally:
-            fake.kill()
-            fake.wait()
 
 
 def test_restore_database_never_moves_aside_a_datadir_a_server_runs_on_through_a_symlink(tmp_path):
@@ -107,8 +115,6 @@ def test_restore_database_never_moves_aside_a_datadir_a_server_runs_on_through_a
     started with --datadir=<a symlink to it> runs on it just the same."""
     if os.geteuid() != 0:
         pytest.skip("needs root: runs a process as a system account")
-    import subprocess
-    import time
     from sshd_env import server_user
     home = tmp_path / "home"
     home.mkdir()
@@ -116,22 +122,7 @@ def test_restore_database_never_moves_aside_a_datadir_a_server_runs_on_through_a
     datadir.mkdir()
     (tmp_path / "link").symlink_to(datadir)
     with server_user(home) as user:
-        def as_server():
-            os.setgid(user.gid)
-            os.setuid(user.uid)
-
-        server = subprocess.Popen(
-            ["/usr/bin/python3", "-c",
-             "import ctypes, time; ctypes.CDLL(None).prctl(15, b'mariadbd'); time.sleep(60)",
-             f"--datadir={tmp_path}/link", f"--socket={home}/s.sock"], preexec_fn=as_server, cwd="/")
-        try:
-            deadline = time.monotonic() + 10
-            while Path(f"/proc/{server.pid}/comm").read_text().strip() != "mariadbd":
-                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
-                time.sleep(0.05)
+        with fake_mariadbd(f"--datadir={tmp_path}/link", f"--socket={home}/s.sock", uid=user.uid, gid=user.gid):
             with pytest.raises(byteback.ByteBackError, match="stop it first"):
                 byteback.move_datadir_aside(str(datadir), "2026-11-01T03:15+0000")
             assert datadir.is_dir()
-        finally:
-            server.kill()
-            server.wait()
