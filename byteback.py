@@ -52,7 +52,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, Optional, Sequence
+from typing import Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Sequence
 
 # === 1. Constants & errors ===================================================
 
@@ -2797,16 +2797,21 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     config = load_server_config(args.config_dir)
     store = _server_store(args.store, config, Runner())
     host = check_host_name(args.host)
-    if getattr(args, "prepare", False):
-        with store.lock():
-            try:
-                prune_store(store, config, now=now_local())
-            except (ByteBackError, OSError) as e:
-                log.error("before a backup of %s: %s", host, e)
-                return EXIT_FAILURE
-        return EXIT_OK
+    if args.prepare:
+        return prepare_backup(store, host, config)
     snap = snapshot_and_prune(store, host, config, force=args.force)
     print(f"snapshot {snap.host}/{snap.name} taken")
+    return EXIT_OK
+
+
+def prepare_backup(store: Store, host: str, config: ServerConfig) -> int:
+    """The start of a push (`snapshot --prepare`): a prune under the store's lock."""
+    with store.lock():
+        try:
+            prune_store(store, config, now=now_local())
+        except (ByteBackError, OSError) as e:
+            log.error("before a backup of %s: %s", host, e)
+            return EXIT_FAILURE
     return EXIT_OK
 
 
@@ -2884,10 +2889,42 @@ CONFINE_RSYNC = (3, 5, 0)       # --confine-root (refuses operator paths outside
 COMPRESS_PUSH_RSYNC = (3, 4, 3)  # CVE-2026-43618: a hostile sender's compressed data overflows
 ACL_RSYNC = (3, 5, 0)            # CVE-2026-53799: ACLs applied by path, through a raced symlink
 
+
+
+class Letter(NamedTuple):
+    """A single-letter rsync option the guard allows, and the directions it may come in."""
+    push: bool          # on a backup (rsync --server)
+    send: bool          # on a restore (rsync --server --sender)
+
+
 # Single-letter options, by direction.  NOTE: build_rsync_argv (section 8) and
 # the restore client send these; keep the tables and the client in step.
-PUSH_LETTERS = frozenset("vlogDtpXrRHnzSxcWIuqA")
-SEND_LETTERS = frozenset("vlogDtpXrRHnzqA")
+LETTERS = {
+    #  letter        push   send     long form
+    "v": Letter(True,  True),    # --verbose
+    "l": Letter(True,  True),    # --links (stored munged, see server_rsync_argv)
+    "o": Letter(True,  True),    # --owner (kept in xattrs under --fake-super)
+    "g": Letter(True,  True),    # --group
+    "D": Letter(True,  True),    # --devices --specials (kept in xattrs, never made)
+    "t": Letter(True,  True),    # --times
+    "p": Letter(True,  True),    # --perms
+    "X": Letter(True,  True),    # --xattrs
+    "r": Letter(True,  True),    # --recursive
+    "R": Letter(True,  True),    # --relative
+    "H": Letter(True,  True),    # --hard-links
+    "n": Letter(True,  True),    # --dry-run
+    "z": Letter(True,  True),    # --compress (a backup's needs rsync 3.4.3, server_rsync_argv)
+    "q": Letter(True,  True),    # --quiet
+    "A": Letter(True,  True),    # --acls (needs rsync 3.5.0, server_rsync_argv)
+    "S": Letter(True,  False),   # --sparse
+    "x": Letter(True,  False),   # --one-file-system
+    "c": Letter(True,  False),   # --checksum
+    "W": Letter(True,  False),   # --whole-file
+    "I": Letter(True,  False),   # --ignore-times
+    "u": Letter(True,  False),   # --update
+}
+PUSH_LETTERS = frozenset(letter for letter, row in LETTERS.items() if row.push)
+SEND_LETTERS = frozenset(letter for letter, row in LETTERS.items() if row.send)
 REFUSED_LETTERS = {
     "s": "secluded args hide the real options from this check",
     "L": "--copy-links follows symlinks a client planted, out of the host's tree",
@@ -2898,28 +2935,38 @@ REFUSED_LETTERS = {
     "P": "--partial --progress: progress output is not for the server",
 }
 
+
+
+class LongOption(NamedTuple):
+    """A long rsync option the guard allows: its value, its directions, who decides it."""
+    value: Optional[str]    # the regex a value must match; None: the option takes no value
+    push: bool              # on a backup
+    send: bool              # on a restore
+    keep: bool              # the server passes the client's word on (False: it sets its own)
+
+
 # Long options the byteback client sends, with a value check, the directions
 # they may come in, and whether the server keeps the client's value or uses
 # its own.  Values must come joined (--opt=value): the client always does.
-_ANY, _INT, _LEVEL, _ITEMIZE = None, r"[0-9]{1,9}", r"[0-9]", r"%i"
+_NONE, _INT, _LEVEL, _ITEMIZE = None, r"[0-9]{1,9}", r"[0-9]", r"%i"
 LONG_OPTIONS = {
-    #  option              value      push   send   keep
-    "--timeout":          (_INT,      True,  True,  False),  # the server sets its own
-    "--inplace":          (_ANY,      True,  True,  False),  # the backend decides
-    "--fake-super":       (_ANY,      True,  True,  False),  # the server always adds it
-    "--delete":           (_ANY,      True,  False, True),
-    "--delete-during":    (_ANY,      True,  False, True),
-    "--delete-excluded":  (_ANY,      True,  False, True),
-    "--numeric-ids":      (_ANY,      True,  True,  True),
-    "--partial":          (_ANY,      True,  False, True),
-    "--bwlimit":          (_INT,      True,  True,  True),
-    "--compress-level":   (_LEVEL,    True,  True,  True),
-    "--size-only":        (_ANY,      True,  False, True),
-    "--ignore-times":     (_ANY,      True,  False, True),
-    "--stats":            (_ANY,      True,  True,  True),
-    "--log-format":       (_ITEMIZE,  True,  True,  True),   # only what --itemize-changes sends
-    "--modify-window":    (r"-1",     True,  False, True),   # nanosecond mtimes (sent as -@-1)
-    "--no-implied-dirs":  (_ANY,      False, True,  True),   # restore keeps existing directories
+    #  option                         value      push   send   keep
+    "--timeout":         LongOption(_INT,      True,  True,  False),  # the server sets its own
+    "--inplace":         LongOption(_NONE,     True,  True,  False),  # the backend decides
+    "--fake-super":      LongOption(_NONE,     True,  True,  False),  # the server always adds it
+    "--delete":          LongOption(_NONE,     True,  False, True),
+    "--delete-during":   LongOption(_NONE,     True,  False, True),
+    "--delete-excluded": LongOption(_NONE,     True,  False, True),
+    "--numeric-ids":     LongOption(_NONE,     True,  True,  True),
+    "--partial":         LongOption(_NONE,     True,  False, True),
+    "--bwlimit":         LongOption(_INT,      True,  True,  True),
+    "--compress-level":  LongOption(_LEVEL,    True,  True,  True),
+    "--size-only":       LongOption(_NONE,     True,  False, True),
+    "--ignore-times":    LongOption(_NONE,     True,  False, True),
+    "--stats":           LongOption(_NONE,     True,  True,  True),
+    "--log-format":      LongOption(_ITEMIZE,  True,  True,  True),   # only what --itemize-changes sends
+    "--modify-window":   LongOption(r"-1",     True,  False, True),   # nanosecond mtimes (sent as -@-1)
+    "--no-implied-dirs": LongOption(_NONE,     False, True,  True),   # restore keeps existing directories
 }
 # Refused by name so the refusal says why.  Everything not in LONG_OPTIONS is
 # refused anyway; these are the ones an attacker would reach for.
@@ -2995,6 +3042,60 @@ def _check_restore_path(path: str) -> str:
     return path
 
 
+def check_list_pattern(pattern: str) -> str:
+    """A listing pattern from a client: an absolute glob that does not climb."""
+    if "\0" in pattern or "\n" in pattern:
+        raise Refused("a pattern with a NUL or newline")
+    if not pattern.startswith("/"):
+        raise Refused(f"pattern {pattern!r} must be absolute")
+    if ".." in pattern.split("/"):
+        raise Refused(f"pattern {pattern!r} climbs with '..'")
+    # Matching takes at most len(name) x len(part) steps a name (compile_glob);
+    # the limits keep that, and the number of parts a path is tried against, small.
+    if len(pattern) > 1024 or pattern.count("**") > 2 or any(
+            part.replace("**", "").count("*") + part.count("?") > 4 for part in pattern.split("/")):
+        raise Refused(f"pattern {pattern[:80]!r} is too complex: at most 4 wildcards in one name "
+                      "and 2 '**', 1024 characters")
+    try:
+        compile_glob(pattern)
+    except ByteBackError as e:
+        raise Refused(str(e)) from None
+    return pattern
+
+
+class Entry(NamedTuple):
+    """One file in one snapshot, with the owner and mode it had on the client."""
+    snapshot: str
+    path: str
+    kind: str          # f d l o (file, directory, symlink, other)
+    mode: int
+    size: int
+    uid: int
+    gid: int
+    mtime: int
+    target: str = ""
+
+
+def parse_list_words(words: Sequence[str]) -> Request:
+    """`list [--all] [--snapshot=NAME] PATTERN...` from a client, checked."""
+    options, patterns = [], []
+    for word in words:
+        if word == "--all" and not patterns:
+            options.append(word)
+        elif word.startswith("--snapshot=") and not patterns:
+            name = word.partition("=")[2]
+            if name != "current" and parse_snapshot_name(name) is None:
+                raise Refused(f"{name!r} is not a snapshot name")
+            options.append(word)
+        elif word.startswith("-"):
+            raise Refused(f"list option {word!r} is not allowed")
+        else:
+            patterns.append(check_list_pattern(word))
+    if not patterns or len(patterns) > 100:
+        raise Refused("list takes from 1 to 100 patterns")
+    return Request("list", options=tuple(options), paths=tuple(patterns))
+
+
 def check_receive_command(original: str) -> Request:
     """Decide what a client may run, from SSH_ORIGINAL_COMMAND alone.  Raises Refused.
 
@@ -3016,15 +3117,18 @@ def check_receive_command(original: str) -> Request:
         raise Refused(f"unparsable command ({e})") from None
     if not words:
         raise Refused("empty command")
-    if words in (["ping"], ["complete"]):
-        return Request(words[0])
-    if words[0] == "list":
-        return parse_list_words(words[1:])
-    if words[0] in ("byteback-receive", "byteback-restore"):
-        return _check_original_words(words)
-    if words[0] != "rsync":
+    if words[0] not in CLIENT_VERBS:
         raise Refused(f"{words[0]!r} is not a command byteback runs")
-    return _check_rsync_words(words[1:])
+    return CLIENT_VERBS[words[0]](words[1:])
+
+
+def _check_no_arguments(verb: str) -> Callable[[List[str]], Request]:
+    """ping and complete: the bare word, nothing after it."""
+    def check(rest: List[str]) -> Request:
+        if rest:
+            raise Refused(f"{verb!r} with arguments is not a command byteback runs")
+        return Request(verb)
+    return check
 
 
 # The original byteback's clients (Ruby) say the same things in other words.
@@ -3058,29 +3162,33 @@ def _original_snapshot(name: str) -> str:
     return name
 
 
-def _check_original_words(words: List[str]) -> Request:
-    """An original client's command, as one of ours (see the table above).  Raises Refused."""
-    program, rest = words[0], list(words[1:])
-    if program == "byteback-receive":
-        flags = [w for w in rest if w != "--verbose"]       # --verbose changes nothing here
-        if flags in (["--ping"], ["--complete"]):
-            return Request(flags[0][2:])
-        if len(flags) < 4 or flags[0] != "--snapshot" or flags[2] != "--list":
-            raise Refused("byteback-receive: only --ping, --complete and --snapshot S --list are allowed")
-        snapshot, flags = _original_snapshot(flags[1]), flags[3:]
-        every = bool(flags) and flags[0] == "--all"
-        patterns = flags[1:] if every else flags
-        options = [ORIGINAL_TABLE]
-        if snapshot == ORIGINAL_ANY:
-            options += ["--all"] + ([] if every else [ORIGINAL_NEWEST])
-        else:
-            options.append(f"--snapshot={snapshot}")
-        if not patterns or len(patterns) > 100:
-            raise Refused("list takes from 1 to 100 patterns")
-        return Request("list", options=tuple(options),
-                       paths=tuple(check_list_pattern(decode_original_arg(p)) for p in patterns))
-    # byteback-restore: what --rsync-path "byteback-restore --fake-super --snapshot S [--all]"
-    # makes of the rsync server command line.
+def _check_original_receive(rest: List[str]) -> Request:
+    """An original client's byteback-receive, as ping, complete or list.  Raises Refused."""
+    flags = [w for w in rest if w != "--verbose"]       # --verbose changes nothing here
+    if flags in (["--ping"], ["--complete"]):
+        return Request(flags[0][2:])
+    if len(flags) < 4 or flags[0] != "--snapshot" or flags[2] != "--list":
+        raise Refused("byteback-receive: only --ping, --complete and --snapshot S --list are allowed")
+    snapshot, flags = _original_snapshot(flags[1]), flags[3:]
+    every = bool(flags) and flags[0] == "--all"
+    patterns = flags[1:] if every else flags
+    options = [ORIGINAL_TABLE]
+    if snapshot == ORIGINAL_ANY:
+        options += ["--all"] + ([] if every else [ORIGINAL_NEWEST])
+    else:
+        options.append(f"--snapshot={snapshot}")
+    if not patterns or len(patterns) > 100:
+        raise Refused("list takes from 1 to 100 patterns")
+    return Request("list", options=tuple(options),
+                   paths=tuple(check_list_pattern(decode_original_arg(p)) for p in patterns))
+
+
+def _check_original_restore(rest: List[str]) -> Request:
+    """An original client's byteback-restore, as an rsync sender.  Raises Refused.
+
+    What --rsync-path "byteback-restore --fake-super --snapshot S [--all]" makes
+    of the rsync server command line."""
+    rest = list(rest)
     if rest[:1] == ["--fake-super"]:
         rest.pop(0)
     if len(rest) < 2 or rest[0] != "--snapshot":
@@ -3149,7 +3257,6 @@ def _check_rsync_words(words: List[str]) -> Request:
     sender = bool(options) and options[0] == "--sender"
     if sender:
         options.pop(0)
-    allowed_letters = SEND_LETTERS if sender else PUSH_LETTERS
     letters, capabilities, kept = "", "", []
     while options and options[0] != ".":
         word = options.pop(0)
@@ -3159,15 +3266,15 @@ def _check_rsync_words(words: List[str]) -> Request:
                 raise Refused(f"rsync option {name}: {REFUSED_LONG_OPTIONS[name]}")
             if name not in LONG_OPTIONS:
                 raise Refused(f"rsync option {name} is not on byteback's allow-list")
-            pattern, push_ok, send_ok, keep = LONG_OPTIONS[name]
-            if not (send_ok if sender else push_ok):
+            row = LONG_OPTIONS[name]
+            if not (row.send if sender else row.push):
                 raise Refused(f"rsync option {name} is not allowed when "
                               f"{'restoring' if sender else 'backing up'}")
-            if (pattern is None) != (not has_value):
-                raise Refused(f"rsync option {name} {'takes no' if pattern is None else 'needs a'} value")
-            if pattern is not None and not re.fullmatch(pattern, value):
+            if (row.value is None) != (not has_value):
+                raise Refused(f"rsync option {name} {'takes no' if row.value is None else 'needs a'} value")
+            if row.value is not None and not re.fullmatch(row.value, value):
                 raise Refused(f"rsync option {name} has a bad value {value!r}")
-            if keep:
+            if row.keep:
                 kept.append(word)
         elif word == "-@-1" and not sender:
             # --modify-window=-1 (compare nanoseconds) travels as this word;
@@ -3184,8 +3291,11 @@ def _check_rsync_words(words: List[str]) -> Request:
             for letter in cluster:
                 if letter in REFUSED_LETTERS:
                     raise Refused(f"rsync option -{letter}: {REFUSED_LETTERS[letter]}")
-                if letter not in allowed_letters:
+                if letter not in LETTERS:
                     raise Refused(f"rsync option -{letter} is not on byteback's allow-list")
+                if not (LETTERS[letter].send if sender else LETTERS[letter].push):
+                    raise Refused(f"rsync option -{letter} is not allowed when "
+                                  f"{'restoring' if sender else 'backing up'}")
                 if letter not in letters:
                     letters += letter
         else:
@@ -3203,6 +3313,18 @@ def _check_rsync_words(words: List[str]) -> Request:
         raise Refused("a restore names at least one path")
     return Request("restore", letters, capabilities, tuple(kept),
                    tuple(_check_restore_path(p) for p in paths))
+
+
+# What a client may ask for: the first word of its command, and the check
+# that makes a Request of the rest (or refuses it).
+CLIENT_VERBS: Dict[str, Callable[[List[str]], Request]] = {
+    "ping": _check_no_arguments("ping"),          # the client's first question
+    "complete": _check_no_arguments("complete"),  # the end of a push: take the snapshot
+    "list": parse_list_words,                     # restore's listing
+    "rsync": _check_rsync_words,                  # a push, or a restore's sender
+    "byteback-receive": _check_original_receive,  # the original client's ping, complete, list
+    "byteback-restore": _check_original_restore,  # the original client's restore
+}
 
 
 def rsync_version(text: str) -> tuple:
@@ -3251,30 +3373,6 @@ def _store_for_user(config: ServerConfig, runner: Optional[Runner] = None) -> St
     return open_store(config.store or pwd.getpwuid(os.getuid()).pw_dir, runner)
 
 
-def _run_snapshot_for_client(args: argparse.Namespace, host: str, prepare: bool = False) -> int:
-    """`complete`: snapshot as root through sudo, or as this user where sudo is not set up.
-
-    prepare: the start of a push instead (`snapshot --prepare`, which setup-server's
-    sudoers line `snapshot --host *` allows): a prune, with nothing on stdout."""
-    argv = [program_path(), *config_dir_args(args.config_dir), "snapshot", "--host", host]
-    argv += ["--prepare"] if prepare else []
-    runner = Runner()
-    allowed = shutil.which("sudo") and runner.run(
-        ["sudo", "-n", "-l", *argv], destructive=False, check=False).returncode == 0
-    if allowed:
-        # stdout is rsync's protocol channel at the start of a push
-        return runner.run(["sudo", "-n", *argv], check=False, capture=False, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL if prepare else None).returncode
-    if prepare:
-        args.store, args.force, args.prepare = None, False, True
-        return cmd_snapshot(args)
-    log.warning("sudo is not set up for byteback on this server: snapshotting as %s; "
-                "history is protected only by the forced command (run setup-server as root)",
-                os.environ.get("USER", "this user"))
-    args.store, args.force = None, False
-    return cmd_snapshot(args)
-
-
 def processes_with_open(path: Path) -> List[int]:
     """This user's processes that have path open (from /proc/<pid>/fd)."""
     try:
@@ -3318,19 +3416,38 @@ def take_session(store: Store, host: str, timeout: float) -> Lock:
     return store.session_lock(host).__enter__()
 
 
+class Receive(NamedTuple):
+    """What the forced command knows once it has accepted a request: who, and where."""
+    args: argparse.Namespace
+    host: str                   # from authorized_keys (our own argv), never from the client
+    config: ServerConfig
+    store: Store
+    host_dir: Path
+    current: Path
+
+
+def _refuse(host: str, original: str, reason: object) -> NoReturn:
+    """The guard's one refusal: a REFUSED line for syslog, one line on stderr, exit 1."""
+    log.warning("REFUSED host=%s client=%s command=%r: %s", host, _ssh_client_address(),
+                original[:500], reason, extra={"syslog_only": True})
+    raise ByteBackError(f"refused: {reason}", logged=True) from None
+
+
 def cmd_receive(args: argparse.Namespace) -> int:
     """receive: the forced command.  Checks SSH_ORIGINAL_COMMAND and runs only what is allowed."""
-    # The host comes from authorized_keys (our own argv), never from the client.
     host = check_host_name(args.host)
     original = os.environ.get("SSH_ORIGINAL_COMMAND", "")
-    client = _ssh_client_address()
     try:
         request = check_receive_command(original)
+        log.info("ACCEPTED host=%s client=%s verb=%s command=%r", host, _ssh_client_address(),
+                 request.verb, original[:500])
+        return RECEIVE_VERBS[request.verb](_open_receive(args, host), request)
     except Refused as e:
-        log.warning("REFUSED host=%s client=%s command=%r: %s", host, client, original[:500], e,
-                    extra={"syslog_only": True})
-        raise ByteBackError(f"refused: {e}", logged=True) from None
-    log.info("ACCEPTED host=%s client=%s verb=%s command=%r", host, client, request.verb, original[:500])
+        _refuse(host, original, e)
+
+
+def _open_receive(args: argparse.Namespace, host: str) -> Receive:
+    """This user's store, and the host's directories in it, checked."""
     config = load_server_config(args.config_dir)
     store = _store_for_user(config)
     host_dir, current = store.host_dir(host), store.current(host)
@@ -3343,60 +3460,117 @@ def cmd_receive(args: argparse.Namespace) -> int:
         except OSError:
             raise ByteBackError(f"host {host} is not set up on this server ({path} is missing or "
                                 "not a directory); run setup-client again") from None
-    if request.verb == "ping":
-        print(f"pong byteback {VERSION} host={host}")
-        snaps = store.snapshots(host)
-        # Tell the client now, not after it has sent everything, that a
-        # snapshot would be refused.
-        refusal = interval_refusal(snaps[-1] if snaps else None, now_local(), config.min_interval)
-        if refusal:
-            print(f"wait: {refusal}")
-        return EXIT_OK
-    # One session per host: a second one racing the first is how symlink and
-    # rename races are won (CVE-2024-12747, CVE-2026-53797).
-    if request.verb == "push" and "n" not in request.letters:
+    return Receive(args, host, config, store, host_dir, current)
+
+
+def _receive_ping(r: Receive, request: Request) -> int:
+    """ping: pong, and a warning now (not after the upload) when a snapshot would be refused."""
+    print(f"pong byteback {VERSION} host={r.host}")
+    snaps = r.store.snapshots(r.host)
+    refusal = interval_refusal(snaps[-1] if snaps else None, now_local(), r.config.min_interval)
+    if refusal:
+        print(f"wait: {refusal}")
+    return EXIT_OK
+
+
+def _receive_complete(r: Receive, request: Request) -> int:
+    """complete: the snapshot.  It takes this host's session lock itself (as root): it
+    must never record half of an upload that is still running."""
+    return _snapshot_for_client(r)
+
+
+def _receive_list(r: Receive, request: Request) -> int:
+    """list: restore's listing, inside this host's session."""
+    take_session(r.store, r.host, r.config.rsync_timeout)
+    return serve_list(r.store, r.host, request, limit=r.config.rsync_timeout)
+
+
+def _receive_rsync(r: Receive, request: Request) -> int:
+    """push or restore: rsync's server half, run in this host's session, by exec."""
+    writes = request.verb == "push" and "n" not in request.letters   # a dry run writes nothing
+    if writes:
         # The start of a backup: prune first, as root, so that an upload abandoned past
         # the suspicion line is rolled back and the room an accepted one needs is made
         # before this one writes (plan_prune).  Its failure never stops the backup.
-        if _run_snapshot_for_client(args, host, prepare=True) != EXIT_OK:
-            log.warning("host %s: the prune before this backup failed (see the log); backing up anyway", host)
-    if request.verb == "complete":
-        # The snapshot takes this host's session lock itself (as root): it
-        # must never record half of an upload that is still running.
-        return _run_snapshot_for_client(args, host)
-    lock = take_session(store, host, config.rsync_timeout)
-    if request.verb == "list":
-        return serve_list(store, host, request, limit=config.rsync_timeout)
+        if _snapshot_for_client(r, prepare=True) != EXIT_OK:
+            log.warning("host %s: the prune before this backup failed (see the log); backing up anyway",
+                        r.host)
+    # One session per host: a second one racing the first is how symlink and
+    # rename races are won (CVE-2024-12747, CVE-2026-53797).
+    lock = take_session(r.store, r.host, r.config.rsync_timeout)
+    version = _server_rsync_version()
+    if request.any_snapshot:
+        request = resolve_any_snapshot(request, [s.name for s in r.store.snapshots(r.host)],
+                                       lambda snap, path: os.path.lexists(f"{r.host_dir}/{snap}{path}"))
+    argv = server_rsync_argv(request, host_dir=str(r.host_dir), current=str(r.current),
+                             backend_options=r.store.rsync_options(r.host),
+                             timeout=r.config.rsync_timeout, version=version)
+    if request.verb == "restore":
+        _check_paths_stay_inside(r, request.paths)
+    if writes:
+        resumed = r.store.dirty_since(r.host) is not None
+        r.store.mark_dirty(r.host, now_local())
+        r.store.unshare_current(r.host, resumed)
+    _exec_rsync(r, argv, lock)
+    return EXIT_FAILURE     # pragma: no cover - execve does not return
+
+
+RECEIVE_VERBS: Dict[str, Callable[[Receive, Request], int]] = {
+    "ping": _receive_ping, "complete": _receive_complete, "list": _receive_list,
+    "push": _receive_rsync, "restore": _receive_rsync,
+}
+
+
+def _server_rsync_version() -> tuple:
+    """This server's rsync version; refused (a ByteBackError) below MIN_RSYNC."""
     version = rsync_version(Runner().run([RSYNC_PROGRAM, "--version"], destructive=False).stdout)
     if version < MIN_RSYNC:
         raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
                             "and has known holes (CVE-2024-12084); upgrade rsync on the server")
-    if request.any_snapshot:
-        request = resolve_any_snapshot(request, [s.name for s in store.snapshots(host)],
-                                       lambda snap, path: os.path.lexists(f"{host_dir}/{snap}{path}"))
-    try:
-        argv = server_rsync_argv(request, host_dir=str(host_dir), current=str(current),
-                                 backend_options=store.rsync_options(host),
-                                 timeout=config.rsync_timeout, version=version)
-    except Refused as e:
-        log.warning("REFUSED host=%s client=%s: %s", host, client, e, extra={"syslog_only": True})
-        raise ByteBackError(f"refused: {e}", logged=True) from None
-    if request.verb == "restore":
-        real_host_dir = os.path.realpath(host_dir)
-        for path in request.paths:
-            resolved = os.path.realpath(os.path.join(host_dir, path))
-            if not _is_within(resolved, real_host_dir):
-                raise ByteBackError(f"refused: {path!r} leads outside host {host}'s backups")
-    if request.verb == "push" and "n" not in request.letters:   # a dry run writes nothing
-        resumed = store.dirty_since(host) is not None
-        store.mark_dirty(host, now_local())
-        store.unshare_current(host, resumed)
+    return version
+
+
+def _check_paths_stay_inside(r: Receive, paths: Sequence[str]) -> None:
+    """A restore's paths, resolved on the disc: a symlink in a snapshot must not lead out."""
+    real_host_dir = os.path.realpath(r.host_dir)
+    for path in paths:
+        if not _is_within(os.path.realpath(os.path.join(r.host_dir, path)), real_host_dir):
+            raise Refused(f"{path!r} leads outside host {r.host}'s backups")
+
+
+def _exec_rsync(r: Receive, argv: List[str], lock: Lock) -> NoReturn:
+    """Become rsync, in the host directory, still holding the session lock.
+
+    exec, so rsync's own exit code reaches the client unchanged."""
     log.debug("exec %s", shlex.join(argv))
-    os.chdir(host_dir)
+    os.chdir(r.host_dir)
     lock.keep_across_exec()     # held until rsync exits
-    # exec, so rsync's own exit code reaches the client unchanged.
     os.execve(RSYNC_PROGRAM, argv, {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"})
-    return EXIT_FAILURE     # pragma: no cover - execve does not return
+
+
+def _snapshot_for_client(r: Receive, prepare: bool = False) -> int:
+    """`complete`: snapshot as root through sudo, or as this user where sudo is not set up.
+
+    prepare: the start of a push instead (`snapshot --prepare`, which setup-server's
+    sudoers line `snapshot --host *` allows): a prune, with nothing on stdout."""
+    argv = [program_path(), *config_dir_args(r.args.config_dir), "snapshot", "--host", r.host]
+    argv += ["--prepare"] if prepare else []
+    runner = Runner()
+    allowed = shutil.which("sudo") and runner.run(
+        ["sudo", "-n", "-l", *argv], destructive=False, check=False).returncode == 0
+    if allowed:
+        # stdout is rsync's protocol channel at the start of a push
+        return runner.run(["sudo", "-n", *argv], check=False, capture=False, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.DEVNULL if prepare else None).returncode
+    _refuse_under_sudo(r.args)
+    if prepare:
+        return prepare_backup(r.store, r.host, r.config)
+    log.warning("sudo is not set up for byteback on this server: snapshotting as %s; "
+                "history is protected only by the forced command (run setup-server as root)",
+                os.environ.get("USER", "this user"))
+    snap = snapshot_and_prune(r.store, r.host, r.config)
+    print(f"snapshot {snap.host}/{snap.name} taken")
+    return EXIT_OK
 
 
 # --- 7c. Listing files in snapshots (restore's server half) ------------------
@@ -3548,38 +3722,7 @@ def glob_base(pattern: str) -> tuple:
     return pattern, 0
 
 
-def check_list_pattern(pattern: str) -> str:
-    """A listing pattern from a client: an absolute glob that does not climb."""
-    if "\0" in pattern or "\n" in pattern:
-        raise Refused("a pattern with a NUL or newline")
-    if not pattern.startswith("/"):
-        raise Refused(f"pattern {pattern!r} must be absolute")
-    if ".." in pattern.split("/"):
-        raise Refused(f"pattern {pattern!r} climbs with '..'")
-    # Matching takes at most len(name) x len(part) steps a name (compile_glob);
-    # the limits keep that, and the number of parts a path is tried against, small.
-    if len(pattern) > 1024 or pattern.count("**") > 2 or any(
-            part.replace("**", "").count("*") + part.count("?") > 4 for part in pattern.split("/")):
-        raise Refused(f"pattern {pattern[:80]!r} is too complex: at most 4 wildcards in one name "
-                      "and 2 '**', 1024 characters")
-    try:
-        compile_glob(pattern)
-    except ByteBackError as e:
-        raise Refused(str(e)) from None
-    return pattern
 
-
-class Entry(NamedTuple):
-    """One file in one snapshot, with the owner and mode it had on the client."""
-    snapshot: str
-    path: str
-    kind: str          # f d l o (file, directory, symlink, other)
-    mode: int
-    size: int
-    uid: int
-    gid: int
-    mtime: int
-    target: str = ""
 
 
 def _stored_attributes(path: str, st: os.stat_result) -> tuple:
@@ -3743,24 +3886,7 @@ def format_entries(entries: Sequence[Entry]) -> str:
     return format_table(rows)
 
 
-def parse_list_words(words: Sequence[str]) -> Request:
-    """`list [--all] [--snapshot=NAME] PATTERN...` from a client, checked."""
-    options, patterns = [], []
-    for word in words:
-        if word == "--all" and not patterns:
-            options.append(word)
-        elif word.startswith("--snapshot=") and not patterns:
-            name = word.partition("=")[2]
-            if name != "current" and parse_snapshot_name(name) is None:
-                raise Refused(f"{name!r} is not a snapshot name")
-            options.append(word)
-        elif word.startswith("-"):
-            raise Refused(f"list option {word!r} is not allowed")
-        else:
-            patterns.append(check_list_pattern(word))
-    if not patterns or len(patterns) > 100:
-        raise Refused("list takes from 1 to 100 patterns")
-    return Request("list", options=tuple(options), paths=tuple(patterns))
+
 
 
 def listing_watch(limit: float, out_fd: int, clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
