@@ -26,7 +26,7 @@ out_dir="${BYTEBACK_OUT_DIR:-$src_dir}"
 python="${PYTHON:-python3}"
 
 APT_PACKAGES=(rsync btrfs-progs openssh-server openssh-client sudo attr acl
-              e2fsprogs util-linux iproute2 procps systemd lintian
+              e2fsprogs util-linux iproute2 procps systemd lintian uidmap libcap2-bin
               mariadb-server mariadb-client mariadb-backup postgresql)
 PIP_PACKAGES=(pytest freezegun pyfakefs hypothesis)
 

@@ -11,7 +11,8 @@ Sections (grep -n '^# [=-][=-][=-] '):
     5 store backends            6 retention (pure); 6b the prune plan (pure)
     7 server commands: snapshot, prune; 7b the receive guard (the forced
       command); 7c listing files in snapshots; 7d server set-up (and taking
-      over an original byteback store)
+      over an original byteback store); 7e hosts' own accounts and the
+      user-namespace receiver
     8 client commands: backup, setup-client, install-cron, restore; 8b status;
       8c databases (consistent copies of running MariaDB/MySQL, PostgreSQL)
     9 CLI dispatch
@@ -64,7 +65,12 @@ NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL, NAGIOS_UNKNOWN = 0, 1, 2, 3
 DEFAULT_CONFIG_DIR = "/etc/byteback"
 SNAPSHOT_FORMAT = "%Y-%m-%dT%H:%M%z"           # the original byteback's names
 SNAPSHOT_FORMAT_SECONDS = "%Y-%m-%dT%H:%M:%S%z"  # only when a minute is taken
-STATE_DIR_NAME = ".byteback"                   # <store>/.byteback: history, run/
+STATE_DIR_NAME = ".byteback"                   # <store>/.byteback: history, run/, sessions/
+# How a server keeps a client's owners (server.conf: receiver; README "Receivers"):
+# fakesuper  the shared backup user's rsync --fake-super (owners in xattrs)
+# userns     each host's own account, its rsync root of a user namespace over the
+#            host's own uid range (real owners on disc, shifted)
+RECEIVERS = ("fakesuper", "userns")
 # Paths that go into sudoers, authorized_keys and cron lines: nothing to quote there.
 SAFE_PATH_RE = re.compile(r"/[A-Za-z0-9/._+-]*\Z")
 
@@ -97,7 +103,8 @@ RSYNC_EXIT_MEANINGS = {
 # Which Debian package brings a program, for "X is not installed" messages.
 PACKAGE_OF = {"rsync": "rsync", "btrfs": "btrfs-progs", "ssh": "openssh-client",
               "ssh-keygen": "openssh-client", "ssh-keyscan": "openssh-client",
-              "sudo": "sudo", "visudo": "sudo"}
+              "sudo": "sudo", "visudo": "sudo", "newuidmap": "uidmap", "newgidmap": "uidmap",
+              "useradd": "passwd", "usermod": "passwd"}
 
 
 class ByteBackError(Exception):
@@ -601,6 +608,12 @@ def _growth(text: str) -> float:
     return _percent(text, 100.0)
 
 
+def _receiver(text: str) -> str:
+    if text not in RECEIVERS:
+        raise ValueError(f"{text!r} is not one of {', '.join(RECEIVERS)}")
+    return text
+
+
 def _shares(text: str) -> str:
     if text not in ("normal", "equal"):
         raise ValueError(f"{text!r} is not a way to share; use 'normal' or 'equal'")
@@ -654,6 +667,9 @@ SERVER_OPTIONS: Dict[str, Option] = {
     "share_growth": Option("25%", _growth, "how fast a host's normal backup may grow its share, per 30 days"),
     "weights": Option("", _weights, "host:weight pairs multiplying hosts' shares, e.g. web1:2 db1:0.5"),
     "rsync_timeout": Option("600", _positive_int, "the server rsync's I/O timeout, in seconds"),
+    "receiver": Option("fakesuper", _receiver, "how setup-host keeps a new host's owners: fakesuper "
+                       "(in xattrs, as the shared backup user) or userns (real owners, shifted into "
+                       "a uid range of the host's own account; README: 'Receivers')"),
 }
 
 
@@ -672,6 +688,7 @@ class ServerConfig(NamedTuple):
     share_growth: float = 0.25
     weights: Dict[str, float] = {}
     rsync_timeout: int = 600
+    receiver: str = "fakesuper"
 
 
 def _line_of_key(lines: Sequence[str], section: str, key: str) -> int:
@@ -1069,15 +1086,28 @@ class Store:
         """The store-wide lock that snapshot and prune hold (root-owned directory on a server)."""
         return Lock(self.state_dir / "store.lock", "snapshot or prune on this store")
 
+    def host_run_dir(self, host: str) -> Path:
+        """Where a host's session lock and in-progress marker live.
+
+        A host with an account of its own (receiver = userns) has its own
+        directory, sessions/<host>, root-made and owned by its namespace's root;
+        the others share run/, the backup user's.  Not in run/: the backup user
+        could rename a directory there away and put its own in its place.
+        """
+        own = self.state_dir / "sessions" / check_host_name(host)
+        return own if _is_real_dir(own) else self.run_dir
+
     def session_lock_path(self, host: str) -> Path:
-        return self.run_dir / f"{check_host_name(host)}.lock"
+        return self.host_run_dir(host) / f"{check_host_name(host)}.lock"
 
     def session_lock(self, host: str) -> Lock:
         """One session per host (a push, restore or list, and the snapshot that ends a push).
 
-        Its file belongs to the backup user, who owns run/, even when root makes it.
+        Its file belongs to the owner of its directory (the backup user, or the
+        host's namespace root), even when root makes it.
         """
-        st = os.lstat(self.run_dir) if _is_real_dir(self.run_dir) else None
+        run_dir = self.host_run_dir(host)
+        st = os.lstat(run_dir) if _is_real_dir(run_dir) else None
         owner = (st.st_uid, st.st_gid) if st is not None else None
         return Lock(self.session_lock_path(host), f"session for host {host}", owner=owner)
 
@@ -1136,7 +1166,7 @@ class Store:
 
     # -- the "dirty since" marker of a backup in progress --
     def dirty_path(self, host: str) -> Path:
-        return self.run_dir / f"{check_host_name(host)}.dirty"
+        return self.host_run_dir(host) / f"{check_host_name(host)}.dirty"
 
     def mark_dirty(self, host: str, when: dt.datetime) -> None:
         """Record that current is being written (kept from the first write until a snapshot)."""
@@ -1179,9 +1209,10 @@ class Store:
 
         lstat only, never following a link: run/ is untrusted input."""
         total = 0
-        for _, st in walk_files(self.run_dir):
-            if stat.S_ISREG(st.st_mode):
-                total += st.st_blocks * 512
+        for place in (self.run_dir, self.state_dir / "sessions"):
+            for _, st in walk_files(place):
+                if stat.S_ISREG(st.st_mode):
+                    total += st.st_blocks * 512
         return total
 
     def roll_back(self, host: str) -> bool:
@@ -1212,8 +1243,11 @@ class Store:
         self._create_current(current)
 
     # -- writing --
-    def prepare_host(self, host: str, owner: Optional[tuple] = None) -> Path:
-        """Create <host>/ and <host>/current if missing; return current."""
+    def prepare_host(self, host: str, owner: Optional[tuple] = None, group: Optional[int] = None) -> Path:
+        """Create <host>/ and <host>/current if missing; return current.
+
+        owner: current's (uid, gid); <host>/ is root's with that gid, or `group`
+        (a host's own account: its namespace root owns current)."""
         host_dir = self.host_dir(host)
         if not host_dir.is_dir():
             host_dir.mkdir(mode=0o755, parents=True)
@@ -1224,7 +1258,7 @@ class Store:
             # On a server only root and the backup user's group may enter: the
             # modes a client uploads would otherwise let other local users of
             # the server read its files, or write into current.
-            os.chown(host_dir, 0, owner[1])
+            os.chown(host_dir, 0, owner[1] if group is None else group)
             os.chmod(host_dir, HOST_DIR_MODE)
         current = self.current(host)
         if os.path.islink(current):
@@ -3334,8 +3368,11 @@ def rsync_version(text: str) -> tuple:
 
 
 def server_rsync_argv(request: Request, *, host_dir: str, current: str, backend_options: Sequence[str],
-                      timeout: int, version: tuple) -> List[str]:
-    """The rsync command the server runs for an accepted request, built from scratch."""
+                      timeout: int, version: tuple, fake_super: bool = True) -> List[str]:
+    """The rsync command the server runs for an accepted request, built from scratch.
+
+    fake_super: the shared backup user's rsync; else root of the host's user
+    namespace (section 7e), which keeps owners for real."""
     if request.verb == "push" and "z" in request.letters and version < COMPRESS_PUSH_RSYNC:
         raise Refused("compression (-z) on a backup needs rsync 3.4.3 on the server "
                       "(CVE-2026-43618); drop -z from rsync_flags, or upgrade the server's rsync")
@@ -3354,7 +3391,8 @@ def server_rsync_argv(request: Request, *, host_dir: str, current: str, backend_
     # them without root.  --munge-links: a symlink a client uploads is stored
     # harmless, so neither rsync nor any server tool ever follows it (and a
     # restore un-munges it again on the way out).
-    argv += ["--fake-super", "--munge-links", f"--timeout={timeout}"]
+    argv += ["--fake-super"] if fake_super else list(USERNS_RSYNC_OPTIONS)
+    argv += ["--munge-links", f"--timeout={timeout}"]
     if version >= CONFINE_RSYNC:
         argv.append(f"--confine-root={host_dir}")
     if request.verb == "push":
@@ -4108,7 +4146,10 @@ def _require_root(command: str) -> None:
 
 
 def cmd_setup_host(args: argparse.Namespace) -> int:
-    """setup-host: the root half of setup-client; adds one client's restricted key and its host."""
+    """setup-host: the root half of setup-client; adds one client's restricted key and its host.
+
+    Its last line, 'login: NAME', is the account the client logs in as: the
+    shared backup user, or (receiver = userns) the host's own."""
     _require_root("setup-host")
     host = check_host_name(args.host)
     address = check_client_address(args.client_address)
@@ -4125,29 +4166,72 @@ def cmd_setup_host(args: argparse.Namespace) -> int:
     program = program_path()
     if not SAFE_PATH_RE.match(program):
         raise ByteBackError(f"byteback is installed at {program!r}; install it at a plain path")
+    shared = (run_st.st_uid, run_st.st_gid)
     keys_file = store.root / ".ssh" / "authorized_keys"
-    lines = read_key_lines(keys_file)
+    own_keys = store.host_dir(host) / ".ssh" / "authorized_keys"
     key_body = key.split()[1]
-    for line in lines:
-        if line.lstrip().startswith("#"):
-            continue     # a disabled line (adoption keeps the original's so) lets no one in
-        other = _authorized_host(line)
-        if key_body in line.split():
-            if other == host:
-                store.prepare_host(host, owner=(run_st.st_uid, run_st.st_gid))
+    for path in [keys_file] + [store.host_dir(h) / ".ssh" / "authorized_keys" for h in store.hosts()]:
+        for line in read_key_lines(path):
+            if line.lstrip().startswith("#"):
+                continue     # a disabled line (adoption keeps the original's so) lets no one in
+            other = _authorized_host(line)
+            if key_body in line.split():
+                if other != host:
+                    raise ByteBackError(f"this key is already used by {other or 'another login'}; "
+                                        "generate a new key for this client")
                 print(f"host {host} is already set up with this key; nothing changed")
+                login = _set_up_host(store, host, shared, None if path == own_keys else "", args=args)
+                print(f"login: {login}")
                 return EXIT_OK
-            raise ByteBackError(f"this key is already used by {other or 'another login'}; "
-                                "generate a new key for this client")
-        if other == host:
-            raise ByteBackError(f"host {host} is already set up with another key; an administrator "
-                                f"must remove its line from {keys_file} first")
-    store.prepare_host(host, owner=(run_st.st_uid, run_st.st_gid))
+            if other == host:
+                raise ByteBackError(f"host {host} is already set up with another key; an administrator "
+                                    f"must remove its line from {path} first")
+    # A new host gets the configured receiver; one whose current the shared
+    # user already writes (fake-super) stays so: its owners are in xattrs.
+    current = store.current(host)
+    own = config.receiver == "userns" and not (_is_real_dir(current) and os.lstat(current).st_uid == shared[0])
+    if own:
+        problem = userns_problem()
+        if problem:
+            raise ByteBackError(f"server.conf says receiver = userns, but {problem}; fix that, or set "
+                                "receiver = fakesuper there")
     line = authorized_keys_line(program, config_dir_args(args.config_dir), host, address, key)
-    write_file_atomically(keys_file, "\n".join(lines + [line]) + "\n", mode=0o644)
-    log.info("setup-host host=%s client=%s key added", host, address)
-    print(f"host {host} set up: its key may log in from {address} and only run byteback receive")
+    login = _set_up_host(store, host, shared, line if own else "", args=args)
+    if not own:
+        write_file_atomically(keys_file, "\n".join(read_key_lines(keys_file) + [line]) + "\n", mode=0o644)
+    log.info("setup-host host=%s client=%s key added (login %s)", host, address, login)
+    print(f"host {host} set up: its key may log in as {login} from {address} and only run byteback receive")
+    print(f"login: {login}")
     return EXIT_OK
+
+
+def _set_up_host(store: Store, host: str, shared: tuple, key_line: Optional[str], *,
+                 args: argparse.Namespace) -> str:
+    """Make the host's directories; its login.  key_line: "" for the shared user, else the
+    host gets its own account, sudo lines and key file (key_line, or None: keep its own)."""
+    shared_user = pwd.getpwuid(shared[0]).pw_name
+    if key_line == "":
+        store.prepare_host(host, owner=shared)
+        return shared_user
+    done: List[str] = []
+    runner = Runner()
+    account = ensure_host_account(store, shared_user, host, runner, done)
+    store.prepare_host(host, owner=(account.uid_base, account.gid_base), group=account.gid)
+    host_dir = store.host_dir(host)
+    # Root's, as the store's: were the key file the account's, anything that
+    # writes as it could add an unrestricted key.
+    _ensure_dir(host_dir / ".ssh", 0, 0, 0o755, done)
+    if key_line is not None:
+        _install_file(host_dir / ".ssh" / "authorized_keys", (key_line + "\n").encode(), 0o644, done)
+    # Its session lock and in-progress marker: a directory of the namespace's root.
+    _ensure_dir(store.state_dir / "sessions", 0, 0, 0o755, done)
+    _ensure_dir(store.state_dir / "sessions" / host, account.uid_base, account.gid_base, 0o700, done)
+    _install_file(host_sudoers_path(account.name),
+                  host_sudoers_text(account.name, host, program_path(), config_dir_args(args.config_dir)).encode(),
+                  0o440, done, lambda path: runner.run(["visudo", "-cf", str(path)], destructive=False))
+    for said in done:
+        log.info("setup-host host=%s: %s", host, said)
+    return account.name
 
 
 # Scheduled jobs: the client's daily backup (install-cron) and the server's
@@ -4266,13 +4350,15 @@ def _nothing_changed(done: Sequence[str]) -> bool:
     return all(line.startswith(("unchanged", "to start it", "note:")) for line in done)
 
 
-def _sudoers_text(user: str, program: str, config_args: Sequence[str]) -> str:
+def _sudoers_text(user: str, program: str, config_args: Sequence[str],
+                  commands: Sequence[str] = ("snapshot --host *", "setup-host *"),
+                  what: str = "taking a snapshot of a host, and adding a client host (setup-client)",
+                  by: str = "setup-server") -> str:
+    """The /etc/sudoers.d file that lets user run exactly these byteback commands as root (pure)."""
     prefix = " ".join([program, *config_args])
-    return (f"# Written by byteback setup-server.  {user} may run exactly these as root:\n"
-            f"# taking a snapshot of a host, and adding a client host (setup-client).\n"
+    return (f"# Written by byteback {by}.  {user} may run exactly these as root:\n# {what}.\n"
             f"Defaults:{user} !requiretty\n"
-            f"{user} ALL = (root) NOPASSWD: {prefix} snapshot --host *\n"
-            f"{user} ALL = (root) NOPASSWD: {prefix} setup-host *\n")
+            + "".join(f"{user} ALL = (root) NOPASSWD: {prefix} {words}\n" for words in commands))
 
 
 def _install_file(path: Path, data: bytes, mode: int, done: List[str], check: Optional[Callable] = None) -> None:
@@ -4398,7 +4484,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     _own_plain_file(keys, 0o644)
     _ensure_dir(store / STATE_DIR_NAME, 0, 0, 0o755, done)
     _ensure_dir(store / STATE_DIR_NAME / "history", 0, 0, 0o755, done)
-    _check_root_owned(store / STATE_DIR_NAME, skip=("run",))
+    _check_root_owned(store / STATE_DIR_NAME, skip=("run", "sessions"))
     _ensure_dir(store / STATE_DIR_NAME / "run", account.pw_uid, account.pw_gid, 0o755, done)
     _install_file(Path(install), Path(program_path()).read_bytes(), 0o755, done)
     done += _adopt_original(open_store(store, runner), (account.pw_uid, account.pw_gid), keys,
@@ -4406,13 +4492,22 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
     config_dir = Path(args.config_dir)
     _ensure_dir(config_dir, 0, 0, 0o755, done)
     conf = config_dir / "server.conf"
+    problem = userns_problem(account.pw_uid) if args.receiver in ("auto", "userns") else None
     if conf.exists():
-        configured = load_server_config(str(config_dir)).store
-        if configured and os.path.realpath(configured) != os.path.realpath(store):
-            raise ByteBackError(f"{conf} names the store {configured}, not {store}; fix one of them")
+        configured = load_server_config(str(config_dir))
+        if configured.store and os.path.realpath(configured.store) != os.path.realpath(store):
+            raise ByteBackError(f"{conf} names the store {configured.store}, not {store}; fix one of them")
+        if args.receiver != "auto" and args.receiver != configured.receiver:
+            raise ByteBackError(f"{conf} says receiver = {configured.receiver}, not {args.receiver}; "
+                                "edit it (it decides for hosts set up from now on)")
+        receiver = configured.receiver
         done.append(f"unchanged  {conf}")
     else:
-        _install_file(conf, _server_conf_example(str(store)).encode(), 0o644, done)
+        if args.receiver == "userns" and problem:
+            raise ByteBackError(f"--receiver userns, but {problem}; fix that, or use --receiver fakesuper")
+        receiver = "userns" if args.receiver == "auto" and not problem else \
+            ("fakesuper" if args.receiver == "auto" else args.receiver)
+        _install_file(conf, _server_conf_example(str(store), receiver).encode(), 0o644, done)
     sudoers_name = "byteback" if args.user == "byteback" else f"byteback-{args.user}"
 
     def visudo_check(path: Path) -> None:
@@ -4428,12 +4523,14 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
         print(line)
     if _nothing_changed(done):
         print("nothing changed: this server was already set up")
+    print(_receiver_said(receiver, args.user, problem if receiver == "fakesuper" else None))
     if fstype != "btrfs":
         print(f"WARNING: {store} is on {fstype}, not btrfs: snapshots are hard-linked trees, which a "
               f"client that escapes its forced command could alter. Put the store on btrfs for "
               "read-only snapshots.")
     print(f"\nStill to do by hand:\n"
-          f"  - let {args.user} log in over ssh (AllowUsers/AllowGroups in sshd_config, if you use them);\n"
+          f"  - let {args.user}{' and the host accounts ' + args.user + '-*' if receiver == 'userns' else ''} "
+          "log in over ssh (AllowUsers/AllowGroups in sshd_config, if you use them);\n"
           f"    keep PermitUserEnvironment no (the default)\n"
           f"  - to add clients with setup-client, put an administrator's public key (or set a password)\n"
           f"    for {args.user}: {keys} is root's to edit")
@@ -4605,13 +4702,242 @@ def _preview_setup_server(store: Path, user: str, install: str, config_args: Seq
     return EXIT_OK
 
 
-def _server_conf_example(store: str) -> str:
+def _receiver_said(receiver: str, user: str, problem: Optional[str]) -> str:
+    """setup-server's word on how new hosts' owners are kept (pure)."""
+    if receiver == "userns":
+        return (f"receiver   userns: each new host gets an account of its own ({user}-<host>) whose rsync "
+                "keeps owners for real as root of a user namespace over the host's own 65536 ids; no "
+                "host's account can read or write another host's backups")
+    return ("receiver   fakesuper" + (f" ({problem})" if problem else "") + f": the shared user {user} "
+            "keeps every host's owners in xattrs (--fake-super), and a shell as it could read and rewrite "
+            "any host's current; where the kernel and the uidmap package allow, set receiver = userns "
+            "in server.conf for the hosts set up from then on")
+
+
+def _server_conf_example(store: str, receiver: str = "fakesuper") -> str:
     lines = ["# byteback server settings; each commented line shows the default.", "[server]",
-             f"store = {store}"]
+             f"store = {store}", f"receiver = {receiver}"]
     for name, opt in SERVER_OPTIONS.items():
-        if name != "store":
+        if name not in ("store", "receiver"):
             lines.append(f"# {opt.help}\n#{name} = {opt.default}")
     return "\n".join(lines) + "\n"
+
+
+# --- 7e. Host accounts and the user-namespace receiver (receiver = userns) ---
+#
+# With receiver = userns, setup-host gives each new host a system account of
+# its own: home <store>/<host> (root's, 0750, the account's group), a
+# root-owned <host>/.ssh/authorized_keys holding that host's one key, sudo
+# lines naming only that host, and a range of 65536 uids and gids of its own
+# in /etc/subuid and /etc/subgid.  Its forced command enters a new user
+# namespace whose ids 0-65535 are that range (newuidmap and newgidmap, from
+# the uidmap package, map only what /etc/subuid gives the caller), becomes
+# the namespace's root, and runs the listing and rsync there: owners, modes
+# and set-id bits are kept for real, shifted by the range's base, without
+# --fake-super.  Outside the namespace the process has no privilege; inside
+# it, root has power only over inodes of its own range, so no other host's
+# files (another range, or root's) can be read or written from it.
+
+SUBID_COUNT = 65536                # a namespace's ids: 0-65535, a client's usual uids and gids
+SUBID_START = 100000               # where ranges start (login.defs' SUB_UID_MIN)
+SUBID_FILES = ("/etc/subuid", "/etc/subgid")
+ID_MAPPERS = ("/usr/bin/newuidmap", "/usr/bin/newgidmap")
+CLONE_NEWUSER = 0x10000000
+# The kernel lets only real root set trusted.* and security.* xattrs, so the
+# namespace's rsync leaves them out rather than fail on every such file;
+# security.capability it stores tied to the namespace's root (honoured only
+# inside that namespace), so file capabilities are kept.  --numeric-ids:
+# the server's user names must never decide a stored owner.
+USERNS_RSYNC_OPTIONS = ("--numeric-ids", "--filter=+x security.capability",
+                        "--filter=-x security.*", "--filter=-x trusted.*")
+
+
+class HostAccount(NamedTuple):
+    """A host's own system account and the first ids of its namespace's range."""
+    name: str
+    uid: int
+    gid: int
+    uid_base: int
+    gid_base: int
+
+
+def host_account_name(user: str, host: str) -> str:
+    """The account of a host of the backup user `user` (pure): '<user>-<host>' where
+    that is a plain user name of at most 32 characters, else '<user>-h<hash of host>'."""
+    name = f"{user}-{host}"
+    if len(name) <= 32 and re.fullmatch(r"[a-z_][a-z0-9_-]*", name):
+        return name
+    return f"{user[:13]}-h{hashlib.sha256(host.encode()).hexdigest()[:16]}"
+
+
+def parse_subids(text: str) -> List[tuple]:
+    """(owner, first, count) of each well-formed line of /etc/subuid or /etc/subgid (pure)."""
+    found = []
+    for line in text.splitlines():
+        m = re.fullmatch(r"\s*([^:#\s][^:\s]*):(\d{1,10}):(\d{1,10})\s*", line)
+        if m:
+            found.append((m.group(1), int(m.group(2)), int(m.group(3))))
+    return found
+
+
+def subid_base(entries: Sequence[tuple], name: str, uid: int) -> Optional[int]:
+    """The first id of the first range of at least SUBID_COUNT ids held by the account (pure)."""
+    return next((first for owner, first, count in entries
+                 if owner in (name, str(uid)) and count >= SUBID_COUNT and first > 0), None)
+
+
+def free_subid_base(taken: Iterable[tuple], ids: Iterable[int], start: int = SUBID_START) -> int:
+    """The lowest range of SUBID_COUNT ids from start, on a SUBID_COUNT step, that overlaps
+    no (first, count) range already given and holds no id of a real user or group (pure)."""
+    ranges = sorted(taken)
+    real = sorted(i for i in ids if i >= start)
+    base = start
+    while True:
+        end = base + SUBID_COUNT
+        clash = [first + count for first, count in ranges if first < end and base < first + count]
+        clash += [i + 1 for i in real[bisect.bisect_left(real, base):bisect.bisect_left(real, end)]]
+        if not clash:
+            return base
+        base += SUBID_COUNT * max(1, -(-(max(clash) - base) // SUBID_COUNT))
+        if base + SUBID_COUNT > 2 ** 32 - 2:
+            raise ByteBackError("no free range of 65536 ids is left for a host's account "
+                                "(/etc/subuid, /etc/subgid are full)")
+
+
+def host_sudoers_text(account: str, host: str, program: str, config_args: Sequence[str]) -> str:
+    """/etc/sudoers.d lines of a host's own account: its snapshot, and nothing else (pure)."""
+    return _sudoers_text(account, program, config_args,
+                         (f"snapshot --host {host}", f"snapshot --host {host} --prepare"),
+                         f"host {host}'s snapshot that ends its backup, and the prune that starts one",
+                         "setup-host")
+
+
+def host_sudoers_path(account: str) -> Path:
+    # sudo skips files in sudoers.d whose names hold a '.'
+    return Path("/etc/sudoers.d") / f"byteback-host-{account.replace('.', '_')}"
+
+
+def userns_problem(probe_uid: int = 65534) -> Optional[str]:
+    """Why this server cannot run userns receivers, or None: the mappers are missing, or
+    the kernel refuses an unprivileged user (probe_uid) a user namespace.  Root only."""
+    for mapper in ID_MAPPERS:
+        try:
+            st = os.stat(mapper)
+        except OSError:
+            return f"{mapper} is missing ({install_hint(['uidmap'], root=True)})"
+        if st.st_uid != 0 or not st.st_mode & stat.S_ISUID:
+            with contextlib.suppress(OSError):
+                if os.getxattr(mapper, "security.capability"):
+                    continue
+            return f"{mapper} is not setuid root (reinstall the uidmap package)"
+    pid = os.fork()
+    if pid == 0:            # pragma: no cover - the child
+        code = 1
+        try:
+            os.setgroups([])
+            os.setgid(probe_uid)
+            os.setuid(probe_uid)
+            _libc_call("unshare", CLONE_NEWUSER)
+            code = 0
+        except BaseException:
+            pass
+        os._exit(code)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        return ("this kernel does not let an unprivileged user create a user namespace "
+                "(sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone, or AppArmor's "
+                "kernel.apparmor_restrict_unprivileged_userns)")
+    return None
+
+
+def ensure_host_account(store: Store, user: str, host: str, runner: Runner, done: List[str]) -> HostAccount:
+    """The host's own account, with its range of ids, made where missing (root)."""
+    import grp
+    name, home = host_account_name(user, host), str(store.host_dir(host))
+    try:
+        account = pwd.getpwnam(name)
+    except KeyError:
+        runner.run(["useradd", "--system", "--user-group", "--home-dir", home, "--no-create-home",
+                    "--shell", "/bin/sh", "--comment", f"byteback host {host}", name])
+        # '*' rather than useradd's locked '!': sshd without PAM refuses locked accounts.
+        runner.run(["usermod", "--password", "*", name])
+        account = pwd.getpwnam(name)
+        done.append(f"created    user {name} for host {host} (home {home})")
+    if os.path.realpath(account.pw_dir) != os.path.realpath(home):
+        raise ByteBackError(f"user {name} exists with home {account.pw_dir}, not {home}: it is not "
+                            f"host {host}'s; remove it (userdel {name}) or rename it, and run setup-client again")
+    entries = [parse_subids(Path(path).read_text() if os.path.exists(path) else "") for path in SUBID_FILES]
+    bases = [subid_base(e, name, account.pw_uid) for e in entries]
+    if None in bases:
+        ids = [p.pw_uid for p in pwd.getpwall()] + [g.gr_gid for g in grp.getgrall()]
+        base = free_subid_base([(first, count) for e in entries for _, first, count in e], ids)
+        last = base + SUBID_COUNT - 1
+        flags = {0: "--add-subuids", 1: "--add-subgids"}
+        runner.run(["usermod", *[w for i, b in enumerate(bases) if b is None
+                                 for w in (flags[i], f"{base}-{last}")], name])
+        bases = [base if b is None else b for b in bases]
+        done.append(f"gave       user {name} the ids {base}-{last} (its namespace's 0-65535)")
+    return HostAccount(name, account.pw_uid, account.pw_gid, bases[0], bases[1])
+
+
+def host_namespace(store: Store, host: str) -> Optional[tuple]:
+    """(uid base, gid base) of the namespace this host's receive runs in: when this process
+    is the host's own account (home: the host's directory, which only root sets), else
+    None (the shared backup user: --fake-super)."""
+    account = pwd.getpwuid(os.getuid())
+    if os.path.realpath(account.pw_dir) != os.path.realpath(store.host_dir(host)):
+        return None
+    bases = []
+    for path in SUBID_FILES:
+        try:
+            text = Path(path).read_text()
+        except OSError:
+            text = ""
+        base = subid_base(parse_subids(text), account.pw_name, account.pw_uid)
+        if base is None:
+            raise ByteBackError(f"account {account.pw_name} has no range of {SUBID_COUNT} ids in {path}; "
+                                "an administrator must run setup-client for this host again")
+        bases.append(base)
+    return tuple(bases)
+
+
+def enter_user_namespace(uid_base: int, gid_base: int) -> None:
+    """Become root of a new user namespace whose ids 0-65535 are uid_base.. and gid_base..
+
+    A helper child writes the maps with newuidmap/newgidmap (they check
+    /etc/subuid and /etc/subgid); this process keeps its pid, descriptors and
+    locks, so rsync exec'd afterwards is still the forced command.
+    """
+    me = os.getpid()
+    ready_r, ready_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:            # pragma: no cover - the child
+        code = 1
+        try:
+            os.close(ready_w)
+            if os.read(ready_r, 1) == b"x":      # nothing: the parent could not unshare
+                code = 0
+                for mapper, base in zip(ID_MAPPERS, (uid_base, gid_base)):
+                    # stdout is rsync's protocol channel: the mappers' words go to stderr only
+                    code = code or subprocess.run([mapper, str(me), "0", str(base), str(SUBID_COUNT)],
+                                                  stdin=subprocess.DEVNULL, stdout=2).returncode
+        finally:
+            os._exit(code)
+    os.close(ready_r)
+    try:
+        _libc_call("unshare", CLONE_NEWUSER)
+    except OSError as e:
+        os.close(ready_w)
+        os.waitpid(pid, 0)
+        raise ByteBackError(f"cannot make this host's user namespace ({e.strerror}): the server's "
+                            "kernel refuses it now; an administrator must allow unprivileged user "
+                            "namespaces again, or set this host up with receiver = fakesuper") from None
+    os.write(ready_w, b"x")
+    os.close(ready_w)
+    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+        raise ByteBackError(f"newuidmap/newgidmap could not map ids {uid_base}- and {gid_base}- for this "
+                            "host (see above); an administrator must run setup-client for it again")
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)
 
 
 # === 8. Client commands (backup, setup-client, install-cron, restore) ========
@@ -4854,6 +5180,15 @@ def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show:
                                 "snapshotted. Free space there (a server prunes by itself after each "
                                 "snapshot: see 'byteback.pyz prune --list') or exclude large files, "
                                 "then back up again")
+        namespace = re.search(r'^.*(?:mknod "[^\n]*" failed: Operation not permitted|chown "[^\n]*" '
+                              r'failed: Invalid argument).*$', output, re.M)
+        if namespace:
+            raise ByteBackError(f"the server could not keep a file as it is ({namespace.group(0).strip()}): "
+                                "this host's backups are received in a user namespace, where device "
+                                "nodes cannot be made and owners above 65535 cannot be kept; exclude "
+                                "such files (excludes), or have the server's administrator set this host "
+                                "up with receiver = fakesuper. The other files were copied; no snapshot "
+                                "was taken")
         if "byteback: refused:" in output:
             # The server's guard said no: asking again in ten minutes changes nothing.
             raise ByteBackError(f"the server refused the transfer: {last_lines}")
@@ -5176,12 +5511,17 @@ def cmd_setup_client(args: argparse.Namespace) -> int:
         ' --client-address "${SSH_CONNECTION%% *}"'
     argv = ssh_argv(str(config_dir), destination.port, administrator=True) + [_login(destination), remote]
     log.info("run: %s", shlex.join(argv))
-    # Not captured: the administrator may be asked for a password or a passphrase.
-    proc = Runner().run(argv, input=public, check=False, capture=False)
+    # Only stdout is captured (for its 'login:' line): ssh asks the administrator
+    # for a password or a passphrase on the terminal, and the server's reasons
+    # for a refusal come on stderr.
+    proc = Runner().run(argv, input=public, check=False, capture=False, stdout=subprocess.PIPE)
+    said = proc.stdout or ""
+    sys.stdout.write("".join(l for l in said.splitlines(True) if not l.startswith("login: ")))
     if proc.returncode != 0:
         raise ByteBackError(f"the server did not set up host {host} (exit {proc.returncode}); "
                             "its reason is above. Check that you can log in as "
                             f"{_login(destination)} and that setup-server ran there")
+    destination = destination._replace(user=setup_login(said, destination.user))
     dest_text = f"{_login(destination)}:{destination.path}"
     _write_setting(config_dir / "destination", dest_text)
     if destination.port:
@@ -5190,6 +5530,14 @@ def cmd_setup_client(args: argparse.Namespace) -> int:
           f"  byteback.pyz backup --verbose\n"
           f"then schedule it daily: byteback.pyz install-cron (or install-cron --systemd).")
     return EXIT_OK
+
+
+def setup_login(said: str, user: Optional[str]) -> Optional[str]:
+    """The account setup-host says this host logs in as ('login: NAME'), else user (pure).
+
+    An older server says nothing: its shared backup user it is."""
+    found = re.findall(r"^login: ([a-z_][a-z0-9_-]{0,31})$", said, re.M)
+    return found[-1] if found else user
 
 
 def _write_setting(path: Path, value: str) -> None:
@@ -6878,6 +7226,9 @@ def _options_setup_server(p: argparse.ArgumentParser) -> None:
     _add_systemd(p, "byteback-prune")
     p.add_argument("--dry-run", action="store_true",
                    help="say what adopting an original byteback store would do; change nothing")
+    p.add_argument("--receiver", choices=("auto",) + RECEIVERS, default="fakesuper",
+                   help="how new hosts' owners are kept (server.conf receiver): fakesuper (default), "
+                   "userns, or auto: userns where this kernel and the uidmap package allow it")
 
 
 def _options_setup_host(p: argparse.ArgumentParser) -> None:

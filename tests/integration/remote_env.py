@@ -105,6 +105,13 @@ class RemoteByteback:
         lines += [f"{key} = {value}" for key, value in settings.items()]
         (self.server_config / "server.conf").write_text("\n".join(lines) + "\n")
 
+    def setup_client(self, config: Path, host: str) -> None:
+        """setup-client of another host, with its own config dir, by the administrator's agent."""
+        self.run("setup-client", "--destination", self.env.destination, "--port", str(self.env.port),
+                 "--hostname", host, "--server-program", str(self.program),
+                 "--server-config-dir", str(self.server_config),
+                 env={"SSH_AUTH_SOCK": str(self.env.agent.sock)}, config_dir=config).check()
+
     def snapshots(self) -> List[str]:
         """Names of the finished snapshots of the client, oldest first."""
         names = [p.name for p in self.host_dir.iterdir() if p.name[:1].isdigit()]
@@ -121,8 +128,11 @@ def _root_dir(prefix: str, mode: int = 0o755) -> Path:
 
 
 @contextlib.contextmanager
-def remote_byteback(store_size: str = "512M") -> Iterator[RemoteByteback]:
-    """A server environment plus setup-server and setup-client, torn down afterwards."""
+def remote_byteback(store_size: str = "512M", receiver: str = "fakesuper") -> Iterator[RemoteByteback]:
+    """A server environment plus setup-server and setup-client, torn down afterwards.
+
+    receiver: setup-server's --receiver (the suites written for the shared
+    user's fake-super receiver keep it; test_userns_receiver uses userns)."""
     with server_environment(store_size=store_size) as env:
         dirs = [_root_dir("bbtest-prog-"), _root_dir("bbtest-srvcfg-"),
                 _root_dir("bbtest-clicfg-", 0o700), _root_dir("bbtest-state-", 0o700)]
@@ -135,7 +145,7 @@ def remote_byteback(store_size: str = "512M") -> Iterator[RemoteByteback]:
             remote = RemoteByteback(env, pyz, program, server_config, client_config, state)
             setup = subprocess.run(
                 [str(pyz), "--config-dir", str(server_config), "setup-server", "--store", str(env.store),
-                 "--user", env.user.name, "--install-path", str(program),
+                 "--user", env.user.name, "--install-path", str(program), "--receiver", receiver,
                  "--cron-file", str(server_config / "cron.d-byteback-prune")],
                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True, timeout=120)
             Result(setup.args, setup.returncode, setup.stdout, setup.stderr).check()

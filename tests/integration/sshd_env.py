@@ -341,12 +341,28 @@ def server_user(home: Path, name: Optional[str] = None,
         os.chmod(user.authorized_keys, 0o644)
         yield user
     finally:
+        remove_host_accounts(Path(home))
         with contextlib.suppress(KeyError):
             kill_pids(pids_of_uid(pwd.getpwnam(name).pw_uid))
         _passwd_tool(["userdel", name])
         with contextlib.suppress(KeyError):
             grp.getgrnam(name)
             _passwd_tool(["groupdel", name])
+
+
+def remove_host_accounts(store: Path) -> None:
+    """Remove the hosts' own accounts setup-host made for a store (receiver = userns): each
+    user whose home is below it, with its processes, group, id ranges and sudo lines."""
+    for entry in pwd.getpwall():
+        if os.path.dirname(os.path.abspath(entry.pw_dir)) != os.path.abspath(store):
+            continue
+        kill_pids(pids_of_uid(entry.pw_uid))
+        _passwd_tool(["userdel", entry.pw_name])      # its /etc/subuid, /etc/subgid lines go too
+        with contextlib.suppress(KeyError):
+            grp.getgrnam(entry.pw_name)
+            _passwd_tool(["groupdel", entry.pw_name])
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(f"/etc/sudoers.d/byteback-host-{entry.pw_name}")
 
 
 def append_authorized_key(user: ServerUser, line: str) -> None:
@@ -728,7 +744,8 @@ def server_environment(store_size: Union[str, int] = "512M",
         store = stack.enter_context(btrfs_mount(store_size))
         user = stack.enter_context(server_user(store, user_name))
         agent = stack.enter_context(ssh_agent())
-        sshd = stack.enter_context(sshd_server([user.name], extra_config=sshd_extra_config))
+        # <user>-*: the hosts' own accounts (receiver = userns), named after the backup user
+        sshd = stack.enter_context(sshd_server([user.name, f"{user.name}-*"], extra_config=sshd_extra_config))
         admin_key = generate_key(workdir / "admin_key", comment="bbtest-admin")
         agent.add(admin_key)
         append_authorized_key(user, admin_key.public)

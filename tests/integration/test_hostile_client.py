@@ -108,10 +108,7 @@ class World:
 
 
 def _setup_client(remote: RemoteByteback, config: Path, host: str) -> None:
-    remote.run("setup-client", "--destination", remote.env.destination, "--port", str(remote.env.port),
-               "--hostname", host, "--server-program", str(remote.program),
-               "--server-config-dir", str(remote.server_config),
-               env={"SSH_AUTH_SOCK": str(remote.env.agent.sock)}, config_dir=config).check()
+    remote.setup_client(config, host)
 
 
 def _source_tree(root: Path, seed: int) -> Path:

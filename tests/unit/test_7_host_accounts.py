@@ -1,0 +1,144 @@
+"""Unit tests of the userns receiver's pure parts (section 7e, and what uses them).
+
+* ``host_account_name``: a plain user name of at most 32 characters, one per host.
+* ``parse_subids`` / ``subid_base`` / ``free_subid_base``: /etc/subuid and /etc/subgid.
+* ``host_sudoers_text``: a host's account may ask for its own host's snapshot only.
+* ``server_rsync_argv(fake_super=False)``: no --fake-super, no trusted./security. xattrs.
+* ``setup_login``: the account setup-host names becomes the client's login.
+* server.conf's ``receiver``.
+"""
+from __future__ import annotations
+
+import re
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import byteback
+
+HOST_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]{0,252}")
+
+
+@pytest.mark.parametrize("user,host,expected", [
+    ("byteback", "web1", "byteback-web1"),
+    ("byteback", "db-2", "byteback-db-2"),
+])
+def test_a_short_lowercase_host_gets_a_readable_account(user, host, expected):
+    assert byteback.host_account_name(user, host) == expected
+
+
+@pytest.mark.parametrize("host", ["web1.example.com", "Web1", "a" * 40])
+def test_other_hosts_get_a_hashed_account_of_their_own(host):
+    name = byteback.host_account_name("byteback", host)
+    assert re.fullmatch(r"byteback-h[0-9a-f]{16}", name)
+    assert name != byteback.host_account_name("byteback", host + "x")
+
+
+@given(st.from_regex(HOST_RE, fullmatch=True).filter(lambda h: ".." not in h),
+       st.from_regex(re.compile(r"[a-z_][a-z0-9_-]{0,30}"), fullmatch=True))
+def test_every_account_name_is_a_plain_user_name(host, user):
+    name = byteback.host_account_name(user, host)
+    assert len(name) <= 32 and re.fullmatch(r"[a-z_][a-z0-9_-]*", name)
+
+
+SUBUID = """\
+alice:100000:65536
+# a comment
+1001:165536:65536
+broken line
+bob:300000:1000
+"""
+
+
+def test_subid_lines_are_read_and_bad_ones_passed_over():
+    assert byteback.parse_subids(SUBUID) == [("alice", 100000, 65536), ("1001", 165536, 65536),
+                                             ("bob", 300000, 1000)]
+
+
+def test_an_accounts_range_is_found_by_name_or_uid_and_must_be_whole():
+    entries = byteback.parse_subids(SUBUID)
+    assert byteback.subid_base(entries, "alice", 5) == 100000
+    assert byteback.subid_base(entries, "carol", 1001) == 165536
+    assert byteback.subid_base(entries, "bob", 7) is None          # 1000 ids: too few
+    assert byteback.subid_base(entries, "dave", 8) is None
+
+
+def test_a_new_range_overlaps_no_range_and_no_real_id():
+    taken = [(100000, 65536), (165536, 65536), (300000, 1000)]
+    assert byteback.free_subid_base(taken, []) == 231072
+    # a real user's uid inside the next block pushes the range past it
+    # (the block after it holds bob's 300000: the one after that)
+    assert byteback.free_subid_base(taken, [231072 + 5]) == 231072 + 2 * 65536
+    assert byteback.free_subid_base([], []) == byteback.SUBID_START
+
+
+@given(st.lists(st.tuples(st.integers(0, 2_000_000), st.integers(1, 200_000)), max_size=20),
+       st.lists(st.integers(0, 2_000_000), max_size=20))
+def test_a_new_range_never_overlaps_whatever_is_taken(taken, ids):
+    base = byteback.free_subid_base(taken, ids)
+    end = base + byteback.SUBID_COUNT
+    assert base >= byteback.SUBID_START
+    assert not any(first < end and base < first + count for first, count in taken)
+    assert not any(base <= i < end for i in ids)
+
+
+def test_a_host_accounts_sudo_lines_name_only_its_host():
+    text = byteback.host_sudoers_text("byteback-web1", "web1", "/usr/local/bin/byteback.pyz", [])
+    commands = [l.split("NOPASSWD: ", 1)[1] for l in text.splitlines() if "NOPASSWD" in l]
+    assert commands == ["/usr/local/bin/byteback.pyz snapshot --host web1",
+                        "/usr/local/bin/byteback.pyz snapshot --host web1 --prepare"]
+    assert "*" not in text and all(l.startswith(("#", "Defaults:byteback-web1", "byteback-web1 "))
+                                   for l in text.splitlines())
+    assert "." not in byteback.host_sudoers_path("byteback-h.x").name
+
+
+CAPS = "e.iLsfxCIvu"
+PUSH = f"rsync --fake-super --server -lHogDtpXrR{CAPS} --timeout=300 --numeric-ids --inplace . current/"
+
+
+def _argv(command: str, fake_super: bool):
+    request = byteback.check_receive_command(command)
+    return byteback.server_rsync_argv(request, host_dir="/srv/h", current="/srv/h/current",
+                                      backend_options=["--inplace"], timeout=600, version=(3, 5, 0),
+                                      fake_super=fake_super)
+
+
+def test_the_userns_receiver_keeps_owners_without_fake_super():
+    argv = _argv(PUSH, fake_super=False)
+    assert "--fake-super" not in argv
+    assert "--numeric-ids" in argv and "--munge-links" in argv and "--confine-root=/srv/h" in argv
+    filters = [a for a in argv if a.startswith("--filter=")]
+    assert filters == ["--filter=+x security.capability", "--filter=-x security.*", "--filter=-x trusted.*"]
+    assert argv[-3:] == ["--", ".", "/srv/h/current/"]
+    assert "--fake-super" in _argv(PUSH, fake_super=True)
+
+
+def test_a_restore_in_the_namespace_sends_without_fake_super_too():
+    argv = _argv(f"rsync --server --sender -lHogDtpXrR{CAPS} --numeric-ids . current/etc", fake_super=False)
+    assert "--sender" in argv and "--fake-super" not in argv and argv[-1] == "current/etc"
+
+
+@pytest.mark.parametrize("said,user,expected", [
+    ("host web1 set up\nlogin: byteback-web1\n", "byteback", "byteback-web1"),
+    ("host web1 is already set up\nlogin: byteback\n", "byteback", "byteback"),
+    ("an older server says nothing of it\n", "byteback", "byteback"),
+    ("login: Root;rm\n", "byteback", "byteback"),                    # not a plain user name
+    ("login: " + "a" * 40 + "\n", None, None),
+])
+def test_the_client_logs_in_as_the_account_setup_host_names(said, user, expected):
+    assert byteback.setup_login(said, user) == expected
+
+
+def test_server_conf_takes_receiver_fakesuper_or_userns_only():
+    assert byteback.parse_server_config("[server]\n").receiver == "fakesuper"
+    assert byteback.parse_server_config("[server]\nreceiver = userns\n").receiver == "userns"
+    with pytest.raises(byteback.ByteBackError, match="line 2"):
+        byteback.parse_server_config("[server]\nreceiver = root\n")
+
+
+def test_setup_server_says_what_each_receiver_means():
+    assert "own" in byteback._receiver_said("userns", "byteback", None)
+    said = byteback._receiver_said("fakesuper", "byteback", "no uidmap")
+    assert "no uidmap" in said and "receiver = userns" in said
+    assert "receiver = userns" in byteback._server_conf_example("/srv", "userns")
