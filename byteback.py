@@ -4605,6 +4605,8 @@ def adopt_store(store: Store, owner: tuple, *, dry_run: bool) -> List[str]:
         if not store.snapshots(host) and not _is_real_dir(store.current(host)):
             continue
         st = os.lstat(host_dir)
+        if st.st_uid == 0 and stat.S_IMODE(st.st_mode) == HOST_DIR_MODE and _is_host_account_group(st.st_gid, host_dir):
+            continue        # a host of its own account (section 7e): root set it up so
         if (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) != (0, owner[1], HOST_DIR_MODE):
             # Its owner could rename snapshots away (DESIGN 3).
             if not dry_run:
@@ -4877,6 +4879,12 @@ def ensure_host_account(store: Store, user: str, host: str, runner: Runner, done
         bases = [base if b is None else b for b in bases]
         done.append(f"gave       user {name} the ids {base}-{last} (its namespace's 0-65535)")
     return HostAccount(name, account.pw_uid, account.pw_gid, bases[0], bases[1])
+
+
+def _is_host_account_group(gid: int, host_dir: Path) -> bool:
+    """Whether gid is the group of an account whose home is host_dir (only root makes one)."""
+    return any(p.pw_gid == gid and os.path.realpath(p.pw_dir) == os.path.realpath(host_dir)
+               for p in pwd.getpwall())
 
 
 def host_namespace(store: Store, host: str) -> Optional[tuple]:
