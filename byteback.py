@@ -314,6 +314,8 @@ class Lock:
         self.path, self.what, self.owner, self._fd = Path(path), what, owner, -1
 
     def __enter__(self) -> "Lock":
+        if self._fd >= 0:
+            return self          # taken already (take_session hands back a held lock)
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             self._fd = self._open()
@@ -1215,15 +1217,19 @@ class Store:
                     total += st.st_blocks * 512
         return total
 
-    def roll_back(self, host: str) -> bool:
+    def roll_back(self, host: str, timeout: float) -> bool:
         """Put current back to the host's newest snapshot (an unfinished upload past the
-        suspicion line), unless a session is writing it now.  Returns whether it did."""
+        suspicion line), unless a session is writing it now.  Returns whether it did.
+
+        A session that has moved no data for `timeout` seconds (the I/O timeout)
+        is stuck, not writing: it is ended, as the host's next session would end
+        it, or a lock held forever would keep the upload on the disc for good."""
         snaps = self.snapshots(host)
         current = self.current(host)
         if not snaps or not _is_real_dir(current):
             return False
         try:
-            with self.session_lock(host):
+            with take_session(self, host, timeout):
                 owner = os.lstat(current)
                 self._reset_current(current, self.snapshot_path(snaps[-1]))
                 if os.geteuid() == 0:
@@ -1507,23 +1513,129 @@ def _next_key(objectid: int, kind: int, offset: int) -> Optional[tuple]:
     return (objectid + 1, 0, 0) if objectid < _U64_MAX else None
 
 
-def search_subvolume(fd: int, tally: SubvolumeTally, min_transid: int = 0) -> SubvolumeUsage:
-    """Feed every item of the subvolume tree holding fd to tally, from leaves written at
-    min_transid or later.  Needs root (CAP_SYS_ADMIN).  Raises OSError."""
-    args = bytearray(_SEARCH_KEY.size + 8 + _SEARCH_BUFFER)
+def search_tree(fd: int, take: Callable[[memoryview, int], Optional[tuple]], *, tree: int = 0,
+                first: tuple = (0, 0, 0), last: tuple = (_U64_MAX, 255, _U64_MAX), min_transid: int = 0,
+                buffer: int = _SEARCH_BUFFER) -> None:
+    """Hand every item of a btrfs tree from key `first` to key `last` (objectid, type, offset),
+    in leaves written at min_transid or later, to take(buffer, count), which returns the last
+    key it read.  tree 0: the subvolume fd is in.  Needs root (CAP_SYS_ADMIN).  Raises OSError."""
+    args = bytearray(_SEARCH_KEY.size + 8 + buffer)
     records = memoryview(args)[_SEARCH_KEY.size + 8:]
-    key: Optional[tuple] = (0, 0, 0)
+    key: Optional[tuple] = first
     while key is not None:
-        # tree_id 0: the tree of the subvolume fd is in.  The key range is
-        # compound (objectid, type, offset), so it resumes after the last item.
-        _SEARCH_KEY.pack_into(args, 0, 0, key[0], _U64_MAX, key[2], _U64_MAX, min_transid, _U64_MAX,
-                              key[1], 255, 1 << 20, 0, 0, 0, 0, 0)
-        struct.pack_into("<Q", args, _SEARCH_KEY.size, _SEARCH_BUFFER)
+        # The key range is compound (objectid, type, offset), so it resumes after the last item.
+        _SEARCH_KEY.pack_into(args, 0, tree, key[0], last[0], key[2], last[2], min_transid, _U64_MAX,
+                              key[1], last[1], 1 << 20, 0, 0, 0, 0, 0)
+        struct.pack_into("<Q", args, _SEARCH_KEY.size, buffer)
         fcntl.ioctl(fd, BTRFS_IOC_TREE_SEARCH_V2, args, True)
         count = struct.unpack_from("<I", args, 64)[0]      # nr_items: how many came back
-        last = tally.add(records, count) if count else None
-        key = _next_key(*last) if last else None
+        end = take(records, count) if count else None
+        key = _next_key(*end) if end and end < last else None
+
+
+def search_subvolume(fd: int, tally: SubvolumeTally, min_transid: int = 0, tree: int = 0) -> SubvolumeUsage:
+    """Feed every item of a subvolume's tree (tree 0: the one holding fd) to tally, from
+    leaves written at min_transid or later.  Needs root (CAP_SYS_ADMIN).  Raises OSError."""
+    search_tree(fd, tally.add, tree=tree, min_transid=min_transid)
     return tally.usage()
+
+
+# -- Subvolumes themselves: what the kernel says, never a tool's text --------
+#
+# A shell as the backup user can `btrfs subvolume create` inside a host's
+# current (it owns the directory).  rsync never makes one.  A snapshot does
+# not descend into it (the snapshot shows an empty directory while the data
+# stays in current), its bytes are in no backup's measure, and it makes the
+# deletion of current fail.  The root tree's ROOT_REF items name every
+# subvolume linked inside another: (parent id, ROOT_REF, child id).
+BTRFS_IOC_INO_LOOKUP = 0xD0009412        # _IOWR(0x94, 18, btrfs_ioctl_ino_lookup_args: 4096 bytes)
+BTRFS_IOC_GET_SUBVOL_INFO = 0x81F8943C   # _IOR(0x94, 60, btrfs_ioctl_get_subvol_info_args: 504 bytes)
+BTRFS_ROOT_TREE_OBJECTID, BTRFS_ROOT_REF = 1, 156
+BTRFS_FIRST_FREE_OBJECTID = 256          # a subvolume's root directory
+BTRFS_ROOT_SUBVOL_RDONLY = 1       # btrfs_root_item flags, as GET_SUBVOL_INFO hands them back
+_ROOT_REF = struct.Struct("<QQH")        # btrfs_root_ref: dirid, sequence, name_len; the name follows
+# btrfs_ioctl_get_subvol_info_args: treeid @0, parent_id @264, generation @280, flags @288, otransid @352
+_SUBVOL_INFO = struct.Struct("<Q256xQQQQ56xQ144x")
+
+
+class SubvolumeInfo(NamedTuple):
+    id: int            # its tree id
+    parent: int        # the tree id of the subvolume it is linked in
+    generation: int    # the newest transaction that wrote it
+    created: int       # the transaction it was made (a snapshot: taken) in, "Gen at creation"
+    read_only: bool
+
+
+def subvolume_info(fd: int) -> SubvolumeInfo:
+    """BTRFS_IOC_GET_SUBVOL_INFO of the subvolume holding fd (any user may ask).  Raises OSError."""
+    args = bytearray(_SUBVOL_INFO.size)
+    fcntl.ioctl(fd, BTRFS_IOC_GET_SUBVOL_INFO, args, True)
+    tree, parent, _dirid, generation, flags, created = _SUBVOL_INFO.unpack(args)
+    return SubvolumeInfo(tree, parent, generation, created, bool(flags & BTRFS_ROOT_SUBVOL_RDONLY))
+
+
+def _directory_path(fd: int, tree: int, inode: int) -> bytes:
+    """The path of directory `inode` below the root of subvolume `tree`, with a trailing '/'
+    unless it is the root itself (BTRFS_IOC_INO_LOOKUP; root only)."""
+    if inode == BTRFS_FIRST_FREE_OBJECTID:
+        return b""
+    args = bytearray(4096)
+    struct.pack_into("<QQ", args, 0, tree, inode)
+    fcntl.ioctl(fd, BTRFS_IOC_INO_LOOKUP, args, True)
+    return bytes(args[16:]).split(b"\0", 1)[0]
+
+
+def _child_subvolumes(fd: int, parent: int) -> List[tuple]:
+    """(id, directory inode, name) of the subvolumes linked directly inside subvolume `parent`."""
+    found: List[tuple] = []
+
+    def take(buf, count: int) -> Optional[tuple]:
+        pos, end, last = 0, len(buf), None
+        for _ in range(count):
+            if pos + _SEARCH_HEADER.size > end:
+                break
+            _transid, objectid, offset, kind, length = _SEARCH_HEADER.unpack_from(buf, pos)
+            item, pos = pos + _SEARCH_HEADER.size, pos + _SEARCH_HEADER.size + length
+            if pos > end:
+                break
+            last = objectid, kind, offset
+            if kind == BTRFS_ROOT_REF and objectid == parent and length >= _ROOT_REF.size:
+                dirid, _sequence, name_len = _ROOT_REF.unpack_from(buf, item)
+                name = bytes(buf[item + _ROOT_REF.size:item + min(length, _ROOT_REF.size + name_len)])
+                found.append((offset, dirid, name))
+        return last
+
+    search_tree(fd, take, tree=BTRFS_ROOT_TREE_OBJECTID, first=(parent, BTRFS_ROOT_REF, 0),
+                last=(parent, BTRFS_ROOT_REF, _U64_MAX), buffer=64 * 1024)
+    return found
+
+
+def subvolume_info_at(path: Path) -> SubvolumeInfo:
+    """subvolume_info of the subvolume at path, never through a symlink."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ByteBackError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        return subvolume_info(fd)
+    except OSError as e:
+        raise ByteBackError(f"cannot read the btrfs subvolume {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
+
+
+def nested_subvolumes(fd: int) -> List[tuple]:
+    """(id, path below it) of every subvolume inside the subvolume holding fd, at any depth,
+    parents before their children.  From the kernel's own items; root only.  Raises OSError."""
+    found: List[tuple] = []
+    todo = [(subvolume_info(fd).id, b"")]
+    while todo:
+        parent, prefix = todo.pop()
+        for child, dirid, name in _child_subvolumes(fd, parent):
+            path = prefix + _directory_path(fd, parent, dirid) + name
+            found.append((child, path))
+            todo.append((child, path + b"/"))
+    return found
 
 
 def profile_copies(spaces: Sequence[tuple]) -> tuple:
@@ -1547,6 +1659,33 @@ def _space_info(fd: int) -> List[tuple]:
     return [struct.unpack_from("<3Q", args, 16 + 24 * i) for i in range(found)]
 
 
+def disc_bytes(usage: SubvolumeUsage, copies: tuple) -> int:
+    """What a tally's data and metadata take on disc, every copy the profiles keep (pure)."""
+    return usage.data * copies[0] + usage.metadata * copies[1]
+
+
+def planted_subvolumes(path: Path) -> List[tuple]:
+    """(id, path below `path`, bytes on disc) of every subvolume inside the subvolume at path,
+    parents before their children.  Root only (the kernel's root tree)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ByteBackError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        nested = nested_subvolumes(fd)
+        if not nested:
+            return []
+        fcntl.ioctl(fd, BTRFS_IOC_SYNC)      # their data in the page cache has no extent yet
+        copies = profile_copies(_space_info(fd))
+        return [(tree, below, disc_bytes(search_subvolume(fd, SubvolumeTally(0), tree=tree), copies))
+                for tree, below in nested]
+    except OSError as e:
+        raise ByteBackError(f"cannot read the subvolumes inside {path}: {e.strerror} "
+                            "(byteback reads them as root on btrfs)") from None
+    finally:
+        os.close(fd)
+
+
 def measure_subvolume(path: Path, since: int, *, full: bool) -> tuple:
     """(SubvolumeUsage, bytes added on disc) of the subvolume at path, since transaction `since`.
 
@@ -1566,14 +1705,14 @@ def measure_subvolume(path: Path, since: int, *, full: bool) -> tuple:
         # wait for the commit: without this the tree says a fresh backup is empty.
         fcntl.ioctl(fd, BTRFS_IOC_SYNC)
         usage = search_subvolume(fd, SubvolumeTally(since), 0 if full else since)
-        data_copies, metadata_copies = profile_copies(_space_info(fd))
+        copies = profile_copies(_space_info(fd))
         st = os.fstatvfs(fd)
     except OSError as e:
         raise ByteBackError(f"cannot read the btrfs tree of {path}: {e.strerror} "
                             "(byteback measures backups as root on btrfs)") from None
     finally:
         os.close(fd)
-    added = usage.data * data_copies + usage.metadata * metadata_copies
+    added = disc_bytes(usage, copies)
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
     if added > used:
         # The kernel's own items cannot say more than the disc holds; if they
@@ -1657,17 +1796,38 @@ class BtrfsStore(Store):
         self._btrfs("subvolume", "create", str(path))
 
     def pending_bytes(self, host: str) -> int:
-        """Bytes written into current since the last snapshot (btrfs knows exactly)."""
+        """Bytes written into current since the last snapshot (btrfs knows exactly), and
+        every byte of the subvolumes planted in it."""
         current = self.current(host)
         if not is_btrfs_subvolume(current):
             return Store.pending_bytes(self, host)
         since = written_since(last_measured(self.read_history(host)))
-        return measure_subvolume(current, since, full=False)[1]
+        planted = sum(size for _, _, size in planted_subvolumes(current))
+        return measure_subvolume(current, since, full=False)[1] + planted
+
+    def remove_planted(self, path: Path) -> tuple:
+        """Delete, as root and by id, every subvolume inside the subvolume at path, deepest
+        first, each with a log line: (how many, the bytes they held).
+
+        rsync never makes a subvolume, so one in current is tampering by a shell
+        as the backup user: a snapshot would hold an empty directory in its
+        place while its data stayed in current, counted in no backup, and the
+        deletion of current (a roll-back) would fail on it.  By id, never by
+        name: the shell could swap a directory on the way for a symlink.
+        """
+        planted = planted_subvolumes(path)
+        for tree, below, size in reversed(planted):
+            log.warning("removed the subvolume %s/%s (id %d, %s): a shell as the backup user made it "
+                        "(rsync never does); its data was in no backup", path,
+                        below.decode("utf-8", "surrogateescape"), tree, format_size(size))
+            self._btrfs("subvolume", "delete", "--subvolid", str(tree), str(self.root))
+        return len(planted), sum(size for _, _, size in planted)
 
     def take_snapshot(self, host: str, name: str, previous: Optional[dict]) -> dict:
         current = self.current(host)
         # linked: unshare_current's walk before the next run is needed only
         # where current holds hard-linked names.
+        planted, planted_bytes = self.remove_planted(current)
         usage, added = measure_subvolume(current, written_since(previous), full=True)
         host_dir = self.host_dir(host)
         tmp = host_dir / f".incomplete-{name}"
@@ -1681,12 +1841,14 @@ class BtrfsStore(Store):
         self._btrfs("property", "set", "-ts", str(tmp), "ro", "true")
         # Only now, complete and read-only, does it take its final name (atomic).
         os.rename(tmp, host_dir / name)
-        return {"size": usage.size, "added": added, "generation": usage.generation, "linked": usage.linked}
+        record = {"size": usage.size, "added": added, "generation": usage.generation, "linked": usage.linked}
+        if planted:
+            record.update(planted=planted, planted_bytes=planted_bytes)    # status warns of it
+        return record
 
 
     def is_read_only(self, path: Path) -> bool:
-        out = self._btrfs("property", "get", "-ts", str(path), "ro", destructive=False).stdout
-        return out.strip() == "ro=true"
+        return subvolume_info_at(path).read_only
 
     def lock_down(self, snap: Snapshot, dry_run: bool = False) -> bool:
         path = self.snapshot_path(snap)
@@ -1717,15 +1879,13 @@ class BtrfsStore(Store):
         path = self.snapshot_path(snap)
         if not is_btrfs_subvolume(path):
             return {}
-        out = self._btrfs("subvolume", "show", str(path), destructive=False).stdout
-        m = re.search(r"^\s*Gen at creation:\s*(\d+)\s*$", out, re.M)
-        return {"generation": int(m.group(1))} if m else {}
+        return {"generation": subvolume_info_at(path).created}
 
     def _reset_current(self, current: Path, newest: Path) -> None:
         if not is_btrfs_subvolume(current):
             Store._reset_current(self, current, newest)
             return
-        self._btrfs("subvolume", "delete", "--commit-each", str(current))
+        self._delete_subvolume(current)
         # A writable snapshot of the newest: --inplace then resumes from it, as after a snapshot.
         self._btrfs("subvolume", "snapshot", str(newest), str(current))
         self._btrfs("subvolume", "sync", str(self.root))
@@ -1737,8 +1897,13 @@ class BtrfsStore(Store):
         # A deleted subvolume's space comes back in the background.  Commit and
         # wait for the cleaner, or the next measurement sees no gain and the
         # pruner deletes far more history than it needs to.
-        self._btrfs("subvolume", "delete", "--commit-each", str(path))
+        self._delete_subvolume(path)
         self._btrfs("subvolume", "sync", str(self.root))
+
+    def _delete_subvolume(self, path: Path) -> None:
+        """Delete the subvolume at path, the subvolumes planted inside it first (they stop it)."""
+        self.remove_planted(path)
+        self._btrfs("subvolume", "delete", "--commit-each", str(path))
 
 
 def unshare_walk_needed(backups: Sequence[dict], resumed: bool) -> bool:
@@ -2722,12 +2887,17 @@ def store_target(store: Store, config: ServerConfig, histories: Optional[Dict[st
                              headroom=config.headroom, history=config.history)
 
 
-def read_prune_state(store: Store) -> PruneState:
-    """The plain values plan_prune decides on, read from the store."""
+def read_prune_state(store: Store, now: Optional[dt.datetime] = None,
+                     timeout: float = ServerConfig().rsync_timeout) -> PruneState:
+    """The plain values plan_prune decides on, read from the store.
+
+    A session idle for longer than the I/O timeout is stuck, not running
+    (session_state): its upload is rolled back like any abandoned one."""
     hosts = {}
+    clock = now.timestamp() if now is not None else time.time()
     for h in store.hosts():
         pending = store.pending_bytes(h) if store.dirty_since(h) is not None else None
-        running = pending is not None and flock_held(store.session_lock(h).path)
+        running = pending is not None and session_state(store.session_lock_path(h), clock, timeout)[0] == "running"
         hosts[h] = HostFacts(tuple(store.snapshots(h)), tuple(store.read_history(h)), pending, running)
     return PruneState(hosts, store.free_bytes(), store.total_bytes(), store.unaccounted_bytes())
 
@@ -2759,7 +2929,7 @@ def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: 
     """Carry out plan_prune on a store: acceptances, roll-backs, deletions.  Caller holds the lock."""
     if not dry_run:
         store.clean_leftovers()
-    state = read_prune_state(store)
+    state = read_prune_state(store, now, config.rsync_timeout)
     plan = plan_prune(state, now=now, config=config, order=order, force=force)
     for note in plan.notes:
         log.warning("prune: %s", note)
@@ -2769,7 +2939,7 @@ def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: 
         for host in sorted({a.host for a in plan.accepted if a.snapshot}):
             store.write_history(host, record_acceptances(store.read_history(host), plan.accepted, now))
         for host in plan.rollbacks:
-            store.roll_back(host)
+            store.roll_back(host, config.rsync_timeout)
     free = store.free_bytes() if plan.rollbacks and not dry_run else plan.free
     if not plan.short(free):
         log.info("prune: %s free, goal %s (target %s): nothing to delete", format_size(free),
@@ -2883,7 +3053,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
     order = args.order or config.order
     now = now_local()
     if args.list:
-        state = read_prune_state(store)
+        state = read_prune_state(store, now, config.rsync_timeout)
         plan = plan_prune(state, now=now, config=config, order=order)
         print(f"store {store.root} ({store.kind}): {format_size(state.free)} free, "
               f"target {format_size(plan.target)}, goal {format_size(plan.goal)}; order of deletion ({order}):")
@@ -3411,15 +3581,15 @@ def _store_for_user(config: ServerConfig, runner: Optional[Runner] = None) -> St
     return open_store(config.store or pwd.getpwuid(os.getuid()).pw_dir, runner)
 
 
-def processes_with_open(path: Path) -> List[int]:
-    """This user's processes that have path open (from /proc/<pid>/fd)."""
+def processes_with_open(path: Path, uid: int) -> List[int]:
+    """uid's processes that have path open (from /proc/<pid>/fd)."""
     try:
         st = os.stat(path)
     except OSError:
         return []
     found = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or _process_uid(int(entry)) != os.geteuid() or int(entry) == os.getpid():
+        if not entry.isdigit() or _process_uid(int(entry)) != uid or int(entry) == os.getpid():
             continue
         with contextlib.suppress(OSError):
             for fd in os.listdir(f"/proc/{entry}/fd"):
@@ -3441,8 +3611,15 @@ def take_session(store: Store, host: str, timeout: float) -> Lock:
         if state != "stuck":
             raise
     # The lock belongs to an open file, which children inherit: end every
-    # process of ours that has it open, not only the one that took it.
-    holders = sorted(set(holders) | set(processes_with_open(store.session_lock_path(host))))
+    # process of the backup user that has it open, not only the one that took
+    # it.  Root (a roll-back) ends the backup user's, never a process of root's.
+    path = store.session_lock_path(host)
+    user = os.geteuid()
+    if user == 0:
+        with contextlib.suppress(OSError):
+            user = os.lstat(path).st_uid
+    holders = sorted(pid for pid in set(holders) | set(processes_with_open(path, user))
+                     if user != 0 and _process_uid(pid) == user)
     log.warning("host %s: ending a stuck session (process %s, no data for %s)", host,
                 ", ".join(map(str, holders)), format_duration(quiet or 0))
     for pid in holders:
@@ -5920,7 +6097,7 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
             if snaps else [],
         }
     # What prune would contain, accept or roll back now, and why (the plan is pure: nothing changes).
-    plan = plan_prune(read_prune_state(store), now=now, config=config)
+    plan = plan_prune(read_prune_state(store, now, config.rsync_timeout), now=now, config=config)
     for host, excess in plan.contained.items():
         hosts[host]["contained_bytes"] = excess
     recent = now - dt.timedelta(days=SHARE_WINDOW_DAYS)
@@ -5930,7 +6107,17 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
     return {"store": str(store.root), "backend": store.kind, "free_bytes": store.free_bytes(),
             "total_bytes": store.total_bytes(),
             "target_bytes": plan.target, "goal_bytes": plan.goal, "hosts": hosts,
-            "warnings": plan.notes + [a.reason for a in plan.accepted] + accepted}
+            "warnings": plan.notes + [a.reason for a in plan.accepted] + accepted
+            + planted_warnings(histories, since=recent)}
+
+
+def planted_warnings(histories: Dict[str, List[dict]], since: dt.datetime) -> List[str]:
+    """A line for each backup since then whose snapshot found subvolumes planted in current (pure)."""
+    return [f"host {h}: backup {b.get('snapshot')}: {_history_int(b, 'planted')} subvolumes in current "
+            f"({format_size(_history_int(b, 'planted_bytes'))}) were removed: rsync never makes one, so a "
+            "shell as the backup user made them (check who can log in as it)"
+            for h, bs in sorted(histories.items()) for b in bs
+            if _history_int(b, "planted") and (_entry_time(b.get("time")) or since) > since]
 
 
 # Prometheus: the text exposition format, for node_exporter's textfile collector.
