@@ -5861,36 +5861,49 @@ def restore_keeps_everything(host: str, this_host: str, as_root: bool, same_owne
 
 
 def cmd_restore(args: argparse.Namespace) -> int:
-    """restore: list the versions of files in the snapshots, and copy them back."""
+    """restore: list the versions of files in the snapshots, or copy them back (--restore)."""
     destination, host = client_target(args)
+    _check_restore_usage(args)
+    # A database's datadir comes back at its own path, whatever the current directory.
+    cwd = "/" if args.database else os.getcwd()
+    store = open_store(destination.path) if destination.is_local else None
     with SshSession(args.config_dir, destination) as session:   # connects only for a server
-        return _restore(args, session, host)
+        entries = matching_entries(args, store or session, host, cwd)
+        if not args.restore:
+            print(format_entries(entries))
+            return EXIT_OK
+        return restore_entries(args, store or session, host, entries, cwd)
 
 
-def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
-    destination = session.destination
+def _check_restore_usage(args: argparse.Namespace) -> None:
     if args.restore and args.all:
         raise UsageError("--all lists every version; to restore one, pick it with --snapshot NAME")
     if args.database and (len(args.pattern) != 1 or not args.pattern[0].startswith("/") or not args.restore
                           or args.to):
         raise UsageError("--database takes one absolute datadir, with --restore and without --to: "
                          "it puts the datadir back in its place")
-    # A database's datadir comes back at its own path, whatever the current directory.
-    cwd = "/" if args.database else os.getcwd()
+
+
+def matching_entries(args: argparse.Namespace, source: "Store | SshSession", host: str,
+                     cwd: str) -> List[Entry]:
+    """What the patterns match in the store (a local one, or a server's through its session):
+    in the newest snapshot, --snapshot's, or every one (--all)."""
     patterns = absolute_patterns(args.pattern, cwd)
-    if destination.is_local:
-        store = open_store(destination.path)
-        entries = list_store(store, host, patterns, snapshot=args.snapshot, every=args.all)
+    if isinstance(source, Store):
+        entries = list_store(source, host, patterns, snapshot=args.snapshot, every=args.all)
     else:
         words = (["--all"] if args.all else []) + ([f"--snapshot={args.snapshot}"] if args.snapshot else [])
-        entries = _remote_list(session, words + patterns)
+        entries = _remote_list(source, words + patterns)
     if not entries:
         where = args.snapshot or ("any snapshot" if args.all else "the newest snapshot")
         raise ByteBackError(f"nothing matches {' '.join(args.pattern)} in {where} of host {host}; "
                             "try --all, or a pattern with * or **")
-    if not args.restore:
-        print(format_entries(entries))
-        return EXIT_OK
+    return entries
+
+
+def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host: str,
+                    entries: Sequence[Entry], cwd: str) -> int:
+    """Copy what the listing found back, by rsync, refusing to overwrite without --overwrite."""
     snapshot = entries[0].snapshot
     target = Path(os.path.abspath(args.to or cwd))     # 'a:b' must not read as a remote host
     pairs = restore_sources(topmost_paths(e.path for e in entries), cwd)
@@ -5902,16 +5915,17 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
         verb = "exists" if len(clashes) == 1 else "exist"
         raise ByteBackError(f"{', '.join(clashes[:3])}{more} already {verb}; nothing was restored. "
                             "Use --overwrite to replace them, or --to DIR to restore elsewhere")
-    if destination.is_local:
-        root = store.host_dir(host) / snapshot
+    if isinstance(source, Store):
+        root = source.host_dir(host) / snapshot
         sources = [f"{root}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
         # A store made without root keeps owners, modes and symlinks in xattrs:
         # the sending side reads them (a store made by root has none, and then
         # the real ones count); this side writes plainly, as root when it is.
         transport = ["--fake-super", "-M--super" if os.geteuid() == 0 else "-M--no-super"]
     else:
-        sources = [f"{_login(destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}" for anchor, rel in pairs]
-        transport = rsync_over_ssh(session.argv())
+        sources = [f"{_login(source.destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}"
+                   for anchor, rel in pairs]
+        transport = rsync_over_ssh(source.argv())
     keep = restore_keeps_everything(host, default_host_name(), os.geteuid() == 0, args.same_owner)
     if not keep:
         log.warning("restoring host %s's files on %s: owners, set-id bits, device and special files "
@@ -5923,14 +5937,25 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
                               f"{args.config_dir}/rsync_flags")
     acls = ["--acls"] if {"--acls", "-A"} & set(flags) else []
     # NOTE: the receive guard's SEND_LETTERS must allow every letter this sends.
+    options = ["--xattrs", *acls] if keep else FOREIGN_RESTORE_OPTIONS
+    _copy_back(sources, [*options, *transport], target, snapshot, show=args.verbose > 0)
+    print(f"restored {len(pairs)} path{'s' if len(pairs) != 1 else ''} from {snapshot} into {target}")
+    if args.database:
+        print(f"start the database server now: it recovers {args.pattern[0]} from its logs, as after "
+              "a power cut")
+    return EXIT_OK
+
+
+def _copy_back(sources: Sequence[str], options: Sequence[str], target: Path, snapshot: str, *,
+               show: bool) -> None:
+    """rsync the sources into target, in batches that fit a command line."""
     done = 0
     for batch in _batches(sources, RESTORE_BATCH_CHARS):
         # --no-implied-dirs: directories that already exist where a file comes
         # back keep their own owner and mode; --relative would reset them.
         argv = ["rsync", "--archive", "--hard-links", "--numeric-ids", "--relative", "--no-implied-dirs",
-                "--timeout=300", *(["--xattrs", *acls] if keep else FOREIGN_RESTORE_OPTIONS), *transport,
-                "--", *batch, f"{target}/"]
-        rc, output = run_rsync(argv, show=args.verbose > 0)
+                "--timeout=300", *options, "--", *batch, f"{target}/"]
+        rc, output = run_rsync(argv, show=show)
         # Not even 24 (vanished files) is success here: snapshots never
         # change, so a file vanishes only when a prune took the snapshot.
         if rc != 0:
@@ -5941,11 +5966,6 @@ def _restore(args: argparse.Namespace, session: SshSession, host: str) -> int:
                                 f"{len(sources)} paths were restored{hint}: "
                                 + " | ".join(output.strip().splitlines()[-3:]))
         done += len(batch)
-    print(f"restored {len(pairs)} path{'s' if len(pairs) != 1 else ''} from {snapshot} into {target}")
-    if args.database:
-        print(f"start the database server now: it recovers {args.pattern[0]} from its logs, as after "
-              "a power cut")
-    return EXIT_OK
 
 
 # --- 8b. status ---------------------------------------------------------------
@@ -6237,79 +6257,104 @@ def _age_text(seconds: Optional[float]) -> str:
     return "never" if seconds is None else format_duration(seconds) + " ago"
 
 
+class Verdict(NamedTuple):
+    """What status found: the report (--json's fields), its Nagios code, one line, perf data."""
+    report: dict
+    code: int
+    summary: str
+    perf: str
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     """status: is backing up happening?  Human table, --json, or a Nagios plugin line."""
     now = now_local()
-    warning, critical = args.warning, args.critical
-    if args.store:
-        config = load_server_config(args.config_dir)
-        report = server_status(open_store(args.store), config, now)
-        states = {h: nagios_state(i["age_seconds"], warning, critical, i["running"], i["stuck"])
-                  for h, i in report["hosts"].items()}
-        code = max(states.values(), default=NAGIOS_OK)
-        late = [h for h, c in states.items() if c != NAGIOS_OK]
-        summary = (f"{len(report['hosts'])} hosts, {len(late)} late ({', '.join(late)})" if late
-                   else f"{len(report['hosts'])} hosts backed up")
-        stuck = [h for h, i in report["hosts"].items() if i["stuck"]]
-        if stuck:
-            summary += f", {len(stuck)} stuck ({', '.join(stuck)})"
-        summary += f", {format_size(report['free_bytes'])} free"
-        if report["warnings"]:
-            # Containment and acceptance are automatic, but a person should know.
-            code = max(code, NAGIOS_WARNING)
-            summary += f"; {len(report['warnings'])} prune warnings: {report['warnings'][0]}"
-        perf = f"free={report['free_bytes']}B target={report['target_bytes']}B late={len(late)}"
-    else:
-        state_dir = client_state_dir()
-        try:
-            state = read_json(state_dir / "last-backup.json", {})
-        except ByteBackError as e:
-            raise ByteBackError(str(e), NAGIOS_UNKNOWN) from None
-        if not isinstance(state, dict) or any(
-                not isinstance(state.get(key), (dict, type(None))) for key in ("last_success", "last_attempt")):
-            raise ByteBackError(f"{state_dir}/last-backup.json is not a byteback state file; move it "
-                                "aside and the next backup writes a new one", NAGIOS_UNKNOWN)
-        report = client_status(state, now, flock_held(state_dir / "backup.lock"))
-        code = nagios_state(report["age_seconds"], warning, critical, report["running"])
-        summary = f"last backup {_age_text(report['age_seconds'])}"
-        if report["running"]:
-            summary += ", one running now"
-        if report["last_result"] == "failed":
-            summary += f"; last attempt failed: {report['last_error']}"
-        if report["database_warnings"]:
-            code = max(code, NAGIOS_WARNING)
-            summary += "; databases: " + "; ".join(report["database_warnings"])
-        age = report["age_seconds"]
-        perf = f"age={'U' if age is None else f'{int(age)}s'};{int(warning)};{int(critical)}"
-    report["state"] = NAGIOS_NAMES[code]
+    verdict = (server_verdict if args.store else client_verdict)(args, now)
+    verdict.report["state"] = NAGIOS_NAMES[verdict.code]
     if args.textfile:
         # node_exporter reads *.prom; the temporary name does not end so, and a rename is atomic.
         path = Path(args.textfile) / ("byteback-server.prom" if args.store else "byteback.prom")
-        write_file_atomically(path, prometheus_text(report, now), mode=0o644)
+        write_file_atomically(path, prometheus_text(verdict.report, now), mode=0o644)
         return EXIT_OK
+    print_verdict(args, verdict, now)
+    return verdict.code
+
+
+def server_verdict(args: argparse.Namespace, now: dt.datetime) -> Verdict:
+    """status --store: every host's age against the thresholds, and the prune's warnings."""
+    config = load_server_config(args.config_dir)
+    report = server_status(open_store(args.store), config, now)
+    states = {h: nagios_state(i["age_seconds"], args.warning, args.critical, i["running"], i["stuck"])
+              for h, i in report["hosts"].items()}
+    code = max(states.values(), default=NAGIOS_OK)
+    late = [h for h, c in states.items() if c != NAGIOS_OK]
+    summary = (f"{len(report['hosts'])} hosts, {len(late)} late ({', '.join(late)})" if late
+               else f"{len(report['hosts'])} hosts backed up")
+    stuck = [h for h, i in report["hosts"].items() if i["stuck"]]
+    if stuck:
+        summary += f", {len(stuck)} stuck ({', '.join(stuck)})"
+    summary += f", {format_size(report['free_bytes'])} free"
+    if report["warnings"]:
+        # Containment and acceptance are automatic, but a person should know.
+        code = max(code, NAGIOS_WARNING)
+        summary += f"; {len(report['warnings'])} prune warnings: {report['warnings'][0]}"
+    perf = f"free={report['free_bytes']}B target={report['target_bytes']}B late={len(late)}"
+    return Verdict(report, code, summary, perf)
+
+
+def client_verdict(args: argparse.Namespace, now: dt.datetime) -> Verdict:
+    """status on a client: the last backup's age against the thresholds, from its state file."""
+    state_dir = client_state_dir()
+    try:
+        state = read_json(state_dir / "last-backup.json", {})
+    except ByteBackError as e:
+        raise ByteBackError(str(e), NAGIOS_UNKNOWN) from None
+    if not isinstance(state, dict) or any(
+            not isinstance(state.get(key), (dict, type(None))) for key in ("last_success", "last_attempt")):
+        raise ByteBackError(f"{state_dir}/last-backup.json is not a byteback state file; move it "
+                            "aside and the next backup writes a new one", NAGIOS_UNKNOWN)
+    report = client_status(state, now, flock_held(state_dir / "backup.lock"))
+    code = nagios_state(report["age_seconds"], args.warning, args.critical, report["running"])
+    summary = f"last backup {_age_text(report['age_seconds'])}"
+    if report["running"]:
+        summary += ", one running now"
+    if report["last_result"] == "failed":
+        summary += f"; last attempt failed: {report['last_error']}"
+    if report["database_warnings"]:
+        code = max(code, NAGIOS_WARNING)
+        summary += "; databases: " + "; ".join(report["database_warnings"])
+    age = report["age_seconds"]
+    perf = f"age={'U' if age is None else f'{int(age)}s'};{int(args.warning)};{int(args.critical)}"
+    return Verdict(report, code, summary, perf)
+
+
+def print_verdict(args: argparse.Namespace, verdict: Verdict, now: dt.datetime) -> None:
+    """The verdict as --prometheus, --json, --nagios asked, else the table for a person."""
     if args.prometheus:
-        print(prometheus_text(report, now), end="")
+        print(prometheus_text(verdict.report, now), end="")
     elif args.json:
-        print(json.dumps(report, indent=1, sort_keys=True))
+        print(json.dumps(verdict.report, indent=1, sort_keys=True))
     elif args.nagios:
-        print(f"BYTEBACK {NAGIOS_NAMES[code]} - {printable(summary)}|{perf}")
+        print(f"BYTEBACK {verdict.report['state']} - {printable(verdict.summary)}|{verdict.perf}")
+    elif "hosts" in verdict.report:
+        print(_format_server_status(verdict.report, printable(verdict.summary)))
     else:
-        print(_format_status(report, printable(summary)))
-    return code
+        print(_format_client_status(verdict.report, printable(verdict.summary)))
 
 
-def _format_status(report: dict, summary: str) -> str:
-    if "hosts" not in report:
-        lines = [f"state:          {report['state']} ({summary})",
-                 f"last success:   {report['last_success'] or 'never'}",
-                 f"duration:       {format_duration(report['duration_seconds'] or 0)}",
-                 f"bytes sent:     {report['bytes_sent'] if report['bytes_sent'] is not None else '-'}",
-                 f"last attempt:   {report['last_attempt'] or 'never'} ({report['last_result'] or '-'})",
-                 f"running now:    {'yes' if report['running'] else 'no'}"]
-        if report["last_error"]:
-            lines.append(f"last error:     {printable(report['last_error'])}")
-        lines += [f"database:       WARNING {printable(w)}" for w in report["database_warnings"]]
-        return "\n".join(lines)
+def _format_client_status(report: dict, summary: str) -> str:
+    lines = [f"state:          {report['state']} ({summary})",
+             f"last success:   {report['last_success'] or 'never'}",
+             f"duration:       {format_duration(report['duration_seconds'] or 0)}",
+             f"bytes sent:     {report['bytes_sent'] if report['bytes_sent'] is not None else '-'}",
+             f"last attempt:   {report['last_attempt'] or 'never'} ({report['last_result'] or '-'})",
+             f"running now:    {'yes' if report['running'] else 'no'}"]
+    if report["last_error"]:
+        lines.append(f"last error:     {printable(report['last_error'])}")
+    lines += [f"database:       WARNING {printable(w)}" for w in report["database_warnings"]]
+    return "\n".join(lines)
+
+
+def _format_server_status(report: dict, summary: str) -> str:
     rows = [("host", "newest", "age", "count", "oldest", "last", "mean", "note")]
     for host, i in sorted(report["hosts"].items()):
         note = (f"STUCK: no data for {format_duration(i['session_idle_seconds'])}" if i["stuck"]
