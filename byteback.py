@@ -2552,37 +2552,164 @@ def accept_tokens(backups: Sequence[dict], *, now: dt.datetime, rate: float, cap
     return max(0.0, min(cap, tokens + rate * max(0.0, (now - last).total_seconds()) / (SHARE_WINDOW_DAYS * DAY)))
 
 
-@_remembered
 def snapshot_bytes(backups: Sequence[dict]) -> Dict[str, int]:
     """What deleting each recorded snapshot is expected to free: what it added, but no more
     than what left by the next backup (what that one rewrote or removed), so data that
     stays (a new VM image) is not counted as if its first snapshot held it alone."""
-    held: Dict[str, int] = {}
-    after_added = after_size = None
-    for b in reversed(backups):
-        added, size = b.get("added", 0), b.get("size", 0)
-        if type(added) is not int or added < 0:
-            added = _history_int(b, "added")
-        if type(size) is not int or size < 0:
-            size = _history_int(b, "size")
-        name = b.get("snapshot")
-        if isinstance(name, str):
-            if after_added is not None:
-                left = after_added + size - after_size if size > after_size else after_added
-                held[name] = added if added < left else left
-            else:
-                held[name] = added
-        after_added, after_size = added, size
-    return held
+    return _history_entries(backups).held
 
 
-@_remembered
-def _entries(backups: Sequence[dict]) -> tuple:
-    """({snapshot name: its entries}, the suspicious entries not accepted), in history order."""
+def _entry_bytes(added: int, size: int, after: Optional[tuple]) -> int:
+    """snapshot_bytes of one entry, given (added, size) of the entry after it (None: the newest)."""
+    if after is None:
+        return added
+    after_added, after_size = after
+    left = after_added + size - after_size if size > after_size else after_added
+    return added if added < left else left
+
+
+def _entry_numbers(b: dict) -> tuple:
+    added, size = b.get("added", 0), b.get("size", 0)
+    if type(added) is not int or added < 0:
+        added = _history_int(b, "added")
+    if type(size) is not int or size < 0:
+        size = _history_int(b, "size")
+    return added, size
+
+
+class HistoryEntries:
+    """What the plan reads of one host's history, worked out once per history tuple.
+
+    by_name: {snapshot name: its entries}; unaccepted: the suspicious entries not
+    accepted; held: snapshot_bytes; all in history order.  A host's next history is
+    usually the last one with an entry appended (and the oldest trimmed), so
+    _history_entries works it out from the last one in O(entries changed) when it can.
+    """
+    __slots__ = ("history", "by_name", "unaccepted", "names", "numbers", "freed", "held")
+
+    def __init__(self, history: tuple, by_name: dict, unaccepted: list, names: list,
+                 numbers: list, freed: list) -> None:
+        self.history = history            # kept alive: the answer belongs to these very entries
+        self.by_name = by_name
+        self.unaccepted = unaccepted
+        self.names = names                # per entry: its "snapshot"
+        self.numbers = numbers            # per entry: (added, size)
+        self.freed = freed                # per entry: _entry_bytes
+        if all(type(n) is str for n in names):
+            # the oldest entry of a name wins, as snapshot_bytes's walk from the newest back has it
+            self.held = dict(zip(reversed(names), reversed(freed)))
+        else:
+            self.held = {n: v for n, v in zip(reversed(names), reversed(freed)) if isinstance(n, str)}
+
+
+def _scan_history(history: tuple) -> HistoryEntries:
     by_name: Dict[object, List[dict]] = {}
-    for b in backups:
+    for b in history:
         by_name.setdefault(b.get("snapshot"), []).append(b)
-    return by_name, [b for b in backups if b.get("suspicious") and not b.get("accepted")]
+    numbers = [_entry_numbers(b) for b in history]
+    freed = [_entry_bytes(a, s, after) for (a, s), after in zip(numbers, numbers[1:] + [None])]
+    return HistoryEntries(history, by_name, [b for b in history if b.get("suspicious") and not b.get("accepted")],
+                          [b.get("snapshot") for b in history], numbers, freed)
+
+
+def _unaccepted(b: dict) -> bool:
+    return bool(b.get("suspicious")) and not b.get("accepted")
+
+
+def _history_entries(history: Sequence[dict], previous: Optional[HistoryEntries] = None) -> HistoryEntries:
+    """HistoryEntries of `history`, from `previous` when history is its entries less the
+    oldest `dropped` with new ones appended (the same entry objects: nothing is ever
+    changed in place, record_acceptances makes new ones), else from scratch."""
+    if type(history) is not tuple:
+        history = tuple(history)
+    old = previous.history if previous is not None else None
+    if old is None or not old:
+        return _scan_history(history)
+    if old is history:
+        return previous
+    first = history[0] if history else None
+    dropped = next((d for d in range(min(len(old), 4)) if old[d] is first), None)
+    if dropped is None:
+        return _scan_history(history)
+    common = len(old) - dropped
+    if common > len(history) or not all(map(operator.is_, old[dropped:], history[:common])):
+        return _scan_history(history)
+    gone, added = old[:dropped], history[common:]
+    by_name = dict(previous.by_name)
+    for b in gone:                   # each is the first of its name's entries (history order)
+        name = b.get("snapshot")
+        rest = by_name[name][1:]
+        if rest:
+            by_name[name] = rest
+        else:
+            del by_name[name]
+    for b in added:
+        name = b.get("snapshot")
+        by_name[name] = by_name.get(name, []) + [b]
+    unaccepted = previous.unaccepted[sum(1 for b in gone if _unaccepted(b)):]
+    unaccepted = unaccepted + [b for b in added if _unaccepted(b)] if added else unaccepted
+    numbers = previous.numbers[dropped:] + [_entry_numbers(b) for b in added]
+    freed = previous.freed[dropped:]
+    if added:
+        # the old newest has an entry after it now; the new ones are worked out afresh
+        tail = numbers[common - 1:]
+        freed[common - 1:] = [_entry_bytes(a, s, after) for (a, s), after in zip(tail, tail[1:] + [None])]
+    return HistoryEntries(history, by_name, unaccepted, previous.names[dropped:] + [b.get("snapshot") for b in added],
+                          numbers, freed)
+
+
+class _HostView:
+    """What plan_prune works out of one host's facts that does not depend on the clock:
+    kept for the same facts (simulate hands the same HostFacts while a host is unchanged),
+    and the next history's entries are worked out from these (HistoryEntries)."""
+    __slots__ = ("facts", "settings", "entries", "counted", "share_normal", "deletable")
+
+    def __init__(self, facts: HostFacts, settings: tuple, entries: HistoryEntries,
+                 counted: List[int], share_normal: float) -> None:
+        self.facts, self.settings, self.entries = facts, settings, entries
+        self.counted, self.share_normal = counted, share_normal
+        self.deletable: Optional[tuple] = None     # (unit, {name: bytes}, their sum), when asked
+
+
+_HOST_VIEWS: Dict[str, _HostView] = {}     # host -> the view of the facts plan_prune saw last
+
+
+def _host_views(hosts: Dict[str, HostFacts], config: "ServerConfig") -> Dict[str, _HostView]:
+    """{host: _HostView}: the last one while a host's facts are the same objects, else anew.
+
+    Facts holding lists (which can change in place) are worked out afresh every time."""
+    settings = (config.history, config.share_growth, config.suspicion_floor)
+    views = {}
+    if len(_HOST_VIEWS) > 4096:
+        _HOST_VIEWS.clear()
+    for h, f in hosts.items():
+        v = _HOST_VIEWS.get(h)
+        if v is not None and v.facts is f and v.settings == settings:
+            views[h] = v
+            continue
+        frozen = type(f.history) is tuple and type(f.snapshots) is tuple
+        entries = _history_entries(f.history, v.entries if v is not None and frozen else None)
+        if v is not None and frozen and v.entries is entries and v.settings == settings:
+            counted, share_normal = v.counted, v.share_normal
+        else:
+            counted = counted_sizes(f.history, last=config.history)
+            share_normal = _recorded_normal(f.history, config)
+        views[h] = view = _HostView(f, settings, entries, counted, share_normal)
+        if frozen:
+            _HOST_VIEWS[h] = view
+    return views
+
+
+def _view_deletable(view: _HostView, unit: int) -> tuple:
+    """({name: bytes deleting it frees} for every snapshot but the newest, their sum).
+
+    A snapshot with no size recorded (taken over, or its entry was lost) counts as a
+    normal backup (unit); with no history at all, fairness by bytes is fairness by count."""
+    if view.deletable is None or view.deletable[0] != unit:
+        held = view.entries.held
+        deletable = {s.name: held.get(s.name, unit) for s in view.facts.snapshots[:-1]}
+        view.deletable = (unit, deletable, sum(deletable.values()))
+    return view.deletable[1], view.deletable[2]
 
 
 def _excess(entry: dict, normal: float) -> int:
@@ -2614,11 +2741,12 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     if order not in ("importance", "age"):
         raise ValueError(f"unknown prune order {order!r}")
     hosts = state.hosts
-    counted = {h: counted_sizes(f.history, last=config.history) for h, f in hosts.items()}
+    views = _host_views(hosts, config)
+    counted = {h: v.counted for h, v in views.items()}
     # A host's normal backup: the mean of its counted sizes, but never more than its share
     # normal (normal_backup), whose growth is capped: backups just under the suspicion
     # line, one after another (a flood), would otherwise raise the target as they please.
-    share_normal = {h: _recorded_normal(f.history, config) for h, f in hosts.items()}
+    share_normal = {h: v.share_normal for h, v in views.items()}
     means = {h: min(mean(c[-config.history:]), max(share_normal[h], 1.0)) if c else 0.0
              for h, c in counted.items()}
     target = int(config.headroom * sum(means.values()))
@@ -2648,7 +2776,8 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
         normal = means[h]
         tokens: Optional[float] = None
         newest = f.snapshots[-1].name if f.snapshots else None
-        by_name, unaccepted = _entries(f.history)
+        entries = views[h].entries
+        by_name, unaccepted = entries.by_name, entries.unaccepted
         claim = 0.0
         held_back = 0
         for b in by_name.get(newest, ()):
@@ -2716,12 +2845,13 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     # The disc the claims share: the free space and everything the claims count, with the
     # contained and unaccounted bytes as if they were free (they are not pruned for).
     free_for_claims = state.free + sum(contained.values()) + max(0, state.unaccounted)
-    steps = _fair_steps(state, weights, extra, room, means, free_for_claims, now=now, order=order,
+    steps = _fair_steps(state, views, weights, extra, room, means, free_for_claims, now=now, order=order,
                         targets=config.targets)
     return PrunePlan(target, goal, state.free, accepted, contained, rollbacks, notes, steps)
 
 
-def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extra: Dict[str, float],
+def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callable[[], Dict[str, float]],
+                extra: Dict[str, float],
                 room: Dict[str, float], means: Dict[str, float], free_for_claims: float, *,
                 now: dt.datetime, order: str, targets: Sequence[float]) -> Iterator[PlanStep]:
     """Deletions, the host most over its share (claim / weight) first; within a host its order.
@@ -2733,7 +2863,7 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
     deletable: Dict[str, Dict[str, int]] = {}
     claims: Dict[str, float] = {}
     for h, f in hosts.items():
-        deletable[h], held = _deletable(f.snapshots, history=f.history, unit=max(1, int(means[h])))
+        deletable[h], held = _view_deletable(views[h], max(1, int(means[h])))
         claims[h] = extra[h] + held + room[h]
     disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
     fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
@@ -2785,17 +2915,6 @@ def _fair_steps(state: PruneState, weights: Callable[[], Dict[str, float]], extr
         left[h] -= 1
         yield PlanStep(Decision(step.snapshot, True, reason), over, freed)
         item = pushpop(heap, entry(h, False))
-
-
-@_remembered
-def _deletable(snapshots: Sequence[Snapshot], *, history: Sequence[dict], unit: int) -> tuple:
-    """({name: bytes deleting it frees} for every snapshot but the newest, their sum).
-
-    A snapshot with no size recorded (taken over, or its entry was lost) counts as a
-    normal backup (unit); with no history at all, fairness by bytes is fairness by count."""
-    held = snapshot_bytes(history)
-    deletable = {s.name: held.get(s.name, unit) for s in snapshots[:-1]}
-    return deletable, sum(deletable.values())
 
 
 def plan_listing(plan: PrunePlan, state: PruneState) -> List[Decision]:
