@@ -662,11 +662,13 @@ SERVER_OPTIONS: Dict[str, Option] = {
                         "a backup over this many times the median of recent ones is suspicious"),
     "suspicion_floor": Option("2%", _fraction,
                               "a backup adding less than this share of its host's data is never suspicious"),
-    "accept_budget": Option("10%", _fraction, "share of a host's share of the disc accepted past the "
+    "accept_budget": Option("15%", _fraction, "share of a host's share of the disc accepted past the "
                             "suspicion line automatically, per 30 days"),
     "shares": Option("normal", _shares, "a host's share of the disc: in proportion to its normal "
                      "backup (normal), or the same for every host (equal)"),
-    "share_growth": Option("25%", _growth, "how fast a host's normal backup may grow its share, per 30 days"),
+    "normal_growth": Option("25%", _growth, "how fast a host's normal backup may raise the free-space "
+                            "target, per 30 days"),
+    "share_growth": Option("10%", _growth, "how fast a host's share of the disc may grow, per 30 days"),
     "weights": Option("", _weights, "host:weight pairs multiplying hosts' shares, e.g. web1:2 db1:0.5"),
     "rsync_timeout": Option("600", _positive_int, "the server rsync's I/O timeout, in seconds"),
     "receiver": Option("fakesuper", _receiver, "how setup-host keeps a new host's owners: fakesuper "
@@ -685,9 +687,10 @@ class ServerConfig(NamedTuple):
     history: int = 10
     suspicion: float = 3.0
     suspicion_floor: float = 0.02
-    accept_budget: float = 0.1
+    accept_budget: float = 0.15
     shares: str = "normal"
-    share_growth: float = 0.25
+    normal_growth: float = 0.25
+    share_growth: float = 0.1
     weights: Dict[str, float] = {}
     rsync_timeout: int = 600
     receiver: str = "fakesuper"
@@ -2353,8 +2356,10 @@ def history_entry(backups: Sequence[dict], record: dict, *, name: str, now: dt.d
     # The host's normal backup for its share of the disc, kept in the entry so that
     # plan_prune reads it instead of walking the history every time (normal_backup).
     if prior or counted_sizes([entry]):              # a full copy alone has no normal yet
-        entry["normal"] = int(normal_backup(list(backups) + [entry], history=config.history,
-                                            growth=config.share_growth, floor=config.suspicion_floor / 4))
+        both = list(backups) + [entry]
+        for key, growth in (("normal", config.normal_growth), ("share", config.share_growth)):
+            entry[key] = int(normal_backup(both, history=config.history, growth=growth,
+                                           floor=config.suspicion_floor / 4, key=key))
     return entry
 
 
@@ -2385,17 +2390,37 @@ def interval_refusal(newest: Optional[Snapshot], now: dt.datetime, min_interval:
 #   past the line that no session is writing is rolled back to the host's
 #   newest snapshot, so its space comes back without a person.
 # - Acceptance.  Excess is accepted automatically from a growth budget: each
-#   host earns accept_budget of its share of the disc per 30 days (saved up
-#   to its whole share).  Real growth (a new VM image) is backed up within a
-#   bounded time; junk cannot buy more than the budget.
+#   host earns accept_budget (15%) of its share of the disc per 30 days
+#   (saved up to its whole share, counted from its oldest history entry),
+#   that share taken by its normal backup as the target counts it (below).
+#   Real growth (a new VM image) is backed up within a bounded time; junk
+#   cannot buy more than the budget.  An honest host can have several huge
+#   backups in a month (simulate --accept-after never seed 3: five of 10x
+#   its normal in 45 days on its smallest host); at 10% it then waited 26
+#   days, every upload rolled back (1.13% of all backups failed).
+# - Two caps on a host's normal backup (normal_backup: the mean of its last
+#   counted sizes, following a fall at once).  For the free-space target it
+#   may grow by normal_growth (25%) per 30 days: a flood just under the
+#   suspicion line must not raise the target as it pleases, but a host whose
+#   data really grows must find room (capped at 10%, unattended seed 3 failed
+#   1.03% of its backups and kept none of its last week).  For its share of
+#   the disc it may grow by share_growth (10%) only.  Shares are relative: a
+#   host whose weight grows by g takes it from the others, whose share falls
+#   to 1 / (1 + g x the grower's part of the weights), never below
+#   1 / (1 + g): 91% of what they had after a month of flooding at 10%, 80% at
+#   25% (simulate --hostile flood seed 1 kept 83% of the others' history).
 # - Fairness by bytes.  Each host claims the bytes its deletable snapshots
 #   hold, its newest snapshot's accepted excess, its accepted pending upload
 #   and its room in the target; its share of the disc is in proportion to its
-#   weight: its normal backup (whose growth is capped at share_growth per 30
-#   days, so a flood cannot buy a bigger share quickly) times its server.conf
-#   weight.  The next deletion comes from the host most over its share, and
-#   only a host over its share loses anything: a flooding host evicts its own
-#   history, and what it cannot give back is never paid by the others.
+#   weight: its share normal times its server.conf weight.  The next deletion
+#   comes from the host most over its share, and only a host over its share
+#   loses anything: a flooding host evicts its own history, and what it
+#   cannot give back is never paid by the others.
+# - The first snapshot stays.  In the importance order a host's oldest
+#   snapshot (its first, the full copy, while it has it) is never deleted,
+#   nor counted in what the host can give back: a flood evicts its own host's
+#   history down to the first and the newest, never the first itself.  The
+#   age order deletes the oldest first by definition.
 # - Unaccounted space (run/, outside every host's backups) is not pruned for.
 
 SHARE_WINDOW_DAYS = 30.0
@@ -2467,7 +2492,8 @@ def _window_factor(growth: float, seconds: float) -> float:
 
 
 @_remembered
-def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor: float = 0.02) -> float:
+def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor: float = 0.02,
+                  key: str = "normal") -> float:
     """A host's normal backup for its share of the disc: the mean of its counted sizes, which
     may grow by at most `growth` per 30 days (a flood just under the suspicion line must not
     buy a bigger share in days), from no less than `floor` of the host's smallest recent
@@ -2481,8 +2507,8 @@ def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor
     # Resume from the newest entry that has its normal recorded (history_entry writes it).
     for i in range(len(backups) - 2, -1, -1):
         b = backups[i]
-        if isinstance(b.get("normal"), int) and not isinstance(b.get("normal"), bool):
-            normal, last, start = float(b["normal"]), _entry_time(b.get("time")), i + 1
+        if isinstance(b.get(key), int) and not isinstance(b.get(key), bool):
+            normal, last, start = float(b[key]), _entry_time(b.get("time")), i + 1
             # The last `history` counted sizes up to it, from it back (not the whole history).
             for j in range(i, -1, -1):
                 if len(window) >= history:
@@ -2519,14 +2545,15 @@ def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor
     return normal or 0.0
 
 
-def _recorded_normal(backups: Sequence[dict], config: "ServerConfig") -> float:
-    """normal_backup as history_entry recorded it in the newest entry, else walked afresh."""
+def _recorded_normal(backups: Sequence[dict], config: "ServerConfig", key: str = "normal") -> float:
+    """normal_backup (key 'normal', growth normal_growth; key 'share', growth share_growth) as
+    history_entry recorded it in the newest entry, else walked afresh."""
     if backups:
-        value = backups[-1].get("normal")
+        value = backups[-1].get(key)
         if isinstance(value, int) and not isinstance(value, bool) and not backups[-1].get("acceptances"):
             return float(value)
-    return normal_backup(backups, history=config.history, growth=config.share_growth,
-                         floor=config.suspicion_floor / 4)
+    growth = config.share_growth if key == "share" else config.normal_growth
+    return normal_backup(backups, history=config.history, growth=growth, floor=config.suspicion_floor / 4, key=key)
 
 
 def _num(entry: dict, key: str) -> int:
@@ -2662,13 +2689,13 @@ class _HostView:
     """What plan_prune works out of one host's facts that does not depend on the clock:
     kept for the same facts (simulate hands the same HostFacts while a host is unchanged),
     and the next history's entries are worked out from these (HistoryEntries)."""
-    __slots__ = ("facts", "settings", "entries", "counted", "share_normal", "deletable")
+    __slots__ = ("facts", "settings", "entries", "counted", "normal", "share", "deletable")
 
     def __init__(self, facts: HostFacts, settings: tuple, entries: HistoryEntries,
-                 counted: List[int], share_normal: float) -> None:
+                 counted: List[int], normal: float, share: float) -> None:
         self.facts, self.settings, self.entries = facts, settings, entries
-        self.counted, self.share_normal = counted, share_normal
-        self.deletable: Optional[tuple] = None     # (unit, {name: bytes}, their sum), when asked
+        self.counted, self.normal, self.share = counted, normal, share     # share: its share's normal
+        self.deletable: Optional[tuple] = None     # (unit, keep_oldest, {name: bytes}, their sum), when asked
 
 
 _HOST_VIEWS: Dict[str, _HostView] = {}     # host -> the view of the facts plan_prune saw last
@@ -2678,7 +2705,7 @@ def _host_views(hosts: Dict[str, HostFacts], config: "ServerConfig") -> Dict[str
     """{host: _HostView}: the last one while a host's facts are the same objects, else anew.
 
     Facts holding lists (which can change in place) are worked out afresh every time."""
-    settings = (config.history, config.share_growth, config.suspicion_floor)
+    settings = (config.history, config.normal_growth, config.share_growth, config.suspicion_floor)
     views = {}
     if len(_HOST_VIEWS) > 4096:
         _HOST_VIEWS.clear()
@@ -2690,26 +2717,28 @@ def _host_views(hosts: Dict[str, HostFacts], config: "ServerConfig") -> Dict[str
         frozen = type(f.history) is tuple and type(f.snapshots) is tuple
         entries = _history_entries(f.history, v.entries if v is not None and frozen else None)
         if v is not None and frozen and v.entries is entries and v.settings == settings:
-            counted, share_normal = v.counted, v.share_normal
+            counted, normal, share = v.counted, v.normal, v.share
         else:
             counted = counted_sizes(f.history, last=config.history)
-            share_normal = _recorded_normal(f.history, config)
-        views[h] = view = _HostView(f, settings, entries, counted, share_normal)
+            normal = _recorded_normal(f.history, config)
+            share = _recorded_normal(f.history, config, "share")
+        views[h] = view = _HostView(f, settings, entries, counted, normal, share)
         if frozen:
             _HOST_VIEWS[h] = view
     return views
 
 
-def _view_deletable(view: _HostView, unit: int) -> tuple:
-    """({name: bytes deleting it frees} for every snapshot but the newest, their sum).
+def _view_deletable(view: _HostView, unit: int, keep_oldest: bool = False) -> tuple:
+    """({name: bytes deleting it frees} for every snapshot but the newest (and the oldest
+    where it is kept), their sum).
 
     A snapshot with no size recorded (taken over, or its entry was lost) counts as a
     normal backup (unit); with no history at all, fairness by bytes is fairness by count."""
-    if view.deletable is None or view.deletable[0] != unit:
+    if view.deletable is None or view.deletable[:2] != (unit, keep_oldest):
         held = view.entries.held
-        deletable = {s.name: held.get(s.name, unit) for s in view.facts.snapshots[:-1]}
-        view.deletable = (unit, deletable, sum(deletable.values()))
-    return view.deletable[1], view.deletable[2]
+        deletable = {s.name: held.get(s.name, unit) for s in view.facts.snapshots[1 if keep_oldest else 0:-1]}
+        view.deletable = (unit, keep_oldest, deletable, sum(deletable.values()))
+    return view.deletable[2], view.deletable[3]
 
 
 def _excess(entry: dict, normal: float) -> int:
@@ -2743,11 +2772,13 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     hosts = state.hosts
     views = _host_views(hosts, config)
     counted = {h: v.counted for h, v in views.items()}
-    # A host's normal backup: the mean of its counted sizes, but never more than its share
-    # normal (normal_backup), whose growth is capped: backups just under the suspicion
-    # line, one after another (a flood), would otherwise raise the target as they please.
-    share_normal = {h: v.share_normal for h, v in views.items()}
-    means = {h: min(mean(c[-config.history:]), max(share_normal[h], 1.0)) if c else 0.0
+    # A host's normal backup: the mean of its counted sizes, but never more than its
+    # normal (normal_backup), whose growth is capped at normal_growth: backups just under
+    # the suspicion line, one after another (a flood), would otherwise raise the target as
+    # they please.  Its share of the disc follows the same normal capped at share_growth.
+    normals = {h: v.normal for h, v in views.items()}
+    share_normals = {h: v.share for h, v in views.items()}
+    means = {h: min(mean(c[-config.history:]), max(normals[h], 1.0)) if c else 0.0
              for h, c in counted.items()}
     target = int(config.headroom * sum(means.values()))
     notes: List[str] = []
@@ -2756,17 +2787,23 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     rollbacks: List[str] = []
     memo: Dict[str, Dict[str, float]] = {}
 
-    def weights() -> Dict[str, float]:
-        """Each host's weight: its normal backup (shares = normal) times its server.conf weight."""
-        if "w" not in memo:
-            memo["w"] = {h: (1.0 if config.shares == "equal" else max(1.0, share_normal[h]))
+    def weighted(key: str, normals: Dict[str, float]) -> Dict[str, float]:
+        """Each host's normal backup (shares = normal; 1 for equal) times its server.conf weight."""
+        if key not in memo:
+            memo[key] = {h: (1.0 if config.shares == "equal" else max(1.0, normals[h]))
                          * config.weights.get(h, 1.0) for h in hosts}
-        return memo["w"]
+        return memo[key]
+
+    def weights() -> Dict[str, float]:
+        """The shares deletions follow: normals whose growth is capped at share_growth."""
+        return weighted("share", share_normals)
 
     def budget(h: str) -> float:
+        """What h may still have accepted: accept_budget of its share of the disc by its normal
+        (growth capped at normal_growth), the same normal that sizes its room in the target."""
         if force:
             return float("inf")
-        w = weights()
+        w = weighted("normal", normals)
         share_of_disc = state.total * w[h] / (sum(w.values()) or 1.0)
         return accept_tokens(hosts[h].history, now=now, rate=config.accept_budget * share_of_disc,
                              cap=share_of_disc)
@@ -2837,7 +2874,7 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
         # What is accepted counts in its host's normal size from now on (counted_sizes).
         counted = {h: counted_sizes(record_acceptances(f.history, accepted, now), last=config.history)
                    for h, f in hosts.items()}
-        means = {h: min(mean(c[-config.history:]), max(share_normal[h], float(max(c[-1:] or [0]))))
+        means = {h: min(mean(c[-config.history:]), max(normals[h], float(max(c[-1:] or [0]))))
                  if c else 0.0 for h, c in counted.items()}
         target = int(config.headroom * sum(means.values()))
     room = {h: config.headroom * means[h] for h in counted}
@@ -2862,8 +2899,9 @@ def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callabl
     w = weights()
     deletable: Dict[str, Dict[str, int]] = {}
     claims: Dict[str, float] = {}
+    keep_oldest = order == "importance"
     for h, f in hosts.items():
-        deletable[h], held = _view_deletable(views[h], max(1, int(means[h])))
+        deletable[h], held = _view_deletable(views[h], max(1, int(means[h])), keep_oldest)
         claims[h] = extra[h] + held + room[h]
     disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
     fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
@@ -2881,7 +2919,8 @@ def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callabl
             return (-claims[h] / w[h], False, (), now, h, None)
         return (-claims[h] / w[h], True, step.key if step else (), step.snapshot.when if step else now, h, step)
 
-    left = {h: len(f.snapshots) for h, f in hosts.items()}    # a host has a step while 2 are left
+    # A host has a step while 2 are left, its oldest not counted where it is kept.
+    left = {h: len(f.snapshots) - (keep_oldest and len(f.snapshots) > 1) for h, f in hosts.items()}
     heap = [entry(h, False) for h in hosts]
     heapq.heapify(heap)
     # An entry put back is at once compared with the top (heappushpop: one heap
@@ -2894,7 +2933,10 @@ def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callabl
             if h not in orders:
                 f = hosts[h]
                 orders[h] = host_deletion_order(f.snapshots, now=now, order=order, targets=targets)
-            item = pushpop(heap, entry(h, True, next(orders[h], None)))
+            step = next(orders[h], None)
+            if keep_oldest and step is not None and step.snapshot == hosts[h].snapshots[0]:
+                step = None                           # the oldest (the first) is never deleted
+            item = pushpop(heap, entry(h, True, step))
             continue
         if step is None:
             # A host with nothing to give back stays in the heap: while it is the most over its
@@ -2924,7 +2966,9 @@ def plan_listing(plan: PrunePlan, state: PruneState) -> List[Decision]:
     for h in sorted(state.hosts):
         for snap in state.hosts[h].snapshots:
             if snap not in gone:
-                listed.append(Decision(snap, False, f"kept: the newest snapshot of host {h}"))
+                snaps = state.hosts[h].snapshots
+                why = "oldest" if snap == snaps[0] and snap != snaps[-1] else "newest"
+                listed.append(Decision(snap, False, f"kept: the {why} snapshot of host {h}"))
     return listed
 
 
@@ -3081,11 +3125,11 @@ def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: 
                                           measure=store.free_bytes, on_step=logged)
     if why == "share":
         log.warning("prune: %s free, goal %s: what is left is over the share of hosts that have "
-                    "only their newest snapshot; no other host's history is deleted for it",
+                    "only their newest (and oldest) snapshot; no other host's history is deleted for it",
                     format_size(free), format_size(plan.goal))
     elif why == "exhausted":
         raise ByteBackError(f"the disc is still short after deleting all but each host's newest snapshot "
-                            f"({format_size(free)} free, goal {format_size(plan.goal)}); add space to the "
+                            f"and, in the importance order, its oldest ({format_size(free)} free, goal {format_size(plan.goal)}); add space to the "
                             "store, or lower 'headroom' in server.conf")
     return PruneResult(free, plan.target, deleted, plan)
 

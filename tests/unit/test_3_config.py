@@ -79,6 +79,8 @@ def test_the_table_defaults_agree_with_the_server_config_defaults():
     ("targets = 0.5,1", "targets", (0.5, 1.0)),
     ("headroom = 2", "headroom", 2.0),
     ("headroom = 1.25", "headroom", 1.25),
+    ("normal_growth = 50%", "normal_growth", 0.5),
+    ("share_growth = 0.05", "share_growth", 0.05),
     ("history = 5", "history", 5),
     ("history: 3", "history", 3),                                  # ':' works as in INI
     ("HISTORY = 4", "history", 4),                                 # keys are case-insensitive
@@ -144,6 +146,10 @@ def test_an_unknown_section_names_the_file_and_its_line(fs):
     ("suspicion_floor = -0.1", "suspicion_floor", "from 0 to 1"),
     ("suspicion_floor = nan", "suspicion_floor", "from 0 to 1"),
     ("suspicion_floor = some", "suspicion_floor", "could not convert"),
+    ("normal_growth = -5%", "normal_growth", "from 0 to 100"),
+    ("normal_growth = fast", "normal_growth", "could not convert"),
+    ("share_growth = 20000%", "share_growth", "from 0 to 100"),
+    ("share_growth = nan", "share_growth", "from 0 to 100"),
 ])
 def test_a_bad_value_names_the_file_the_line_and_the_key(fs, line, key, why):
     message = load_error(fs, f"[server]\n# the line below is line 3\n{line}\n")

@@ -255,19 +255,29 @@ def listing(snaps, order="importance", targets=DEFAULT):
     return byteback.plan_listing(byteback.plan_prune(state, now=NOW, config=config), state)
 
 
-@pytest.mark.parametrize("order", ["importance", "age"])
-def test_plan_listing_lists_every_snapshot_once_with_keeps_last(order):
+def test_plan_listing_lists_every_snapshot_once_with_keeps_last():
+    # importance: every host keeps its newest and its oldest (its first)
     snaps = snaps_aged("web1", NOW, [0, 1, 2, 5, 9]) + snaps_aged("db1", NOW, [0.5, 3])
-    plan = listing(snaps, order=order)
+    plan = listing(snaps, order="importance")
     assert sorted(d.snapshot for d in plan) == sorted(snaps)
+    assert [d.delete for d in plan] == [True] * 3 + [False] * 4
+    oldest = {snaps[0], snaps[5]}                  # snaps_aged lists each host oldest first
+    assert [d.snapshot for d in plan[:3]] == [d.snapshot for d in byteback.deletion_order(
+        snaps, now=NOW, order="importance") if d.snapshot not in oldest]
+    kept = plan[3:]
+    assert [(d.snapshot.host, round(byteback.age_days(d.snapshot, NOW), 2)) for d in kept] == [
+        ("db1", 3.0), ("db1", 0.5), ("web1", 9.0), ("web1", 0.0)]
+    assert [d.reason for d in kept] == ["kept: the oldest snapshot of host db1",
+                                        "kept: the newest snapshot of host db1",
+                                        "kept: the oldest snapshot of host web1",
+                                        "kept: the newest snapshot of host web1"]
+    # age: the oldest first, only the newest kept
+    plan = listing(snaps, order="age")
     assert [d.delete for d in plan] == [True] * 5 + [False] * 2
     assert [d.snapshot for d in plan[:5]] == [d.snapshot for d in byteback.deletion_order(
-        snaps, now=NOW, order=order)]
-    kept = plan[5:]
-    assert [(d.snapshot.host, round(byteback.age_days(d.snapshot, NOW), 2)) for d in kept] == [
-        ("db1", 0.5), ("web1", 0.0)]
-    assert [d.reason for d in kept] == ["kept: the newest snapshot of host db1",
-                                        "kept: the newest snapshot of host web1"]
+        snaps, now=NOW, order="age")]
+    assert [d.reason for d in plan[5:]] == ["kept: the newest snapshot of host db1",
+                                            "kept: the newest snapshot of host web1"]
 
 
 def test_plan_listing_reasons_are_sentences_a_sysadmin_can_read():
@@ -477,11 +487,68 @@ def test_a_flooding_host_over_its_share_loses_its_own_snapshots_first():
     state = _state(0, flood1=(flood_snaps, history), db1=_daily("db1", 30, G), web1=_daily("web1", 30, G))
     plan, hosts, why = _deleted(state)
     assert hosts and set(hosts[:10]) == {"flood1"}
-    assert flood_snaps[0] in {s for s in byteback.plan_listing(plan, state) if not s.delete} or True
-    # everyone keeps the first snapshot while the flood lasts
+    # every host keeps its first snapshot, the flooding one too, whatever is deleted
     listing = byteback.plan_listing(byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig()), state)
-    first_goes = [d.snapshot for d in listing if d.delete].index(flood_snaps[0])
-    assert first_goes > 30
+    kept = {d.snapshot: d.reason for d in listing if not d.delete}
+    for h in ("flood1", "db1", "web1"):
+        first = state.hosts[h].snapshots[0]
+        assert kept[first] == f"kept: the oldest snapshot of host {h}"
+    assert len(kept) == 6 and len(listing) == 41 + 30 + 30
+
+
+def test_a_host_down_to_its_first_and_newest_gives_nothing_in_the_importance_order():
+    # flood1 has only its first and its newest left, and is far over its share
+    # (its newest added 40G against a normal of 1G): the importance order keeps
+    # the first, so prune stops there and the others are not pruned for it.
+    snaps, history = _daily("flood1", 11, G, last={"added": 40 * G})
+    flood1 = ([snaps[0], snaps[-1]], history)
+    state = _state(0, flood1=flood1, db1=_daily("db1", 5, G), web1=_daily("web1", 5, G))
+    plan, hosts, why = _deleted(state)
+    assert hosts == [] and why == "share"
+    # The age order deletes the oldest first, as it says.
+    plan, hosts, why = _deleted(state, config=byteback.ServerConfig(order="age"))
+    assert hosts[:1] == ["flood1"]
+
+
+def test_a_month_of_flooding_grows_the_share_by_share_growth_and_the_target_by_normal_growth():
+    # 31 daily backups of 1G, then 30 days of flood: a backup every 6 hours
+    # adding 5G, none of them flagged.  By hand: the share normal may grow by
+    # share_growth (10%) per 30 days, 1G x 1.1 ** (30 / 30) = 1.1G; the normal
+    # of the target by normal_growth (25%), 1.25G.
+    start = NOW - dt.timedelta(days=60)
+    history = [{"snapshot": f"d{i}", "time": (start + dt.timedelta(days=i)).isoformat(), "size": 100 * G,
+                "added": G, "suspicious": False} for i in range(31)]
+    history[0]["first"] = True
+    flood_start = start + dt.timedelta(days=30)
+    history += [{"snapshot": f"f{k}", "time": (flood_start + dt.timedelta(hours=6 * k)).isoformat(),
+                 "size": 100 * G, "added": 5 * G, "suspicious": False} for k in range(1, 121)]
+    config = byteback.ServerConfig()
+    assert (config.share_growth, config.normal_growth) == (0.1, 0.25)
+
+    def normal(key, growth):
+        return byteback.normal_backup(tuple(history), history=config.history, growth=growth,
+                                      floor=config.suspicion_floor / 4, key=key)
+    assert normal("share", config.share_growth) == pytest.approx(1.1 * G, rel=1e-9)
+    assert normal("normal", config.normal_growth) == pytest.approx(1.25 * G, rel=1e-9)
+    # history_entry records both, so the plan reads them from the newest entry
+    entry = byteback.history_entry(history, {"size": 100 * G, "added": 5 * G}, name="f121",
+                                   now=flood_start + dt.timedelta(days=30, hours=6), first=False, config=config)
+    assert entry["share"] == int(1.1 * G * 1.1 ** (0.25 / 30)) and entry["normal"] > entry["share"]
+
+
+def test_the_growth_budget_follows_the_normal_the_target_counts_not_the_share():
+    # web1 grew: its normal (for the target and the budget) is 2G, its share
+    # normal only 1G; db1 and mail1 are at 1G.  The budget is 15% of web1's
+    # part of a 300G disc by normals, 300G x 2/4 = 150G, per 30 days: 22.5G
+    # for the first month and 22.5G x 11 days / 30 since its first backup
+    # (by the shares it would be 15% of 100G).
+    web1 = _daily("web1", 12, G, last={"suspicious": True, "added": 60 * G, "normal": 2 * G, "share": G})
+    others = dict(db1=_daily("db1", 12, G, last={"normal": G, "share": G}),
+                  mail1=_daily("mail1", 12, G, last={"normal": G, "share": G}))
+    state = _state(10 ** 12, total=300 * G, web1=web1, **others)
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
+    (a,) = plan.accepted
+    assert a.host == "web1" and a.bytes == int(22.5 * G + 22.5 * G * 11 / 30)
 
 
 def test_nothing_is_deleted_for_a_host_that_only_has_its_newest():
@@ -490,24 +557,24 @@ def test_nothing_is_deleted_for_a_host_that_only_has_its_newest():
     # what is short is new1's doing, and the others are not pruned for it.
     snaps, history = _daily("new1", 11, G, last={"added": 3 * G})
     new1 = (snaps[-1:], history)
-    state = _state(3 * G, new1=new1, db1=_daily("db1", 2, G), web1=_daily("web1", 2, G))
+    state = _state(3 * G, new1=new1, db1=_daily("db1", 3, G), web1=_daily("web1", 3, G))
     plan, hosts, why = _deleted(state)
     assert plan.short(state.free) and hosts == [] and why == "share"
 
 
 def test_acceptance_after_the_budget_rule():
-    # 30G past the line; the budget is 10% of web1's share of a 300G disc
-    # (a third: 100G) per 30 days, 10G a month, saved up to 100G.
+    # 30G past the line; the budget is 15% of web1's share of a 300G disc
+    # (a third: 100G) per 30 days, 15G a month, saved up to 100G.
     web1 = _daily("web1", 12, G, last={"suspicious": True, "added": 31 * G})
     others = dict(db1=_daily("db1", 12, G), mail1=_daily("mail1", 12, G))
     state = _state(10 ** 12, total=300 * G, web1=web1, **others)
     plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
     (a,) = plan.accepted
-    # a first month's 10G, and 10G x 11 days / 30 earned since web1's first backup
-    assert a.host == "web1" and not a.complete and a.bytes == int(10 * G + 10 * G * 11 / 30)
+    # a first month's 15G, and 15G x 11 days / 30 earned since web1's first backup
+    assert a.host == "web1" and not a.complete and a.bytes == int(15 * G + 15 * G * 11 / 30)
     assert plan.contained == {"web1": 30 * G - a.bytes}
     history = byteback.record_acceptances(web1[1], plan.accepted, NOW)
-    later = NOW + dt.timedelta(days=60)       # 20G more earned: the 16.3G left fits
+    later = NOW + dt.timedelta(days=60)       # 30G more earned: the 9.5G left fits
     state = _state(10 ** 12, total=300 * G, web1=(web1[0], history), **others)
     plan = byteback.plan_prune(state, now=later, config=byteback.ServerConfig())
     (b,) = plan.accepted

@@ -226,15 +226,15 @@ def test_prune_takes_its_order_from_the_config(tiny):
     assert [d.snapshot.name for d in result.deleted] == ["2026-03-28T12:00+0000"]
 
 
-def test_prune_never_deletes_the_newest_and_says_when_the_disc_stays_short(tiny):
+def test_prune_never_deletes_the_newest_nor_the_oldest_and_says_when_the_disc_stays_short(tiny):
     _week(tiny)
     tiny.add_snapshot("db1", NOW - dt.timedelta(days=1), added=100)
     tiny.add_snapshot("db1", NOW, added=100)
     tiny.disc(total=1000, per_snapshot=100, fixed=800)       # never reaches 300
     with pytest.raises(ByteBackError, match="still short after deleting all but each host's newest"):
         byteback.prune_store(tiny.store, CONFIG, now=NOW)
-    assert tiny.names("web1") == ["2026-03-31T12:00+0000"]
-    assert tiny.names("db1") == ["2026-03-31T12:00+0000"]
+    assert tiny.names("web1") == ["2026-03-28T12:00+0000", "2026-03-31T12:00+0000"]
+    assert tiny.names("db1") == ["2026-03-30T12:00+0000", "2026-03-31T12:00+0000"]
 
 
 def test_prune_contains_a_suspicious_backup_and_records_what_its_budget_accepts(tiny):
@@ -242,14 +242,14 @@ def test_prune_contains_a_suspicious_backup_and_records_what_its_budget_accepts(
     tiny.add_snapshot("web1", NOW + H, added=5000, suspicious=True)
     tiny.disc(total=1000, per_snapshot=170, fixed=10)       # -30 free, target 150
     result = byteback.prune_store(tiny.store, CONFIG, now=NOW + H)
-    # excess 5000 - 100 = 4900; the budget is 10% of web1's share (the whole
-    # 1000 bytes) per 30 days: a first 100 at the start, and 100 x 73 h / 720 h
-    # earned since the first backup 3 days 1 hour ago, 110 in all.
-    assert result.plan.contained == {"web1": 4790}
+    # excess 5000 - 100 = 4900; the budget is 15% of web1's share (the whole
+    # 1000 bytes) per 30 days: a first 150 at the start, and 150 x 73 h / 720 h
+    # earned since the first backup 3 days 1 hour ago, 165 in all.
+    assert result.plan.contained == {"web1": 4735}
     assert result.deleted == [] and len(tiny.names("web1")) == 6     # history intact
     last = tiny.store.read_history("web1")[-1]
-    assert [a for _, a in last["acceptances"]] == [110] and "accepted" not in last
-    assert any("contained, 4.7K not pruned for" in n for n in result.plan.notes)
+    assert [a for _, a in last["acceptances"]] == [165] and "accepted" not in last
+    assert any("contained, 4.6K not pruned for" in n for n in result.plan.notes)
 
 
 def test_prune_force_accepts_the_suspicious_backup_and_prunes_for_it(tiny):

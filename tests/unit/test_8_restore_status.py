@@ -818,7 +818,7 @@ def test_server_status_values(two_hosts):
     assert report["backend"] == "hardlink" and report["store"] == str(two_hosts.root)
     assert report["free_bytes"] > 0 and report["total_bytes"] >= report["free_bytes"]
     # web1's normal went from 100 to a mean of 200 within hours: the target counts
-    # it only as far as a normal may grow (share_growth, 100% per 30 days)
+    # it only as far as a normal may grow (normal_growth, 25% per 30 days)
     assert int(1.5 * (100 + 5000)) <= report["target_bytes"] < int(1.5 * (200 + 5000))
 
 

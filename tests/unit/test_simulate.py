@@ -84,12 +84,17 @@ def test_a_disc_that_fits_two_keeps_only_the_newest_pair_under_age():
     assert sim.stats.short == 0
 
 
-def test_the_newest_snapshot_stays_however_short_the_disc():
-    # A target of 50 mean backups cannot be met: all but the newest go, and prune says it is short.
-    sim, freed = tiny_run("original", 200.0, THREE[:2], headroom=50.0)
-    assert [s.when for s, _ in freed] == [model.minute_to_datetime(0)]
-    assert len(sim.hosts[0].kept) == 1
+def test_the_newest_and_the_first_snapshot_stay_however_short_the_disc():
+    # A target of 50 mean backups cannot be met: under importance all but the
+    # newest and the first (the oldest) go, and prune says it is short.
+    sim, freed = tiny_run("original", 200.0, THREE, headroom=50.0)
+    assert [s.when for s, _ in freed] == [model.minute_to_datetime(DAY)]
+    assert [k for k in sim.hosts[0].kept] == [0, 2]
     assert sim.stats.short >= 1
+    # Under age the oldest goes first: all but the newest.
+    sim, freed = tiny_run("age", 200.0, THREE[:2], headroom=50.0)
+    assert [s.when for s, _ in freed] == [model.minute_to_datetime(0)]
+    assert len(sim.hosts[0].kept) == 1 and sim.stats.short >= 1
 
 
 def test_a_backup_that_does_not_fit_fails_and_leaves_its_part_in_current():
