@@ -3802,6 +3802,7 @@ class Receive(NamedTuple):
     store: Store
     host_dir: Path
     current: Path
+    namespace: Optional[tuple] = None   # (uid base, gid base): the host's own account (section 7e)
 
 
 def _refuse(host: str, original: str, reason: object) -> NoReturn:
@@ -3838,7 +3839,7 @@ def _open_receive(args: argparse.Namespace, host: str) -> Receive:
         except OSError:
             raise ByteBackError(f"host {host} is not set up on this server ({path} is missing or "
                                 "not a directory); run setup-client again") from None
-    return Receive(args, host, config, store, host_dir, current)
+    return Receive(args, host, config, store, host_dir, current, host_namespace(store, host))
 
 
 def _receive_ping(r: Receive, request: Request) -> int:
@@ -3857,9 +3858,19 @@ def _receive_complete(r: Receive, request: Request) -> int:
     return _snapshot_for_client(r)
 
 
+def _enter_session(r: Receive) -> Lock:
+    """This host's session, as whoever receives for it: the host's own account becomes
+    root of its user namespace first (section 7e; sudo is out of reach from there)."""
+    if r.namespace:
+        enter_user_namespace(*r.namespace)
+    # One session per host: a second one racing the first is how symlink and
+    # rename races are won (CVE-2024-12747, CVE-2026-53797).
+    return take_session(r.store, r.host, r.config.rsync_timeout)
+
+
 def _receive_list(r: Receive, request: Request) -> int:
     """list: restore's listing, inside this host's session."""
-    take_session(r.store, r.host, r.config.rsync_timeout)
+    _enter_session(r)
     return serve_list(r.store, r.host, request, limit=r.config.rsync_timeout)
 
 
@@ -3873,16 +3884,15 @@ def _receive_rsync(r: Receive, request: Request) -> int:
         if _snapshot_for_client(r, prepare=True) != EXIT_OK:
             log.warning("host %s: the prune before this backup failed (see the log); backing up anyway",
                         r.host)
-    # One session per host: a second one racing the first is how symlink and
-    # rename races are won (CVE-2024-12747, CVE-2026-53797).
-    lock = take_session(r.store, r.host, r.config.rsync_timeout)
+    lock = _enter_session(r)
     version = _server_rsync_version()
     if request.any_snapshot:
         request = resolve_any_snapshot(request, [s.name for s in r.store.snapshots(r.host)],
                                        lambda snap, path: os.path.lexists(f"{r.host_dir}/{snap}{path}"))
     argv = server_rsync_argv(request, host_dir=str(r.host_dir), current=str(r.current),
                              backend_options=r.store.rsync_options(r.host),
-                             timeout=r.config.rsync_timeout, version=version)
+                             timeout=r.config.rsync_timeout, version=version,
+                             fake_super=r.namespace is None)
     if request.verb == "restore":
         _check_paths_stay_inside(r, request.paths)
     if writes:
@@ -7629,9 +7639,9 @@ def _options_setup_server(p: argparse.ArgumentParser) -> None:
     _add_systemd(p, "byteback-prune")
     p.add_argument("--dry-run", action="store_true",
                    help="say what adopting an original byteback store would do; change nothing")
-    p.add_argument("--receiver", choices=("auto",) + RECEIVERS, default="fakesuper",
-                   help="how new hosts' owners are kept (server.conf receiver): fakesuper (default), "
-                   "userns, or auto: userns where this kernel and the uidmap package allow it")
+    p.add_argument("--receiver", choices=("auto",) + RECEIVERS, default="auto",
+                   help="how new hosts' owners are kept (server.conf receiver): auto (default) "
+                   "picks userns where this kernel and the uidmap package allow it, else fakesuper")
 
 
 def _options_setup_host(p: argparse.ArgumentParser) -> None:

@@ -18,6 +18,10 @@ benchmark adds for the throw-away user and removes after):
   1 % changed   1 % of the files rewritten before each run (median of BENCH_REPEAT)
   restore       one 10 MiB file back from the server (median of BENCH_REPEAT)
 
+BENCH_RECEIVER=userns sets the server up with setup-server --receiver userns
+(the host's own account, rsync as root of its user namespace) instead of the
+default fakesuper (the shared user's rsync --fake-super).
+
 The runs of the three take turns, so load from elsewhere on the machine falls
 on all of them alike.  Also measured: the store's disc use after a no-change
 backup minus before (statvfs after `btrfs filesystem sync`, per run) and the
@@ -48,6 +52,7 @@ from sshd_env import _sigterm_as_interrupt, _skip_or_check  # noqa: E402
 FILES = int(os.environ.get("BENCH_FILES", "30000"))
 MIB = int(os.environ.get("BENCH_MIB", "1400"))
 REPEAT = int(os.environ.get("BENCH_REPEAT", "3"))
+RECEIVER = os.environ.get("BENCH_RECEIVER", "fakesuper")   # setup-server --receiver: fakesuper or userns
 BIG = 10 << 20                       # the large files, and the one restored
 PER_DIR = 100
 
@@ -220,7 +225,7 @@ def figures_of(bench: Bench) -> dict:
 def report(bench: Bench, figures: dict) -> str:
     m = bench.median
     lines = [f"byteback vs raw rsync over one sshd on 127.0.0.1: {FILES:,} files, {MIB:,} MiB, "
-             f"median of {REPEAT}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}",
+             f"median of {REPEAT}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, receiver {RECEIVER}",
              f"  {'run':<14}{'rsync -a':>10}{'rsync -aHX':>12}{'byteback':>10}"
              f"{'/ -a':>8}{'/ -aHX':>8}"]
     for run in ("full", "nochange", "changed", "restore"):
@@ -250,7 +255,7 @@ def run_benchmark() -> tuple:
         paths = build_tree(tree, FILES, MIB)
         print(f"\ntree of {FILES:,} files, {MIB:,} MiB built in {time.perf_counter() - start:.0f} s")
         store_size = f"{max(2048, MIB * 4 + 1024)}M"
-        with remote_byteback(store_size=store_size) as remote:
+        with remote_byteback(store_size=store_size, receiver=RECEIVER) as remote:
             remote.set_server_conf(min_interval="0")
             sudoers = Path("/etc/sudoers.d") / f"bbbench-{remote.env.user.name}"
             sudoers.write_text(f"{remote.env.user.name} ALL=(root) NOPASSWD: /usr/bin/rsync\n")

@@ -1,0 +1,303 @@
+"""The userns receiver (server.conf receiver = userns; issue 14 item 1, issue 8 class 9).
+
+Real parts only: setup-server --receiver userns on a btrfs loop store, a real
+sshd on 127.0.0.1, setup-client for two hosts (each then logs in as an
+account of its own, <user>-<host>), real rsync receiving as root of a user
+namespace mapped onto the host's range in /etc/subuid.  What is shown:
+
+* owners, modes, set-id bits, hard links, FIFOs, user.* xattrs and file
+  capabilities are kept for real on disc, shifted by the host's range, and a
+  restore gives them back unshifted;
+* a device node is refused with a clear message (the rest is copied, no
+  snapshot is taken); trusted.* and security.* xattrs never reach the disc;
+* a shell as one host's account (in its namespace or not) can neither read
+  nor write another host's current or snapshots, cannot map another host's
+  range, cannot rewrite its own authorized_keys, and sudo gives it only its
+  own host's snapshot; a shell as the shared backup user cannot read a
+  userns host's files; no other local user reaches a set-uid file;
+* a host set up before under fake-super keeps working beside userns hosts.
+"""
+from __future__ import annotations
+
+import contextlib
+import grp
+import os
+import pwd
+import re
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from remote_env import RemoteByteback, remote_byteback  # noqa: E402
+from sshd_env import _sigterm_as_interrupt, _skip_or_check, run, run_as  # noqa: E402
+
+pytestmark = pytest.mark.integration
+
+SNAPSHOT_RE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d(:\d\d)?[+-]\d{4}$")
+OTHER = "client2"
+PYTHON = "/usr/bin/python3"       # the server's own (the forced command's); root's may be out of reach
+
+
+def _subid_base(path: str, name: str) -> int:
+    for line in Path(path).read_text().splitlines():
+        owner, first, count = line.split(":")
+        if owner == name and int(count) >= 65536:
+            return int(first)
+    raise AssertionError(f"{name} has no range in {path}")
+
+
+class Host:
+    def __init__(self, remote: RemoteByteback, name: str, config: Path):
+        self.remote, self.name, self.config = remote, name, config
+        self.account = f"{remote.env.user.name}-{name}"
+        self.uid_base = _subid_base("/etc/subuid", self.account)
+        self.gid_base = _subid_base("/etc/subgid", self.account)
+
+    @property
+    def dir(self) -> Path:
+        return self.remote.store / self.name
+
+    def backup(self, *args: str):
+        return self.remote.run("backup", "--host", self.name, "--retry-delay", "1", "--retry-number", "1",
+                               *args, config_dir=self.config)
+
+    def snapshots(self):
+        return sorted(p.name for p in self.dir.iterdir() if SNAPSHOT_RE.match(p.name))
+
+    def shell(self, script: str) -> subprocess.CompletedProcess:
+        """A shell as this host's account (a client that escaped its forced command)."""
+        return run_as(self.account, ["sh", "-c", script], check=False, timeout=60)
+
+    def namespace_shell(self, script: str) -> subprocess.CompletedProcess:
+        """The same shell as root of the host's own namespace, entered by byteback's own code."""
+        code = ("import os, sys; sys.path.insert(0, sys.argv[1]); import byteback; "
+                "byteback.enter_user_namespace(int(sys.argv[2]), int(sys.argv[3])); "
+                "os.execv('/bin/sh', ['sh', '-c', sys.argv[4]])")
+        return run_as(self.account, [PYTHON, "-c", code, str(self.remote.program),
+                                     str(self.uid_base), str(self.gid_base), script], check=False, timeout=60)
+
+
+@pytest.fixture(scope="module")
+def userns() -> Iterator[tuple]:
+    """client1 and client2, each with its own account, and one snapshot each."""
+    _skip_or_check()
+    with _sigterm_as_interrupt(), remote_byteback(receiver="userns") as remote:
+        remote.set_server_conf(min_interval="0", receiver="userns")
+        config2 = remote.env.workdir / "config-client2"
+        config2.mkdir(mode=0o700)
+        remote.setup_client(config2, OTHER)
+        hosts = Host(remote, remote.host, remote.client_config), Host(remote, OTHER, config2)
+        for host in hosts:
+            src = remote.env.workdir / f"src-{host.name}"
+            src.mkdir()
+            (src / "secret.txt").write_text(f"the secret of {host.name}\n")
+            os.chmod(src / "secret.txt", 0o600)
+            host.backup("--source", str(src)).check()
+            host.src = src
+        yield remote, hosts[0], hosts[1]
+
+
+def test_setup_gives_each_host_its_own_account_key_file_range_and_sudo_lines(userns):
+    remote, one, two = userns
+    assert (remote.client_config / "destination").read_text().strip().startswith(f"{one.account}@")
+    for host in (one, two):
+        account = pwd.getpwnam(host.account)
+        assert account.pw_dir == str(host.dir)
+        st = os.lstat(host.dir)
+        assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (0, account.pw_gid, 0o750)
+        st = os.lstat(host.dir / "current")
+        assert (st.st_uid, st.st_gid) == (host.uid_base, host.gid_base)
+        keys = host.dir / ".ssh" / "authorized_keys"
+        assert os.lstat(keys).st_uid == 0 and os.lstat(host.dir / ".ssh").st_uid == 0
+        assert f"receive --host {host.name}\"" in keys.read_text()
+        assert f"--host {host.name}" not in (remote.store / ".ssh" / "authorized_keys").read_text()
+        sudo = run(["sudo", "-l", "-U", host.account], check=False).stdout
+        assert f"snapshot --host {host.name}" in sudo and "setup-host" not in sudo and "*" not in sudo
+    assert abs(one.uid_base - two.uid_base) >= 65536
+
+
+def test_owners_modes_links_and_capabilities_are_kept_for_real_and_restored(userns, tmp_path):
+    remote, one, _ = userns
+    src = tmp_path / "tree"
+    src.mkdir()
+    for name, uid in (("root-file", 0), ("www-file", 33), ("user-file", 1000)):
+        (src / name).write_text(name)
+        os.chown(src / name, uid, uid + 1)
+    tool = src / "suid-tool"
+    tool.write_bytes(Path("/bin/true").read_bytes())
+    os.chmod(tool, 0o4755)
+    os.link(src / "user-file", src / "user-link")
+    os.mkfifo(src / "fifo")
+    run(["setfattr", "-n", "user.note", "-v", "kept", str(src / "user-file")])
+    capped = src / "capped"
+    capped.write_bytes(Path("/bin/true").read_bytes())
+    run(["setcap", "cap_net_raw+ep", str(capped)])
+    one.backup("--source", str(src)).check()
+    stored = one.dir / "current" / str(src).lstrip("/")
+    assert os.lstat(stored / "root-file").st_uid == one.uid_base
+    assert (os.lstat(stored / "www-file").st_uid, os.lstat(stored / "www-file").st_gid) == \
+        (one.uid_base + 33, one.gid_base + 34)
+    assert os.lstat(stored / "user-file").st_uid == one.uid_base + 1000
+    assert stat.S_IMODE(os.lstat(stored / "suid-tool").st_mode) == 0o4755
+    assert os.lstat(stored / "user-file").st_ino == os.lstat(stored / "user-link").st_ino
+    assert stat.S_ISFIFO(os.lstat(stored / "fifo").st_mode)
+    names = run(["getfattr", "-d", "-m", "-", "--absolute-names", str(stored / "user-file")]).stdout
+    assert "user.note" in names and "rsync" not in names         # no --fake-super xattr
+    # The capability is stored tied to the namespace's root (a v3 capability):
+    # honoured only inside this host's namespace.
+    raw = os.getxattr(stored / "capped", "security.capability")
+    assert raw[:4] == b"\x01\x00\x00\x03" and int.from_bytes(raw[20:24], "little") == one.uid_base
+    out = tmp_path / "back"
+    out.mkdir()
+    remote.run("restore", "--host", one.name, "--snapshot", "current", "--restore", "--same-owner",
+               "--to", str(out), f"{src}/**").check()
+    back = out / str(src).lstrip("/")
+    for name, uid in (("root-file", 0), ("www-file", 33), ("user-file", 1000)):
+        st = os.lstat(back / name)
+        assert (st.st_uid, st.st_gid) == (uid, uid + 1), name
+    assert stat.S_IMODE(os.lstat(back / "suid-tool").st_mode) == 0o4755
+    assert os.lstat(back / "user-file").st_ino == os.lstat(back / "user-link").st_ino
+    assert "cap_net_raw" in run(["getcap", str(back / "capped")]).stdout
+
+
+def test_a_device_node_is_refused_with_a_clear_message(userns, tmp_path):
+    remote, one, _ = userns
+    src = tmp_path / "devices"
+    src.mkdir()
+    (src / "plain").write_text("copied anyway\n")
+    os.mknod(src / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    before = one.snapshots()
+    result = one.backup("--source", str(src))
+    assert result.returncode != 0
+    assert "device nodes cannot be made" in result.stderr and "receiver = fakesuper" in result.stderr
+    assert one.snapshots() == before                  # not recorded as a finished backup
+    stored = one.dir / "current" / str(src).lstrip("/")
+    assert (stored / "plain").read_text() == "copied anyway\n"
+    assert not os.path.lexists(stored / "null")
+
+
+def test_trusted_and_security_xattrs_never_reach_the_disc(userns, tmp_path):
+    remote, one, _ = userns
+    src = tmp_path / "xattrs"
+    src.mkdir()
+    f = src / "labelled"
+    f.write_text("x")
+    for name in ("trusted.overlay.opaque", "security.evil", "user.kept"):
+        run(["setfattr", "-n", name, "-v", "y", str(f)])
+    one.backup("--source", str(src)).check()
+    stored = one.dir / "current" / str(src).lstrip("/") / "labelled"
+    names = run(["getfattr", "-d", "-m", "-", "--absolute-names", str(stored)]).stdout
+    assert "user.kept" in names
+    assert "trusted." not in names and "security.evil" not in names
+
+
+def test_a_shell_as_one_hosts_account_cannot_reach_another_hosts_backups(userns):
+    remote, one, two = userns
+    theirs = two.dir / "current" / str(two.src).lstrip("/") / "secret.txt"
+    snap = two.dir / two.snapshots()[-1] / str(two.src).lstrip("/") / "secret.txt"
+    before = theirs.read_bytes(), snap.read_bytes()
+    # Its own namespace reaches its own files (so the refusals below are the kernel's).
+    mine = one.dir / "current" / str(one.src).lstrip("/") / "secret.txt"
+    assert one.namespace_shell(f"cat {mine}").stdout == f"the secret of {one.name}\n"
+    assert one.namespace_shell("id -u").stdout.strip() == "0"
+    for shell in (one.shell, one.namespace_shell):
+        for target in (theirs, snap):
+            proc = shell(f"cat {target}")
+            assert "Permission denied" in proc.stderr and "the secret" not in proc.stdout, proc
+            assert shell(f"echo pwned > {target}").returncode != 0
+            assert shell(f"ln {target} {one.dir}/current/stolen").returncode != 0
+        assert shell(f"ls {two.dir}").returncode != 0
+    assert (theirs.read_bytes(), snap.read_bytes()) == before
+    assert not os.path.lexists(one.dir / "current" / "stolen")
+    # Another host's range it cannot map.
+    assert one.shell(f"newuidmap $$ 0 {two.uid_base} 65536").returncode != 0
+    stolen = run_as(one.account, [PYTHON, "-c",
+                                  "import os, sys; sys.path.insert(0, sys.argv[1]); import byteback; "
+                                  "byteback.enter_user_namespace(int(sys.argv[2]), int(sys.argv[2]))",
+                                  str(remote.program), str(two.uid_base)], check=False, timeout=60)
+    assert stolen.returncode != 0
+
+
+def test_a_host_account_cannot_rewrite_its_key_or_run_more_than_its_snapshot(userns):
+    remote, one, two = userns
+    keys = one.dir / ".ssh" / "authorized_keys"
+    before = keys.read_bytes()
+    assert one.shell(f"echo ssh-ed25519 AAAA >> {keys}").returncode != 0
+    assert one.shell(f"mv {one.dir}/.ssh {one.dir}/.ssh-old").returncode != 0
+    assert one.namespace_shell(f"echo ssh-ed25519 AAAA >> {keys}").returncode != 0
+    assert keys.read_bytes() == before
+    program, config = remote.program, remote.server_config
+    two_before = two.snapshots()
+    allowed = one.shell(f"sudo -n -l {program} --config-dir {config} snapshot --host {one.name}")
+    assert allowed.returncode == 0, allowed                   # its own snapshot it may ask for
+    for words in (f"snapshot --host {two.name}", f"prune", f"setup-host --host evil --client-address 1.2.3.4",
+                  f"snapshot --host {one.name} --force"):
+        proc = one.shell(f"sudo -n {program} --config-dir {config} {words} </dev/null")
+        assert proc.returncode != 0, words
+    assert two.snapshots() == two_before
+
+
+def test_the_shared_user_and_other_local_users_cannot_read_a_userns_host(userns):
+    remote, one, _ = userns
+    secret = one.dir / "current" / str(one.src).lstrip("/") / "secret.txt"
+    proc = remote.env.run_as_user(["cat", str(secret)], check=False)
+    assert "Permission denied" in proc.stderr and "the secret" not in proc.stdout
+    proc = remote.env.run_as_user(["sh", "-c", f"echo pwned > {secret}"], check=False)
+    assert "Permission denied" in proc.stderr
+    assert secret.read_text() == f"the secret of {one.name}\n"
+    tool = next(one.dir.glob("current/**/suid-tool"), None)
+    assert tool is not None, "the set-uid tool of the test above"
+    proc = run_as("nobody", [str(tool)], check=False)
+    assert "Permission denied" in proc.stderr, proc     # the host directory (0750) stops them
+
+
+def test_a_fake_super_host_keeps_working_beside_userns_hosts(userns, tmp_path):
+    remote, one, _ = userns
+    remote.set_server_conf(min_interval="0", receiver="fakesuper")
+    config = remote.env.workdir / "config-legacy"
+    config.mkdir(mode=0o700)
+    try:
+        remote.setup_client(config, "legacy")
+    finally:
+        remote.set_server_conf(min_interval="0", receiver="userns")
+    assert (config / "destination").read_text().startswith(f"{remote.env.user.name}@")
+    src = tmp_path / "legacy"
+    src.mkdir()
+    (src / "owned").write_text("legacy\n")
+    os.chown(src / "owned", 1000, 1000)
+    remote.run("backup", "--host", "legacy", "--retry-delay", "1", "--source", str(src),
+               config_dir=config).check()
+    stored = remote.store / "legacy" / "current" / str(src).lstrip("/") / "owned"
+    assert os.lstat(stored).st_uid == remote.env.user.uid          # the shared user's, owner in xattrs
+    assert "user.rsync.%stat" in run(["getfattr", "-d", "-m", "-", "--absolute-names", str(stored)]).stdout
+    out = tmp_path / "out"
+    out.mkdir()
+    remote.run("restore", "--host", "legacy", "--snapshot", "current", "--restore", "--same-owner",
+               "--to", str(out), f"{src}/**", config_dir=config).check()
+    assert os.lstat(out / str(src).lstrip("/") / "owned").st_uid == 1000
+    # A userns host set up again is unchanged and still backs up.
+    one.backup("--source", str(one.src)).check()
+
+
+def test_what_a_host_account_plants_in_its_session_directory_never_fails_a_backup(userns):
+    remote, one, _ = userns
+    sessions = remote.store / ".byteback" / "sessions" / one.name
+    st = os.lstat(sessions)
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (one.uid_base, one.gid_base, 0o700)
+    shadow = Path("/etc/shadow").read_bytes()
+    planted = one.namespace_shell(f"cd {sessions} && rm -f {one.name}.lock {one.name}.dirty && "
+                                  f"ln -s /etc/shadow {one.name}.lock && mkdir {one.name}.dirty")
+    assert planted.returncode == 0, planted
+    before = one.snapshots()
+    time.sleep(1.1)                                  # snapshot names have one-second resolution
+    one.backup("--source", str(one.src)).check()
+    assert len(one.snapshots()) == len(before) + 1
+    assert Path("/etc/shadow").read_bytes() == shadow
+    assert not os.path.islink(sessions / f"{one.name}.lock")
+    assert not os.path.lexists(sessions / f"{one.name}.dirty")
