@@ -446,7 +446,8 @@ def _prune_to(env: Env, order: str, headroom: float, expect_deleted: range) -> L
     """Prune with a headroom; check it deleted a prefix of the listed order; return that."""
     listed, kept = _listed_order(env, order)
     newest = {f"{h}/{env.snapshots(h)[-1]}" for h in HOSTS}
-    assert set(kept) == newest, "--list must keep exactly the newest of each host"
+    always = newest | ({f"{h}/{env.snapshots(h)[0]}" for h in HOSTS} if order == "importance" else set())
+    assert set(kept) == always, "--list must keep exactly the newest of each host (by importance, the oldest too)"
     assert sorted(listed + kept) == sorted(_all_snapshots(env))
     env.write_conf(headroom=f"{headroom:.6f}")
 
@@ -492,12 +493,13 @@ def test_prune_deletes_in_listed_order_and_keeps_each_newest(small_env):
     headroom = (_free(env) + 1.3 * FILL) / _mean_added(env)
     _prune_to(env, "age", headroom, range(1, 4))
 
-    # More room than deleting everything could give: all but the newest go, and it says so.
-    newest = {f"{h}/{env.snapshots(h)[-1]}" for h in HOSTS}
+    # More room than deleting everything could give: all but the newest and (the default
+    # importance order) the oldest go, and it says so.
+    always = {f"{h}/{env.snapshots(h)[i]}" for h in HOSTS for i in (0, -1)}
     env.write_conf(headroom="1000")
     line = assert_one_line_error(env.run("prune", "--store", env.store))
     assert "short" in line
-    assert set(_all_snapshots(env)) == newest
+    assert set(_all_snapshots(env)) == always
 
 
 # === 4. A backup killed mid-transfer leaves nothing half-made ===================

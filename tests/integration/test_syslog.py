@@ -96,7 +96,8 @@ def test_a_backup_and_a_prune_each_log_their_line(syslog, tmp_path):
     env = _env(tmp_path)
     with tmpfs_mount("160M") as disc:
         store = disc / "store"
-        (cfg / "server.conf").write_text(f"[server]\nstore = {store}\nmin_interval = 0\n")
+        # order = age: the older of two snapshots may go (importance keeps a host's first).
+        (cfg / "server.conf").write_text(f"[server]\nstore = {store}\nmin_interval = 0\norder = age\n")
         # An ordinary host: 40 MiB that stay, and 2 MiB that change between the
         # two backups, so the older snapshot holds 2 MiB only it keeps.
         (src / "stable").write_bytes(os.urandom(40 << 20))
