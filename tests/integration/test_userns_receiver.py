@@ -34,7 +34,7 @@ from typing import Iterator
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
-from remote_env import RemoteByteback, remote_byteback  # noqa: E402
+from remote_env import REPO, RemoteByteback, remote_byteback  # noqa: E402
 from sshd_env import _sigterm_as_interrupt, _skip_or_check, run, run_as  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -87,6 +87,11 @@ class Host:
 def userns() -> Iterator[tuple]:
     """client1 and client2, each with its own account, and one snapshot each."""
     _skip_or_check()
+    sys.path.insert(0, str(REPO))
+    import byteback
+    problem = byteback.userns_problem()
+    if problem:
+        pytest.skip(f"this machine cannot run userns receivers: {problem}")
     with _sigterm_as_interrupt(), remote_byteback(receiver="userns") as remote:
         remote.set_server_conf(min_interval="0", receiver="userns")
         config2 = remote.env.workdir / "config-client2"
