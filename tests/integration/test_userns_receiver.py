@@ -290,19 +290,45 @@ def test_a_fake_super_host_keeps_working_beside_userns_hosts(userns, tmp_path):
     one.backup("--source", str(one.src)).check()
 
 
-def test_what_a_host_account_plants_in_its_session_directory_never_fails_a_backup(userns):
+def test_what_a_host_account_plants_in_its_session_directory_never_fails_a_backup(userns, tmp_path):
     remote, one, _ = userns
     sessions = remote.store / ".byteback" / "sessions" / one.name
     st = os.lstat(sessions)
     assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (one.uid_base, one.gid_base, 0o700)
-    shadow = Path("/etc/shadow").read_bytes()
+    canary = tmp_path / "roots-own-file"            # a file of root's the planted link points at
+    canary.write_text("root's\n")
+    os.chmod(canary, 0o600)
     planted = one.namespace_shell(f"cd {sessions} && rm -f {one.name}.lock {one.name}.dirty && "
-                                  f"ln -s /etc/shadow {one.name}.lock && mkdir {one.name}.dirty")
+                                  f"ln -s {canary} {one.name}.lock && mkdir {one.name}.dirty")
     assert planted.returncode == 0, planted
     before = one.snapshots()
     time.sleep(1.1)                                  # snapshot names have one-second resolution
     one.backup("--source", str(one.src)).check()
     assert len(one.snapshots()) == len(before) + 1
-    assert Path("/etc/shadow").read_bytes() == shadow
+    st = os.lstat(canary)
+    assert canary.read_text() == "root's\n" and (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o600)
     assert not os.path.islink(sessions / f"{one.name}.lock")
     assert not os.path.lexists(sessions / f"{one.name}.dirty")
+
+
+def test_a_raw_push_lands_in_its_own_current_and_a_restore_stays_in_its_host(userns, tmp_path):
+    """The guard's path rules hold for a host's own account as for the shared user."""
+    remote, one, two = userns
+    rsh = remote.env.rsync_rsh(remote.client_key())
+    login = f"{one.account}@{remote.env.host}:"
+    src = tmp_path / "raw"
+    src.mkdir()
+    (src / "planted-by-raw-push").write_text("x")
+    for dest in (f"../{two.name}/current/", f"{remote.store}/{two.name}/current/", "../../"):
+        proc = run(["rsync", "-e", rsh, "-rt", "--rsync-path", "rsync --fake-super", f"{src}/",
+                    login + dest], check=False, timeout=120)
+        assert proc.returncode == 0, proc
+    assert (one.dir / "current" / "planted-by-raw-push").exists()
+    assert not os.path.lexists(two.dir / "current" / "planted-by-raw-push")
+    assert not os.path.lexists(remote.store / "planted-by-raw-push")
+    for source in (f"current/../../{two.name}/current/", f"../{two.name}/current/", "/etc/shadow"):
+        out = tmp_path / "out"
+        proc = run(["rsync", "-e", rsh, "-rt", login + source, str(out)], check=False, timeout=120)
+        assert proc.returncode != 0 and "refused" in proc.stderr, proc
+        assert not os.path.lexists(out)
+    one.backup("--source", str(one.src)).check()      # its next backup is as before
