@@ -5141,6 +5141,16 @@ def subid_base(entries: Sequence[tuple], name: str, uid: int) -> Optional[int]:
                  if owner in (name, str(uid)) and count >= SUBID_COUNT and first > 0), None)
 
 
+def subid_sharers(entries: Sequence[tuple], name: str, uid: int, base: int) -> List[str]:
+    """Who else holds an id of the account's range base..base+SUBID_COUNT-1 (pure).
+
+    Two hosts on one range are one kernel uid: each one's namespace root owns
+    the other's files, enters its session directory, and reaches its host
+    directory through /proc/<pid>/cwd of its running rsync."""
+    return sorted({owner for owner, first, count in entries
+                   if owner not in (name, str(uid)) and first < base + SUBID_COUNT and base < first + count})
+
+
 def free_subid_base(taken: Iterable[tuple], ids: Iterable[int], start: int = SUBID_START) -> int:
     """The lowest range of SUBID_COUNT ids from start, on a SUBID_COUNT step, that overlaps
     no (first, count) range already given and holds no id of a real user or group (pure)."""
@@ -5205,7 +5215,28 @@ def userns_problem(probe_uid: int = 65534) -> Optional[str]:
 
 
 def ensure_host_account(store: Store, user: str, host: str, runner: Runner, done: List[str]) -> HostAccount:
-    """The host's own account, with its range of ids, made where missing (root)."""
+    """The host's own account, with its range of ids, made where missing (root).
+
+    One setup-host at a time chooses a range: two at once (setup-client run on
+    many clients in parallel) read the same /etc/subuid and gave two hosts the
+    same range."""
+    lock = Lock(store.state_dir / "accounts.lock", "setup-host choosing a host's ids")
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            lock.__enter__()
+            break
+        except LockBusy:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+    try:
+        return _ensure_host_account(store, user, host, runner, done)
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def _ensure_host_account(store: Store, user: str, host: str, runner: Runner, done: List[str]) -> HostAccount:
     import grp
     name, home = host_account_name(user, host), str(store.host_dir(host))
     try:
@@ -5231,7 +5262,19 @@ def ensure_host_account(store: Store, user: str, host: str, runner: Runner, done
                                  for w in (flags[i], f"{base}-{last}")], name])
         bases = [base if b is None else b for b in bases]
         done.append(f"gave       user {name} the ids {base}-{last} (its namespace's 0-65535)")
+        entries = [parse_subids(Path(path).read_text()) for path in SUBID_FILES]
+    for path, found, base in zip(SUBID_FILES, entries, bases):
+        _refuse_shared_range(path, found, name, account.pw_uid, base)
     return HostAccount(name, account.pw_uid, account.pw_gid, bases[0], bases[1])
+
+
+def _refuse_shared_range(path: str, entries: Sequence[tuple], name: str, uid: int, base: int) -> None:
+    sharers = subid_sharers(entries, name, uid, base)
+    if sharers:
+        raise ByteBackError(f"{path} gives ids of {name}'s range {base}-{base + SUBID_COUNT - 1} to "
+                            f"{', '.join(sharers)} too: hosts sharing ids can reach each other's backups. "
+                            f"An administrator must give one of them another range (usermod --del-subuids/"
+                            f"--add-subuids, --del-subgids/--add-subgids)")
 
 
 def _is_host_account_group(gid: int, host_dir: Path) -> bool:
@@ -5253,10 +5296,12 @@ def host_namespace(store: Store, host: str) -> Optional[tuple]:
             text = Path(path).read_text()
         except OSError:
             text = ""
-        base = subid_base(parse_subids(text), account.pw_name, account.pw_uid)
+        entries = parse_subids(text)
+        base = subid_base(entries, account.pw_name, account.pw_uid)
         if base is None:
             raise ByteBackError(f"account {account.pw_name} has no range of {SUBID_COUNT} ids in {path}; "
                                 "an administrator must run setup-client for this host again")
+        _refuse_shared_range(path, entries, account.pw_name, account.pw_uid, base)
         bases.append(base)
     return tuple(bases)
 
