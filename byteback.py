@@ -2625,7 +2625,7 @@ class HistoryEntries:
         self.names = names                # per entry: its "snapshot"
         self.numbers = numbers            # per entry: (added, size)
         self.freed = freed                # per entry: _entry_bytes
-        if all(type(n) is str for n in names):
+        if set(map(type, names)) <= {str}:
             # the oldest entry of a name wins, as snapshot_bytes's walk from the newest back has it
             self.held = dict(zip(reversed(names), reversed(freed)))
         else:
@@ -2688,17 +2688,25 @@ def _history_entries(history: Sequence[dict], previous: Optional[HistoryEntries]
                           numbers, freed)
 
 
+def _normal_mean(counted: Sequence[int], normal: float, history: int) -> float:
+    """A host's normal backup as the target counts it (plan_prune's means): the mean of its
+    counted sizes, never more than its recorded normal."""
+    return min(mean(counted[-history:]), max(normal, 1.0)) if counted else 0.0
+
+
 class _HostView:
     """What plan_prune works out of one host's facts that does not depend on the clock:
     kept for the same facts (simulate hands the same HostFacts while a host is unchanged),
     and the next history's entries are worked out from these (HistoryEntries)."""
-    __slots__ = ("facts", "settings", "entries", "counted", "normal", "share", "deletable")
+    __slots__ = ("facts", "settings", "entries", "counted", "normal", "share", "mean", "deletable", "part")
 
     def __init__(self, facts: HostFacts, settings: tuple, entries: HistoryEntries,
                  counted: List[int], normal: float, share: float) -> None:
         self.facts, self.settings, self.entries = facts, settings, entries
         self.counted, self.normal, self.share = counted, normal, share     # share: its share's normal
+        self.mean = _normal_mean(counted, normal, settings[0])
         self.deletable: Optional[tuple] = None     # (unit, keep_oldest, {name: bytes}, their sum), when asked
+        self.part: Optional[tuple] = None          # (mean, force, _host_part), when the clock played no part
 
 
 _HOST_VIEWS: Dict[str, _HostView] = {}     # host -> the view of the facts plan_prune saw last
@@ -2766,6 +2774,69 @@ def parse_weights(text: str) -> Dict[str, float]:
     return weights
 
 
+def _host_part(h: str, f: HostFacts, view: _HostView, normal: float, counted: List[int],
+               budget: Callable[[str], float], config: "ServerConfig", force: bool) -> tuple:
+    """One host's part of the plan: (its claim beyond its snapshots, the excess contained,
+    acceptances, notes, whether current is rolled back, whether the clock played no part:
+    the growth budget was never asked, so the same facts give the same part)."""
+    tokens: Optional[float] = None
+    accepted: List[Acceptance] = []
+    notes: List[str] = []
+    rolled_back = False
+    newest = f.snapshots[-1].name if f.snapshots else None
+    by_name, unaccepted = view.entries.by_name, view.entries.unaccepted
+    claim = 0.0
+    held_back = 0
+    for b in by_name.get(newest, ()):
+        if not b.get("first") and not b.get("suspicious"):
+            claim += _excess(b, normal)           # a big but ordinary newest: its own to pay
+    kept = {s.name for s in f.snapshots} if unaccepted else set()
+    for b in unaccepted:
+        name = b.get("snapshot")
+        if name not in kept:
+            continue
+        left = _excess(b, normal) - _accepted_bytes(b)
+        tokens = budget(h) if tokens is None else tokens
+        grant = int(min(left, tokens))
+        if grant > 0:
+            tokens -= grant
+            left -= grant
+            why = ("accepted by an administrator (prune --force)" if force else
+                   f"accepted from its growth budget ({config.accept_budget:.0%} of its share per 30 days)")
+            accepted.append(Acceptance(h, name, grant, grant >= left + grant, f"host {h}: {format_size(grant)} of backup {name} "
+                                                        f"past the suspicion line {why}"))
+            if name == newest:
+                claim += grant
+        if left > 0:
+            held_back += left
+            notes.append(f"host {h}: backup {name} added {format_size(_history_int(b, 'added'))}, far over "
+                         f"its normal {format_size(normal)}: contained, {format_size(left)} not pruned "
+                         "for; other hosts are pruned as usual")
+    if f.pending is not None:
+        floor = suspicion_floor_bytes(f.history, fraction=config.suspicion_floor, history=config.history)
+        if is_suspicious(f.pending, counted, factor=config.suspicion, history=config.history, floor=floor):
+            left = max(0, int(f.pending - normal))
+            tokens = budget(h) if tokens is None else tokens
+            grant = int(min(left, tokens))
+            if grant >= left:
+                claim += left
+                accepted.append(Acceptance(h, "", left, True, f"host {h}: the unfinished upload of "
+                                           f"{format_size(f.pending)} accepted from its growth budget"))
+            elif f.running:
+                held_back += left
+                notes.append(f"host {h}: an upload in progress holds {format_size(f.pending)}, far over its "
+                             f"normal {format_size(normal)}: contained, not pruned for")
+            else:
+                rolled_back = True
+                notes.append(f"host {h}: an unfinished upload of {format_size(f.pending)}, far over its "
+                             f"normal {format_size(normal)} and its growth budget: current is rolled "
+                             "back to its newest snapshot")
+    if newest and f.history and newest not in by_name:
+        notes.append(f"host {h}: snapshot {newest} has no history entry (the disc filled while it was "
+                     "recorded?): counted at the host's normal size")
+    return claim, held_back, accepted, notes, rolled_back, tokens is None
+
+
 def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", order: Optional[str] = None,
                force: bool = False) -> PrunePlan:
     """Everything prune decides, from plain values.  force: an administrator accepts every excess."""
@@ -2781,8 +2852,7 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     # they please.  Its share of the disc follows the same normal capped at share_growth.
     normals = {h: v.normal for h, v in views.items()}
     share_normals = {h: v.share for h, v in views.items()}
-    means = {h: min(mean(c[-config.history:]), max(normals[h], 1.0)) if c else 0.0
-             for h, c in counted.items()}
+    means = {h: v.mean for h, v in views.items()}         # _normal_mean
     target = int(config.headroom * sum(means.values()))
     notes: List[str] = []
     accepted: List[Acceptance] = []
@@ -2813,60 +2883,20 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
 
     extra: Dict[str, float] = {}
     for h, f in hosts.items():
-        normal = means[h]
-        tokens: Optional[float] = None
-        newest = f.snapshots[-1].name if f.snapshots else None
-        entries = views[h].entries
-        by_name, unaccepted = entries.by_name, entries.unaccepted
-        claim = 0.0
-        held_back = 0
-        for b in by_name.get(newest, ()):
-            if not b.get("first") and not b.get("suspicious"):
-                claim += _excess(b, normal)           # a big but ordinary newest: its own to pay
-        kept = {s.name for s in f.snapshots} if unaccepted else set()
-        for b in unaccepted:
-            name = b.get("snapshot")
-            if name not in kept:
-                continue
-            left = _excess(b, normal) - _accepted_bytes(b)
-            tokens = budget(h) if tokens is None else tokens
-            grant = int(min(left, tokens))
-            if grant > 0:
-                tokens -= grant
-                left -= grant
-                why = ("accepted by an administrator (prune --force)" if force else
-                       f"accepted from its growth budget ({config.accept_budget:.0%} of its share per 30 days)")
-                accepted.append(Acceptance(h, name, grant, grant >= left + grant, f"host {h}: {format_size(grant)} of backup {name} "
-                                                            f"past the suspicion line {why}"))
-                if name == newest:
-                    claim += grant
-            if left > 0:
-                held_back += left
-                notes.append(f"host {h}: backup {name} added {format_size(_history_int(b, 'added'))}, far over "
-                             f"its normal {format_size(normal)}: contained, {format_size(left)} not pruned "
-                             "for; other hosts are pruned as usual")
-        if f.pending is not None:
-            floor = suspicion_floor_bytes(f.history, fraction=config.suspicion_floor, history=config.history)
-            if is_suspicious(f.pending, counted[h], factor=config.suspicion, history=config.history, floor=floor):
-                left = max(0, int(f.pending - normal))
-                tokens = budget(h) if tokens is None else tokens
-                grant = int(min(left, tokens))
-                if grant >= left:
-                    claim += left
-                    accepted.append(Acceptance(h, "", left, True, f"host {h}: the unfinished upload of "
-                                               f"{format_size(f.pending)} accepted from its growth budget"))
-                elif f.running:
-                    held_back += left
-                    notes.append(f"host {h}: an upload in progress holds {format_size(f.pending)}, far over its "
-                                 f"normal {format_size(normal)}: contained, not pruned for")
-                else:
-                    rollbacks.append(h)
-                    notes.append(f"host {h}: an unfinished upload of {format_size(f.pending)}, far over its "
-                                 f"normal {format_size(normal)} and its growth budget: current is rolled "
-                                 "back to its newest snapshot")
-        if newest and f.history and newest not in by_name:
-            notes.append(f"host {h}: snapshot {newest} has no history entry (the disc filled while it was "
-                         "recorded?): counted at the host's normal size")
+        # A host whose facts are the same as last time has the same part, unless the clock
+        # played a part (its growth budget, an unfinished upload).
+        view = views[h]
+        part = view.part
+        if part is None or part[0] != means[h] or part[1] != force:
+            part = _host_part(h, f, view, means[h], counted[h], budget, config, force)
+            view.part = (means[h], force, part) if part[-1] and f.pending is None else None
+        else:
+            part = part[2]
+        claim, held_back, host_accepted, host_notes, rolled_back, _ = part
+        accepted += host_accepted
+        notes += host_notes
+        if rolled_back:
+            rollbacks.append(h)
         if held_back:
             contained[h] = held_back
         extra[h] = claim

@@ -207,6 +207,10 @@ class Simulation:
             headroom=params.headroom, history=params.history, min_interval=params.min_interval * MINUTE,
             suspicion=defaults.suspicion if params.suspicion is None else params.suspicion,
             order=policy.order)
+        # A policy with fixed targets plans with one config all along; a schedule's change by the clock.
+        self.fixed_config = None if policy.schedule is not None else self.config._replace(
+            targets=tuple(policy.targets))
+        self.by_name = {h.name: h for h in self.hosts}
 
     # -- the disc --
     @property
@@ -269,10 +273,12 @@ class Simulation:
 
         force is an administrator's `prune --force`.
         """
-        oldest = min((h.kept_snaps[0].when for h in self.hosts if h.kept_snaps), default=None)
-        config = self.config._replace(targets=tuple(self.policy.targets_at(now, oldest)))
+        config = self.fixed_config
+        if config is None:
+            oldest = min((h.kept_snaps[0].when for h in self.hosts if h.kept_snaps), default=None)
+            config = self.config._replace(targets=tuple(self.policy.targets_at(now, oldest)))
         plan = byteback.plan_prune(self.state(), now=now, config=config, force=force)
-        by_name = {h.name: h for h in self.hosts}
+        by_name = self.by_name
         for name in plan.contained:
             host = by_name[name]
             cause = "unfinished upload" if host.partial > 0 and not host.history[-1].get("suspicious") \
