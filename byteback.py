@@ -1057,6 +1057,15 @@ def _give_own_inode(path: str, st: os.stat_result, reflink: bool) -> None:
     os.unlink(path)
 
 
+class AnotherPass(ByteBackError):
+    """The snapshot was not taken: current needs one more rsync run (a resumed one) first.
+
+    Its message begins 'again: ', which the client looks for."""
+
+    def __init__(self, message: str):
+        super().__init__(f"again: {message}")
+
+
 class Store:
     """A store root: <root>/<host>/current, <root>/<host>/<snapshot>, <root>/.byteback/.
 
@@ -1298,8 +1307,9 @@ class Store:
         reflink = is_btrfs_subvolume(current)
         if reflink:
             # btrfs (also where the backup user sees a HardlinkStore): a
-            # snapshot never shares an inode with current, so the walk is
-            # needed only if current may hold hard-linked names.
+            # snapshot never shares an inode with current, and the snapshot
+            # after this run finds any shared inode it wrote (take_snapshot),
+            # so only a resumed run walks (unshare_walk_needed).
             try:
                 backups = self.read_history(host)
             except ByteBackError:
@@ -1437,6 +1447,7 @@ class SubvolumeUsage(NamedTuple):
     metadata: int      # bytes of tree items (inodes, names, xattrs, inline data) changed after `since`
     generation: int    # the newest transaction any of its leaves was written in
     linked: int        # names of regular files that share their inode (full walks only)
+    shared_written: int = 0   # inodes of more than one name, made before `since`, changed after it
 
 
 class SubvolumeTally:
@@ -1453,7 +1464,7 @@ class SubvolumeTally:
 
     def __init__(self, since: int):
         self.since = since
-        self.size = self.data = self.metadata = self.generation = self.linked = 0
+        self.size = self.data = self.metadata = self.generation = self.linked = self.shared_written = 0
         self._inode, self._inode_changed = -1, False
         self._extents: set = set()
 
@@ -1481,12 +1492,16 @@ class SubvolumeTally:
                 self._inode, self._inode_changed = objectid, False
             changed = False
             if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
-                _gen, written, isize, _nbytes, _bg, nlink, _uid, _gid, mode = inode_item(buf, item)
+                made, written, isize, _nbytes, _bg, nlink, _uid, _gid, mode = inode_item(buf, item)
                 if mode & 0o170000 == 0o100000:      # a regular file
                     self.size += isize
                     if nlink > 1:
                         self.linked += nlink
                 changed = self._inode_changed = written >= since
+                if changed and nlink > 1 and made < since and mode & 0o170000 != 0o040000:
+                    # An inode the names of an older backup share, written by this one:
+                    # see BtrfsStore.take_snapshot.
+                    self.shared_written += 1
             elif kind == BTRFS_EXTENT_DATA and length >= 21:
                 changed = struct.unpack_from("<Q", buf, item)[0] >= since
                 if changed and length >= _EXTENT_ITEM.size:
@@ -1504,7 +1519,8 @@ class SubvolumeTally:
         return last
 
     def usage(self) -> SubvolumeUsage:
-        return SubvolumeUsage(self.size, self.data, self.metadata, self.generation, self.linked)
+        return SubvolumeUsage(self.size, self.data, self.metadata, self.generation, self.linked,
+                              self.shared_written)
 
 
 def _next_key(objectid: int, kind: int, offset: int) -> Optional[tuple]:
@@ -1828,10 +1844,20 @@ class BtrfsStore(Store):
 
     def take_snapshot(self, host: str, name: str, previous: Optional[dict]) -> dict:
         current = self.current(host)
-        # linked: unshare_current's walk before the next run is needed only
-        # where current holds hard-linked names.
         planted, planted_bytes = self.remove_planted(current)
         usage, added = measure_subvolume(current, written_since(previous), full=True)
+        if usage.shared_written:
+            # rsync writes current in place (--inplace), and writes a file's
+            # attributes by name: a file the client split off from a hard-link
+            # group was written into the inode its old partners still share
+            # here, so one of them may now hold the other's data.  This
+            # run's push did not walk current to give each such name an inode
+            # of its own first (unshare_current: only a resumed run does);
+            # the next push is resumed and does, and its rsync then puts
+            # right every name that differs from the client.
+            raise AnotherPass(f"{usage.shared_written} hard-linked files in current were changed by this "
+                              "backup; rsync must copy once more, each name on an inode of its own "
+                              "(the next backup does that by itself)")
         host_dir = self.host_dir(host)
         tmp = host_dir / f".incomplete-{name}"
         if tmp.exists():
@@ -1913,15 +1939,20 @@ class BtrfsStore(Store):
 
 
 def unshare_walk_needed(backups: Sequence[dict], resumed: bool) -> bool:
-    """Whether a btrfs current may hold hard-linked names (pure).
+    """Whether a btrfs current needs its hard-linked names given inodes of their own (pure).
 
-    Not when the newest snapshot recorded none in it and no run has written
-    into it since: rsync --hard-links makes links only after it has written
-    a group's first file, which it never writes again in the same run.
+    Only in a resumed run (an earlier one wrote into current since its
+    snapshot), or where the newest snapshot was not measured by root from
+    the kernel's tree ('linked' missing).  A measured one is followed by a
+    snapshot that is measured too: if a run wrote into an inode that names
+    of the previous snapshot share, BtrfsStore.take_snapshot refuses it and
+    the next push, resumed, walks.  rsync --hard-links makes links only
+    after it has written a group's first file, which it never writes again
+    in the same run, so the links a run makes itself are no risk.
     """
     last = backups[-1] if backups else None
     linked = last.get("linked") if isinstance(last, dict) else None
-    return resumed or not (isinstance(linked, int) and not isinstance(linked, bool) and linked == 0)
+    return resumed or not (isinstance(linked, int) and not isinstance(linked, bool))
 
 
 def is_btrfs_subvolume(path: Path) -> bool:
@@ -5673,11 +5704,17 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     argv = build_rsync_argv(plan, f"{current}/", backend_options=backend,
                             auto_excludes=auto, fake_super=os.geteuid() != 0,
                             progress=args.progress, dry_run=args.dry_run)
-    rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay,
-                                    show=args.verbose > 0 or args.progress or args.dry_run)
+    show = args.verbose > 0 or args.progress or args.dry_run
+    rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show)
     if args.dry_run:
         return parse_rsync_stats(output)
-    snap = snapshot_and_prune(store, plan.host, config)
+    try:
+        snap = snapshot_and_prune(store, plan.host, config)
+    except AnotherPass as e:
+        log.info("%s: copying once more", e)
+        store.unshare_current(plan.host, resumed=True)
+        rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show)
+        snap = snapshot_and_prune(store, plan.host, config)
     log.info("backup of %s complete: snapshot %s", plan.host, store.snapshot_path(snap))
     return parse_rsync_stats(output)
 
@@ -5904,16 +5941,24 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
     argv = build_rsync_argv(plan, f"{_login(plan.destination)}:current/",
                             transport=rsync_over_ssh(session.argv()),
                             auto_excludes=auto, progress=args.progress, dry_run=args.dry_run)
-    rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay,
-                                    show=args.verbose > 0 or args.progress or args.dry_run,
-                                    before_try=session.ensure)
-    if not args.dry_run:
+    show = args.verbose > 0 or args.progress or args.dry_run
+    for attempt in (1, 2):
+        rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show,
+                                        before_try=session.ensure)
+        if args.dry_run:
+            break
         session.ensure()
         proc = call_server(plan, "complete", session)
+        again = [l for l in proc.stderr.splitlines() if l.startswith("byteback: again: ")]
+        if proc.returncode != 0 and again and attempt == 1:
+            # The server found this run's writes mixed up in hard-linked files
+            # (BtrfsStore.take_snapshot): the next push, resumed, puts them right.
+            log.info("server: %s: copying once more", again[-1][len("byteback: "):])
+            continue
         if proc.returncode != 0:
-            said = _server_said(proc)
-            raise ByteBackError(f"the files were copied, but the server took no snapshot: {said}")
+            raise ByteBackError(f"the files were copied, but the server took no snapshot: {_server_said(proc)}")
         log.info("server: %s", proc.stdout.strip())
+        break
     return parse_rsync_stats(output)
 
 

@@ -545,9 +545,24 @@ def test_a_hard_link_group_split_on_the_client_is_stored_as_it_now_is(remote, tm
     assert os.stat(stored(linked, src) / "b").st_ino == os.stat(stored(linked, src) / "b-link").st_ino
     assert _history(remote)[-1]["linked"] == 2
 
+    # Nothing changed: no walk gives the names new inodes, and no second pass.
+    time.sleep(max(0.0, _last_snapshot_at[0] + 1.1 - time.monotonic()))
+    same = remote.backup("-v", "--source", str(src)).check()
+    _last_snapshot_at[0] = time.monotonic()
+    assert "copying once more" not in same.stderr, same.stderr
+    newest = remote.host_dir / remote.snapshots()[-1]
+    assert os.stat(stored(newest, src) / "b").st_ino == os.stat(stored(linked, src) / "b").st_ino
+
     (src / "b").unlink()                               # as editors and package upgrades replace files
     (src / "b").write_bytes(b"b on its own, new\n")
-    split = snapshot_backup(remote, "--source", str(src))
+    # The push writes b into the inode b-link shares in current; the snapshot
+    # finds that inode written, refuses, and the client copies once more.
+    time.sleep(max(0.0, _last_snapshot_at[0] + 1.1 - time.monotonic()))
+    before = set(remote.snapshots())
+    result = remote.backup("-v", "--source", str(src)).check()
+    _last_snapshot_at[0] = time.monotonic()
+    assert "again: 1 hard-linked files in current were changed" in result.stderr, result.stderr
+    split = remote.host_dir / one_new_snapshot(remote, before)
     assert (stored(split, src) / "b").read_bytes() == b"b on its own, new\n"
     assert (stored(split, src) / "b-link").read_bytes() == b"shared, old\n"
     assert (stored(linked, src) / "b").read_bytes() == b"shared, old\n"

@@ -370,9 +370,10 @@ def test_written_since_takes_the_newest_recorded_generation(backups, since):
     ([], False, True),                                         # nothing known yet
     ([{"linked": 0}], False, False),                           # no hard links at the last snapshot
     ([{"linked": 0}], True, True),                             # an unfinished run wrote since
-    ([{"linked": 3}], False, True),
-    ([{"linked": 0}, {"linked": 2}], False, True),             # only the newest counts
-    ([{"linked": 2}, {"linked": 0}], False, False),
+    ([{"linked": 3}], False, False),                           # the snapshot after it finds a written one
+    ([{"linked": 3}], True, True),
+    ([{"linked": 0}, {"size": 2}], False, True),               # only the newest counts
+    ([{"size": 2}, {"linked": 2}], False, False),
     ([{"size": 5}], False, True),                              # recorded before "linked" existed
     ([{"linked": "0"}], False, True), ([{"linked": False}], False, True), ([{"linked": None}], False, True),
 ])
@@ -398,3 +399,21 @@ def test_tally_counts_every_name_of_a_shared_inode():
     linked = struct.pack("<QQQQQIIII", 1, 5, 7, 7, 0, 3, 0, 0, 0o100644) + bytes(104)   # nlink 3
     usage, _ = _tally([_record(5, 300, 1, linked), _record(5, 301, 1, _inode(5, 2))], since=0)
     assert usage.linked == 3 and usage.size == 9
+
+
+def _linked_inode(made, written, nlink, mode=0o100644):
+    return struct.pack("<QQQQQIIII", made, written, 7, 7, 0, nlink, 0, 0, mode) + bytes(104)
+
+
+def test_tally_counts_the_old_shared_inodes_a_run_wrote():
+    """What BtrfsStore.take_snapshot refuses: an inode names of the last snapshot share, written since."""
+    records = [
+        _record(20, 300, 1, _linked_inode(3, 20, 2)),       # old, linked, written: counted
+        _record(9, 301, 1, _linked_inode(3, 9, 2)),         # old, linked, untouched
+        _record(20, 302, 1, _linked_inode(15, 20, 3)),      # made by this run (a new group, or unshared)
+        _record(20, 303, 1, _linked_inode(3, 20, 1)),       # old, written, one name only
+        _record(20, 304, 1, _linked_inode(3, 20, 2, mode=0o120777)),   # a hard-linked symlink counts too
+    ]
+    usage, _ = _tally(records, since=10)
+    assert usage.shared_written == 2
+    assert _tally(records, since=0)[0].shared_written == 0      # a first backup: nothing is old
