@@ -3448,6 +3448,9 @@ class Refused(ByteBackError):
     """The guard's verdict on a command it will not run."""
 
 
+NEWEST_SNAPSHOT = "newest"   # a restore path's first component: the host's newest snapshot
+
+
 class Request(NamedTuple):
     """A client command the guard accepted: verb, and for rsync the checked parts."""
     verb: str                   # ping | complete | list | push | restore
@@ -3468,9 +3471,21 @@ def _check_restore_path(path: str) -> str:
     if ".." in parts:
         # Climbing out of the host's tree to another host or the store's state.
         raise Refused(f"path {path!r} climbs with '..'")
-    if not parts or (parts[0] != "current" and parse_snapshot_name(parts[0]) is None):
-        raise Refused(f"path {path!r} does not start with a snapshot name or 'current'")
+    if not parts or (parts[0] not in ("current", NEWEST_SNAPSHOT) and parse_snapshot_name(parts[0]) is None):
+        raise Refused(f"path {path!r} does not start with a snapshot name, 'newest' or 'current'")
     return path
+
+
+def resolve_newest(request: Request, snapshots: Sequence[str]) -> Request:
+    """A restore's paths with 'newest' (the client did not list first) as the newest snapshot's name."""
+    named = [p for p in request.paths if p.split("/", 1)[0] == NEWEST_SNAPSHOT]
+    if not named:
+        return request
+    if not snapshots:
+        raise ByteBackError("this host has no snapshots yet; take a backup first")
+    newest = snapshots[-1]
+    return request._replace(paths=tuple(
+        _check_restore_path(newest + p[len(NEWEST_SNAPSHOT):] if p in named else p) for p in request.paths))
 
 
 def check_list_pattern(pattern: str) -> str:
@@ -3953,6 +3968,8 @@ def _receive_rsync(r: Receive, request: Request) -> int:
     if request.any_snapshot:
         request = resolve_any_snapshot(request, [s.name for s in r.store.snapshots(r.host)],
                                        lambda snap, path: os.path.lexists(f"{r.host_dir}/{snap}{path}"))
+    if request.verb == "restore":
+        request = resolve_newest(request, [s.name for s in r.store.snapshots(r.host)])
     argv = server_rsync_argv(request, host_dir=str(r.host_dir), current=str(r.current),
                              backend_options=r.store.rsync_options(r.host),
                              timeout=r.config.rsync_timeout, version=version,
@@ -6164,6 +6181,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     cwd = "/" if args.database else os.getcwd()
     store = open_store(destination.path) if destination.is_local else None
     with SshSession(args.config_dir, destination) as session:   # connects only for a server
+        plain = plain_restore(args, cwd) if store is None else None
+        if plain is not None:
+            try:
+                return restore_entries(args, session, host, [plain], cwd, missing=_nothing_matches(args, host))
+            except _NoNewestThere:
+                pass        # a server from before 'newest': list first, as it did
         entries = matching_entries(args, store or session, host, cwd)
         if not args.restore:
             print(format_entries(entries))
@@ -6191,15 +6214,36 @@ def matching_entries(args: argparse.Namespace, source: "Store | SshSession", hos
         words = (["--all"] if args.all else []) + ([f"--snapshot={args.snapshot}"] if args.snapshot else [])
         entries = _remote_list(source, words + patterns)
     if not entries:
-        where = args.snapshot or ("any snapshot" if args.all else "the newest snapshot")
-        raise ByteBackError(f"nothing matches {' '.join(args.pattern)} in {where} of host {host}; "
-                            "try --all, or a pattern with * or **")
+        raise ByteBackError(_nothing_matches(args, host))
     return entries
 
 
+def _nothing_matches(args: argparse.Namespace, host: str) -> str:
+    where = args.snapshot or ("any snapshot" if args.all else "the newest snapshot")
+    return f"nothing matches {' '.join(args.pattern)} in {where} of host {host}; try --all, or a pattern with * or **"
+
+
+def plain_restore(args: argparse.Namespace, cwd: str) -> Optional[Entry]:
+    """The one entry a restore of one path without wildcards asks for, without a listing first.
+
+    rsync finds the path, or says it is missing, itself; a listing would cost
+    another session and another start of the server's program, about as long
+    as copying one file.  The server reads 'newest' as its newest snapshot."""
+    patterns = absolute_patterns(args.pattern, cwd)
+    if not args.restore or args.all or args.database or len(patterns) != 1 or _GLOB_CHARS_RE.search(patterns[0]):
+        return None
+    return Entry(args.snapshot or NEWEST_SNAPSHOT, patterns[0], "?", 0, 0, 0, 0, 0)
+
+
+class _NoNewestThere(ByteBackError):
+    """The server's guard refused a 'newest/' path: it is older than plain_restore."""
+
+
 def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host: str,
-                    entries: Sequence[Entry], cwd: str) -> int:
-    """Copy what the listing found back, by rsync, refusing to overwrite without --overwrite."""
+                    entries: Sequence[Entry], cwd: str, missing: Optional[str] = None) -> int:
+    """Copy what the listing found back, by rsync, refusing to overwrite without --overwrite.
+
+    missing: the message when rsync finds no such path (plain_restore's entry, not listed)."""
     snapshot = entries[0].snapshot
     target = Path(os.path.abspath(args.to or cwd))     # 'a:b' must not read as a remote host
     pairs = restore_sources(topmost_paths(e.path for e in entries), cwd)
@@ -6234,8 +6278,9 @@ def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host
     acls = ["--acls"] if {"--acls", "-A"} & set(flags) else []
     # NOTE: the receive guard's SEND_LETTERS must allow every letter this sends.
     options = ["--xattrs", *acls] if keep else FOREIGN_RESTORE_OPTIONS
-    _copy_back(sources, [*options, *transport], target, snapshot, show=args.verbose > 0)
-    print(f"restored {len(pairs)} path{'s' if len(pairs) != 1 else ''} from {snapshot} into {target}")
+    _copy_back(sources, [*options, *transport], target, snapshot, show=args.verbose > 0, missing=missing)
+    source_name = "the newest snapshot" if snapshot == NEWEST_SNAPSHOT else snapshot
+    print(f"restored {len(pairs)} path{'s' if len(pairs) != 1 else ''} from {source_name} into {target}")
     if args.database:
         print(f"start the database server now: it recovers {args.pattern[0]} from its logs, as after "
               "a power cut")
@@ -6243,7 +6288,7 @@ def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host
 
 
 def _copy_back(sources: Sequence[str], options: Sequence[str], target: Path, snapshot: str, *,
-               show: bool) -> None:
+               show: bool, missing: Optional[str] = None) -> None:
     """rsync the sources into target, in batches that fit a command line."""
     done = 0
     for batch in _batches(sources, RESTORE_BATCH_CHARS):
@@ -6252,6 +6297,11 @@ def _copy_back(sources: Sequence[str], options: Sequence[str], target: Path, sna
         argv = ["rsync", "--archive", "--hard-links", "--numeric-ids", "--relative", "--no-implied-dirs",
                 "--timeout=300", *options, "--", *batch, f"{target}/"]
         rc, output = run_rsync(argv, show=show)
+        if missing is not None and rc == 23 and re.search(r"link_stat .* failed: No such file or directory",
+                                                          output):
+            raise ByteBackError(missing)
+        if missing is not None and "byteback: refused:" in output and f"'{NEWEST_SNAPSHOT}/" in output:
+            raise _NoNewestThere(output.strip().splitlines()[-1])
         # Not even 24 (vanished files) is success here: snapshots never
         # change, so a file vanishes only when a prune took the snapshot.
         if rc != 0:

@@ -399,6 +399,21 @@ def test_a_restore_keeps_its_paths_as_the_client_meant_them():
     assert request.paths == (f"{SNAP}/etc/./ssh/sshd_config", f"{SNAP}/home/./a b")
 
 
+def test_a_restore_of_the_newest_snapshot_is_named_by_the_server():
+    """restore sends 'newest/' when it did not list first; the server puts its newest snapshot's name."""
+    request = byteback.check_receive_command(f"rsync --server --sender -vlogDtpr{CAPS} . newest/home/./a")
+    older = "2026-11-30T01:00+0000"
+    resolved = byteback.resolve_newest(request, [older, SNAP])
+    assert resolved.paths == (f"{SNAP}/home/./a",)
+    named = byteback.check_receive_command(f"rsync --server --sender -vlogDtpr{CAPS} . {older}/home/./a")
+    assert byteback.resolve_newest(named, [older, SNAP]) == named
+    with pytest.raises(byteback.ByteBackError, match="no snapshots yet"):
+        byteback.resolve_newest(request, [])
+    for climbing in ("newest/../other/x", "newest/./../../x", "newestx/a", "/newest/a"):
+        with pytest.raises(byteback.Refused):
+            byteback.check_receive_command(f"rsync --server --sender -vlogDtpr{CAPS} . {climbing}")
+
+
 def test_a_push_keeps_the_options_that_matter_and_drops_the_rest():
     request = byteback.check_receive_command(
         f"rsync --fake-super --server -vvlHogDtpXrRz{CAPS} --timeout=300 --inplace --fake-super "
@@ -592,7 +607,7 @@ def _assert_request_is_allowed(request):
     for path in request.paths:
         parts = [p for p in path.split("/") if p not in ("", ".")]
         assert not path.startswith("/") and ".." not in parts and "\0" not in path
-        assert parts[0] == "current" or byteback.parse_snapshot_name(parts[0]) is not None
+        assert parts[0] in ("current", byteback.NEWEST_SNAPSHOT) or byteback.parse_snapshot_name(parts[0])
     # and the server's own command made from it keeps the same shape
     argv = byteback.server_rsync_argv(request, host_dir=HOST_DIR, current=CURRENT,
                                       backend_options=["--inplace"], timeout=600, version=(3, 5, 0))
