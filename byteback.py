@@ -3246,6 +3246,20 @@ def prepare_backup(store: Store, host: str, config: ServerConfig) -> int:
     return EXIT_OK
 
 
+def prune_would_act(store: Store, config: ServerConfig, now: dt.datetime) -> bool:
+    """Whether a prune now would change anything (plan_prune, on what the backup user can read).
+
+    An unfinished upload anywhere counts: only root can measure it.  Then the
+    push's own prune (prepare_backup) would roll back, accept or delete
+    nothing: the last snapshot's prune, or the scheduled one, did it already.
+    """
+    hosts = store.hosts()
+    if any(store.dirty_since(h) is not None for h in hosts):
+        return True
+    plan = plan_prune(read_prune_state(store), now=now, config=config)
+    return bool(plan.rollbacks or plan.accepted or plan.short(plan.free))
+
+
 def snapshot_and_prune(store: Store, host: str, config: ServerConfig, *, force: bool = False) -> Snapshot:
     """What `complete` and a local backup end with: the snapshot, then a prune, under the lock.
 
@@ -3960,7 +3974,9 @@ def _receive_rsync(r: Receive, request: Request) -> int:
         # The start of a backup: prune first, as root, so that an upload abandoned past
         # the suspicion line is rolled back and the room an accepted one needs is made
         # before this one writes (plan_prune).  Its failure never stops the backup.
-        if _snapshot_for_client(r, prepare=True) != EXIT_OK:
+        # Where the plan says that prune would do nothing, sudo and a second start of
+        # this program are spared.
+        if _prune_needed(r) and _snapshot_for_client(r, prepare=True) != EXIT_OK:
             log.warning("host %s: the prune before this backup failed (see the log); backing up anyway",
                         r.host)
     lock = _enter_session(r)
@@ -3982,6 +3998,15 @@ def _receive_rsync(r: Receive, request: Request) -> int:
         r.store.unshare_current(r.host, resumed)
     _exec_rsync(r, argv, lock)
     return EXIT_FAILURE     # pragma: no cover - execve does not return
+
+
+def _prune_needed(r: Receive) -> bool:
+    """prune_would_act, and True where the backup user cannot tell."""
+    try:
+        return prune_would_act(r.store, r.config, now_local())
+    except (ByteBackError, OSError) as e:
+        log.debug("host %s: prune before the push, as its plan could not be read here: %s", r.host, e)
+        return True
 
 
 RECEIVE_VERBS: Dict[str, Callable[[Receive, Request], int]] = {

@@ -404,3 +404,30 @@ def test_prune_and_simulate_make_the_same_decisions_on_the_same_state(tiny):
     result = byteback.prune_store(tiny.store, CONFIG._replace(headroom=10.0), now=NOW)
     assert [d.snapshot for d in result.deleted] == simulated
     assert len(simulated) > 5 and len({s.host for s in simulated}) >= 2
+
+
+# -- whether a push's own prune would do anything (prune_would_act) --
+
+def test_a_push_skips_its_prune_only_where_the_plan_would_do_nothing(tiny):
+    """The plan decides: room enough and nothing unfinished is the one case without a prune."""
+    _week(tiny)
+    tiny.disc(total=10000, per_snapshot=100)                  # plenty of room
+    assert byteback.prune_would_act(tiny.store, CONFIG, NOW) is False
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)         # short: prune_store would delete
+    assert byteback.prune_would_act(tiny.store, CONFIG, NOW) is True
+    assert len(tiny.names("web1")) == 5                       # it only looked
+
+
+def test_a_push_prunes_first_where_any_upload_is_unfinished(tiny):
+    _week(tiny)
+    tiny.disc(total=10000, per_snapshot=100)
+    tiny.store.prepare_host("db1")
+    tiny.store.mark_dirty("db1", NOW)                         # measuring it is root's
+    assert byteback.prune_would_act(tiny.store, CONFIG, NOW) is True
+
+
+def test_a_push_prunes_first_where_a_budget_would_accept_a_contained_backup(tiny):
+    _week(tiny)
+    tiny.add_snapshot("web1", NOW + H, added=5000, suspicious=True)
+    tiny.disc(total=10000, per_snapshot=100)                  # room: only the acceptance is to do
+    assert byteback.prune_would_act(tiny.store, CONFIG, NOW + H) is True
