@@ -5393,6 +5393,20 @@ def host_namespace(store: Store, host: str) -> Optional[tuple]:
     account = pwd.getpwuid(os.getuid())
     if os.path.realpath(account.pw_dir) != os.path.realpath(store.host_dir(host)):
         return None
+    return _account_bases(account)
+
+
+def host_id_bases(store: Store, host: str) -> Optional[tuple]:
+    """(uid base, gid base) of the range a host's files are kept in on disc, shifted, when it
+    has an account of its own (receiver = userns), else None: whoever reads its snapshots
+    directly (a restore on the server) must not take those owners as the client's."""
+    home = os.path.realpath(store.host_dir(host))
+    account = next((p for p in pwd.getpwall() if os.path.realpath(p.pw_dir) == home), None)
+    return _account_bases(account) if account is not None else None
+
+
+def _account_bases(account: "pwd.struct_passwd") -> tuple:
+    """The first uid and gid of the account's range, refused where it has none or shares one."""
     bases = []
     for path in SUBID_FILES:
         try:
@@ -6292,6 +6306,17 @@ def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host
                    for anchor, rel in pairs]
         transport = rsync_over_ssh(source.argv())
     keep = restore_keeps_everything(host, default_host_name(), os.geteuid() == 0, args.same_owner)
+    bases = host_id_bases(source, host) if isinstance(source, Store) else None
+    if bases:
+        # A userns host's owners are on disc, shifted by its range; a
+        # user.rsync.%stat xattr in it is one its client uploaded, never ours.
+        transport = transport[1:]
+        if keep:
+            raise ByteBackError(
+                f"host {host} is received in a uid range of its own (receiver userns): its files here are "
+                f"owned by ids shifted by {bases[0]} (uids) and {bases[1]} (gids), which a restore on this "
+                "server cannot shift back; restore them on the client itself (byteback.pyz restore there "
+                "gives owners back), or here without --same-owner (owners and set-id bits not kept)")
     if not keep:
         log.warning("restoring host %s's files on %s: owners, set-id bits, device and special files "
                     "and extended attributes are not restored (a hostile client's setuid-root program "

@@ -56,3 +56,76 @@ def test_hosts_set_up_at_the_same_time_get_ranges_of_their_own(userns, tmp_path)
                 if other != owner:
                     assert first + count <= ofirst or ofirst + ocount <= first, \
                         f"{path}: {owner} {first}+{count} overlaps {other} {ofirst}+{ocount}"
+
+
+def test_a_restore_from_a_finished_snapshot_gives_owners_back_unshifted(userns, tmp_path):
+    """The other tests restore from current; a finished snapshot's top directory is
+    root's (unmapped in the namespace), and what is below it must still come back
+    with the client's own owners and modes, not shifted and not nobody's."""
+    import os
+    import stat
+    import time
+    remote, one, _ = userns
+    src = tmp_path / "owned"
+    src.mkdir()
+    os.chmod(src, 0o700)
+    (src / "www").write_text("www\n")
+    os.chown(src / "www", 33, 34)
+    os.chmod(src / "www", 0o600)
+    (src / "suid").write_text("s\n")
+    os.chmod(src / "suid", 0o4750)
+    time.sleep(1.1)
+    one.backup("--source", str(src)).check()
+    snap = one.snapshots()[-1]
+    out = tmp_path / "out"
+    out.mkdir()
+    remote.run("restore", "--host", one.name, "--snapshot", snap, "--restore", "--same-owner",
+               "--to", str(out), f"{src}/**").check()
+    back = out / str(src).lstrip("/")
+    st = os.lstat(back / "www")
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (33, 34, 0o600)
+    st = os.lstat(back / "suid")
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o4750)
+    for parent in [back] + list(back.parents)[:len(back.relative_to(out).parts) - 1]:
+        assert os.lstat(parent).st_uid in (0, os.lstat(src).st_uid), parent
+
+
+def test_an_administrators_restore_on_the_server_never_gives_a_userns_hosts_owners_shifted(userns, tmp_path):
+    """restore --destination <store> as root on the server reads the snapshot itself.
+    A userns host's owners on disc are shifted by its range (www-data came back as
+    uid 100033), and a user.rsync.%stat xattr its client uploaded (the userns
+    receiver stores it as any other user.* xattr) was read as the file's owner and
+    mode.  With --same-owner it is refused, saying where owners do come back;
+    without, the files come back as the restorer's and nothing forged counts."""
+    import os
+    import time
+    remote, one, _ = userns
+    src = tmp_path / "local"
+    src.mkdir()
+    (src / "www").write_text("www\n")
+    os.chown(src / "www", 33, 34)
+    (src / "forged").write_text("f\n")
+    os.chown(src / "forged", 1000, 1000)
+    os.setxattr(src / "forged", "user.rsync.%stat", b"104755 0,0 0:0")
+    time.sleep(1.1)
+    one.backup("--source", str(src)).check()
+
+    def restore(out: Path, *extra: str) -> subprocess.CompletedProcess:
+        out.mkdir()
+        argv = [str(remote.program), "--config-dir", str(remote.server_config), "restore", "--destination",
+                str(remote.store), "--host", one.name, "--snapshot", one.snapshots()[-1], "--restore",
+                *extra, "--to", str(out), f"{src}/**"]
+        return subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                              timeout=120, stdin=subprocess.DEVNULL)
+
+    kept = restore(tmp_path / "kept", "--same-owner")
+    assert kept.returncode == 1 and "uid range of its own" in kept.stderr, kept
+    assert "restore them on the client itself" in kept.stderr
+    assert not (tmp_path / "kept" / str(src).lstrip("/")).exists()
+    plain = restore(tmp_path / "plain")
+    assert plain.returncode == 0, plain
+    back = tmp_path / "plain" / str(src).lstrip("/")
+    assert (back / "www").read_text() == "www\n"
+    for name in ("www", "forged"):
+        st = os.lstat(back / name)
+        assert (st.st_uid, st.st_mode & 0o7000) == (0, 0), name
