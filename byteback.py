@@ -5204,10 +5204,13 @@ CLONE_NEWUSER = 0x10000000
 # The kernel lets only real root set trusted.* and security.* xattrs, so the
 # namespace's rsync leaves them out rather than fail on every such file;
 # security.capability it stores tied to the namespace's root (honoured only
-# inside that namespace), so file capabilities are kept.  --numeric-ids:
-# the server's user names must never decide a stored owner.
+# inside that namespace), so file capabilities are kept.  user.rsync.%*
+# are fake-super's own (a client's rsync sends them only when told -XX):
+# kept, they would forge an owner and mode for whatever reads the store
+# with --fake-super, or lists it.  --numeric-ids: the server's user names
+# must never decide a stored owner.
 USERNS_RSYNC_OPTIONS = ("--numeric-ids", "--filter=+x security.capability",
-                        "--filter=-x security.*", "--filter=-x trusted.*")
+                        "--filter=-x security.*", "--filter=-x trusted.*", "--filter=-x user.rsync.%*")
 
 
 class HostAccount(NamedTuple):

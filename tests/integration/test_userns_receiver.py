@@ -319,11 +319,15 @@ def test_a_raw_push_lands_in_its_own_current_and_a_restore_stays_in_its_host(use
     src = tmp_path / "raw"
     src.mkdir()
     (src / "planted-by-raw-push").write_text("x")
+    # fake-super's own xattr, which -XX sends: it would forge an owner and mode
+    os.setxattr(src / "planted-by-raw-push", "user.rsync.%stat", b"104755 0,0 0:0")
+    os.setxattr(src / "planted-by-raw-push", "user.plain", b"kept")
     for dest in (f"../{two.name}/current/", f"{remote.store}/{two.name}/current/", "../../"):
-        proc = run(["rsync", "-e", rsh, "-rt", "--rsync-path", "rsync --fake-super", f"{src}/",
+        proc = run(["rsync", "-e", rsh, "-rtXX", "--rsync-path", "rsync --fake-super", f"{src}/",
                     login + dest], check=False, timeout=120)
         assert proc.returncode == 0, proc
     assert (one.dir / "current" / "planted-by-raw-push").exists()
+    assert os.listxattr(one.dir / "current" / "planted-by-raw-push") == ["user.plain"]
     assert not os.path.lexists(two.dir / "current" / "planted-by-raw-push")
     assert not os.path.lexists(remote.store / "planted-by-raw-push")
     for source in (f"current/../../{two.name}/current/", f"../{two.name}/current/", "/etc/shadow"):

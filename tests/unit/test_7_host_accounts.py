@@ -109,7 +109,8 @@ def test_the_userns_receiver_keeps_owners_without_fake_super():
     assert "--fake-super" not in argv
     assert "--numeric-ids" in argv and "--munge-links" in argv and "--confine-root=/srv/h" in argv
     filters = [a for a in argv if a.startswith("--filter=")]
-    assert filters == ["--filter=+x security.capability", "--filter=-x security.*", "--filter=-x trusted.*"]
+    assert filters == ["--filter=+x security.capability", "--filter=-x security.*", "--filter=-x trusted.*",
+                       "--filter=-x user.rsync.%*"]
     assert argv[-3:] == ["--", ".", "/srv/h/current/"]
     assert "--fake-super" in _argv(PUSH, fake_super=True)
 
