@@ -537,6 +537,53 @@ def default_server_program() -> str:
     return PACKAGED_PATH if os.path.realpath(sys.argv[0]) == PACKAGED_PATH else DEFAULT_INSTALL_PATH
 
 
+class RunStopped(ByteBackError):
+    """A time limit passed, or the run was asked to stop (time_limit)."""
+
+
+class _Stop:
+    """A time limit (SIGALRM) or a request to stop (SIGTERM, SIGHUP: sudo relays them from
+    the session that started us) ends a run with a ByteBackError, except inside
+    uninterrupted(), which finishes first: a snapshot and its history entry are
+    written together, and current is never left deleted half-way through a roll-back."""
+    why: Optional[str] = None
+    held = 0
+
+
+@contextlib.contextmanager
+def time_limit(limit: float, what: str) -> Iterator[None]:
+    """The block ends after `limit` seconds, or when this process is asked to stop."""
+    def stop(signum: int, _frame) -> None:
+        why = (f"{what} did not finish within {limit:.0f}s (server.conf rsync_timeout) and was stopped"
+               if signum == signal.SIGALRM else f"{what} was stopped: its client went away")
+        if _Stop.held:
+            _Stop.why = _Stop.why or why
+        else:
+            raise RunStopped(why)
+    signals = (signal.SIGALRM, signal.SIGTERM, signal.SIGHUP)
+    before = [signal.signal(signum, stop) for signum in signals]
+    signal.alarm(max(1, math.ceil(limit)))
+    try:
+        yield
+    finally:
+        signal.alarm(0)          # an alarm left pending would outlive exec (rsync, after a prepare)
+        for signum, handler in zip(signals, before):
+            signal.signal(signum, handler)
+
+
+@contextlib.contextmanager
+def uninterrupted() -> Iterator[None]:
+    """time_limit's stop waits until the block is done."""
+    _Stop.held += 1
+    try:
+        yield
+    finally:
+        _Stop.held -= 1
+        why, _Stop.why = (_Stop.why, None) if not _Stop.held else (None, _Stop.why)
+        if why:
+            raise RunStopped(why)
+
+
 def running_under_sudo() -> bool:
     """True when sudo started us for another user (root-side code trusts nothing then)."""
     return os.geteuid() == 0 and bool(os.environ.get("SUDO_USER"))
@@ -670,7 +717,7 @@ SERVER_OPTIONS: Dict[str, Option] = {
                             "target, per 30 days"),
     "share_growth": Option("10%", _growth, "how fast a host's share of the disc may grow, per 30 days"),
     "weights": Option("", _weights, "host:weight pairs multiplying hosts' shares, e.g. web1:2 db1:0.5"),
-    "rsync_timeout": Option("600", _positive_int, "the server rsync's I/O timeout, in seconds"),
+    "rsync_timeout": Option("600", _positive_int, "the server rsync's I/O timeout; also the time limit of a list, snapshot or prune a client asks for, in seconds"),
     "receiver": Option("fakesuper", _receiver, "how setup-host keeps a new host's owners: fakesuper "
                        "(in xattrs, as the shared backup user) or userns (real owners, shifted into "
                        "a uid range of the host's own account; README: 'Receivers')"),
@@ -1241,13 +1288,15 @@ class Store:
         if not snaps or not _is_real_dir(current):
             return False
         try:
-            with take_session(self, host, timeout):
+            with take_session(self, host, timeout), uninterrupted():   # never left without current
                 owner = os.lstat(current)
                 self._reset_current(current, self.snapshot_path(snaps[-1]))
                 if os.geteuid() == 0:
                     os.chown(current, owner.st_uid, owner.st_gid)
                 os.chmod(current, stat.S_IMODE(owner.st_mode))
                 self.clear_dirty(host)
+        except RunStopped:
+            raise
         except ByteBackError as e:
             log.warning("prune: host %s: current not rolled back: %s", host, e)
             return False
@@ -3084,11 +3133,13 @@ def snapshot_host(store: Store, host: str, config: ServerConfig, *, now: dt.date
         # setup-server's adoption records), never as a whole new copy, which
         # would make prune delete the inherited history to make room for it.
         backups = [store.baseline_entry(newest)]
-    record = store.take_snapshot(host, name, last_measured(backups))
-    entry = history_entry(backups, record, name=name, now=now, first=newest is None, config=config)
-    suspicious = entry["suspicious"]
-    store.write_history(host, backups + [entry])
-    store.clear_dirty(host)
+    # A time limit ends the run before or after, never between the snapshot and its entry.
+    with uninterrupted():
+        record = store.take_snapshot(host, name, last_measured(backups))
+        entry = history_entry(backups, record, name=name, now=now, first=newest is None, config=config)
+        suspicious = entry["suspicious"]
+        store.write_history(host, backups + [entry])
+        store.clear_dirty(host)
     log.info("snapshot host=%s name=%s size=%s added=%s", host, name,
              format_size(record["size"]), format_size(record["added"]))
     if suspicious:
@@ -3228,11 +3279,23 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     config = load_server_config(args.config_dir)
     store = _server_store(args.store, config, Runner())
     host = check_host_name(args.host)
-    if args.prepare:
-        return prepare_backup(store, host, config)
-    snap = snapshot_and_prune(store, host, config, force=args.force)
+    # For a client's session (complete, or the start of a push), through sudo:
+    # it must end even should the disc stall or the work grow without bound.
+    with (_client_run_limit(config, args.prepare) if running_under_sudo() else contextlib.nullcontext()):
+        if args.prepare:
+            return prepare_backup(store, host, config)
+        snap = snapshot_and_prune(store, host, config, force=args.force)
     print(f"snapshot {snap.host}/{snap.name} taken")
     return EXIT_OK
+
+
+def _client_run_name(prepare: bool) -> str:
+    return "the prune before the backup" if prepare else "the snapshot"
+
+
+def _client_run_limit(config: ServerConfig, prepare: bool):
+    """The time limit of a snapshot or prune a client's session asked for."""
+    return time_limit(config.rsync_timeout, _client_run_name(prepare))
 
 
 def prepare_backup(store: Store, host: str, config: ServerConfig) -> int:
@@ -3256,7 +3319,7 @@ def prune_would_act(store: Store, config: ServerConfig, now: dt.datetime) -> boo
     hosts = store.hosts()
     if any(store.dirty_since(h) is not None for h in hosts):
         return True
-    plan = plan_prune(read_prune_state(store), now=now, config=config)
+    plan = plan_prune(read_prune_state(store, now, config.rsync_timeout), now=now, config=config)
     return bool(plan.rollbacks or plan.accepted or plan.short(plan.free))
 
 
@@ -3976,7 +4039,12 @@ def _receive_rsync(r: Receive, request: Request) -> int:
         # before this one writes (plan_prune).  Its failure never stops the backup.
         # Where the plan says that prune would do nothing, sudo and a second start of
         # this program are spared.
-        if _prune_needed(r) and _snapshot_for_client(r, prepare=True) != EXIT_OK:
+        try:
+            prepared = _snapshot_for_client(r, prepare=True) if _prune_needed(r) else EXIT_OK
+        except ByteBackError as e:       # its time limit passed
+            log.warning("host %s: %s", r.host, e)
+            prepared = EXIT_FAILURE
+        if prepared != EXIT_OK:
             log.warning("host %s: the prune before this backup failed (see the log); backing up anyway",
                         r.host)
     lock = _enter_session(r)
@@ -4054,15 +4122,21 @@ def _snapshot_for_client(r: Receive, prepare: bool = False) -> int:
         ["sudo", "-n", "-l", *argv], destructive=False, check=False).returncode == 0
     if allowed:
         # stdout is rsync's protocol channel at the start of a push
-        return runner.run(["sudo", "-n", *argv], check=False, capture=False, stdin=subprocess.DEVNULL,
-                          stdout=subprocess.DEVNULL if prepare else None).returncode
+        proc = runner.start(["sudo", "-n", *argv], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL if prepare else subprocess.PIPE,
+                            universal_newlines=True, errors="replace")
+        return wait_for_client_run(proc, session_watch(
+            r.config.rsync_timeout + CLIENT_RUN_GRACE, sys.stdout.fileno(),
+            _client_run_name(prepare), "the server's disc may be stalled; see its log"))
     _refuse_under_sudo(r.args)
     if prepare:
-        return prepare_backup(r.store, r.host, r.config)
+        with _client_run_limit(r.config, prepare):
+            return prepare_backup(r.store, r.host, r.config)
     log.warning("sudo is not set up for byteback on this server: snapshotting as %s; "
                 "history is protected only by the forced command (run setup-server as root)",
                 os.environ.get("USER", "this user"))
-    snap = snapshot_and_prune(r.store, r.host, r.config)
+    with _client_run_limit(r.config, prepare):
+        snap = snapshot_and_prune(r.store, r.host, r.config)
     print(f"snapshot {snap.host}/{snap.name} taken")
     return EXIT_OK
 
@@ -4384,9 +4458,16 @@ def format_entries(entries: Sequence[Entry]) -> str:
 
 
 def listing_watch(limit: float, out_fd: int, clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
-    """A check for list_snapshot: stop once `limit` seconds have passed, or the client went away.
+    """session_watch for list_snapshot."""
+    return session_watch(limit, out_fd, "the listing", "list less at a time (a narrower pattern, or --snapshot)",
+                         clock)
 
-    A listing writes nothing until it is done, so it would not notice a
+
+def session_watch(limit: float, out_fd: int, what: str, advice: str,
+                  clock: Callable[[], float] = time.monotonic) -> Callable[[], None]:
+    """A check that raises once `limit` seconds have passed, or the client went away.
+
+    Work for a client that writes nothing until it is done would not notice a
     client that hung up; the write end of its stdout shows it (POLLERR on a
     pipe whose reader is gone, POLLHUP on a socket).
     """
@@ -4396,11 +4477,45 @@ def listing_watch(limit: float, out_fd: int, clock: Callable[[], float] = time.m
 
     def check() -> None:
         if clock() > deadline:
-            raise ByteBackError(f"the listing took longer than {limit:.0f}s and was stopped; "
-                                "list less at a time (a narrower pattern, or --snapshot)")
+            raise ByteBackError(f"{what} took longer than {limit:.0f}s and was stopped; {advice}")
         if poller.poll(0):
-            raise ByteBackError("the client went away; the listing was stopped")
+            raise ByteBackError(f"the client went away; {what} was stopped")
     return check
+
+
+CLIENT_RUN_GRACE = 10     # seconds the session waits past the root run's own time limit
+
+
+def wait_for_client_run(proc: subprocess.Popen, check: Callable[[], None]) -> int:
+    """Wait for the root run a client's session started (through sudo), pass its output
+    on, and return its exit code.
+
+    The run ends itself at its time limit (time_limit).  Should it not (a
+    process blocked on a stalled disc) or should the client go away, the
+    session asks it to stop (sudo relays SIGTERM) and ends without it: the
+    run writes to pipes of this process only, so the client's connection
+    closes with it.
+    """
+    stop: Optional[ByteBackError] = None
+    while True:
+        try:
+            out, err = proc.communicate(timeout=5 if stop else 0.2)
+            break
+        except subprocess.TimeoutExpired:
+            if stop:
+                raise stop from None
+        try:
+            check()
+        except ByteBackError as e:
+            stop = e
+            with contextlib.suppress(OSError):
+                proc.terminate()
+    with contextlib.suppress(OSError):
+        sys.stdout.write(out or "")
+        sys.stderr.write(err or "")
+    if stop:
+        raise stop
+    return proc.returncode
 
 
 def serve_list(store: Store, host: str, request: Request, *, limit: float) -> int:

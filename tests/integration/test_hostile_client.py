@@ -1279,3 +1279,41 @@ def test_a_session_lock_held_forever_does_not_stop_the_roll_back(world, attacker
             for pid in _server_processes(world, b"sleep\x00300"):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, 9)
+
+
+def _root_runs(word: bytes) -> List[int]:
+    """Live processes of root's with word in their command line."""
+    found = []
+    for pid in pids_of_uid(0):
+        with contextlib.suppress(OSError):
+            if word in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found.append(pid)
+    return found
+
+
+def test_complete_ends_within_its_time_limit_when_the_disc_stalls(world, attacker):
+    """`complete` ran its snapshot and prune with no time limit: a stalled disc (here: frozen)
+    or work without end kept the session, its root run and the host's locks for ever."""
+    world.allowed_new = [f"{attacker.host}/"]
+    host_dir = world.store / attacker.host
+    before = set(os.listdir(host_dir))
+    with server_conf(world, min_interval="0", rsync_timeout="3"):
+        run(["fsfreeze", "--freeze", str(world.store)])
+        try:
+            started = time.monotonic()
+            complete = world.ssh("complete", key=attacker.key, timeout=60)
+            took = time.monotonic() - started
+            sessions = _server_processes(world, b"receive")
+        finally:
+            run(["fsfreeze", "--unfreeze", str(world.store)])
+        # 3 s for the root run, 10 s more for the session, then it ends without it.
+        assert complete.returncode == 1 and "took longer than 13s" in complete.stderr, f"{complete}"
+        assert took < 30 and not sessions, (took, sessions)
+        wait_for(lambda: not _root_runs(f"snapshot\0--host\0{attacker.host}".encode()), 15,
+                 "the root run to end once the disc moves again")
+    made = {n for n in set(os.listdir(host_dir)) - before if SNAPSHOT_RE.match(n)}
+    recorded = history_of(world, attacker.host) if (world.store / ".byteback" / "history" /
+                                                    f"{attacker.host}.json").exists() else []
+    assert made <= {b["snapshot"] for b in recorded}, made        # a snapshot whole, or not at all
+    with min_interval(world, "0"):          # nothing of the stopped run stands in the way
+        attacker_backup(world, attacker, _small_tree(world, "after-stall")).check()

@@ -449,3 +449,77 @@ def test_write_file_atomically_never_chmods_through_a_symlink_swapped_in_for_its
     byteback.write_file_atomically(tmp_path / "byteback.prom", "metrics\n")
     assert os.stat(victim).st_mode & 0o777 == 0o600
     assert victim.read_text() == "root's file\n"
+
+
+# -- time_limit: a client's snapshot or prune ends (issue 8, class 3) --
+
+def test_a_time_limit_stops_the_run_with_a_one_line_error():
+    import time
+    started = time.monotonic()
+    with pytest.raises(byteback.RunStopped, match=r"the snapshot did not finish within 1s .*rsync_timeout"):
+        with byteback.time_limit(1, "the snapshot"):
+            time.sleep(5)
+    assert time.monotonic() - started < 3
+
+
+def test_a_stop_waits_for_the_end_of_an_uninterrupted_block():
+    import signal
+    import time
+    done = []
+    with pytest.raises(byteback.RunStopped, match="its client went away"):
+        with byteback.time_limit(30, "the prune before the backup"):
+            with byteback.uninterrupted():
+                os.kill(os.getpid(), signal.SIGTERM)
+                time.sleep(0.1)
+                done.append("the snapshot and its entry")
+            done.append("never")
+    assert done == ["the snapshot and its entry"]
+
+
+def test_a_time_limit_leaves_no_alarm_and_no_handler_behind():
+    import signal
+    before = signal.getsignal(signal.SIGTERM)
+    with byteback.time_limit(30, "the snapshot"):
+        pass
+    assert signal.alarm(0) == 0 and signal.getsignal(signal.SIGTERM) is before
+
+
+def test_a_session_stops_waiting_for_its_root_run_at_the_limit():
+    import time
+    read, write = os.pipe()
+    try:
+        run = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True)
+        started = time.monotonic()
+        with pytest.raises(ByteBackError, match="the snapshot took longer than 1s and was stopped"):
+            byteback.wait_for_client_run(run, byteback.session_watch(1, write, "the snapshot", "see the log"))
+        assert time.monotonic() - started < 4 and run.wait(5) is not None     # asked to stop, and ended
+    finally:
+        os.close(read)
+        os.close(write)
+
+
+def test_a_session_stops_its_root_run_when_the_client_goes_away():
+    read, write = os.pipe()
+    os.close(read)                     # the client hung up: its end of our stdout is gone
+    try:
+        run = subprocess.Popen(["sleep", "30"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True)
+        with pytest.raises(ByteBackError, match="the client went away; the prune was stopped"):
+            byteback.wait_for_client_run(run, byteback.session_watch(60, write, "the prune", "see the log"))
+        assert run.returncode == -15   # ended by the SIGTERM sudo would relay
+    finally:
+        os.close(write)
+
+
+def test_a_session_passes_its_root_runs_output_on(capsys):
+    read, write = os.pipe()
+    try:
+        run = subprocess.Popen(["sh", "-c", "echo taken; echo 'byteback: a warning' >&2; exit 3"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        assert byteback.wait_for_client_run(run, byteback.session_watch(60, write, "x", "y")) == 3
+    finally:
+        os.close(read)
+        os.close(write)
+    out, err = capsys.readouterr()
+    assert out == "taken\n" and err == "byteback: a warning\n"
