@@ -5099,6 +5099,9 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
         print(f"WARNING: {store} is on {fstype}, not btrfs: snapshots are hard-linked trees, which a "
               f"client that escapes its forced command could alter. Put the store on btrfs for "
               "read-only snapshots.")
+    atime = atime_warning(str(store), os.statvfs(store).f_flag)
+    if atime:
+        print(atime)
     print(f"\nStill to do by hand:\n"
           f"  - let {args.user}{' and the host accounts ' + args.user + '-*' if receiver == 'userns' else ''} "
           "log in over ssh (AllowUsers/AllowGroups in sshd_config, if you use them);\n"
@@ -5273,6 +5276,21 @@ def _preview_setup_server(store: Path, user: str, install: str, config_args: Seq
         print(line)
     print("dry run: nothing changed" + ("" if said else "; there is nothing of the original byteback to adopt"))
     return EXIT_OK
+
+
+def atime_warning(store: str, mount_flags: int) -> Optional[str]:
+    """What setup-server says of a store mounted without noatime or nodiratime (statvfs f_flag)."""
+    if mount_flags & (os.ST_NOATIME | os.ST_NODIRATIME):
+        return None
+    # Measured on the receive benchmark's tree (30,000 files in 300 directories,
+    # relatime): the first no-change backup after a full one cost 8.5 MiB, all
+    # of it directories' access times, the next ones 0.1 MiB.  relatime writes
+    # an access time again once it is a day old: a nightly backup pays it again.
+    return (f"NOTE: {store} is mounted without noatime: rsync reads every directory of a host's "
+            "current at each backup, and each access time written makes btrfs copy that part of "
+            "the tree's metadata away from the snapshots (relatime: again once a day has passed; "
+            "8.5 MiB a backup for 30,000 files in 300 directories, 0.1 MiB without). Mount the "
+            "store with noatime (or nodiratime) in /etc/fstab.")
 
 
 def _receiver_said(receiver: str, user: str, problem: Optional[str]) -> str:

@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import os
 import re
 
 import pytest
@@ -143,3 +144,12 @@ def test_setup_server_says_what_each_receiver_means():
     said = byteback._receiver_said("fakesuper", "byteback", "no uidmap")
     assert "no uidmap" in said and "receiver = userns" in said
     assert "receiver = userns" in byteback._server_conf_example("/srv", "userns")
+
+
+def test_setup_server_asks_for_noatime_on_the_store():
+    """Reading a directory writes its access time (relatime: once a day): metadata a snapshot shares."""
+    said = byteback.atime_warning("/srv/byteback", os.ST_RELATIME)
+    assert "noatime" in said and "/srv/byteback" in said
+    assert byteback.atime_warning("/srv/byteback", 0) == said
+    assert byteback.atime_warning("/srv/byteback", os.ST_NOATIME | os.ST_RELATIME) is None
+    assert byteback.atime_warning("/srv/byteback", os.ST_NODIRATIME) is None
