@@ -1365,11 +1365,14 @@ class Store:
                 backups = []            # unreadable: walk, as if nothing were known
             if not unshare_walk_needed(backups, resumed):
                 return 0
-        count = 0
-        for path, st in walk_files(current):
-            if st.st_nlink > 1:
-                _give_own_inode(path, st, reflink)
-                count += 1
+        # Every name of a shared inode, listed before any is changed: the last
+        # name left on an old inode would otherwise keep it, and rsync may link
+        # the group's other names back to it (BtrfsStore.take_snapshot counts
+        # any old shared inode a run wrote).
+        linked = [(path, st) for path, st in walk_files(current) if st.st_nlink > 1]
+        for path, st in linked:
+            _give_own_inode(path, st, reflink)
+        count = len(linked)
         if count:
             log.info("host %s: gave %d hard-linked files in current an inode of their own", host, count)
         return count

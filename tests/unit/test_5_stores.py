@@ -417,3 +417,14 @@ def test_tally_counts_the_old_shared_inodes_a_run_wrote():
     usage, _ = _tally(records, since=10)
     assert usage.shared_written == 2
     assert _tally(records, since=0)[0].shared_written == 0      # a first backup: nothing is old
+
+
+def test_unshare_gives_every_name_of_a_shared_inode_its_own(tiny):
+    """All names, the last one left on the old inode too: rsync may link the others back to it."""
+    current = tiny.store.prepare_host("web1")
+    (current / "a").write_bytes(b"shared\n")
+    os.link(current / "a", current / "b")
+    (current / "c").write_bytes(b"alone\n")
+    assert tiny.store.unshare_current("web1") == 2
+    # Not on btrfs: no reflink, so the names go and rsync sends them again.
+    assert sorted(os.listdir(current)) == ["c"]
