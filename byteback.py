@@ -1443,6 +1443,12 @@ class Store:
         """Remove half-made or half-deleted snapshots a crash left behind."""
         removed = []
         for host in self.hosts():
+            st = os.lstat(self.host_dir(host))
+            if os.geteuid() == 0 and st.st_uid == 0 and st.st_gid != 0 and stat.S_IMODE(st.st_mode) == 0o700:
+                # a snapshot's _closed_while_writable, cut short by a crash
+                log.warning("host %s: its directory was left root-only by an interrupted snapshot; "
+                            "opening it to its group again", host)
+                os.chmod(self.host_dir(host), HOST_DIR_MODE)
             for name in sorted(os.listdir(self.host_dir(host))):
                 if name.startswith((".incomplete-", ".deleting-")):
                     path = self.host_dir(host) / name
@@ -1855,6 +1861,29 @@ class HardlinkStore(Store):
         shutil.rmtree(path, onerror=_make_writable_and_retry)
 
 
+@contextlib.contextmanager
+def _closed_while_writable(host_dir: Path) -> Iterator[None]:
+    """Keep a server's <host>/ root-only (0700) while a snapshot in it is still writable.
+
+    Measured on this kernel: a descriptor opened for writing while a subvolume
+    is writable writes on after its read-only flag is set (pwrite and mmap
+    both reach the disc).  The backup user or the host's own account (the
+    group of <host>/, the owner of the files) opened a file of
+    <host>/.incomplete-NAME so, and rewrote the finished snapshot whenever it
+    liked.  Every lookup below <host>/ needs its search bit, even from a
+    descriptor or working directory already inside it.  A crash in between
+    leaves 0700, which clean_leftovers puts back."""
+    st = os.lstat(host_dir)
+    closed = os.geteuid() == 0 and st.st_uid == 0 and stat.S_IMODE(st.st_mode) & 0o077
+    if closed:
+        os.chmod(host_dir, 0o700)
+    try:
+        yield
+    finally:
+        if closed:
+            os.chmod(host_dir, stat.S_IMODE(st.st_mode))
+
+
 class BtrfsStore(Store):
     """btrfs: current is a subvolume written in place; a snapshot is an O(1) read-only copy."""
 
@@ -1914,14 +1943,15 @@ class BtrfsStore(Store):
         tmp = host_dir / f".incomplete-{name}"
         if tmp.exists():
             self._remove_tree(tmp)
-        self._btrfs("subvolume", "snapshot", str(current), str(tmp))
-        # Measured on this kernel: the owner of a subvolume can clear its
-        # read-only flag and then delete what is in it.  So the snapshot's root
-        # goes to root *before* the flag is set, and the flag is set last.
-        os.chown(tmp, 0, 0)
-        self._btrfs("property", "set", "-ts", str(tmp), "ro", "true")
-        # Only now, complete and read-only, does it take its final name (atomic).
-        os.rename(tmp, host_dir / name)
+        with _closed_while_writable(host_dir):
+            self._btrfs("subvolume", "snapshot", str(current), str(tmp))
+            # Measured on this kernel: the owner of a subvolume can clear its
+            # read-only flag and then delete what is in it.  So the snapshot's root
+            # goes to root *before* the flag is set, and the flag is set last.
+            os.chown(tmp, 0, 0)
+            self._btrfs("property", "set", "-ts", str(tmp), "ro", "true")
+            # Only now, complete and read-only, does it take its final name (atomic).
+            os.rename(tmp, host_dir / name)
         record = {"size": usage.size, "added": added, "generation": usage.generation, "linked": usage.linked}
         if planted:
             record.update(planted=planted, planted_bytes=planted_bytes)    # status warns of it

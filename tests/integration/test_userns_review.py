@@ -129,3 +129,83 @@ def test_an_administrators_restore_on_the_server_never_gives_a_userns_hosts_owne
     for name in ("www", "forged"):
         st = os.lstat(back / name)
         assert (st.st_uid, st.st_mode & 0o7000) == (0, 0), name
+
+
+# A host's account, root of its own namespace, watching its host directory
+# (its group may read it) for the snapshot being made, opening a file in it for
+# writing while it is still writable, and writing through that descriptor once
+# the snapshot is finished and read-only.
+_TAMPER = r'''
+import ctypes, os, re, struct, sys, time
+sys.path.insert(0, sys.argv[1])
+import byteback
+byteback.enter_user_namespace(int(sys.argv[2]), int(sys.argv[3]))
+host_dir, rel = sys.argv[4], sys.argv[5]
+libc = ctypes.CDLL(None, use_errno=True)
+ino = libc.inotify_init()
+libc.inotify_add_watch(ino, host_dir.encode(), 0x100 | 0x80)      # IN_CREATE | IN_MOVED_TO
+before = set(os.listdir(host_dir))
+print("ready", flush=True)
+held, finished, deadline = None, None, time.monotonic() + 90
+while finished is None and time.monotonic() < deadline:
+    data = os.read(ino, 65536)
+    pos = 0
+    while pos < len(data):
+        _wd, _mask, _cookie, size = struct.unpack_from("iIII", data, pos)
+        name = data[pos + 16:pos + 16 + size].split(b"\0", 1)[0].decode()
+        pos += 16 + size
+        if name.startswith(".incomplete") and held is None:
+            for _ in range(20000):
+                for inner in (f"{host_dir}/{name}/{rel}",):
+                    try:
+                        held = os.open(inner, os.O_RDWR)
+                        break
+                    except OSError:
+                        pass
+                if held is not None:
+                    break
+                try:
+                    for sub in os.listdir(f"{host_dir}/{name}"):
+                        held = os.open(f"{host_dir}/{name}/{sub}/{rel}", os.O_RDWR)
+                        break
+                except OSError:
+                    pass
+                if held is not None:
+                    break
+        elif re.match(r"\d{4}-", name) and name not in before:
+            finished = name
+if held is not None and finished is not None:
+    time.sleep(0.5)
+    os.pwrite(held, b"TAMPERED", 0)
+    os.fsync(held)
+print(f"held={held is not None} finished={finished}", flush=True)
+'''
+
+
+def test_a_host_account_cannot_keep_a_snapshot_writable_from_the_moment_it_is_made(userns):
+    """btrfs lets a descriptor opened for writing before the read-only flag is set
+    write on after it (measured: pwrite and mmap both reach the disc).  The
+    snapshot was made writable as <host>/.incomplete-NAME, where the host's
+    account (its group reads <host>/; its namespace root owns the files) could
+    open a file in it and rewrite the finished snapshot whenever it liked."""
+    import time
+    remote, one, _ = userns
+    rel = str(one.src / "secret.txt").lstrip("/")
+    attacker = subprocess.Popen(
+        ["/usr/sbin/runuser", "-u", one.account, "--", "/usr/bin/python3", "-c", _TAMPER, str(remote.program),
+         str(one.uid_base), str(one.gid_base), str(one.dir), rel],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+        env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LC_ALL": "C"}, cwd="/")
+    try:
+        assert attacker.stdout.readline().strip() == "ready", attacker.stderr.read()
+        time.sleep(1.1)
+        (one.src / "secret.txt").write_text(f"the secret of {one.name}, again\n")
+        one.backup("--source", str(one.src)).check()
+        said = attacker.stdout.read()
+        attacker.wait(timeout=60)
+    finally:
+        if attacker.poll() is None:
+            attacker.kill()
+    snap = one.snapshots()[-1]
+    assert (one.dir / snap / rel).read_text() == f"the secret of {one.name}, again\n", said
+    assert "held=False" in said, said
