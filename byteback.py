@@ -1078,7 +1078,7 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
-def _give_own_inode(path: str, st: os.stat_result, reflink: bool) -> None:
+def _give_own_inode(path: str, st: os.stat_result, reflink: bool, as_root: bool) -> None:
     """Replace path by a file of the same content and attributes that shares no inode.
 
     On btrfs a reflinked copy costs no data blocks and keeps --inplace's delta
@@ -1092,7 +1092,7 @@ def _give_own_inode(path: str, st: os.stat_result, reflink: bool) -> None:
                 fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
             for name in os.listxattr(path, follow_symlinks=False):
                 os.setxattr(tmp, name, os.getxattr(path, name, follow_symlinks=False), follow_symlinks=False)
-            if os.geteuid() == 0:
+            if as_root:
                 os.chown(tmp, st.st_uid, st.st_gid)
             os.chmod(tmp, stat.S_IMODE(st.st_mode))
             os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -1116,14 +1116,17 @@ class AnotherPass(ByteBackError):
 class Store:
     """A store root: <root>/<host>/current, <root>/<host>/<snapshot>, <root>/.byteback/.
 
-    Subclasses say how `current` is made, snapshotted and deleted.
+    Subclasses say how `current` is made, snapshotted and deleted.  Whether the
+    store acts as root (owns snapshots as root, hands current back to its
+    owner) is decided once, by open_store; the default is this process's own.
     """
 
     kind = "store"
 
-    def __init__(self, root, runner: Optional[Runner] = None):
+    def __init__(self, root, runner: Optional[Runner] = None, *, as_root: Optional[bool] = None):
         self.root = Path(root)
         self.runner = runner or Runner()
+        self.as_root = os.geteuid() == 0 if as_root is None else as_root
 
     # -- paths: always derived from the root and a checked host name --
     def host_dir(self, host: str) -> Path:
@@ -1291,7 +1294,7 @@ class Store:
             with take_session(self, host, timeout), uninterrupted():   # never left without current
                 owner = os.lstat(current)
                 self._reset_current(current, self.snapshot_path(snaps[-1]))
-                if os.geteuid() == 0:
+                if self.as_root:
                     os.chown(current, owner.st_uid, owner.st_gid)
                 os.chmod(current, stat.S_IMODE(owner.st_mode))
                 self.clear_dirty(host)
@@ -1318,10 +1321,10 @@ class Store:
         host_dir = self.host_dir(host)
         if not host_dir.is_dir():
             host_dir.mkdir(mode=0o755, parents=True)
-            if os.geteuid() == 0:
+            if self.as_root:
                 # The owner of <host>/ could rename snapshots away: root keeps it.
                 os.chown(host_dir, 0, 0)
-        if owner is not None and os.geteuid() == 0:
+        if owner is not None and self.as_root:
             # On a server only root and the backup user's group may enter: the
             # modes a client uploads would otherwise let other local users of
             # the server read its files, or write into current.
@@ -1371,7 +1374,7 @@ class Store:
         # any old shared inode a run wrote).
         linked = [(path, st) for path, st in walk_files(current) if st.st_nlink > 1]
         for path, st in linked:
-            _give_own_inode(path, st, reflink)
+            _give_own_inode(path, st, reflink, self.as_root)
         count = len(linked)
         if count:
             log.info("host %s: gave %d hard-linked files in current an inode of their own", host, count)
@@ -1829,6 +1832,13 @@ def _make_writable_and_retry(func, path, _exc_info) -> None:
     func(path)
 
 
+def remove_tree(path: Path) -> None:
+    """Delete a directory tree, read-only parts too (a snapshot is read-only)."""
+    with contextlib.suppress(OSError):
+        os.chmod(path, stat.S_IRWXU)
+    shutil.rmtree(path, onerror=_make_writable_and_retry)
+
+
 class HardlinkStore(Store):
     """Any POSIX filesystem: each backup is linked to the newest snapshot, then renamed."""
 
@@ -1846,19 +1856,16 @@ class HardlinkStore(Store):
         # snapshot appears under its name whole and read-only, or not at all.
         os.rename(current, tmp)
         os.chmod(tmp, 0o555)
-        if os.geteuid() == 0:
+        if self.as_root:
             os.chown(tmp, 0, 0)
         os.rename(tmp, self.host_dir(host) / name)
         self._create_current(current)
-        if os.geteuid() == 0:
+        if self.as_root:
             os.chown(current, st.st_uid, st.st_gid)   # the next backup writes as before
         return {"size": size, "added": added}
 
-
     def _remove_tree(self, path: Path) -> None:
-        with contextlib.suppress(OSError):
-            os.chmod(path, stat.S_IRWXU)
-        shutil.rmtree(path, onerror=_make_writable_and_retry)
+        remove_tree(path)
 
 
 @contextlib.contextmanager
@@ -2003,7 +2010,7 @@ class BtrfsStore(Store):
 
     def _remove_tree(self, path: Path) -> None:
         if not is_btrfs_subvolume(path):      # a snapshot made by the hardlink backend
-            HardlinkStore._remove_tree(self, path)
+            remove_tree(path)
             return
         # A deleted subvolume's space comes back in the background.  Commit and
         # wait for the cleaner, or the next measurement sees no gain and the
@@ -2045,8 +2052,12 @@ def is_btrfs_subvolume(path: Path) -> bool:
         return False
 
 
-def open_store(root, runner: Optional[Runner] = None, create: bool = False) -> Store:
-    """The store at root, with the backend its filesystem calls for."""
+def open_store(root, runner: Optional[Runner] = None, create: bool = False, *,
+               euid: Optional[int] = None) -> Store:
+    """The store at root, with the backend its filesystem and this user call for.
+
+    The one decision of both: read-only btrfs snapshots need root (euid, this
+    process's unless given), and the store acts as root exactly when it is."""
     root = Path(os.path.abspath(root))
     if not root.exists() and create:
         try:
@@ -2055,13 +2066,14 @@ def open_store(root, runner: Optional[Runner] = None, create: bool = False) -> S
             raise ByteBackError(f"cannot create the store {root}: {e.strerror}") from None
     if not root.is_dir():
         raise ByteBackError(f"store {root} is not a directory; create it or fix the destination")
+    as_root = (os.geteuid() if euid is None else euid) == 0
     fstype = filesystem_type(os.path.realpath(root), _read_mounts())
-    if fstype == "btrfs" and os.geteuid() == 0:
-        return BtrfsStore(root, runner)
+    if fstype == "btrfs" and as_root:
+        return BtrfsStore(root, runner, as_root=True)
     if fstype == "btrfs":
         log.debug("store %s is on btrfs, but read-only snapshots need root: "
                  "using hard-linked snapshots instead", root)
-    return HardlinkStore(root, runner)
+    return HardlinkStore(root, runner, as_root=as_root)
 
 
 # === 6. Retention (pure: values in, values out) ==============================
@@ -5927,7 +5939,7 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     auto = automatic_excludes(plan.sources, _read_mounts(), [str(store.root)] + _client_config_files(plan))
     backend = store.rsync_options(plan.host) if current.is_dir() else []
     argv = build_rsync_argv(plan, f"{current}/", backend_options=backend,
-                            auto_excludes=auto, fake_super=os.geteuid() != 0,
+                            auto_excludes=auto, fake_super=not store.as_root,
                             progress=args.progress, dry_run=args.dry_run)
     show = args.verbose > 0 or args.progress or args.dry_run
     rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show)
@@ -6469,7 +6481,7 @@ def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host
         # A store made without root keeps owners, modes and symlinks in xattrs:
         # the sending side reads them (a store made by root has none, and then
         # the real ones count); this side writes plainly, as root when it is.
-        transport = ["--fake-super", "-M--super" if os.geteuid() == 0 else "-M--no-super"]
+        transport = ["--fake-super", "-M--super" if source.as_root else "-M--no-super"]
     else:
         sources = [f"{_login(source.destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}"
                    for anchor, rel in pairs]

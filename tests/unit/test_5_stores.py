@@ -216,6 +216,17 @@ def test_clean_leftovers_removes_half_made_and_half_deleted_snapshots(tiny):
     assert sorted(os.listdir(tiny.root / "web1")) == [snap.name, "current"]
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="handing a tree to another owner needs root")
+@pytest.mark.parametrize("as_root,owner", [(True, 0), (False, 4321)])
+def test_a_hardlink_snapshot_is_roots_only_in_a_store_that_acts_as_root(tmp_path, as_root, owner):
+    store = byteback.HardlinkStore(tmp_path, as_root=as_root)
+    current = store.prepare_host("web1")
+    os.chown(current, 4321, 4321)          # as a client's upload leaves it
+    store.take_snapshot("web1", "2026-01-02T03:15+0000", None)
+    assert os.lstat(tmp_path / "web1" / "2026-01-02T03:15+0000").st_uid == owner
+    assert os.lstat(store.current("web1")).st_uid == (4321 if as_root else 0)
+
+
 def test_open_store_refuses_what_is_not_a_directory(tmp_path):
     (tmp_path / "file").write_text("")
     for root in (tmp_path / "file", tmp_path / "missing"):
@@ -239,11 +250,17 @@ def test_open_store_on_a_plain_filesystem_is_a_hardlink_store(tmp_path, monkeypa
 
 def test_open_store_on_btrfs_needs_root_for_the_btrfs_backend(tmp_path, monkeypatch):
     monkeypatch.setattr(byteback, "_read_mounts", lambda: [("/", "btrfs")])
-    monkeypatch.setattr(byteback.os, "geteuid", lambda: 1000)
-    assert isinstance(byteback.open_store(tmp_path), byteback.HardlinkStore)
-    monkeypatch.setattr(byteback.os, "geteuid", lambda: 0)
-    store = byteback.open_store(tmp_path)
-    assert isinstance(store, byteback.BtrfsStore) and store.kind == "btrfs"
+    store = byteback.open_store(tmp_path, euid=1000)
+    assert isinstance(store, byteback.HardlinkStore) and not store.as_root
+    store = byteback.open_store(tmp_path, euid=0)
+    assert isinstance(store, byteback.BtrfsStore) and store.kind == "btrfs" and store.as_root
+
+
+@pytest.mark.parametrize("euid", [0, 1000])
+def test_open_store_decides_once_whether_the_store_acts_as_root(tmp_path, monkeypatch, euid):
+    monkeypatch.setattr(byteback, "_read_mounts", lambda: [("/", "ext4")])
+    store = byteback.open_store(tmp_path, euid=euid)
+    assert isinstance(store, byteback.HardlinkStore) and store.as_root == (euid == 0)
 
 
 # -- Measuring a btrfs backup from the kernel's binary tree-search records --
