@@ -238,6 +238,17 @@ class Runner:
         return run_env
 
 
+class Context(NamedTuple):
+    """What a command takes from the process it runs in, passed in (a test picks its own)."""
+    euid: int                           # whose rights it has: 0 is root
+    sleep: Callable[[float], None]      # waiting between tries
+
+
+def process_context() -> Context:
+    """This process's own: its effective user id and the real clock's sleep."""
+    return Context(os.geteuid(), time.sleep)
+
+
 def install_hint(packages: Sequence[str], *, root: bool) -> str:
     """The command that installs these Debian packages, as this user would type it (pure)."""
     return ("" if root else "sudo ") + "apt-get install " + " ".join(packages)
@@ -259,7 +270,7 @@ def _confirm(question: str) -> bool:
     return answer.strip().lower() in ("y", "yes")
 
 
-def ensure_programs(programs: Sequence[str], *, install: bool) -> None:
+def ensure_programs(programs: Sequence[str], *, install: bool, euid: int) -> None:
     """Make sure the programs are on PATH, else install their packages or say how.
 
     As root with apt-get, byteback installs them when told to (--install-missing)
@@ -270,7 +281,7 @@ def ensure_programs(programs: Sequence[str], *, install: bool) -> None:
     if not missing:
         return
     packages = sorted({PACKAGE_OF.get(p, p) for p in missing})
-    root = os.geteuid() == 0
+    root = euid == 0
     argv = ["apt-get", "install", "-y", *packages]
     can_install = root and shutil.which("apt-get") is not None
     interactive = sys.stdin.isatty() and sys.stderr.isatty()
@@ -584,9 +595,9 @@ def uninterrupted() -> Iterator[None]:
             raise RunStopped(why)
 
 
-def running_under_sudo() -> bool:
+def running_under_sudo(euid: int) -> bool:
     """True when sudo started us for another user (root-side code trusts nothing then)."""
-    return os.geteuid() == 0 and bool(os.environ.get("SUDO_USER"))
+    return euid == 0 and bool(os.environ.get("SUDO_USER"))
 
 
 # What a root-side command keeps of its caller's environment under sudo:
@@ -3296,7 +3307,7 @@ def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: 
 
 def _refuse_under_sudo(args: argparse.Namespace, *names: str) -> None:
     """Through sudo the caller may be a client that escaped its forced command: no overrides."""
-    if not running_under_sudo():
+    if not running_under_sudo(args.context.euid):
         return
     given = [f"--{n.replace('_', '-')}" for n in names if getattr(args, n, None)]
     if os.environ.get("BYTEBACK_CONFIG_DIR"):
@@ -3326,7 +3337,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     host = check_host_name(args.host)
     # For a client's session (complete, or the start of a push), through sudo:
     # it must end even should the disc stall or the work grow without bound.
-    with (_client_run_limit(config, args.prepare) if running_under_sudo() else contextlib.nullcontext()):
+    under_sudo = running_under_sudo(args.context.euid)
+    with (_client_run_limit(config, args.prepare) if under_sudo else contextlib.nullcontext()):
         if args.prepare:
             return prepare_backup(store, host, config)
         snap = snapshot_and_prune(store, host, config, force=args.force)
@@ -3965,7 +3977,8 @@ def processes_with_open(path: Path, uid: int) -> List[int]:
     return found
 
 
-def take_session(store: Store, host: str, timeout: float) -> Lock:
+def take_session(store: Store, host: str, timeout: float,
+                 sleep: Callable[[float], None] = time.sleep) -> Lock:
     """This host's session lock.  A stuck session holding it (no data for longer than the
     I/O timeout) is ended first: it would otherwise stop the host's backups for good."""
     try:
@@ -3991,7 +4004,7 @@ def take_session(store: Store, host: str, timeout: float) -> Lock:
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + 5
     while lock_holders(store.session_lock_path(host)) and time.monotonic() < deadline:
-        time.sleep(0.1)
+        sleep(0.1)
     return store.session_lock(host).__enter__()
 
 
@@ -4066,7 +4079,7 @@ def _enter_session(r: Receive) -> Lock:
         enter_user_namespace(*r.namespace)
     # One session per host: a second one racing the first is how symlink and
     # rename races are won (CVE-2024-12747, CVE-2026-53797).
-    return take_session(r.store, r.host, r.config.rsync_timeout)
+    return take_session(r.store, r.host, r.config.rsync_timeout, r.args.context.sleep)
 
 
 def _receive_list(r: Receive, request: Request) -> int:
@@ -5861,7 +5874,7 @@ def parse_rsync_stats(output: str) -> Optional[int]:
 
 
 def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show: bool,
-                       before_try: Optional[Callable] = None) -> tuple:
+                       sleep: Callable[[float], None], before_try: Optional[Callable] = None) -> tuple:
     """Run rsync, again after `delay` on network-class failures; return (exit code, output).
 
     before_try runs before each try (SshSession.ensure: a cut connection is made again).
@@ -5899,7 +5912,7 @@ def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show:
         if rc in RSYNC_RETRY_CODES and attempt < retries:
             log.warning("rsync exit %d (%s); trying again in %s (try %d of %d)", rc, meaning,
                         format_duration(delay), attempt + 1, retries)
-            time.sleep(delay)
+            sleep(delay)
             continue
         raise ByteBackError(f"rsync failed with exit code {rc} ({meaning}) after {attempt} "
                             f"{'try' if attempt == 1 else 'tries'}: {last_lines}")
@@ -5942,7 +5955,8 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
                             auto_excludes=auto, fake_super=not store.as_root,
                             progress=args.progress, dry_run=args.dry_run)
     show = args.verbose > 0 or args.progress or args.dry_run
-    rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show)
+    rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show,
+                                    sleep=args.context.sleep)
     if args.dry_run:
         return parse_rsync_stats(output)
     try:
@@ -5950,7 +5964,8 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
     except AnotherPass as e:
         log.info("%s: copying once more", e)
         store.unshare_current(plan.host, resumed=True)
-        rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show)
+        rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show,
+                                        sleep=args.context.sleep)
         snap = snapshot_and_prune(store, plan.host, config)
     log.info("backup of %s complete: snapshot %s", plan.host, store.snapshot_path(snap))
     return parse_rsync_stats(output)
@@ -6138,7 +6153,8 @@ def _server_said(proc: subprocess.CompletedProcess) -> str:
     return " ".join(lines) or f"exit {proc.returncode}"
 
 
-def ping_server(plan: BackupPlan, *, dry_run: bool = False, session: Optional[SshSession] = None) -> None:
+def ping_server(plan: BackupPlan, *, sleep: Callable[[float], None], dry_run: bool = False,
+                session: Optional[SshSession] = None) -> None:
     """Check the server answers, and will take a snapshot, before any data moves.
 
     Retries while the server cannot be reached.
@@ -6159,7 +6175,7 @@ def ping_server(plan: BackupPlan, *, dry_run: bool = False, session: Optional[Ss
             log.warning("cannot reach %s (%s); trying again in %s (try %d of %d)",
                         _login(plan.destination), problem, format_duration(plan.retry_delay),
                         attempt + 1, plan.retries)
-            time.sleep(plan.retry_delay)
+            sleep(plan.retry_delay)
             continue
         raise ByteBackError(f"the server {_login(plan.destination)} did not answer ping: {problem}")
 
@@ -6173,7 +6189,7 @@ def backup_remote(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
 
 
 def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
-    ping_server(plan, dry_run=args.dry_run, session=session)
+    ping_server(plan, dry_run=args.dry_run, session=session, sleep=args.context.sleep)
     auto = automatic_excludes(plan.sources, _read_mounts(), _client_config_files(plan))
     argv = build_rsync_argv(plan, f"{_login(plan.destination)}:current/",
                             transport=rsync_over_ssh(session.argv()),
@@ -6181,7 +6197,7 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
     show = args.verbose > 0 or args.progress or args.dry_run
     for attempt in (1, 2):
         rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show,
-                                        before_try=session.ensure)
+                                        sleep=args.context.sleep, before_try=session.ensure)
         if args.dry_run:
             break
         session.ensure()
@@ -6287,7 +6303,7 @@ def cmd_backup(args: argparse.Namespace) -> int:
     """backup: copy this machine's files to the destination, then have a snapshot taken."""
     plan = resolve_backup_plan(args)
     ensure_programs(["rsync"] if plan.destination.is_local else ["rsync", "ssh"],
-                    install=args.install_missing)
+                    install=args.install_missing, euid=args.context.euid)
     state_dir = client_state_dir()
     with Lock(state_dir / "backup.lock", "backup"):
         started = now_local()
@@ -6486,7 +6502,7 @@ def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host
         sources = [f"{_login(source.destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}"
                    for anchor, rel in pairs]
         transport = rsync_over_ssh(source.argv())
-    keep = restore_keeps_everything(host, default_host_name(), os.geteuid() == 0, args.same_owner)
+    keep = restore_keeps_everything(host, default_host_name(), args.context.euid == 0, args.same_owner)
     bases = host_id_bases(source, host) if isinstance(source, Store) else None
     if bases:
         # A userns host's owners are on disc, shifted by its range; a
@@ -8189,9 +8205,12 @@ def cmd_simulate(words: Sequence[str]) -> int:
     return cli.main(list(words))
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Parse, dispatch, and map failures to exit codes; the only place they are printed."""
-    if running_under_sudo():
+def main(argv: Optional[Sequence[str]] = None, context: Optional[Context] = None) -> int:
+    """Parse, dispatch, and map failures to exit codes; the only place they are printed.
+
+    context: the process's own unless given; every command finds it in args.context."""
+    context = context or process_context()
+    if running_under_sudo(context.euid):
         scrub_environment(os.environ)
     parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -8209,6 +8228,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return NAGIOS_UNKNOWN if code == EXIT_USAGE and is_status else code
     if not getattr(args, "config_dir", None):
         args.config_dir = os.environ.get("BYTEBACK_CONFIG_DIR") or DEFAULT_CONFIG_DIR
+    args.context = context
     setup_logging(getattr(args, "verbose", 0), quiet=args.command in QUIET_COMMANDS)
     unknown = NAGIOS_UNKNOWN if args.command == "status" else None
     try:

@@ -288,14 +288,13 @@ def no_rsync(monkeypatch, tmp_path):
                                   f'[ "$1" = install ] && printf "#!/bin/sh\\n" > {tmp_path}/bin/rsync '
                                   f'&& /bin/chmod 755 {tmp_path}/bin/rsync\nexit 0\n'))
     monkeypatch.setenv("PATH", str(bin_dir))
-    monkeypatch.setattr(byteback.os, "geteuid", lambda: 0)
     monkeypatch.setattr(byteback.sys, "stdin", _NoTerminal())
     return calls
 
 
 def test_ensure_programs_as_root_without_a_terminal_installs_nothing(no_rsync):
     with pytest.raises(ByteBackError) as exc:
-        byteback.ensure_programs(["rsync"], install=False)
+        byteback.ensure_programs(["rsync"], install=False, euid=0)
     assert str(exc.value) == ("rsync is not installed; install it with: apt-get install rsync "
                               "(or run this again with --install-missing)")
     assert not no_rsync.exists()
@@ -303,7 +302,7 @@ def test_ensure_programs_as_root_without_a_terminal_installs_nothing(no_rsync):
 
 def test_ensure_programs_installs_with_apt_get_when_told(no_rsync, capsys):
     byteback.setup_logging(0)
-    byteback.ensure_programs(["rsync"], install=True)
+    byteback.ensure_programs(["rsync"], install=True, euid=0)
     assert no_rsync.read_text() == "install -y rsync\n"
     assert capsys.readouterr().err == "byteback: installed rsync (apt-get install -y rsync)\n"
 
@@ -315,16 +314,15 @@ def test_ensure_programs_asks_at_a_terminal(no_rsync, monkeypatch):
     answers = iter(["n", "yes"])
     monkeypatch.setattr("builtins.input", lambda prompt: next(answers))
     with pytest.raises(ByteBackError, match="not installed"):
-        byteback.ensure_programs(["rsync"], install=False)           # "n": nothing installed
+        byteback.ensure_programs(["rsync"], install=False, euid=0)    # "n": nothing installed
     assert not no_rsync.exists()
-    byteback.ensure_programs(["rsync"], install=False)               # "yes"
+    byteback.ensure_programs(["rsync"], install=False, euid=0)        # "yes"
     assert no_rsync.read_text() == "install -y rsync\n"
 
 
 def test_ensure_programs_tells_an_ordinary_user_what_to_ask_for(no_rsync, monkeypatch):
-    monkeypatch.setattr(byteback.os, "geteuid", lambda: 1000)
     with pytest.raises(ByteBackError) as exc:
-        byteback.ensure_programs(["rsync", "ssh"], install=True)
+        byteback.ensure_programs(["rsync", "ssh"], install=True, euid=1000)
     assert str(exc.value) == ("rsync, ssh are not installed; install them with: "
                               "sudo apt-get install openssh-client rsync")
     assert not no_rsync.exists()
@@ -338,8 +336,7 @@ def test_ensure_programs_updates_the_package_lists_once_when_install_fails(tmp_p
                                   f'[ -e {tmp_path}/updated ] || exit 100\n'
                                   f'printf "#!/bin/sh\\n" > {tmp_path}/bin/rsync && /bin/chmod 755 {tmp_path}/bin/rsync\n'))
     monkeypatch.setenv("PATH", str(bin_dir))
-    monkeypatch.setattr(byteback.os, "geteuid", lambda: 0)
-    byteback.ensure_programs(["rsync"], install=True)
+    byteback.ensure_programs(["rsync"], install=True, euid=0)
     assert calls.read_text() == "install -y rsync\nupdate\ninstall -y rsync\n"
 
 

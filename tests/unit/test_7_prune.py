@@ -10,6 +10,7 @@ import datetime as dt
 import json
 import os
 import stat
+import time
 
 import pytest
 from freezegun import freeze_time
@@ -347,14 +348,17 @@ def test_cli_snapshot_refuses_inside_the_interval_by_the_real_clock(tiny, tmp_pa
 
 
 def test_cli_snapshot_force_and_store_are_refused_through_sudo(tiny, tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(byteback.os, "geteuid", lambda: 0)     # sudo made us root
     monkeypatch.setenv("SUDO_USER", "byteback")
     write_current(tiny, "web1", {"a": b"1"})
     argv = ["--config-dir", str(tmp_path / "etc"), "snapshot", "--store", str(tiny.root),
             "--host", "web1", "--force"]
-    assert byteback.main(argv) == 2
+    sudo_made_us_root = byteback.Context(euid=0, sleep=time.sleep)
+    assert byteback.main(argv, sudo_made_us_root) == 2
     assert "--store, --force cannot be used through sudo" in capsys.readouterr().err
     assert tiny.names("web1") == []
+    # SUDO_USER alone is not sudo: an ordinary user who set it is no root-side caller.
+    assert byteback.main(argv, byteback.Context(euid=1000, sleep=time.sleep)) == 0
+    assert len(tiny.names("web1")) == 1
 
 
 def test_a_snapshot_missing_from_its_history_counts_at_its_hosts_normal_size(tiny):

@@ -359,13 +359,12 @@ def _fake_rsync(monkeypatch, results):
         return results.pop(0)
 
     monkeypatch.setattr(byteback, "run_rsync", run_rsync)
-    monkeypatch.setattr(byteback.time, "sleep", sleeps.append)
     return calls, sleeps
 
 
 def test_rsync_is_retried_on_network_failures_after_the_delay(monkeypatch):
     calls, sleeps = _fake_rsync(monkeypatch, [(12, "broken pipe"), (255, "no route"), (0, "Total bytes sent: 5\n")])
-    rc, output = byteback.rsync_with_retries(["rsync", "x"], retries=5, delay=600, show=False)
+    rc, output = byteback.rsync_with_retries(["rsync", "x"], retries=5, delay=600, show=False, sleep=sleeps.append)
     assert (rc, output) == (0, "Total bytes sent: 5\n")
     assert len(calls) == 3 and sleeps == [600, 600]
 
@@ -373,14 +372,14 @@ def test_rsync_is_retried_on_network_failures_after_the_delay(monkeypatch):
 @pytest.mark.parametrize("rc", [0, 24])
 def test_rsync_success_and_vanished_files_are_accepted(monkeypatch, rc):
     calls, sleeps = _fake_rsync(monkeypatch, [(rc, "")])
-    assert byteback.rsync_with_retries(["rsync"], retries=5, delay=1, show=False)[0] == rc
+    assert byteback.rsync_with_retries(["rsync"], retries=5, delay=1, show=False, sleep=sleeps.append)[0] == rc
     assert sleeps == []
 
 
 def test_rsync_other_failures_are_not_retried(monkeypatch):
     calls, sleeps = _fake_rsync(monkeypatch, [(23, "a\nb\nc\nd\n")])
     with pytest.raises(ByteBackError) as exc:
-        byteback.rsync_with_retries(["rsync"], retries=5, delay=1, show=False)
+        byteback.rsync_with_retries(["rsync"], retries=5, delay=1, show=False, sleep=sleeps.append)
     assert str(exc.value) == ("rsync failed with exit code 23 (partial transfer due to error) "
                               "after 1 try: b | c | d")
     assert len(calls) == 1 and sleeps == []
@@ -389,7 +388,7 @@ def test_rsync_other_failures_are_not_retried(monkeypatch):
 def test_rsync_gives_up_after_the_last_try(monkeypatch):
     calls, sleeps = _fake_rsync(monkeypatch, [(30, "timeout")] * 3)
     with pytest.raises(ByteBackError, match=r"exit code 30 \(timeout in data send/receive\) after 3 tries"):
-        byteback.rsync_with_retries(["rsync"], retries=3, delay=10, show=False)
+        byteback.rsync_with_retries(["rsync"], retries=3, delay=10, show=False, sleep=sleeps.append)
     assert len(calls) == 3 and sleeps == [10, 10]
 
 
