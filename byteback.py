@@ -1832,8 +1832,16 @@ def _history_int(entry: Optional[dict], key: str) -> int:
         return 0
 
 
-def _make_writable_and_retry(func, path, _exc_info) -> None:
-    """shutil.rmtree onerror: a read-only directory in a snapshot blocks deletion as non-root."""
+def _make_writable_and_retry(func, path, exc_info) -> None:
+    """shutil.rmtree onerror: a read-only directory in a snapshot blocks deletion as non-root.
+
+    Never as root, who needs no mode to delete: the chmod and the retry go by
+    path, and a client's namespace root or the backup user, who own the tree
+    (a hardlink store's current), can swap a directory on that path for a
+    symlink (a directory kept filling makes rmdir fail on purpose): root
+    would chmod /usr/bin 0700."""
+    if os.geteuid() == 0:
+        raise exc_info[1]
     parent = os.path.dirname(path)
     with contextlib.suppress(OSError):
         os.chmod(parent, stat.S_IRWXU)

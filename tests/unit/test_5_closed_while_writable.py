@@ -44,3 +44,18 @@ def test_clean_leftovers_opens_a_host_directory_a_crash_left_root_only(tiny):
     os.chmod(host_dir, 0o700)
     tiny.store.clean_leftovers()
     assert _mode(host_dir) == 0o700
+
+
+def test_root_never_chmods_or_retries_by_a_path_a_client_could_have_swapped(tmp_path):
+    """rmtree's error handler chmodded the parent of a path that failed, by name:
+    as root, a symlink planted on the way made that any directory of the server."""
+    system = tmp_path / "usr-bin"
+    system.mkdir(mode=0o755)
+    (system / "d").mkdir()
+    tree = tmp_path / "current"
+    tree.mkdir()
+    (tree / "x").symlink_to(system)         # swapped in after rmtree went into the real x
+    failure = OSError(39, "Directory not empty")
+    with pytest.raises(OSError):
+        byteback._make_writable_and_retry(os.rmdir, str(tree / "x" / "d"), (OSError, failure, None))
+    assert _mode(system) == 0o755 and (system / "d").is_dir()
