@@ -2535,7 +2535,11 @@ def interval_refusal(newest: Optional[Snapshot], now: dt.datetime, min_interval:
 #   size: its excess is left out of the goal, so no host's history is deleted
 #   for it, and pruning for every other host goes on.  An unfinished upload
 #   past the line that no session is writing is rolled back to the host's
-#   newest snapshot, so its space comes back without a person.
+#   newest snapshot, so its space comes back without a person.  So is an
+#   accepted one while the disc is short if its host would still be over its
+#   share with all its history given back: deletions stop at that host, and a
+#   fill (junk that never completes) accepted from the budget kept the free
+#   space, every other host's backups failing until the attacker's next push.
 # - Acceptance.  Excess is accepted automatically from a growth budget: each
 #   host earns accept_budget (15%) of its share of the disc per 30 days
 #   (saved up to its whole share, counted from its oldest history entry),
@@ -3059,9 +3063,33 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     # The disc the claims share: the free space and everything the claims count, with the
     # contained and unaccounted bytes as if they were free (they are not pruned for).
     free_for_claims = state.free + sum(contained.values()) + max(0, state.unaccounted)
+    pending = [a for a in accepted if not a.snapshot and not hosts[a.host].running]
+    if pending and state.free < goal:
+        unpaid = _unpaid_uploads(pending, views, weights(), extra, room, means, free_for_claims,
+                                 keep_oldest=order == "importance")
+        for a in unpaid:
+            accepted.remove(a)
+            extra[a.host] -= a.bytes
+            rollbacks.append(a.host)
+            notes.append(f"host {a.host}: an unfinished upload of {format_size(hosts[a.host].pending)}, "
+                         "more than its own history can give back while the others need the space: "
+                         "current is rolled back to its newest snapshot")
     steps = _fair_steps(state, views, weights, extra, room, means, free_for_claims, now=now, order=order,
                         targets=config.targets)
     return PrunePlan(target, goal, state.free, accepted, contained, rollbacks, notes, steps)
+
+
+def _unpaid_uploads(pending: List[Acceptance], views: Dict[str, _HostView], w: Dict[str, float],
+                    extra: Dict[str, float], room: Dict[str, float], means: Dict[str, float],
+                    free_for_claims: float, *, keep_oldest: bool) -> List[Acceptance]:
+    """The accepted unfinished uploads whose host would still be over its share of the disc
+    with all its history given back: the deletions would stop at that host (_fair_steps)
+    while the disc is short, and an upload that never completes (a fill) would keep the
+    free space every other host needs."""
+    held = {h: _view_deletable(v, max(1, int(means[h])), keep_oldest)[1] for h, v in views.items()}
+    disc = free_for_claims + sum(extra[h] + held[h] for h in views)
+    fair = disc / (sum(w.values()) or 1.0)
+    return [a for a in pending if extra[a.host] + room[a.host] > fair * w[a.host]]
 
 
 def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callable[[], Dict[str, float]],

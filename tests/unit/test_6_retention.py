@@ -598,3 +598,31 @@ def test_space_outside_every_hosts_backups_is_not_pruned_for():
     state = byteback.PruneState({"db1": byteback.HostFacts(*_daily("db1", 10, G))}, 0, 10 ** 12, 50 * G)
     plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
     assert plan.goal == int(1.5 * G) - 50 * G and "not pruned for" in plan.notes[0]
+
+
+def test_an_accepted_unfinished_upload_its_host_cannot_pay_for_is_rolled_back_when_others_need_room():
+    # web1's budget, a third of a 3000G disc, is 205G (150G a month: a first month and
+    # 11 days), far more than its 49G past the line.  But its history beside the first
+    # and the newest is 10 x 1G: with all of it given back web1 is still over its share
+    # of the disc, so deletions would stop at web1 with the disc full, and an upload that
+    # never completes (a fill) would keep the room the other hosts need: rolled back.
+    web1 = _daily("web1", 12, G)
+    others = dict(db1=_daily("db1", 12, G), mail1=_daily("mail1", 12, G))
+    state = _state(0, total=3000 * G, web1=(*web1, 50 * G, False), **others)
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
+    assert plan.accepted == [] and plan.rollbacks == ["web1"]
+    assert "more than its own history can give back" in plan.notes[-1]
+    # with room enough on the disc nothing is short: it stays accepted, to complete
+    state = _state(100 * G, total=3000 * G, web1=(*web1, 50 * G, False), **others)
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
+    assert plan.rollbacks == [] and [a.bytes for a in plan.accepted] == [49 * G]
+    # while a session writes it, it is never rolled back under the writer
+    state = _state(0, total=3000 * G, web1=(*web1, 50 * G, True), **others)
+    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
+    assert plan.rollbacks == []
+    # 8G (7G past its normal), within web1's share: accepted, and paid by web1's history
+    state = _state(0, total=3000 * G, web1=(*web1, 8 * G, False), **others)
+    plan, hosts, why = _deleted(state)
+    (a,) = plan.accepted
+    assert a.host == "web1" and a.snapshot == "" and a.bytes == 7 * G and plan.rollbacks == []
+    assert hosts and set(hosts) == {"web1"} and why != "share"
