@@ -5188,7 +5188,7 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
         print(line)
     if _nothing_changed(done):
         print("nothing changed: this server was already set up")
-    print(_receiver_said(receiver, args.user, problem if receiver == "fakesuper" else None))
+    print(_receiver_said(receiver, args.user, problem))
     if fstype != "btrfs":
         print(f"WARNING: {store} is on {fstype}, not btrfs: snapshots are hard-linked trees, which a "
               f"client that escapes its forced command could alter. Put the store on btrfs for "
@@ -5390,9 +5390,13 @@ def atime_warning(store: str, mount_flags: int) -> Optional[str]:
 def _receiver_said(receiver: str, user: str, problem: Optional[str]) -> str:
     """setup-server's word on how new hosts' owners are kept (pure)."""
     if receiver == "userns":
-        return (f"receiver   userns: each new host gets an account of its own ({user}-<host>) whose rsync "
+        said = (f"receiver   userns: each new host gets an account of its own ({user}-<host>) whose rsync "
                 "keeps owners for real as root of a user namespace over the host's own 65536 ids; no "
                 "host's account can read or write another host's backups")
+        # server.conf chose userns before; this machine may no longer allow it
+        return said + (f"\nWARNING: server.conf says receiver = userns, but {problem}: the hosts set up so "
+                       "cannot back up, and setup-host refuses new ones, until that is fixed (or set "
+                       "receiver = fakesuper for new hosts)" if problem else "")
     return ("receiver   fakesuper" + (f" ({problem})" if problem else "") + f": the shared user {user} "
             "keeps every host's owners in xattrs (--fake-super), and a shell as it could read and rewrite "
             "any host's current; where the kernel and the uidmap package allow, set receiver = userns "

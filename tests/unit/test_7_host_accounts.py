@@ -144,6 +144,13 @@ def test_setup_server_says_what_each_receiver_means():
     said = byteback._receiver_said("fakesuper", "byteback", "no uidmap")
     assert "no uidmap" in said and "receiver = userns" in said
     assert "receiver = userns" in byteback._server_conf_example("/srv", "userns")
+    assert "WARNING" not in byteback._receiver_said("userns", "byteback", None)
+
+
+def test_setup_server_warns_where_a_configured_userns_is_no_longer_possible():
+    """server.conf said userns; the kernel now refuses unprivileged user namespaces."""
+    said = byteback._receiver_said("userns", "byteback", "this kernel does not let an unprivileged user")
+    assert "WARNING" in said and "this kernel does not let" in said and "cannot back up" in said
 
 
 def test_setup_server_asks_for_noatime_on_the_store():
