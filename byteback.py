@@ -645,10 +645,17 @@ def _port(text: str) -> int:
     return value
 
 
-def _order(text: str) -> str:
-    if text not in ("importance", "age"):
-        raise ValueError(f"{text!r} is not an order; use 'importance' or 'age'")
-    return text
+def _one_of(what: str, *choices: str) -> Callable[[str], str]:
+    """A converter that takes one of the choices, else says which there are."""
+    def convert(text: str) -> str:
+        if text not in choices:
+            raise ValueError(f"{text!r} is not {what}; use {' or '.join(map(repr, choices))}")
+        return text
+    return convert
+
+
+_order = _one_of("an order", "importance", "age")
+_shares = _one_of("a way to share", "normal", "equal")
 
 
 def _percent(text: str, high: float = 1.0) -> float:
@@ -668,16 +675,7 @@ def _growth(text: str) -> float:
     return _percent(text, 100.0)
 
 
-def _receiver(text: str) -> str:
-    if text not in RECEIVERS:
-        raise ValueError(f"{text!r} is not one of {', '.join(RECEIVERS)}")
-    return text
-
-
-def _shares(text: str) -> str:
-    if text not in ("normal", "equal"):
-        raise ValueError(f"{text!r} is not a way to share; use 'normal' or 'equal'")
-    return text
+_receiver = _one_of("a receiver", *RECEIVERS)
 
 
 def _weights(text: str) -> Dict[str, float]:
@@ -1031,6 +1029,15 @@ def _read_mounts() -> List[tuple]:
         return []
 
 
+def scandir_entries(path: str) -> List[os.DirEntry]:
+    """A directory's entries; none when it vanished or cannot be read."""
+    try:
+        with os.scandir(path) as it:
+            return list(it)
+    except OSError:
+        return []
+
+
 def walk_files(root: Path) -> Iterator[tuple]:
     """(path, lstat) of everything below root that is not a directory; links never followed.
 
@@ -1038,13 +1045,7 @@ def walk_files(root: Path) -> Iterator[tuple]:
     """
     stack = [str(root)]
     while stack:
-        top = stack.pop()
-        try:
-            with os.scandir(top) as it:
-                entries = list(it)
-        except OSError:
-            continue
-        for entry in entries:
+        for entry in scandir_entries(stack.pop()):
             try:
                 st = entry.stat(follow_symlinks=False)
             except OSError:
@@ -4467,12 +4468,7 @@ def list_snapshot(snapshot: str, root: str, patterns: Sequence[str], *,
         while stack:
             top, level = stack.pop()
             check()
-            try:
-                with os.scandir(top) as it:
-                    children = list(it)
-            except OSError:
-                continue
-            for child in children:
+            for child in scandir_entries(top):
                 client_path = child.path[len(root):]
                 if glob.match(client_path) and client_path not in found:
                     try:
@@ -7995,7 +7991,28 @@ def _add_systemd(parser: argparse.ArgumentParser, name: str) -> None:
                         help=f"where --systemd writes them (default: {DEFAULT_UNIT_DIR})")
 
 
+# The program's place on a server: default_server_program's rule, for --help.
+_PROGRAM_DEFAULT = f"default: {DEFAULT_INSTALL_PATH}, or {PACKAGED_PATH} itself when run from the Debian package"
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: Dict[str, str]) -> None:
+    """Options that take no value (store_true), each with its help."""
+    for flag, text in flags.items():
+        parser.add_argument(flag, action="store_true", help=text)
+
+
+def _add_administrators_options(parser: argparse.ArgumentParser, *, force: str) -> None:
+    """--store and --force of snapshot and prune: refused through sudo (_refuse_under_sudo)."""
+    parser.add_argument("--store", metavar="ROOT", help="the store root (default: from server.conf)")
+    parser.add_argument("--force", action="store_true", help=f"{force} (administrators only)")
+
+
 def _options_backup(p: argparse.ArgumentParser) -> None:
+    """back this machine up now (run it from cron)
+
+    Copy files with rsync to the destination, then have a read-only snapshot taken and old
+    snapshots pruned.
+    """
     p.add_argument("--destination", metavar="DEST",
                    help="a local store path, or user@host: (default: <config-dir>/destination)")
     p.add_argument("--source", action="append", metavar="DIR",
@@ -8010,14 +8027,19 @@ def _options_backup(p: argparse.ArgumentParser) -> None:
                    help="tries before giving up on network failures (default: 5)")
     p.add_argument("--retry-delay", type=_arg(parse_duration), default=600.0, metavar="DURATION",
                    help="pause between tries, e.g. 600 or 10m (default: 10m)")
-    p.add_argument("--progress", action="store_true", help="show rsync's overall progress")
-    p.add_argument("--dry-run", action="store_true", help="show what would be copied; change nothing")
-    p.add_argument("--install-missing", action="store_true",
-                   help="(root) install rsync and ssh with apt-get if they are missing "
-                   "(at a terminal byteback asks; from cron it never installs unasked)")
+    _add_flags(p, {
+        "--progress": "show rsync's overall progress",
+        "--dry-run": "show what would be copied; change nothing",
+        "--install-missing": "(root) install rsync and ssh with apt-get if they are missing "
+                             "(at a terminal byteback asks; from cron it never installs unasked)"})
 
 
 def _options_install_cron(p: argparse.ArgumentParser) -> None:
+    """(client, root) back up daily at a random minute
+
+    Write a cron.d file that runs this program's backup once a day at a time picked at random
+    (and kept on re-runs), so clients spread out.
+    """
     p.add_argument("--cron-file", default="/etc/cron.d/byteback", metavar="PATH",
                    help="where to write it (default: /etc/cron.d/byteback)")
     p.add_argument("--hour", type=int, choices=range(24), metavar="H", help="run in this hour (0-23) instead of a random one")
@@ -8025,28 +8047,39 @@ def _options_install_cron(p: argparse.ArgumentParser) -> None:
 
 
 def _options_snapshot(p: argparse.ArgumentParser) -> None:
+    """(server) snapshot a host's current backup, then prune
+
+    Make <store>/<host>/current a read-only snapshot named by the time, refused inside the
+    minimum interval; then prune.
+    """
     p.add_argument("--host", required=True, help="the host whose backup to snapshot")
-    p.add_argument("--store", metavar="ROOT", help="the store root (default: from server.conf)")
-    p.add_argument("--force", action="store_true",
-                   help="take it even inside the minimum interval (administrators only)")
+    _add_administrators_options(p, force="take it even inside the minimum interval")
     p.add_argument("--prepare", action="store_true",
                    help="take no snapshot: prune before the host's next backup (the forced command "
                         "runs this at the start of every push)")
 
 
 def _options_prune(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--store", metavar="ROOT", help="the store root (default: from server.conf)")
+    """(server) delete old snapshots until free space meets the target
+
+    Delete snapshots one at a time, least important first, until the store's free space reaches
+    headroom x the mean size of recent backups.
+    """
+    _add_administrators_options(p, force="accept a suspiciously large backup and prune for it")
     p.add_argument("--order", choices=("importance", "age"), help="order of deletion (default: server.conf, else importance)")
-    p.add_argument("--list", action="store_true", help="print the order of deletion with reasons; delete nothing")
-    p.add_argument("--dry-run", action="store_true", help="say what would be deleted; delete nothing")
-    p.add_argument("--force", action="store_true",
-                   help="accept a suspiciously large backup and prune for it (administrators only)")
-    p.add_argument("--if-idle", action="store_true",
-                   help="do nothing, successfully, while a snapshot or prune holds the store "
-                   "(the scheduled prune: it would only repeat that one's work)")
+    _add_flags(p, {
+        "--list": "print the order of deletion with reasons; delete nothing",
+        "--dry-run": "say what would be deleted; delete nothing",
+        "--if-idle": "do nothing, successfully, while a snapshot or prune holds the store "
+                     "(the scheduled prune: it would only repeat that one's work)"})
 
 
 def _options_restore(p: argparse.ArgumentParser) -> None:
+    """list the versions of files in the snapshots, and get them back
+
+    List files matching shell-style patterns (* ? [...] and ** for any depth; relative ones are
+    taken from the current directory) in the newest snapshot, and with --restore copy them back.
+    """
     p.add_argument("pattern", nargs="+", help="what to look for, e.g. /etc/ssh/** or notes.txt")
     p.add_argument("--all", action="store_true", help="list every distinct version in every snapshot")
     p.add_argument("--snapshot", metavar="NAME", help="look in this snapshot ('current': the unfinished one)")
@@ -8054,23 +8087,28 @@ def _options_restore(p: argparse.ArgumentParser) -> None:
     what.add_argument("--list", action="store_true", help="list the matches (the default)")
     what.add_argument("--restore", action="store_true", help="copy the matches back")
     p.add_argument("--to", metavar="DIR", help="restore into DIR (default: the current directory)")
-    p.add_argument("--overwrite", action="store_true", help="replace files that exist where they are restored")
-    p.add_argument("--database", action="store_true",
-                   help="the pattern is a database's datadir: refuse while its server runs, move the "
-                   "live one aside, and put the snapshot's copy back in its place")
-    p.add_argument("--same-owner", action="store_true",
-                   help="keep owners, set-id bits, devices and extended attributes even when restoring "
-                   "another host's files, or not as root (kept anyway as root on the host itself)")
+    _add_flags(p, {
+        "--overwrite": "replace files that exist where they are restored",
+        "--database": "the pattern is a database's datadir: refuse while its server runs, move the "
+                      "live one aside, and put the snapshot's copy back in its place",
+        "--same-owner": "keep owners, set-id bits, devices and extended attributes even when restoring "
+                        "another host's files, or not as root (kept anyway as root on the host itself)"})
     p.add_argument("--destination", metavar="DEST", help="the store (default: <config-dir>/destination)")
     p.add_argument("--host", metavar="NAME", help="whose backups (default: this machine's FQDN)")
     p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: <config-dir>/port, else 22)")
 
 
 def _options_status(p: argparse.ArgumentParser) -> None:
+    """when did backups last succeed? (a Nagios plugin too)
+
+    On a client, the last backup; with --store, every host of a server store. Exit codes follow
+    Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    """
     p.add_argument("--store", metavar="ROOT", help="report on this server store instead of this client")
-    p.add_argument("--json", action="store_true", help="print JSON for scripts")
-    p.add_argument("--nagios", action="store_true", help="print one plugin line: BYTEBACK OK - ...|perfdata")
-    p.add_argument("--prometheus", action="store_true", help="print Prometheus metrics (text format)")
+    _add_flags(p, {
+        "--json": "print JSON for scripts",
+        "--nagios": "print one plugin line: BYTEBACK OK - ...|perfdata",
+        "--prometheus": "print Prometheus metrics (text format)"})
     p.add_argument("--textfile", metavar="DIR",
                    help="write the metrics atomically to DIR/byteback.prom (DIR/byteback-server.prom "
                    "with --store) for node_exporter's textfile collector; exit 0 once written")
@@ -8081,19 +8119,32 @@ def _options_status(p: argparse.ArgumentParser) -> None:
 
 
 def _options_simulate(p: argparse.ArgumentParser) -> None:
+    """model pruning over years of synthetic backups (see simulate --help)
+
+    The retention simulator: runs this program's own pruning over years of synthetic backups and
+    compares policies.
+    """
     p.add_argument("words", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
 
 
 def _options_receive(p: argparse.ArgumentParser) -> None:
+    """(server) the forced command in authorized_keys; not run by hand
+
+    Check SSH_ORIGINAL_COMMAND against byteback's allow-list and run only ping, complete, or
+    rsync into (or, to restore, out of) this host's backups.
+    """
     p.add_argument("--host", required=True, help="the client's host name, fixed in authorized_keys")
 
 
 def _options_setup_server(p: argparse.ArgumentParser) -> None:
+    """(server, root) create the backup user, store and sudo rules
+
+    Idempotently: create the user with its home on the store, set the store's ownership, install
+    this program, and allow snapshots through sudo.
+    """
     p.add_argument("--store", required=True, metavar="ROOT", help="the store root, ideally a btrfs filesystem")
     p.add_argument("--user", default="byteback", help="the backup user (default: byteback)")
-    p.add_argument("--install-path", metavar="PATH",
-                   help=f"where to install this program (default: {DEFAULT_INSTALL_PATH}, or "
-                   f"{PACKAGED_PATH} itself when run from the Debian package)")
+    p.add_argument("--install-path", metavar="PATH", help=f"where to install this program ({_PROGRAM_DEFAULT})")
     p.add_argument("--cron-file", metavar="PATH",
                    help="the hourly prune's cron file (default: /etc/cron.d/byteback-prune)")
     _add_systemd(p, "byteback-prune")
@@ -8105,17 +8156,25 @@ def _options_setup_server(p: argparse.ArgumentParser) -> None:
 
 
 def _options_setup_host(p: argparse.ArgumentParser) -> None:
+    """(server, root via sudo) the server half of setup-client
+
+    Add one client: its host directory, and its public key (read from standard input) as a
+    restricted authorized_keys line.
+    """
     p.add_argument("--host", required=True, help="the client's host name")
     p.add_argument("--client-address", required=True, metavar="IP", help="the client's address, for from=")
 
 
 def _options_setup_client(p: argparse.ArgumentParser) -> None:
+    """(client, root) set this machine up to back up to a server
+
+    Create <config-dir>/key, log in to the server once with your own credentials to register it,
+    pin the server's host key, write the destination.
+    """
     p.add_argument("--destination", required=True, metavar="USER@HOST:", help="the server, e.g. byteback@backuphost:")
     p.add_argument("--port", type=_arg(_port), help="the server's ssh port (default: 22)")
     p.add_argument("--hostname", metavar="NAME", help="this machine's name on the server (default: its FQDN)")
-    p.add_argument("--server-program", metavar="PATH",
-                   help=f"byteback's path on the server (default: {DEFAULT_INSTALL_PATH}, or "
-                   f"{PACKAGED_PATH} when this copy is the Debian package's)")
+    p.add_argument("--server-program", metavar="PATH", help=f"byteback's path on the server ({_PROGRAM_DEFAULT})")
     p.add_argument("--server-config-dir", metavar="DIR",
                    help="the server's --config-dir, if setup-server was given one")
 
@@ -8126,65 +8185,38 @@ class CommandSpec(NamedTuple):
     run: Callable
     options: Callable          # adds the command's own options to its subparser
     verbose: bool = True       # takes -v/--verbose
-    help: str = ""
-    description: str = ""
     add_help: bool = True
+
+    @property
+    def help(self) -> str:
+        """The options function's docstring's first line (empty under python -OO)."""
+        return (self.options.__doc__ or "").strip().partition("\n")[0]
+
+    @property
+    def description(self) -> str:
+        """The rest of that docstring, as one paragraph."""
+        return " ".join((self.options.__doc__ or "").strip().partition("\n")[2].split())
 
 
 def commands() -> List[CommandSpec]:
-    """Every command: its name, the function that runs it, the one that adds its options,
-    whether it takes -v, and what `byteback --help` says of it (help, description).
+    """Every command: its name, the function that runs it, and the one that adds its options,
+    whose docstring is what `byteback --help` says of it (its first line; the rest describes it).
 
     Built when the parser is, so each name is looked up then."""
     return [
-        CommandSpec("backup", cmd_backup, _options_backup,
-                    help="back this machine up now (run it from cron)",
-                    description="Copy files with rsync to the destination, then have a read-only "
-                    "snapshot taken and old snapshots pruned."),
-        CommandSpec("install-cron", cmd_install_cron, _options_install_cron,
-                    help="(client, root) back up daily at a random minute",
-                    description="Write a cron.d file that runs this program's backup once a day at a "
-                    "time picked at random (and kept on re-runs), so clients spread out."),
-        CommandSpec("snapshot", cmd_snapshot, _options_snapshot,
-                    help="(server) snapshot a host's current backup, then prune",
-                    description="Make <store>/<host>/current a read-only snapshot named by the "
-                    "time, refused inside the minimum interval; then prune."),
-        CommandSpec("prune", cmd_prune, _options_prune,
-                    help="(server) delete old snapshots until free space meets the target",
-                    description="Delete snapshots one at a time, least important first, until the "
-                    "store's free space reaches headroom x the mean size of recent backups."),
-        CommandSpec("restore", cmd_restore, _options_restore,
-                    help="list the versions of files in the snapshots, and get them back",
-                    description="List files matching shell-style patterns (* ? [...] and ** for any "
-                    "depth; relative ones are taken from the current directory) in the newest "
-                    "snapshot, and with --restore copy them back."),
-        CommandSpec("status", cmd_status, _options_status,
-                    help="when did backups last succeed? (a Nagios plugin too)",
-                    description="On a client, the last backup; with --store, every host of a server "
-                    "store. Exit codes follow Nagios: 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN."),
+        CommandSpec("backup", cmd_backup, _options_backup),
+        CommandSpec("install-cron", cmd_install_cron, _options_install_cron),
+        CommandSpec("snapshot", cmd_snapshot, _options_snapshot),
+        CommandSpec("prune", cmd_prune, _options_prune),
+        CommandSpec("restore", cmd_restore, _options_restore),
+        CommandSpec("status", cmd_status, _options_status),
         # main() hands simulate's words over before argparse sees them; its run
         # serves a parse that reaches it anyway (its words then start with no option).
-        CommandSpec("simulate", lambda args: cmd_simulate(args.words), _options_simulate, verbose=False,
-                    add_help=False,
-                    help="model pruning over years of synthetic backups (see simulate --help)",
-                    description="The retention simulator: runs this program's own pruning over "
-                    "years of synthetic backups and compares policies."),
-        CommandSpec("receive", cmd_receive, _options_receive,
-                    help="(server) the forced command in authorized_keys; not run by hand",
-                    description="Check SSH_ORIGINAL_COMMAND against byteback's allow-list and run "
-                    "only ping, complete, or rsync into (or, to restore, out of) this host's backups."),
-        CommandSpec("setup-server", cmd_setup_server, _options_setup_server,
-                    help="(server, root) create the backup user, store and sudo rules",
-                    description="Idempotently: create the user with its home on the store, set the "
-                    "store's ownership, install this program, and allow snapshots through sudo."),
-        CommandSpec("setup-host", cmd_setup_host, _options_setup_host,
-                    help="(server, root via sudo) the server half of setup-client",
-                    description="Add one client: its host directory, and its public key (read from "
-                    "standard input) as a restricted authorized_keys line."),
-        CommandSpec("setup-client", cmd_setup_client, _options_setup_client,
-                    help="(client, root) set this machine up to back up to a server",
-                    description="Create <config-dir>/key, log in to the server once with your own "
-                    "credentials to register it, pin the server's host key, write the destination."),
+        CommandSpec("simulate", lambda args: cmd_simulate(args.words), _options_simulate, verbose=False, add_help=False),
+        CommandSpec("receive", cmd_receive, _options_receive),
+        CommandSpec("setup-server", cmd_setup_server, _options_setup_server),
+        CommandSpec("setup-host", cmd_setup_host, _options_setup_host),
+        CommandSpec("setup-client", cmd_setup_client, _options_setup_client),
     ]
 
 
