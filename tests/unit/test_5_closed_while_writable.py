@@ -1,4 +1,4 @@
-"""Unit tests of ``_closed_while_writable`` and its crash repair in ``clean_leftovers`` (section 5).
+"""Unit tests of ``_closed_while_writable`` and its crash repair in ``clean_leftovers`` (section 7d).
 
 A descriptor opened for writing while a btrfs snapshot is writable writes on
 after its read-only flag is set, so a server's <host>/ is root-only (0700)

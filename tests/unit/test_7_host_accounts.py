@@ -1,4 +1,4 @@
-"""Unit tests of the userns receiver's pure parts (section 7e, and what uses them).
+"""Unit tests of the userns receiver's pure parts (section 8c, and what uses them).
 
 * ``host_account_name``: a plain user name of at most 32 characters, one per host.
 * ``parse_subids`` / ``subid_base`` / ``free_subid_base``: /etc/subuid and /etc/subgid.

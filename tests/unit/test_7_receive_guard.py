@@ -696,7 +696,7 @@ def test_property_every_list_pattern_the_guard_accepts_can_be_matched(pattern):
         byteback.compile_glob(accepted)
 
 
-# === setup-host's key check (section 7c) ==========================================
+# === setup-host's key check (section 8e) ==========================================
 
 def _ed25519_body(key_bytes: bytes = bytes(range(32))) -> str:
     import base64

@@ -1,4 +1,4 @@
-"""Unit tests of ``subid_sharers`` (section 7e): who else holds an id of a host account's range.
+"""Unit tests of ``subid_sharers`` (section 8c): who else holds an id of a host account's range.
 
 Two hosts on one range are one kernel uid (issue 8 class 9), so setup-host and
 the forced command refuse such a range; these are the cases it must tell apart.
