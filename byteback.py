@@ -4843,8 +4843,9 @@ def enter_user_namespace(uid_base: int, gid_base: int) -> None:
                 code = 0
                 for mapper, base in zip(ID_MAPPERS, (uid_base, gid_base)):
                     # stdout is rsync's protocol channel: the mappers' words go to stderr only
-                    code = code or subprocess.run([mapper, str(me), "0", str(base), str(SUBID_COUNT)],
-                                                  stdin=subprocess.DEVNULL, stdout=2).returncode
+                    code = code or Runner().run([mapper, str(me), "0", str(base), str(SUBID_COUNT)],
+                                                check=False, capture=False,
+                                                stdin=subprocess.DEVNULL, stdout=2).returncode
         finally:
             os._exit(code)
     os.close(ready_r)

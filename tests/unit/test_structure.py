@@ -183,3 +183,27 @@ def test_the_checker_names_a_use_of_a_later_section_and_passes_over_locals():
         "section 1 (line 2) uses Bound, defined in section 2 (line 8)",
         "section 1 (line 2) uses helper, defined in section 2 (line 8)",
     ]
+
+
+def subprocess_calls_outside_runner(source: str) -> List[str]:
+    """Where a process is started other than by Runner's own methods."""
+    tree = ast.parse(source)
+    runner = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "Runner")
+    inside = {id(node) for node in ast.walk(runner)}
+    return [f"line {node.lineno}: subprocess.{node.func.attr}"
+            for node in ast.walk(tree)
+            if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+            and isinstance(node.func.value, ast.Name) and node.func.value.id == "subprocess"
+            and node.func.attr in {"run", "Popen", "call", "check_call", "check_output", "getoutput",
+                                   "getstatusoutput"}
+            and id(node) not in inside]
+
+
+def test_only_runner_starts_a_process():
+    assert subprocess_calls_outside_runner(SOURCE.read_text()) == []
+
+
+def test_the_runner_check_names_a_call_outside_runner():
+    source = ("import subprocess\nclass Runner:\n    def run(self): subprocess.run(['true'])\n"
+              "def sneak():\n    return subprocess.check_output(['id'])\n")
+    assert subprocess_calls_outside_runner(source) == ["line 5: subprocess.check_output"]
