@@ -61,6 +61,7 @@ import stat
 import struct
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Sequence
@@ -4610,6 +4611,7 @@ SUBID_START = 100000               # where ranges start (login.defs' SUB_UID_MIN
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 ID_MAPPERS = ("/usr/bin/newuidmap", "/usr/bin/newgidmap")
 CLONE_NEWUSER = 0x10000000
+PR_SET_DUMPABLE = 4           # prctl(2)
 
 
 class HostAccount(NamedTuple):
@@ -4687,6 +4689,12 @@ def host_sudoers_path(account: str) -> Path:
     return Path("/etc/sudoers.d") / f"byteback-host-{account.replace('.', '_')}"
 
 
+def _child_succeeded(pid: int) -> bool:
+    """Wait for a forked child; True if it exited 0 (os.waitstatus_to_exitcode is 3.9+)."""
+    status = os.waitpid(pid, 0)[1]
+    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
 def userns_problem(probe_uid: int = 65534) -> Optional[str]:
     """Why this server cannot run userns receivers, or None: the mappers are missing, or
     the kernel refuses an unprivileged user (probe_uid) a user namespace.  Root only."""
@@ -4700,20 +4708,36 @@ def userns_problem(probe_uid: int = 65534) -> Optional[str]:
                 if os.getxattr(mapper, "security.capability"):
                     continue
             return f"{mapper} is not setuid root (reinstall the uidmap package)"
-    pid = os.fork()
-    if pid == 0:            # pragma: no cover - the child
-        code = 1
-        try:
-            os.setgroups([])
-            os.setgid(probe_uid)
-            os.setuid(probe_uid)
-            _libc_call("unshare", CLONE_NEWUSER)
-            code = 0
-        except BaseException:
-            pass
-        os._exit(code)
-    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
-        return ("this kernel does not let an unprivileged user create a user namespace "
+    # Making the namespace is not enough: where AppArmor restricts unprivileged
+    # user namespaces (Ubuntu 24.04) unshare succeeds and every capability in it
+    # is then denied, so rsync could set no owner.  The probe uses one: as root
+    # of its namespace it reads a file of its own whose mode forbids that.
+    with tempfile.TemporaryDirectory(prefix="byteback-userns-") as scratch:
+        probe = Path(scratch) / "probe"
+        probe.write_bytes(b"")
+        os.chmod(probe, 0)
+        os.chown(probe, probe_uid, probe_uid)
+        os.chmod(scratch, 0o711)
+        pid = os.fork()
+        if pid == 0:            # pragma: no cover - the child
+            code = 1
+            try:
+                os.setgroups([])
+                os.setgid(probe_uid)
+                os.setuid(probe_uid)
+                _libc_call("prctl", PR_SET_DUMPABLE, 1)      # else /proc/self/ stays root's
+                _libc_call("unshare", CLONE_NEWUSER)
+                Path("/proc/self/setgroups").write_text("deny")
+                Path("/proc/self/uid_map").write_text(f"0 {probe_uid} 1")
+                Path("/proc/self/gid_map").write_text(f"0 {probe_uid} 1")
+                os.close(os.open(probe, os.O_RDONLY))       # CAP_DAC_OVERRIDE in the namespace
+                code = 0
+            except BaseException:
+                pass
+            os._exit(code)
+        succeeded = _child_succeeded(pid)
+    if not succeeded:
+        return ("this kernel does not let an unprivileged user be root of a user namespace "
                 "(sysctl user.max_user_namespaces, kernel.unprivileged_userns_clone, or AppArmor's "
                 "kernel.apparmor_restrict_unprivileged_userns)")
     return None
@@ -4859,11 +4883,16 @@ def enter_user_namespace(uid_base: int, gid_base: int) -> None:
                             "namespaces again, or set this host up with receiver = fakesuper") from None
     os.write(ready_w, b"x")
     os.close(ready_w)
-    if os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) != 0:
+    if not _child_succeeded(pid):
         raise ByteBackError(f"newuidmap/newgidmap could not map ids {uid_base}- and {gid_base}- for this "
                             "host (see above); an administrator must run setup-client for it again")
-    os.setresgid(0, 0, 0)
-    os.setresuid(0, 0, 0)
+    try:
+        os.setresgid(0, 0, 0)
+        os.setresuid(0, 0, 0)
+    except OSError as e:
+        raise ByteBackError(f"cannot become root of this host's user namespace ({e.strerror}): the "
+                            "server's kernel or AppArmor denies it; an administrator must allow it, "
+                            "or set this host up with receiver = fakesuper") from None
 
 
 def _sudoers_text(user: str, program: str, config_args: Sequence[str],
@@ -4901,7 +4930,7 @@ class Receive(NamedTuple):
     store: Store
     host_dir: Path
     current: Path
-    namespace: Optional[tuple] = None   # (uid base, gid base): the host's own account (section 7e)
+    namespace: Optional[tuple] = None   # (uid base, gid base): the host's own account (section 8c)
 
 
 def _refuse(host: str, original: str, reason: object) -> NoReturn:
@@ -4959,7 +4988,7 @@ def _receive_complete(r: Receive, request: Request) -> int:
 
 def _enter_session(r: Receive) -> Lock:
     """This host's session, as whoever receives for it: the host's own account becomes
-    root of its user namespace first (section 7e; sudo is out of reach from there)."""
+    root of its user namespace first (section 8c; sudo is out of reach from there)."""
     if r.namespace:
         enter_user_namespace(*r.namespace)
     # One session per host: a second one racing the first is how symlink and
@@ -7663,7 +7692,7 @@ def _copy_back(sources: Sequence[str], options: Sequence[str], target: Path, sna
         if missing is not None and rc == 23 and re.search(r"link_stat .* failed: No such file or directory",
                                                           output):
             raise ByteBackError(missing)
-        if missing is not None and "byteback: refused:" in output and f"'{NEWEST_SNAPSHOT}/" in output:
+        if missing is not None and "byteback: refused:" in output and re.search(f"['\"]{NEWEST_SNAPSHOT}/", output):
             raise _NoNewestThere(output.strip().splitlines()[-1])
         # Not even 24 (vanished files) is success here: snapshots never
         # change, so a file vanishes only when a prune took the snapshot.

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 
 import pytest
 from hypothesis import given
@@ -160,3 +161,19 @@ def test_setup_server_asks_for_noatime_on_the_store():
     assert byteback.atime_warning("/srv/byteback", 0) == said
     assert byteback.atime_warning("/srv/byteback", os.ST_NOATIME | os.ST_RELATIME) is None
     assert byteback.atime_warning("/srv/byteback", os.ST_NODIRATIME) is None
+
+
+def test_a_forked_childs_exit_is_read_on_every_python_the_program_runs_on():
+    """os.waitstatus_to_exitcode is 3.9+: the namespace code read exits with it and
+    crashed setup-server on 3.8 (this test runs on 3.8 in CI)."""
+    outcomes = []
+    for code in (0, 3):
+        pid = os.fork()
+        if pid == 0:            # pragma: no cover - the child
+            os._exit(code)
+        outcomes.append(byteback._child_succeeded(pid))
+    pid = os.fork()
+    if pid == 0:                # pragma: no cover - the child
+        os.kill(os.getpid(), signal.SIGKILL)
+    outcomes.append(byteback._child_succeeded(pid))
+    assert outcomes == [True, False, False]
