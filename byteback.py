@@ -1207,8 +1207,34 @@ def _age_reason(host: str, age: float) -> str:
     return f"age: the oldest snapshot of host {host} ({_describe_age(age)} old)"
 
 
+def gap_score(younger: float, age: float, older: float, interval: float) -> float:
+    """The cost to the spacing of deleting a snapshot `age` days old whose kept neighbours are
+    `younger` and `older` days old: the smaller, the sooner it goes (ages in days).
+
+    `interval` is the host's backup interval in days (backup_interval).
+    Today's rule: the gap left behind, relative to the snapshot's age.
+    """
+    return (older - younger) / (age if age > 1e-9 else 1e-9)
+
+
+BACKUP_INTERVAL_SPAN = 8   # the youngest snapshots whose spacing tells a host's backup interval
+
+
+def backup_interval(ages: Sequence[float]) -> float:
+    """A host's backup interval in days, as its snapshots tell it: the median spacing of the
+    youngest BACKUP_INTERVAL_SPAN (ages youngest first; 0 for fewer than two).
+
+    The youngest are the ones prune thins last (the default targets hold
+    each of the last 7 days), so they still show how often the host backs up;
+    the median passes over a failed night or an extra backup by hand.
+    """
+    young = ages[:BACKUP_INTERVAL_SPAN]
+    spacing = sorted(o - y for y, o in zip(young, young[1:]))
+    return spacing[len(spacing) // 2] if spacing else 0.0
+
+
 def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
-                          targets: Sequence[float]) -> Optional[HostStep]:
+                          targets: Sequence[float], interval: float) -> Optional[HostStep]:
     """The least important snapshot of one host (oldest first in snaps), or None for one snapshot.
 
     The newest is never a candidate.  Snapshots that hold no target age go
@@ -1228,7 +1254,7 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
     # one, and those before the oldest, so a class is looked at only when the
     # one before is empty; within a class ties go to the younger, as a scan
     # from the young end would.
-    unclaimed = [((ages[i + 1] - ages[i - 1]) / max(ages[i], 1e-9), ages[i], i)
+    unclaimed = [(gap_score(ages[i - 1], ages[i], ages[i + 1], interval), ages[i], i)
                  for i in range(1, last) if i not in claims]
     if unclaimed:
         relative, age, best = min(unclaimed)
@@ -1248,7 +1274,7 @@ _new_step = tuple.__new__    # HostStep and Reason without their Python-level __
 
 
 def _thinning_steps(youngest_first: Sequence[Snapshot], ages: Sequence[float],
-                    claims: Dict[int, int]) -> Iterator[HostStep]:
+                    claims: Dict[int, int], interval: float) -> Iterator[HostStep]:
     """The snapshots that hold no target, least relative gap first, until none is left.
 
     Deleting a snapshot that holds no target changes no claim (each target
@@ -1261,9 +1287,9 @@ def _thinning_steps(youngest_first: Sequence[Snapshot], ages: Sequence[float],
     (gap, age, index) does.
     """
     last = len(ages) - 1
-    scale = [a if a > 1e-9 else 1e-9 for a in ages]    # an age to divide by: never zero
-    # gap[i]: the relative gap without snapshot i; infinite for one that is no candidate
-    gap = [_NO_GAP] + [(o - y) / a for y, a, o in zip(ages, scale[1:last], ages[2:])] + [_NO_GAP]
+    score = gap_score
+    # gap[i]: the score of deleting snapshot i (gap_score); infinite for one that is no candidate
+    gap = [_NO_GAP] + [score(y, a, o, interval) for y, a, o in zip(ages, ages[1:last], ages[2:])] + [_NO_GAP]
     for i in claims:
         gap[i] = _NO_GAP
     # A prune often takes one step of each host and stops: the first one
@@ -1287,10 +1313,10 @@ def _thinning_steps(youngest_first: Sequence[Snapshot], ages: Sequence[float],
         gap[i] = _NO_GAP
         older[y], younger[o] = o, y
         if gap[y] != _NO_GAP:
-            gap[y] = relative = (ages[o] - ages[younger[y]]) / scale[y]
+            gap[y] = relative = score(ages[younger[y]], ages[y], ages[o], interval)
             push(heap, (relative, y))
         if gap[o] != _NO_GAP:
-            gap[o] = relative = (ages[older[o]] - ages[y]) / scale[o]
+            gap[o] = relative = score(ages[y], ages[o], ages[older[o]], interval)
             push(heap, (relative, o))
         while heap:
             relative, i = pop(heap)
@@ -1339,15 +1365,17 @@ def host_deletion_order(snaps: Iterable[Snapshot], *, now: dt.datetime, order: s
     youngest_first = left[::-1]
     ages = [(now - s.when).total_seconds() / DAY for s in youngest_first]
     claims = claim_targets(ages, sorted(targets))
+    # One interval for every step: each step's scores are those of the store as given.
+    interval = backup_interval(ages)
     gone = set()
-    for step in _in_batches(_thinning_steps(youngest_first, ages, claims)):
+    for step in _in_batches(_thinning_steps(youngest_first, ages, claims, interval)):
         yield step
         gone.add(step.snapshot)
     # Every snapshot left holds a target, or is the newest or the oldest: at
     # most len(targets) + 2 of them, so each step may start afresh.
     left = [s for s in left if s not in gone]
     while len(left) > 1:
-        step = _importance_candidate(left, now, targets)
+        step = _importance_candidate(left, now, targets, interval)
         yield step
         left.remove(step.snapshot)
 
