@@ -13,7 +13,7 @@ import byteback
 
 from . import metrics
 from .engine import RunResult
-from .model import Params, Workload
+from .model import YEAR_DAYS, Params, Workload
 
 CHART_HOSTS = 3          # rows per policy in the terminal chart
 AXIS_TICKS = ((1, "1d"), (7, "1w"), (30, "1m"), (91, "3m"), (365, "1y"), (730, "2y"),
@@ -73,6 +73,14 @@ def table(results: Sequence[RunResult], params: Params, workload: Workload) -> s
         first = f"{o['first_kept']}/{len(workload.hosts)}"
         lines.append(f"{r.policy.name:<14} {o['share_within']:>12.0%} {_gap(o['worst_gap']):>9} "
                      f"{o['week_missed']:>11} {str(o['kept_min']) + '-' + str(o['kept_max']):>9} {first:>10}")
+    lines.append("")
+    lines.append("kept per host, by year of the run (fewest-most at the samples, from the first at which "
+                 "the count stopped growing):")
+    for r in results:
+        years = kept_by_year(r)
+        lines.append(f"{r.policy.name:<14} " + "  ".join(
+            f"year {y} {lo}-{hi}" + (f" (from day {start:.0f})" if n == 0 else "")
+            for n, (y, start, lo, hi) in enumerate(years)))
     lines.append("")
     lines.append("targets (days): " + "; ".join(
         f"{r.policy.name} {r.policy.describe()}" + (" (byteback's default)" if is_default(r.policy) else "")
@@ -140,6 +148,20 @@ def over_time(result: RunResult, params: Params) -> dict:
             "kept_min": min((m.kept_min for m in late), default=0),
             "kept_max": max((m.kept_max for m in late), default=0),
             "first_kept": min((m.first_kept for m in late), default=0)}
+
+
+def kept_by_year(result: RunResult) -> List[tuple]:
+    """(year, first day counted, fewest, most) snapshots kept by a host at the samples in each
+    year of the run, from the first sample at which the count of all kept stopped growing
+    (before it the disc is still filling): whether a disc holds a steady number all along."""
+    samples = list(result.over_time)
+    start = next((i for i in range(1, len(samples)) if samples[i].kept <= samples[i - 1].kept), 0)
+    by_year: dict = {}
+    for m in samples[start:]:
+        year = int(m.day // YEAR_DAYS) + 1
+        first, lo, hi = by_year.get(year, (m.day, m.kept_min, m.kept_max))
+        by_year[year] = (first, min(lo, m.kept_min), max(hi, m.kept_max))
+    return [(y, first, lo, hi) for y, (first, lo, hi) in sorted(by_year.items())]
 
 
 def is_default(policy) -> bool:
@@ -220,6 +242,8 @@ def to_json(results: Sequence[RunResult], params: Params, workload: Workload) ->
             "over_time_summary": {k: (_json_gap(v) if k == "worst_gap" else
                                       round(v, 4) if isinstance(v, float) else v)
                                   for k, v in sorted(over_time(r, params).items())},
+            "kept_per_host_by_year": [{"year": y, "from_day": round(first, 3), "fewest": lo, "most": hi}
+                                      for y, first, lo, hi in kept_by_year(r)],
             "first_snapshot_lost": {h: (None if v is None else {"day": round(v[0], 3), "others_kept": v[1]})
                                     for h, v in sorted(r.first_lost.items())},
             "stats": r.stats.as_dict(),

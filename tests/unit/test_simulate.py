@@ -287,6 +287,24 @@ def test_a_steady_disc_holds_about_n_snapshots_all_along_while_nsnap_holds_more_
     assert max(fixed) >= min(steady) + 10                  # but many more snapshots early on
 
 
+def test_the_report_shows_kept_per_host_by_year_steady_on_a_steady_disc_and_falling_on_nsnap():
+    from simulate import report
+    by_disc = {}
+    for disk in (model.DiskSpec("steady", 10), model.DiskSpec("snapshots", 10)):
+        params = model.Params(hosts=2, years=2, seed=5, noise=0.0, huge=0.0, fail=0.0, growth=0.5,
+                              disk=disk, samples=40)
+        workload = model.make_workload(params)
+        result = engine.run_policy(params, workload, policies.policy_named("week"))
+        by_disc[disk.kind] = report.kept_by_year(result), report.table([result], params, workload)
+    years, text = by_disc["steady"]
+    assert [y for y, _, _, _ in years] == [1, 2]
+    assert 0 < years[0][1] < 60            # counted once the disc has filled, early in year 1
+    assert all(9 <= lo <= hi <= 12 for _, _, lo, hi in years)
+    assert f"week           year 1 {years[0][2]}-{years[0][3]} (from day {years[0][1]:.0f})" in text
+    years, _ = by_disc["snapshots"]
+    assert years[0][2] > years[1][3]       # more in year 1 than ever in year 2: the disc is not steady
+
+
 def test_the_disk_option_reads_steady():
     from simulate import cli
     assert cli._disk("30steady") == model.DiskSpec("steady", 30.0)
