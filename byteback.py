@@ -4332,12 +4332,13 @@ def snapshot_and_prune(store: Store, host: str, config: ServerConfig, *, force: 
     return snap
 
 
-def _print_plan(plan: Sequence[Decision], now: dt.datetime) -> None:
+def plan_table(listing: Sequence[Decision], now: dt.datetime) -> str:
+    """The table `prune --list` prints of a plan_listing: number, host, snapshot, age, place."""
     rows = [("#", "host", "snapshot", "age", "place")]
-    for n, d in enumerate(plan, 1):
+    for n, d in enumerate(listing, 1):
         rows.append((str(n) if d.delete else "-", d.snapshot.host, d.snapshot.name,
                      _describe_age(age_days(d.snapshot, now)), d.reason))
-    print(format_table(rows))
+    return format_table(rows)
 
 
 def cmd_prune(args: argparse.Namespace) -> int:
@@ -4354,7 +4355,7 @@ def cmd_prune(args: argparse.Namespace) -> int:
               f"target {format_size(plan.target)}, goal {format_size(plan.goal)}; order of deletion ({order}):")
         for note in plan.notes + [a.reason for a in plan.accepted]:
             print(f"WARNING: {note}")
-        _print_plan(plan_listing(plan, state), now)
+        print(plan_table(plan_listing(plan, state), now))
         return EXIT_OK
     lock = store.lock()
     try:
