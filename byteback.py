@@ -36,17 +36,14 @@ import argparse
 import bisect
 import configparser
 import contextlib
-import ctypes
 import datetime as dt
 import errno
 import fcntl
 import functools
-import hashlib
 import heapq
 import itertools
 import json
 import logging
-import logging.handlers
 import math
 import operator
 import os
@@ -56,15 +53,17 @@ import select
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import struct
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Sequence
+
+# Every command starts Python afresh, the server's several times a backup (issue 14):
+# modules only some commands need (ctypes, hashlib, logging.handlers, socket,
+# tempfile) are imported where they are used, not here.
 
 
 # === 1. Constants & errors ===================================================
@@ -326,7 +325,8 @@ def setup_logging(verbosity: int = 0, *, quiet: bool = True) -> None:
     # "--- Logging error ---" traceback (containers, minimal CI images).
     try:
         if stat.S_ISSOCK(os.stat("/dev/log").st_mode):
-            sys_handler = logging.handlers.SysLogHandler(address="/dev/log")
+            from logging.handlers import SysLogHandler
+            sys_handler = SysLogHandler(address="/dev/log")
             sys_handler.ident = "byteback: "
             sys_handler.setFormatter(_PrintableFormatter())
             sys_handler.setLevel(logging.INFO)
@@ -501,6 +501,7 @@ CLONE_NEWNS, MS_BIND, MS_REC, MS_PRIVATE = 0x00020000, 4096, 16384, 1 << 18
 
 
 def _libc_call(name: str, *args) -> None:
+    import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     func = getattr(libc, name)
     if name == "mount":
@@ -815,6 +816,7 @@ def default_host_name() -> str:
     getfqdn() answers 'localhost' on machines whose name resolves only through
     /etc/hosts' loopback line; every such client would then share one name.
     """
+    import socket
     short = socket.gethostname()
     fqdn = socket.getfqdn()
     return fqdn if fqdn.split(".")[0] == short.split(".")[0] else short
@@ -4658,6 +4660,7 @@ def host_account_name(user: str, host: str) -> str:
     name = f"{user}-{host}"
     if len(name) <= 32 and re.fullmatch(r"[a-z_][a-z0-9_-]*", name):
         return name
+    import hashlib
     return f"{user[:13]}-h{hashlib.sha256(host.encode()).hexdigest()[:16]}"
 
 
@@ -4741,12 +4744,16 @@ def userns_problem(probe_uid: int = 65534) -> Optional[str]:
     # user namespaces (Ubuntu 24.04) unshare succeeds and every capability in it
     # is then denied, so rsync could set no owner.  The probe uses one: as root
     # of its namespace it reads a file of its own whose mode forbids that.
+    import tempfile
     with tempfile.TemporaryDirectory(prefix="byteback-userns-") as scratch:
         probe = Path(scratch) / "probe"
         probe.write_bytes(b"")
         os.chmod(probe, 0)
         os.chown(probe, probe_uid, probe_uid)
         os.chmod(scratch, 0o711)
+        # Imported here (_libc_call's import is lazy): the child, another user by
+        # then, may not be able to read Python's own library.
+        import ctypes  # noqa: F401
         pid = os.fork()
         if pid == 0:            # pragma: no cover - the child
             code = 1
@@ -6427,6 +6434,7 @@ def snapshot_place(datadir: str, subvolume: str, mount_points: Iterable[str]) ->
 
 def path_tag(path: str) -> str:
     """A short stable name for a path: the datadir's own name and 8 hex digits of its hash."""
+    import hashlib
     digest = hashlib.sha256(os.path.normpath(path).encode("utf-8", "surrogateescape")).hexdigest()[:8]
     base = re.sub(r"[^A-Za-z0-9._-]", "_", os.path.basename(os.path.normpath(path))) or "root"
     return f"{base}-{digest}"

@@ -14,7 +14,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "build.sh"
-SHEBANG = b"#!/usr/bin/env python3\n"
+SHEBANG = b"#!/usr/bin/env -S python3 -I -S\n"
 MAIN_PY = b"import sys\nimport byteback\nsys.exit(byteback.main())\n"
 
 
@@ -232,3 +232,22 @@ def test_bytecode_is_reproducible_whatever_the_hash_seed(tmp_path):
         subprocess.run([str(BUILD_SH)], env=env, check=True, stdout=subprocess.DEVNULL)
         digests.add(_sha256(tmp_path / seed / "byteback.pyz"))
     assert len(digests) == 1
+
+
+FLAGS_OF_ITS_START = ("import os, sys\ndef main():\n"
+                      "    print(sys.flags.isolated, sys.flags.no_site, 'site' in sys.modules,\n"
+                      "          os.getcwd() in sys.path, any('site-packages' in p for p in sys.path))\n"
+                      "    return 0\n")
+
+
+def test_the_zipapp_starts_its_python_isolated_and_without_site(tmp_path):
+    """Run as the forced command and sudo run it (by its #! line): no PYTHON* variable
+    of the caller's, no site-packages (nor their .pth files), no current directory."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "byteback.py").write_text(FLAGS_OF_ITS_START)
+    pyz = _build(src, tmp_path / "out", umask=0o022)
+    (tmp_path / "os.py").write_text("raise SystemExit('the caller\\'s os.py was imported')\n")
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), PYTHONSTARTUP=str(tmp_path / "os.py"))
+    result = subprocess.run([str(pyz)], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert (result.returncode, result.stdout) == (0, "1 1 False False False\n"), result.stderr
