@@ -673,6 +673,23 @@ def read_json(path: Path, default: object) -> object:
         raise ByteBackError(f"cannot read {path}: {e.strerror}") from None
 
 
+def read_untrusted_json(path: Path, limit: int) -> object:
+    """The JSON in a regular file that someone else may have written, or None: never through
+    a symlink, never blocking on a FIFO, at most `limit` bytes read, nothing raised."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return json.loads(os.read(fd, limit).decode("utf-8"))
+    except (OSError, ValueError, RecursionError):       # RecursionError: '[' nested thousands deep
+        return None
+    finally:
+        os.close(fd)
+
+
 def _is_within(path: str, parent: str) -> bool:
     return path == parent or path.startswith(parent.rstrip("/") + "/")
 
@@ -2841,6 +2858,93 @@ def resolve_newest(request: Request, snapshots: Sequence[str]) -> Request:
         _check_restore_path(newest + p[len(NEWEST_SNAPSHOT):] if p in named else p) for p in request.paths))
 
 
+# What a user-namespace receiver (section 8c) could not keep of a backup: the
+# client's rsync says so, a line a file, and goes on.  `complete` carries the
+# counts and a few names to the server (--not-kept=DEVICES,OWNERS, then
+# --example=NAME, each name already escaped by printable()), where the host's
+# account records them and status shows them.  A client can lie here only
+# about its own backup, so root believes nothing beyond these bounds.
+NOT_KEPT_OPTION, NOT_KEPT_EXAMPLE = "--not-kept=", "--example="
+NOT_KEPT_EXAMPLES = 5                  # names carried, of however many
+NOT_KEPT_NAME_MAX = 300                # characters of each, escaped
+NOT_KEPT_COUNT_MAX = 10 ** 12
+NOT_KEPT_SUFFIX = ".not-kept"          # <host>.not-kept beside the host's session lock
+NOT_KEPT_RECORD_MAX = 8192             # bytes of it that root reads
+
+
+class NotKept(NamedTuple):
+    """Files of one backup a user-namespace receiver could not keep as they are (pure value)."""
+    devices: int = 0            # device nodes: left out (mknod is not permitted in a user namespace)
+    owners: int = 0             # owner or group outside the host's id range: kept, owned by root
+    examples: tuple = ()        # a few of their names, escaped (printable)
+    time: str = ""              # when the server recorded them (ISO 8601), server side only
+
+    @property
+    def total(self) -> int:
+        return self.devices + self.owners
+
+
+def checked_not_kept(devices: object, owners: object, examples: object, time: object = "") -> NotKept:
+    """A NotKept within the bounds above, from values a client or a file gave.  Raises ValueError."""
+    counts = [devices, owners]
+    if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= NOT_KEPT_COUNT_MAX for c in counts):
+        raise ValueError("counts must be whole numbers from 0 to 10^12")
+    if not isinstance(examples, (list, tuple)) or len(examples) > NOT_KEPT_EXAMPLES or not all(
+            isinstance(e, str) and e and len(e) <= NOT_KEPT_NAME_MAX and e.isprintable() for e in examples):
+        raise ValueError(f"at most {NOT_KEPT_EXAMPLES} names of printable characters, "
+                         f"{NOT_KEPT_NAME_MAX} at most each")
+    if not isinstance(time, str) or (time and _entry_time(time) is None):
+        raise ValueError("not a time")
+    return NotKept(devices, owners, tuple(examples), time)
+
+
+def not_kept_words(gaps: NotKept) -> List[str]:
+    """complete's words for what was not kept (pure); none when everything was."""
+    if not gaps.total:
+        return []
+    return [f"{NOT_KEPT_OPTION}{gaps.devices},{gaps.owners}", *(NOT_KEPT_EXAMPLE + e for e in gaps.examples)]
+
+
+def _check_complete(rest: List[str]) -> Request:
+    """complete, bare or with what the namespace receiver could not keep.  Raises Refused."""
+    if not rest:
+        return Request("complete")
+    m = re.fullmatch(re.escape(NOT_KEPT_OPTION) + r"(\d{1,13}),(\d{1,13})", rest[0])
+    if not m or not all(w.startswith(NOT_KEPT_EXAMPLE) for w in rest[1:]):
+        raise Refused(f"{'complete ' + rest[0][:80]!r} is not a command byteback runs (complete takes "
+                      f"only {NOT_KEPT_OPTION}DEVICES,OWNERS and then {NOT_KEPT_EXAMPLE}NAME)")
+    try:
+        gaps = checked_not_kept(int(m.group(1)), int(m.group(2)),
+                                [w[len(NOT_KEPT_EXAMPLE):] for w in rest[1:]])
+    except ValueError as e:
+        raise Refused(f"complete {NOT_KEPT_OPTION}: {e}") from None
+    return Request("complete", options=(rest[0],), paths=gaps.examples)
+
+
+def request_not_kept(request: Request) -> NotKept:
+    """What a checked complete says was not kept (pure)."""
+    if not request.options:
+        return NotKept()
+    devices, owners = request.options[0][len(NOT_KEPT_OPTION):].split(",")
+    return NotKept(int(devices), int(owners), request.paths)
+
+
+def not_kept_text(gaps: NotKept) -> str:
+    """The WARNING sentence about what a backup could not keep (pure)."""
+    parts = []
+    if gaps.devices:
+        parts.append(f"{gaps.devices} device node{'s' if gaps.devices != 1 else ''} left out "
+                     "(a user namespace cannot make them)")
+    if gaps.owners:
+        parts.append(f"{gaps.owners} file{'s' if gaps.owners != 1 else ''} kept owned by root, as "
+                     "their owner or group is outside the host's id range")
+    examples = ", ".join(gaps.examples) + (", ..." if gaps.total > len(gaps.examples) else "")
+    return (f"{gaps.total} file{'s' if gaps.total != 1 else ''} not kept as they are by the server's "
+            f"user-namespace receiver: {'; '.join(parts)}; e.g. {examples}. The snapshot holds everything "
+            "else. To keep them, exclude what need not be kept, or have the server's administrator run "
+            "setup-client for this host again (a larger id range) or set it up with receiver = fakesuper")
+
+
 def _check_no_arguments(verb: str) -> Callable[[List[str]], Request]:
     """ping and complete: the bare word, nothing after it."""
     def check(rest: List[str]) -> Request:
@@ -2854,7 +2958,7 @@ def _check_no_arguments(verb: str) -> Callable[[List[str]], Request]:
 # that makes a Request of the rest (or refuses it).
 CLIENT_VERBS: Dict[str, Callable[[List[str]], Request]] = {
     "ping": _check_no_arguments("ping"),          # the client's first question
-    "complete": _check_no_arguments("complete"),  # the end of a push: take the snapshot
+    "complete": _check_complete,                  # the end of a push: take the snapshot
     "list": parse_list_words,                     # restore's listing
     "rsync": _check_rsync_words,                  # a push, or a restore's sender
     "byteback-receive": _check_original_receive,  # the original client's ping, complete, list
@@ -3639,19 +3743,12 @@ class Store:
     def dirty_since(self, host: str) -> Optional[dt.datetime]:
         """When the unfinished backup in current began, or None.  run/ is untrusted input:
         the backup user could have put a symlink or a FIFO there for root to trip over."""
+        data = read_untrusted_json(self.dirty_path(host), 4096)
         try:
-            fd = os.open(self.dirty_path(host), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-        except OSError:
+            since = dt.datetime.fromisoformat(str(data["since"]))
+        except (ValueError, KeyError, TypeError):
             return None
-        try:
-            if not stat.S_ISREG(os.fstat(fd).st_mode):
-                return None
-            since = dt.datetime.fromisoformat(str(json.loads(os.read(fd, 4096))["since"]))
-            return since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-        finally:
-            os.close(fd)
+        return since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
 
     def clear_dirty(self, host: str) -> None:
         """The backup is finished.  Whatever sits at the marker's path goes, a planted directory too."""
@@ -3667,13 +3764,21 @@ class Store:
     def unaccounted_bytes(self) -> int:
         """Disc used in run/, which belongs to no host's backups (the backup user can write there).
 
-        lstat only, never following a link: run/ is untrusted input."""
+        lstat only, never following a link: run/ is untrusted input.  A host's own record
+        of what its receiver could not keep (not_kept_path) is its backups' and not counted,
+        within NOT_KEPT_RECORD_MAX bytes."""
         total = 0
         for place in (self.run_dir, self.state_dir / "sessions"):
-            for _, st in walk_files(place):
-                if stat.S_ISREG(st.st_mode):
+            for path, st in walk_files(place):
+                if stat.S_ISREG(st.st_mode) and not (
+                        st.st_size <= NOT_KEPT_RECORD_MAX and path.endswith(NOT_KEPT_SUFFIX)
+                        and is_host_name(os.path.basename(path)[:-len(NOT_KEPT_SUFFIX)])):
                     total += st.st_blocks * 512
         return total
+
+    def not_kept_path(self, host: str) -> Path:
+        """Where a host's complete records what its receiver could not keep (section 8c)."""
+        return self.host_run_dir(host) / f"{check_host_name(host)}{NOT_KEPT_SUFFIX}"
 
     def roll_back(self, host: str, timeout: float) -> bool:
         """Put current back to the host's newest snapshot (an unfinished upload past the
@@ -4931,6 +5036,35 @@ def enter_user_namespace(uid_base: int, gid_base: int) -> None:
                             "or set this host up with receiver = fakesuper") from None
 
 
+def record_not_kept(store: Store, host: str, gaps: NotKept, namespace: Optional[tuple]) -> None:
+    """After complete's snapshot: record, as the host's account, what its receiver could not
+    keep, and log it.  Nothing to record leaves the last record, which the newer snapshot
+    makes old (read_not_kept).  Never fails the backup: its snapshot is taken."""
+    if not gaps.total:
+        return
+    log.warning("host %s: %s", host, not_kept_text(gaps), extra={"syslog_only": True})
+    try:
+        if namespace:
+            enter_user_namespace(*namespace)    # sessions/<host> is its namespace root's
+        write_json_atomically(store.not_kept_path(host),
+                              gaps._replace(time=now_local().isoformat())._asdict())
+    except (OSError, ByteBackError) as e:
+        log.warning("host %s: what its receiver could not keep was not recorded: %s", host, e)
+
+
+def read_not_kept(store: Store, host: str, newest: Optional[Snapshot]) -> Optional[NotKept]:
+    """What the host's newest snapshot lacks, as its complete recorded (root reads what the
+    host's account wrote: a regular file of NOT_KEPT_RECORD_MAX bytes, checked_not_kept's bounds, and
+    recorded no earlier than that snapshot was taken), else None."""
+    data = read_untrusted_json(store.not_kept_path(host), NOT_KEPT_RECORD_MAX) if newest else None
+    try:
+        gaps = checked_not_kept(data["devices"], data["owners"], data["examples"], data["time"])
+    except (ValueError, KeyError, TypeError):
+        return None
+    recorded = _entry_time(gaps.time)
+    return gaps if gaps.total and recorded is not None and recorded >= newest.when else None
+
+
 def _sudoers_text(user: str, program: str, config_args: Sequence[str],
                   commands: Sequence[str] = ("snapshot --host *", "setup-host *"),
                   what: str = "taking a snapshot of a host, and adding a client host (setup-client)",
@@ -5018,8 +5152,12 @@ def _receive_ping(r: Receive, request: Request) -> int:
 
 def _receive_complete(r: Receive, request: Request) -> int:
     """complete: the snapshot.  It takes this host's session lock itself (as root): it
-    must never record half of an upload that is still running."""
-    return _snapshot_for_client(r)
+    must never record half of an upload that is still running.  What the client says its
+    receiver could not keep is recorded once the snapshot is taken (section 8c)."""
+    code = _snapshot_for_client(r)
+    if code == EXIT_OK:
+        record_not_kept(r.store, r.host, request_not_kept(request), r.namespace)
+    return code
 
 
 def _enter_session(r: Receive) -> Lock:
@@ -6103,8 +6241,62 @@ def run_hooks(config_dir: str, phase: str, env: Optional[Dict[str, str]] = None)
                                 + ("; the backup was not started" if phase == "pre-backup" else ""))
 
 
-def run_rsync(argv: Sequence[str], *, show: bool) -> tuple:
-    """Run rsync, passing its output through when show; return (exit code, output tail)."""
+# rsync's own line for each file a user-namespace receiver could not keep
+# (NotKept, section 6c): a device node it may not make, an owner or group it
+# may not give (the id is outside the namespace's map).  rsync escapes
+# unprintable bytes of the name itself (\#ooo), so one file is one line.
+NOT_KEPT_RE = re.compile(r'rsync: \[(?:generator|receiver)\] (?:(mknod)|chown|chgrp) "(.*)" failed: '
+                         r'(?(1)Operation not permitted \(1\)|Invalid argument \(22\))')
+# Lines of rsync's that say something else went wrong, which a backup must not pass over.
+RSYNC_ERROR_RE = re.compile(r"rsync: |ERROR: |IO error encountered")
+
+
+class NotKeptLines:
+    """Reads rsync's output line by line for what the receiver could not keep (NOT_KEPT_RE),
+    and for any other error line, however long the output runs."""
+
+    def __init__(self, host: str):
+        self.host = host
+        self.clear()
+
+    def clear(self) -> None:
+        self.devices = self.owners = 0
+        self.examples: List[str] = []
+        self.other_error: Optional[str] = None
+        self._partial = b""
+
+    def feed(self, chunk: bytes) -> None:
+        lines = (self._partial + chunk).split(b"\n")
+        self._partial = lines.pop()[-65536:]
+        for line in lines:
+            self.line(line.decode("utf-8", "replace").rstrip("\r"))
+
+    def line(self, text: str) -> None:
+        m = NOT_KEPT_RE.match(text)
+        if m is None:
+            if self.other_error is None and RSYNC_ERROR_RE.match(text):
+                self.other_error = text
+            return
+        if m.group(1):
+            self.devices += 1
+        else:
+            self.owners += 1
+        if len(self.examples) < NOT_KEPT_EXAMPLES:
+            # The receiver names the server's path: the client's own begins after <host>/current.
+            name = m.group(2)
+            inside = name.find(f"/{self.host}/current/")
+            name = name[inside + len(self.host) + 9:] if inside >= 0 else name
+            self.examples.append(printable(name)[:NOT_KEPT_NAME_MAX])
+
+    def result(self) -> NotKept:
+        return NotKept(min(self.devices, NOT_KEPT_COUNT_MAX), min(self.owners, NOT_KEPT_COUNT_MAX),
+                       tuple(self.examples))
+
+
+def run_rsync(argv: Sequence[str], *, show: bool, lines: Optional[NotKeptLines] = None) -> tuple:
+    """Run rsync, passing its output through when show; return (exit code, output tail).
+
+    lines, when given, reads every line of the output, not only the tail."""
     proc = Runner().start(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     tail = b""
     while True:
@@ -6114,8 +6306,12 @@ def run_rsync(argv: Sequence[str], *, show: bool) -> tuple:
         if show:
             sys.stdout.buffer.write(chunk)
             sys.stdout.buffer.flush()
+        if lines is not None:
+            lines.feed(chunk)
         tail = (tail + chunk)[-65536:]
     proc.stdout.close()
+    if lines is not None:
+        lines.feed(b"\n")
     return proc.wait(), tail.decode("utf-8", "replace")
 
 
@@ -6126,15 +6322,20 @@ def parse_rsync_stats(output: str) -> Optional[int]:
 
 
 def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show: bool,
-                       sleep: Callable[[float], None], before_try: Optional[Callable] = None) -> tuple:
+                       sleep: Callable[[float], None], before_try: Optional[Callable] = None,
+                       not_kept: Optional[NotKeptLines] = None) -> tuple:
     """Run rsync, again after `delay` on network-class failures; return (exit code, output).
 
     before_try runs before each try (SshSession.ensure: a cut connection is made again).
+    not_kept, when given, holds what the last try's receiver could not keep: a
+    transfer whose only errors are those is done (exit 23), and the caller says so.
     """
+    not_kept = not_kept or NotKeptLines("")
     for attempt in range(1, retries + 1):
         if before_try:
             before_try()
-        rc, output = run_rsync(argv, show=show)
+        not_kept.clear()
+        rc, output = run_rsync(argv, show=show, lines=not_kept)
         if rc in RSYNC_OK_CODES:
             if rc == 24:
                 log.info("some files vanished while they were copied (rsync exit 24): normal on a live system")
@@ -6149,15 +6350,11 @@ def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show:
                                 "snapshotted. Free space there (a server prunes by itself after each "
                                 "snapshot: see 'byteback.pyz prune --list') or exclude large files, "
                                 "then back up again")
-        namespace = re.search(r'^.*(?:mknod "[^\n]*" failed: Operation not permitted|chown "[^\n]*" '
-                              r'failed: Invalid argument).*$', output, re.M)
-        if namespace:
-            raise ByteBackError(f"the server could not keep a file as it is ({namespace.group(0).strip()}): "
-                                "this host's backups are received in a user namespace, where device "
-                                "nodes cannot be made and owners above 65535 cannot be kept; exclude "
-                                "such files (excludes), or have the server's administrator set this host "
-                                "up with receiver = fakesuper. The other files were copied; no snapshot "
-                                "was taken")
+        if rc == 23 and not_kept.result().total and not_kept.other_error is None:
+            # Device nodes or owners a user-namespace receiver cannot keep (section
+            # 8c): common state of real servers (containers' trees), which failing
+            # the backup every night would not change.  The rest is all there.
+            return rc, output
         if "byteback: refused:" in output:
             # The server's guard said no: asking again in ten minutes changes nothing.
             raise ByteBackError(f"the server refused the transfer: {last_lines}")
@@ -6166,6 +6363,8 @@ def rsync_with_retries(argv: Sequence[str], *, retries: int, delay: float, show:
                         format_duration(delay), attempt + 1, retries)
             sleep(delay)
             continue
+        if not_kept.other_error:
+            last_lines = f"{not_kept.other_error} | {last_lines}"
         raise ByteBackError(f"rsync failed with exit code {rc} ({meaning}) after {attempt} "
                             f"{'try' if attempt == 1 else 'tries'}: {last_lines}")
     raise AssertionError("unreachable")   # pragma: no cover
@@ -7110,7 +7309,8 @@ def database_phase(plan: BackupPlan, entry: dict, *, dry_run: bool) -> Iterator[
 
 # === 11. Client commands: backing up, locally or over ssh ====================
 
-def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
+def backup_local(plan: BackupPlan, args: argparse.Namespace,
+                 not_kept: Optional[NotKeptLines] = None) -> Optional[int]:
     """Back up into a store on this machine: rsync, then the server's own snapshot and prune."""
     runner = Runner()
     # A dry run changes nothing: no store, host or marker is created for it.
@@ -7134,7 +7334,7 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
                             progress=args.progress, dry_run=args.dry_run)
     show = args.verbose > 0 or args.progress or args.dry_run
     rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show,
-                                    sleep=args.context.sleep)
+                                    sleep=args.context.sleep, not_kept=not_kept)
     if args.dry_run:
         return parse_rsync_stats(output)
     try:
@@ -7143,7 +7343,7 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
         log.info("%s: copying once more", e)
         store.unshare_current(plan.host, resumed=True)
         rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show,
-                                        sleep=args.context.sleep)
+                                        sleep=args.context.sleep, not_kept=not_kept)
         snap = snapshot_and_prune(store, plan.host, config)
     log.info("backup of %s complete: snapshot %s", plan.host, store.snapshot_path(snap))
     return parse_rsync_stats(output)
@@ -7358,15 +7558,29 @@ def ping_server(plan: BackupPlan, *, sleep: Callable[[float], None], dry_run: bo
         raise ByteBackError(f"the server {_login(plan.destination)} did not answer ping: {problem}")
 
 
-def backup_remote(plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
-    """Back up to a server over ssh: ping, rsync (retried), then ask it to snapshot."""
+def backup_remote(plan: BackupPlan, args: argparse.Namespace,
+                  not_kept: Optional[NotKeptLines] = None) -> Optional[int]:
+    """Back up to a server over ssh: ping, rsync (retried), then ask it to snapshot.
+
+    not_kept: what the server's receiver could not keep, once it is done."""
     if not (Path(plan.config_dir) / "key").is_file():
         raise ByteBackError(f"{plan.config_dir}/key is missing: run setup-client first")
     with SshSession(plan.config_dir, plan.destination) as session:
-        return _backup_over(session, plan, args)
+        return _backup_over(session, plan, args, not_kept or NotKeptLines(plan.host))
 
 
-def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace) -> Optional[int]:
+def _complete(plan: BackupPlan, session: SshSession, gaps: NotKept) -> subprocess.CompletedProcess:
+    """complete, telling the server what its receiver could not keep (a server from before
+    that was told so refuses the words: it is asked again without them)."""
+    words = not_kept_words(gaps)
+    proc = call_server(plan, shlex.join(["complete", *words]), session)
+    if words and proc.returncode != 0 and "byteback: refused: " in proc.stderr:
+        proc = call_server(plan, "complete", session)
+    return proc
+
+
+def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace,
+                 not_kept: NotKeptLines) -> Optional[int]:
     ping_server(plan, dry_run=args.dry_run, session=session, sleep=args.context.sleep)
     auto = automatic_excludes(plan.sources, _read_mounts(), _client_config_files(plan))
     argv = build_rsync_argv(plan, f"{_login(plan.destination)}:current/",
@@ -7375,11 +7589,12 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
     show = args.verbose > 0 or args.progress or args.dry_run
     for attempt in (1, 2):
         rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show,
-                                        sleep=args.context.sleep, before_try=session.ensure)
+                                        sleep=args.context.sleep, before_try=session.ensure,
+                                        not_kept=not_kept)
         if args.dry_run:
             break
         session.ensure()
-        proc = call_server(plan, "complete", session)
+        proc = _complete(plan, session, not_kept.result())
         again = [l for l in proc.stderr.splitlines() if l.startswith("byteback: again: ")]
         if proc.returncode != 0 and again and attempt == 1:
             # The server found this run's writes mixed up in hard-linked files
@@ -7389,6 +7604,8 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
         if proc.returncode != 0:
             raise ByteBackError(f"the files were copied, but the server took no snapshot: {_server_said(proc)}")
         log.info("server: %s", proc.stdout.strip())
+        if not_kept.result().total:
+            log.warning("WARNING: %s", not_kept_text(not_kept.result()))
         break
     return parse_rsync_stats(output)
 
@@ -7493,8 +7710,11 @@ def cmd_backup(args: argparse.Namespace) -> int:
         try:
             run_hooks(plan.config_dir, "pre-backup")
             run = backup_local if plan.destination.is_local else backup_remote
+            not_kept = NotKeptLines(plan.host)
             with database_phase(plan, entry, dry_run=args.dry_run) as db_excludes:
-                entry["bytes_sent"] = run(plan._replace(excludes=plan.excludes + db_excludes), args)
+                entry["bytes_sent"] = run(plan._replace(excludes=plan.excludes + db_excludes), args, not_kept)
+            if not_kept.result().total:
+                entry["not_kept"] = not_kept.result()._asdict()
             entry["result"] = "ok"
         except BaseException as e:
             entry["error"] = str(e) or type(e).__name__
@@ -7790,7 +8010,18 @@ def client_status(state: dict, now: dt.datetime, running: bool) -> dict:
         # The last attempt's database copies that failed or are not consistent.
         "database_warnings": database_warnings(attempt.get("databases") or []
                                                if isinstance(attempt.get("databases"), list) else []),
+        # What the last good backup's server could not keep (NotKept), while it is the last.
+        "not_kept": _not_kept_of(success.get("not_kept") if success else None),
     }
+
+
+def _not_kept_of(data: object) -> Optional[str]:
+    """The WARNING text of a recorded NotKept, or None (pure: a bad record is no record)."""
+    try:
+        gaps = checked_not_kept(data.get("devices"), data.get("owners"), data.get("examples", []))
+    except (AttributeError, ValueError):
+        return None
+    return not_kept_text(gaps) if gaps.total else None
 
 
 def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
@@ -7821,6 +8052,8 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
             "database_warnings": snapshot_database_warnings(str(store.snapshot_path(snaps[-1])))
             if snaps else [],
         }
+        gaps = read_not_kept(store, host, snaps[-1] if snaps else None)
+        hosts[host]["not_kept"] = not_kept_text(gaps) if gaps else None
     # What prune would contain, accept or roll back now, and why (the plan is pure: nothing changes).
     plan = plan_prune(read_prune_state(store, now, config.rsync_timeout), now=now, config=config)
     for host, excess in plan.contained.items():
@@ -7859,6 +8092,9 @@ CLIENT_METRICS = (
     ("byteback_last_attempt_failed", "1 if the last backup attempt failed.",
      lambda r: None if r["last_result"] is None else int(r["last_result"] != "ok")),
     ("byteback_backup_running", "1 while a backup runs.", lambda r: int(bool(r["running"]))),
+    ("byteback_last_success_not_kept", "1 if the server could not keep some files of the last "
+     "successful backup as they are.",
+     lambda r: None if r["last_success"] is None else int(bool(r.get("not_kept")))),
 )
 # (name, help, value from one host of a server report)
 HOST_METRICS = (
@@ -7876,6 +8112,8 @@ HOST_METRICS = (
      lambda h, now: int(bool(h["incomplete_since"]))),
     ("byteback_host_suspicious", "1 if the host's last backup is suspiciously large and not accepted.",
      lambda h, now: int(bool(h["suspicious"]))),
+    ("byteback_host_not_kept", "1 while the host's newest snapshot lacks files its receiver could not "
+     "keep as they are.", lambda h, now: int(bool(h.get("not_kept")))),
     ("byteback_host_contained_bytes", "Bytes of the host's backups past the suspicion line that prune "
      "counts at the host's normal size (containment).", lambda h, now: h.get("contained_bytes")),
 )
@@ -8002,6 +8240,11 @@ def server_verdict(args: argparse.Namespace, now: dt.datetime) -> Verdict:
         # Containment and acceptance are automatic, but a person should know.
         code = max(code, NAGIOS_WARNING)
         summary += f"; {len(report['warnings'])} prune warnings: {report['warnings'][0]}"
+    gaps = sorted(h for h, i in report["hosts"].items() if i.get("not_kept"))
+    if gaps:
+        # The snapshot was taken without some files: a WARNING, never CRITICAL for this alone.
+        code = max(code, NAGIOS_WARNING)
+        summary += f"; {len(gaps)} with files not kept as they are ({', '.join(gaps)})"
     perf = f"free={report['free_bytes']}B target={report['target_bytes']}B late={len(late)}"
     return Verdict(report, code, summary, perf)
 
@@ -8027,6 +8270,9 @@ def client_verdict(args: argparse.Namespace, now: dt.datetime) -> Verdict:
     if report["database_warnings"]:
         code = max(code, NAGIOS_WARNING)
         summary += "; databases: " + "; ".join(report["database_warnings"])
+    if report["not_kept"]:
+        code = max(code, NAGIOS_WARNING)
+        summary += "; " + report["not_kept"]
     age = report["age_seconds"]
     perf = f"age={'U' if age is None else f'{int(age)}s'};{int(args.warning)};{int(args.critical)}"
     return Verdict(report, code, summary, perf)
@@ -8056,6 +8302,8 @@ def _format_client_status(report: dict, summary: str) -> str:
     if report["last_error"]:
         lines.append(f"last error:     {printable(report['last_error'])}")
     lines += [f"database:       WARNING {printable(w)}" for w in report["database_warnings"]]
+    if report["not_kept"]:
+        lines.append(f"not kept:       WARNING {printable(report['not_kept'])}")
     return "\n".join(lines)
 
 
@@ -8069,6 +8317,7 @@ def _format_server_status(report: dict, summary: str) -> str:
         # The client wrote these: escaped, as every name is.
         note += f" database WARNING (client says): {printable('; '.join(i['database_warnings']))}" \
             if i.get("database_warnings") else ""
+        note += f" WARNING (client says): {printable(i['not_kept'])}" if i.get("not_kept") else ""
         rows.append((host, i["newest"] or "-", _age_text(i["age_seconds"]), str(i["snapshots"]),
                      i["oldest"] or "-", format_size(i["last_added"] or 0), format_size(i["mean_added"] or 0), note))
     table = format_table(rows)

@@ -8,8 +8,9 @@ namespace mapped onto the host's range in /etc/subuid.  What is shown:
 * owners, modes, set-id bits, hard links, FIFOs, user.* xattrs and file
   capabilities are kept for real on disc, shifted by the host's range, and a
   restore gives them back unshifted;
-* a device node is refused with a clear message (the rest is copied, no
-  snapshot is taken); trusted.* and security.* xattrs never reach the disc;
+* a device node, and an owner outside the host's range, are a WARNING (backup,
+  status on both sides) and the snapshot holds the rest, which a restore gives
+  back; trusted.* and security.* xattrs never reach the disc;
 * a shell as one host's account (in its namespace or not) can neither read
   nor write another host's current or snapshots, cannot map another host's
   range, cannot rewrite its own authorized_keys, and sudo gives it only its
@@ -171,20 +172,56 @@ def test_owners_modes_links_and_capabilities_are_kept_for_real_and_restored(user
     assert "cap_net_raw" in run(["getcap", str(back / "capped")]).stdout
 
 
-def test_a_device_node_is_refused_with_a_clear_message(userns, tmp_path):
+def test_what_the_namespace_cannot_keep_is_a_warning_and_the_snapshot_is_taken(userns, tmp_path):
+    """A device node and an owner outside the host's range: the snapshot still holds the
+    rest, backup and both statuses say WARNING (not CRITICAL), a restore gives back what was kept."""
     remote, one, _ = userns
-    src = tmp_path / "devices"
-    src.mkdir()
+    src = tmp_path / "gaps"
+    (src / "rootfs" / "dev").mkdir(parents=True)
     (src / "plain").write_text("copied anyway\n")
-    os.mknod(src / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    os.chown(src / "plain", 1000, 1000)
+    os.mknod(src / "rootfs" / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    outside = 4_000_000_000                       # no host's range reaches it
+    (src / "rootfs" / "far").write_text("a container's file\n")
+    os.chown(src / "rootfs" / "far", outside, outside)
     before = one.snapshots()
-    result = one.backup("--source", str(src))
-    assert result.returncode != 0
-    assert "device nodes cannot be made" in result.stderr and "receiver = fakesuper" in result.stderr
-    assert one.snapshots() == before                  # not recorded as a finished backup
-    stored = one.dir / "current" / str(src).lstrip("/")
-    assert (stored / "plain").read_text() == "copied anyway\n"
-    assert not os.path.lexists(stored / "null")
+    result = one.backup("--source", str(src)).check()
+    assert len(one.snapshots()) == len(before) + 1
+    warning = [l for l in result.stderr.splitlines() if l.startswith("byteback: WARNING: ")]
+    assert len(warning) == 1, result.stderr
+    assert "2 files not kept as they are" in warning[0] and "1 device node left out" in warning[0]
+    assert "1 file kept owned by root" in warning[0]
+    assert f"{src}/rootfs/dev/null" in warning[0] and f"{src}/rootfs/far" in warning[0]
+    newest = one.dir / one.snapshots()[-1] / str(src).lstrip("/")
+    assert (newest / "plain").read_text() == "copied anyway\n"
+    assert os.lstat(newest / "plain").st_uid == one.uid_base + 1000
+    assert (newest / "rootfs" / "far").read_text() == "a container's file\n"
+    assert os.lstat(newest / "rootfs" / "far").st_uid == one.uid_base          # kept, owned by root
+    assert not os.path.lexists(newest / "rootfs" / "dev" / "null")
+
+    status = remote.run("status", "--nagios")
+    assert status.returncode == 1 and status.stdout.startswith("BYTEBACK WARNING - "), status.stdout
+    assert "2 files not kept as they are" in status.stdout
+    server = remote.server("status", "--store", str(remote.store), "--nagios")
+    assert server.returncode == 1, server.stdout + server.stderr
+    assert f"with files not kept as they are ({one.name})" in server.stdout
+    assert f"{src}/rootfs/dev/null" in remote.server("status", "--store", str(remote.store)).stdout
+
+    out = tmp_path / "back"
+    out.mkdir()
+    remote.run("restore", "--host", one.name, "--snapshot", one.snapshots()[-1], "--restore",
+               "--same-owner", "--to", str(out), f"{src}/**").check()
+    back = out / str(src).lstrip("/")
+    assert (back / "plain").read_text() == "copied anyway\n" and os.lstat(back / "plain").st_uid == 1000
+    assert (back / "rootfs" / "far").read_text() == "a container's file\n"
+    assert os.lstat(back / "rootfs" / "far").st_uid == 0
+    assert not os.path.lexists(back / "rootfs" / "dev" / "null")
+
+    # The next backup without them: the warning is over, on both sides.
+    one.backup("--source", str(one.src)).check()
+    assert remote.run("status", "--nagios").returncode == 0
+    server = remote.server("status", "--store", str(remote.store), "--nagios")
+    assert "not kept" not in server.stdout, server.stdout
 
 
 def test_trusted_and_security_xattrs_never_reach_the_disc(userns, tmp_path):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -354,9 +355,12 @@ def _fake_rsync(monkeypatch, results):
     calls, sleeps = [], []
     results = list(results)
 
-    def run_rsync(argv, *, show):
+    def run_rsync(argv, *, show, lines=None):
         calls.append(list(argv))
-        return results.pop(0)
+        rc, output = results.pop(0)
+        if lines is not None:           # the real one reads every line it passes on
+            lines.feed(output.encode() + b"\n")
+        return rc, output
 
     monkeypatch.setattr(byteback, "run_rsync", run_rsync)
     return calls, sleeps
@@ -414,3 +418,77 @@ def test_record_backup_result_over_a_corrupt_file_starts_afresh(tmp_path):
     byteback.record_backup_result(tmp_path, {"result": "failed"})
     state = json.loads((tmp_path / "last-backup.json").read_text())
     assert state == {"last_attempt": {"result": "failed"}, "last_success": None}
+
+
+# --- what a user-namespace receiver could not keep (NotKept) ---------------------------
+
+SERVER_LINES = (
+    'rsync: [generator] mknod "/srv/store/client1/current/srv/lxc/rootfs/dev/null" failed: '
+    'Operation not permitted (1)\n'
+    'rsync: [generator] chown "/srv/store/client1/current/home/u/.local/share/containers/x" failed: '
+    'Invalid argument (22)\n'
+    'rsync: [receiver] chown "/srv/store/client1/current/srv/\\#033[31mred" failed: Invalid argument (22)\n'
+    'rsync: [receiver] chgrp "/srv/store/client1/current/srv/g" failed: Invalid argument (22)\n')
+SUMMARY = ("Total bytes sent: 77\nrsync error: some files/attrs were not transferred (see previous errors) "
+           "(code 23) at main.c(1394) [sender=3.5.0]\n")
+
+
+def test_a_transfer_whose_only_errors_are_what_the_namespace_cannot_keep_is_done(monkeypatch):
+    calls, sleeps = _fake_rsync(monkeypatch, [(23, SERVER_LINES + SUMMARY)])
+    lines = byteback.NotKeptLines("client1")
+    rc, output = byteback.rsync_with_retries(["rsync"], retries=3, delay=1, show=False,
+                                             sleep=sleeps.append, not_kept=lines)
+    assert rc == 23 and "Total bytes sent: 77" in output and len(calls) == 1
+    gaps = lines.result()
+    assert (gaps.devices, gaps.owners, gaps.total) == (1, 3, 4)
+    # the client's own paths, escaped as every name is: rsync's \#033 keeps its backslash doubled
+    assert gaps.examples == ("/srv/lxc/rootfs/dev/null", "/home/u/.local/share/containers/x",
+                             "/srv/\\\\#033[31mred", "/srv/g")
+
+
+def test_any_other_error_beside_them_still_fails_the_backup_and_is_named(monkeypatch):
+    other = 'rsync: [sender] send_files failed to open "/etc/secret": Permission denied (13)\n'
+    calls, sleeps = _fake_rsync(monkeypatch, [(23, SERVER_LINES + other + SUMMARY)])
+    with pytest.raises(ByteBackError, match=r"exit code 23 .*send_files failed to open \"/etc/secret\""):
+        byteback.rsync_with_retries(["rsync"], retries=3, delay=1, show=False, sleep=sleeps.append,
+                                    not_kept=byteback.NotKeptLines("client1"))
+
+
+def test_the_lines_are_counted_across_chunks_and_past_any_tail(monkeypatch):
+    lines = byteback.NotKeptLines("client1")
+    text = (SERVER_LINES * 5000).encode()
+    for i in range(0, len(text), 4093):            # split mid-line, as reads come
+        lines.feed(text[i:i + 4093])
+    lines.feed(b"\n")
+    gaps = lines.result()
+    assert (gaps.devices, gaps.owners) == (5000, 15000) and len(gaps.examples) == byteback.NOT_KEPT_EXAMPLES
+    assert lines.other_error is None
+
+
+def test_each_try_counts_afresh(monkeypatch):
+    calls, sleeps = _fake_rsync(monkeypatch, [(12, SERVER_LINES + "broken pipe"), (23, SERVER_LINES + SUMMARY)])
+    lines = byteback.NotKeptLines("client1")
+    byteback.rsync_with_retries(["rsync"], retries=3, delay=1, show=False, sleep=sleeps.append, not_kept=lines)
+    assert lines.result().total == 4 and len(calls) == 2
+
+
+def test_complete_carries_what_was_not_kept_and_the_guard_reads_it_back():
+    gaps = byteback.NotKept(2, 7, ("/dev/null", "/x y 'z'"))
+    words = byteback.not_kept_words(gaps)
+    request = byteback.check_receive_command(shlex.join(["complete", *words]))
+    assert request.verb == "complete" and byteback.request_not_kept(request) == gaps
+    assert byteback.not_kept_words(byteback.NotKept()) == []
+    assert byteback.request_not_kept(byteback.check_receive_command("complete")) == byteback.NotKept()
+    text = byteback.not_kept_text(gaps)
+    assert text.startswith("9 files not kept as they are") and "2 device nodes left out" in text
+    assert "7 files kept owned by root" in text and "/dev/null, /x y 'z', ..." in text
+
+
+@pytest.mark.parametrize("words", [
+    ["--not-kept=1"], ["--not-kept=-1,2"], ["--not-kept=1,2,3"], ["--not-kept=99999999999999,0"],
+    ["--example=/x"], ["--not-kept=1,0", "--force"], ["--not-kept=1,0", "--example="],
+    ["--not-kept=1,0", "--example=\x1b[31m"], ["--not-kept=1,0", "--example=" + "a" * 301],
+    ["--not-kept=6,0"] + ["--example=/d"] * 6, ["--force"]])
+def test_complete_refuses_anything_else(words):
+    with pytest.raises(byteback.Refused, match="complete"):
+        byteback.check_receive_command(shlex.join(["complete", *words]))

@@ -606,7 +606,24 @@ def test_client_status_values():
     assert report == {"running": False, "last_success": END.isoformat(), "age_seconds": 30 * H,
                       "duration_seconds": 300.0, "bytes_sent": 123456,
                       "last_attempt": FAILED["end"], "last_result": "failed",
-                      "last_error": FAILED["error"], "database_warnings": []}
+                      "last_error": FAILED["error"], "database_warnings": [], "not_kept": None}
+
+
+def test_client_status_warns_of_what_the_last_good_backup_could_not_keep(capsys, state_dir):
+    gaps = {"devices": 1, "owners": 2, "examples": ["/dev/null"], "time": ""}
+    write_state(state_dir, {"last_success": dict(GOOD, not_kept=gaps), "last_attempt": dict(GOOD, not_kept=gaps)})
+    with freeze_time(END + dt.timedelta(hours=1)):
+        assert byteback.main(["status", "--nagios"]) == 1           # a WARNING, never CRITICAL for this
+    out = capsys.readouterr().out
+    assert out.startswith("BYTEBACK WARNING - last backup 1h 0m ago; 3 files not kept as they are"), out
+    with freeze_time(END + dt.timedelta(hours=1)):
+        byteback.main(["status"])
+    assert "not kept:       WARNING 3 files not kept" in capsys.readouterr().out
+    for bad in ({"devices": -1, "owners": 0, "examples": []}, "x", {"devices": 1, "owners": 0, "examples": ["\x1b"]}):
+        write_state(state_dir, {"last_success": dict(GOOD, not_kept=bad)})
+        with freeze_time(END + dt.timedelta(hours=1)):
+            assert byteback.main(["status", "--nagios"]) == 0      # a bad record is no record
+        capsys.readouterr()
 
 
 def test_client_status_never_backed_up():
@@ -1037,3 +1054,60 @@ def test_log_lines_escape_names_but_keep_tracebacks(capsys):
         byteback.log.handlers.clear()
     err = capsys.readouterr().err
     assert err == "byteback: cannot read /x/\\x1b[2Jevil\\nbyteback: forged line\n", err
+
+
+def _record(store, host, **fields):
+    data = {"devices": 1, "owners": 0, "examples": ["/dev/sda"], "time": T.isoformat(), **fields}
+    path = store.not_kept_path(host)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_server_status_warns_while_the_newest_snapshot_lacks_files(capsys, tmp_path, tiny):
+    tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
+    tiny.add_snapshot("web2", T - dt.timedelta(hours=2))
+    _record(tiny.store, "web1", time=(T - dt.timedelta(hours=2)).isoformat())
+    report = byteback.server_status(tiny.store, byteback.ServerConfig(), T)
+    assert report["hosts"]["web1"]["not_kept"].startswith("1 file not kept as they are")
+    assert report["hosts"]["web2"]["not_kept"] is None
+    code, captured = server_main(capsys, tmp_path, tiny.root, "--nagios")
+    assert code == 1 and "1 with files not kept as they are (web1)" in captured.out, captured.out
+    code, captured = server_main(capsys, tmp_path, tiny.root)
+    assert "WARNING (client says): 1 file not kept" in captured.out
+    # a newer snapshot without a record: the gap is over
+    tiny.add_snapshot("web1", T - dt.timedelta(hours=1))
+    assert byteback.server_status(tiny.store, byteback.ServerConfig(), T)["hosts"]["web1"]["not_kept"] is None
+    code, captured = server_main(capsys, tmp_path, tiny.root, "--nagios")
+    assert code == 0, captured.out
+
+
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "huge", "deep", "count", "name", "type", "nesting"])
+def test_root_reads_a_record_the_host_account_wrote_only_within_bounds(tmp_path, tiny, planted):
+    tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
+    path = tiny.store.not_kept_path("web1")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if planted == "symlink":
+        _record(tiny.store, "web1").rename(tmp_path / "elsewhere")
+        path.symlink_to(tmp_path / "elsewhere")
+    elif planted == "fifo":
+        os.mkfifo(path)
+    elif planted == "huge":
+        _record(tiny.store, "web1", examples=["/x"], pad="y" * 9000)
+    elif planted == "deep":
+        path.write_text("[" * 8000)
+    else:
+        field = {"count": {"owners": 10 ** 13}, "name": {"examples": ["\x1b[2J"]},
+                 "type": {"devices": True}, "nesting": {"examples": [["/x"]]}}[planted]
+        _record(tiny.store, "web1", **field)
+    newest = tiny.store.snapshots("web1")[-1]
+    assert byteback.read_not_kept(tiny.store, "web1", newest) is None
+    assert byteback.server_status(tiny.store, byteback.ServerConfig(), T)["hosts"]["web1"]["not_kept"] is None
+
+
+def test_a_record_is_kept_by_complete_after_its_snapshot(tmp_path, tiny):
+    tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
+    with freeze_time(T):
+        byteback.record_not_kept(tiny.store, "web1", byteback.NotKept(0, 3, ("/a", "/b")), None)
+    newest = tiny.store.snapshots("web1")[-1]
+    assert byteback.read_not_kept(tiny.store, "web1", newest) == byteback.NotKept(0, 3, ("/a", "/b"), T.isoformat())
