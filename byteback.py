@@ -2385,6 +2385,18 @@ class Request(NamedTuple):
     options: tuple = ()         # long options the server keeps, as given
     paths: tuple = ()           # restore: paths below the host directory; list: patterns
     any_snapshot: str = ""      # an original client's restore from '*': "newest" or "every"
+    again: bool = False         # push: the client runs rsync once more when complete says 'again:'
+
+
+# A push's word before --server (the client's --rsync-path) by which a client
+# says it handles complete's 'again:' (BtrfsStore.take_snapshot).  A client
+# that does not say so, older ones and the original's among them, would report
+# a refused snapshot as a failed backup: its push keeps the walk that makes the
+# refusal needless (unshare_walk_needed).  The server says in its pong that it
+# knows the word (PONG_CAN), and the client sends it only then: an older
+# server's guard refuses words it does not know.
+AGAIN_WORD = "--byteback-again"
+PONG_CAN = "can: again"
 
 
 NEWEST_SNAPSHOT = "newest"   # a restore path's first component: the host's newest snapshot
@@ -2408,8 +2420,10 @@ def _check_restore_path(path: str) -> str:
 def _check_rsync_words(words: List[str]) -> Request:
     """The rsync server command line, option by option, against the tables above."""
     options = list(words)
-    while options and options[0] == "--fake-super":   # from --rsync-path "rsync --fake-super"
-        options.pop(0)
+    again = False
+    # From --rsync-path "rsync --fake-super [--byteback-again]".
+    while options and options[0] in ("--fake-super", AGAIN_WORD):
+        again = options.pop(0) == AGAIN_WORD or again
     if not options or options[0] != "--server":
         # Without --server rsync would act as a client: any transfer anywhere.
         raise Refused("rsync without --server")
@@ -2417,6 +2431,8 @@ def _check_rsync_words(words: List[str]) -> Request:
     sender = bool(options) and options[0] == "--sender"
     if sender:
         options.pop(0)
+        if again:
+            raise Refused(f"{AGAIN_WORD} goes with a backup, not a restore")
     letters, capabilities, kept = "", "", []
     while options and options[0] != ".":
         word = options.pop(0)
@@ -2468,7 +2484,7 @@ def _check_rsync_words(words: List[str]) -> Request:
         # host's current, whatever path was asked for.
         if len(paths) != 1:
             raise Refused("a backup names exactly one destination")
-        return Request("push", letters, capabilities, tuple(kept))
+        return Request("push", letters, capabilities, tuple(kept), again=again)
     if not paths:
         raise Refused("a restore names at least one path")
     return Request("restore", letters, capabilities, tuple(kept),
@@ -3151,21 +3167,26 @@ def is_btrfs_subvolume(path: Path) -> bool:
         return False
 
 
-def unshare_walk_needed(backups: Sequence[dict], resumed: bool) -> bool:
+def unshare_walk_needed(backups: Sequence[dict], resumed: bool, again: bool) -> bool:
     """Whether a btrfs current needs its hard-linked names given inodes of their own (pure).
 
-    Only in a resumed run (an earlier one wrote into current since its
-    snapshot), or where the newest snapshot was not measured by root from
-    the kernel's tree ('linked' missing).  A measured one is followed by a
-    snapshot that is measured too: if a run wrote into an inode that names
-    of the previous snapshot share, BtrfsStore.take_snapshot refuses it and
-    the next push, resumed, walks.  rsync --hard-links makes links only
-    after it has written a group's first file, which it never writes again
-    in the same run, so the links a run makes itself are no risk.
+    again: this run's client runs rsync once more when the snapshot refuses
+    with 'again:' (AGAIN_WORD).  Then only a resumed run walks (an earlier one
+    wrote into current since its snapshot), or one where the newest snapshot
+    was not measured by root from the kernel's tree ('linked' missing).  A
+    measured one is followed by a snapshot that is measured too: if a run
+    changed an inode that names of the previous snapshot share,
+    BtrfsStore.take_snapshot refuses it and the next push, resumed, walks.
+    A client that does not say so would fail that night instead: its push
+    walks wherever the newest snapshot holds hard-linked names, or is not
+    known not to.  rsync --hard-links makes links only after it has written a
+    group's first file, which it never writes again in the same run, so the
+    links a run makes itself are no risk.
     """
     last = backups[-1] if backups else None
     linked = last.get("linked") if isinstance(last, dict) else None
-    return resumed or not (isinstance(linked, int) and not isinstance(linked, bool))
+    measured = isinstance(linked, int) and not isinstance(linked, bool)
+    return resumed or not measured or (linked != 0 and not again)
 
 
 # --- 7b. Reading btrfs through the kernel (binary tree searches, no tool's text) ---
@@ -3840,11 +3861,12 @@ class Store:
                 os.chown(current, *owner)
         return current
 
-    def unshare_current(self, host: str, resumed: bool = True) -> int:
+    def unshare_current(self, host: str, resumed: bool = True, again: bool = False) -> int:
         """Make sure rsync cannot change anything outside current through a shared inode.
 
         resumed: current may hold an unfinished run's files (its dirty marker
-        was there before this run began).
+        was there before this run began).  again: the client copies once more
+        when the snapshot says 'again:' (unshare_walk_needed).
 
         A file in current with more than one link may share its inode with a
         snapshot (hardlink backend: an interrupted run leaves --link-dest
@@ -3861,13 +3883,14 @@ class Store:
         if reflink:
             # btrfs (also where the backup user sees a HardlinkStore): a
             # snapshot never shares an inode with current, and the snapshot
-            # after this run finds any shared inode it wrote (take_snapshot),
-            # so only a resumed run walks (unshare_walk_needed).
+            # after this run finds any shared inode it changed (take_snapshot),
+            # so where the client copies again then, only a resumed run walks
+            # (unshare_walk_needed).
             try:
                 backups = self.read_history(host)
             except ByteBackError:
                 backups = []            # unreadable: walk, as if nothing were known
-            if not unshare_walk_needed(backups, resumed):
+            if not unshare_walk_needed(backups, resumed, again):
                 return 0
         # Every name of a shared inode, listed before any is changed: the last
         # name left on an old inode would otherwise keep it, and rsync may link
@@ -5143,6 +5166,7 @@ def _open_receive(args: argparse.Namespace, host: str) -> Receive:
 def _receive_ping(r: Receive, request: Request) -> int:
     """ping: pong, and a warning now (not after the upload) when a snapshot would be refused."""
     print(f"pong byteback {VERSION} host={r.host}")
+    print(PONG_CAN)         # a push may say AGAIN_WORD
     snaps = r.store.snapshots(r.host)
     refusal = interval_refusal(snaps[-1] if snaps else None, now_local(), r.config.min_interval)
     if refusal:
@@ -5209,7 +5233,7 @@ def _receive_rsync(r: Receive, request: Request) -> int:
     if writes:
         resumed = r.store.dirty_since(r.host) is not None
         r.store.mark_dirty(r.host, now_local())
-        r.store.unshare_current(r.host, resumed)
+        r.store.unshare_current(r.host, resumed, again=request.again)
     _exec_rsync(r, argv, lock)
     return EXIT_FAILURE     # pragma: no cover - execve does not return
 
@@ -7326,7 +7350,7 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace,
         current = store.prepare_host(plan.host)
         resumed = store.dirty_since(plan.host) is not None
         store.mark_dirty(plan.host, now_local())
-        store.unshare_current(plan.host, resumed)
+        store.unshare_current(plan.host, resumed, again=True)     # AnotherPass below
     auto = automatic_excludes(plan.sources, _read_mounts(), [str(store.root)] + _client_config_files(plan))
     backend = store.rsync_options(plan.host) if current.is_dir() else []
     argv = build_rsync_argv(plan, f"{current}/", backend_options=backend,
@@ -7376,9 +7400,11 @@ def ssh_argv(config_dir: str, port: Optional[int], *, control: Optional[str] = N
     return argv
 
 
-def rsync_over_ssh(ssh: Sequence[str]) -> List[str]:
-    """The rsync options of a transfer to or from a byteback server over this ssh."""
-    return ["--rsh", shlex.join(ssh), "--rsync-path", "rsync --fake-super"]
+def rsync_over_ssh(ssh: Sequence[str], again: bool = False) -> List[str]:
+    """The rsync options of a transfer to or from a byteback server over this ssh.
+
+    again: a push that tells the server its client copies once more on 'again:'."""
+    return ["--rsh", shlex.join(ssh), "--rsync-path", "rsync --fake-super" + (f" {AGAIN_WORD}" if again else "")]
 
 
 PR_SET_PDEATHSIG = 1   # prctl: the signal a child gets when its parent dies
@@ -7532,10 +7558,11 @@ def _server_said(proc: subprocess.CompletedProcess) -> str:
 
 
 def ping_server(plan: BackupPlan, *, sleep: Callable[[float], None], dry_run: bool = False,
-                session: Optional[SshSession] = None) -> None:
+                session: Optional[SshSession] = None) -> bool:
     """Check the server answers, and will take a snapshot, before any data moves.
 
-    Retries while the server cannot be reached.
+    Retries while the server cannot be reached.  Returns whether the server
+    said it knows AGAIN_WORD (PONG_CAN).
     """
     for attempt in range(1, plan.retries + 1):
         unreachable = session.ensure() if session else None
@@ -7547,7 +7574,7 @@ def ping_server(plan: BackupPlan, *, sleep: Callable[[float], None], dry_run: bo
             wait = next((l[len("wait: "):] for l in lines if l.startswith("wait: ")), None)
             if wait and not dry_run:
                 raise ByteBackError(f"{wait}; nothing was sent")
-            return
+            return PONG_CAN in lines
         problem = (proc.stderr.strip().splitlines() or ["no answer"])[-1]
         if proc.returncode == 255 and attempt < plan.retries:
             log.warning("cannot reach %s (%s); trying again in %s (try %d of %d)",
@@ -7581,10 +7608,10 @@ def _complete(plan: BackupPlan, session: SshSession, gaps: NotKept) -> subproces
 
 def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace,
                  not_kept: NotKeptLines) -> Optional[int]:
-    ping_server(plan, dry_run=args.dry_run, session=session, sleep=args.context.sleep)
+    again = ping_server(plan, dry_run=args.dry_run, session=session, sleep=args.context.sleep)
     auto = automatic_excludes(plan.sources, _read_mounts(), _client_config_files(plan))
     argv = build_rsync_argv(plan, f"{_login(plan.destination)}:current/",
-                            transport=rsync_over_ssh(session.argv()),
+                            transport=rsync_over_ssh(session.argv(), again=again),
                             auto_excludes=auto, progress=args.progress, dry_run=args.dry_run)
     show = args.verbose > 0 or args.progress or args.dry_run
     for attempt in (1, 2):
@@ -7595,11 +7622,11 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
             break
         session.ensure()
         proc = _complete(plan, session, not_kept.result())
-        again = [l for l in proc.stderr.splitlines() if l.startswith("byteback: again: ")]
-        if proc.returncode != 0 and again and attempt == 1:
+        said = [l for l in proc.stderr.splitlines() if l.startswith("byteback: again: ")]
+        if proc.returncode != 0 and said and attempt == 1:
             # The server found this run's writes mixed up in hard-linked files
             # (BtrfsStore.take_snapshot): the next push, resumed, puts them right.
-            log.info("server: %s: copying once more", again[-1][len("byteback: "):])
+            log.info("server: %s: copying once more", said[-1][len("byteback: "):])
             continue
         if proc.returncode != 0:
             raise ByteBackError(f"the files were copied, but the server took no snapshot: {_server_said(proc)}")

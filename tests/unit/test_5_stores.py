@@ -387,15 +387,29 @@ def test_written_since_takes_the_newest_recorded_generation(backups, since):
     ([], False, True),                                         # nothing known yet
     ([{"linked": 0}], False, False),                           # no hard links at the last snapshot
     ([{"linked": 0}], True, True),                             # an unfinished run wrote since
-    ([{"linked": 3}], False, False),                           # the snapshot after it finds a written one
+    ([{"linked": 3}], False, False),                           # the snapshot after it finds a changed one
     ([{"linked": 3}], True, True),
     ([{"linked": 0}, {"size": 2}], False, True),               # only the newest counts
     ([{"size": 2}, {"linked": 2}], False, False),
     ([{"size": 5}], False, True),                              # recorded before "linked" existed
     ([{"linked": "0"}], False, True), ([{"linked": False}], False, True), ([{"linked": None}], False, True),
 ])
-def test_unshare_walk_needed(backups, resumed, needed):
-    assert byteback.unshare_walk_needed(backups, resumed) is needed
+def test_unshare_walk_needed_by_a_client_that_copies_again(backups, resumed, needed):
+    assert byteback.unshare_walk_needed(backups, resumed, again=True) is needed
+
+
+@pytest.mark.parametrize("backups,resumed,needed", [
+    ([], False, True),
+    ([{"linked": 0}], False, False),                           # no hard links: nothing to refuse
+    ([{"linked": 0}], True, True),
+    ([{"linked": 3}], False, True),                            # a refusal would fail its backup
+    ([{"linked": 0}, {"linked": 1}], False, True),             # only the newest counts
+    ([{"linked": 2}, {"linked": 0}], False, False),
+    ([{"size": 5}], False, True),
+    ([{"linked": "0"}], False, True), ([{"linked": False}], False, True), ([{"linked": None}], False, True),
+])
+def test_unshare_walk_needed_by_a_client_that_does_not_know_again(backups, resumed, needed):
+    assert byteback.unshare_walk_needed(backups, resumed, again=False) is needed
 
 
 def test_tree_stats_counts_every_name_of_a_shared_inode(tmp_path):

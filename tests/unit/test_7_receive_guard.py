@@ -366,6 +366,9 @@ LEGITIMATE = [
      "--delete-excluded --stats --numeric-ids --inplace . current/", "push"),
     ("rsync --fake-super --server -qlHogDtpXrRe.iLsfxCIvu --timeout=300 --delete-during "
      "--delete-excluded --stats --partial --numeric-ids . current/", "push"),
+    # a client that copies again when complete says 'again:' (the server's pong said it may say so)
+    ("rsync --fake-super --byteback-again --server -lHogDtpXrRe.iLsfxCIvu --timeout=300 "
+     "--delete-during --delete-excluded --stats --partial --numeric-ids . current/", "push"),
     # an older client: -vlogDtpr cluster, protocol digits in the blob, no --fake-super prefix
     ("rsync --server -vlogDtprze.iLsfxC --timeout=600 --delete . current/", "push"),
     ("rsync --server -vlogDtpre31.iLsfxC . /some/where/the/server/ignores", "push"),
@@ -414,6 +417,27 @@ def test_a_restore_of_the_newest_snapshot_is_named_by_the_server():
             byteback.check_receive_command(f"rsync --server --sender -vlogDtpr{CAPS} . {climbing}")
 
 
+@pytest.mark.parametrize("prefix,again", [
+    ("rsync --fake-super", False), ("rsync", False),                   # older clients, the original's
+    ("rsync --fake-super --byteback-again", True), ("rsync --byteback-again --fake-super", True),
+])
+def test_a_push_says_whether_its_client_copies_again(prefix, again):
+    """The walk before a push is spared only where the client said it handles 'again:'."""
+    request = byteback.check_receive_command(f"{prefix} --server -vlogDtpr{CAPS} . current/")
+    assert request.verb == "push" and request.again is again
+
+
+@pytest.mark.parametrize("command", [
+    f"rsync --fake-super --byteback-again --server --sender -vlogDtpr{CAPS} . {SNAP}/etc",
+    f"rsync --server --byteback-again -vlogDtpr{CAPS} . current/",      # only before --server
+    f"rsync --server -vlogDtpr{CAPS} --byteback-again . current/",
+    "complete --byteback-again", "ping --byteback-again",
+])
+def test_the_again_word_goes_only_before_a_push(command):
+    with pytest.raises(byteback.Refused):
+        byteback.check_receive_command(command)
+
+
 def test_a_push_keeps_the_options_that_matter_and_drops_the_rest():
     request = byteback.check_receive_command(
         f"rsync --fake-super --server -vvlHogDtpXrRz{CAPS} --timeout=300 --inplace --fake-super "
@@ -426,19 +450,41 @@ def test_a_push_keeps_the_options_that_matter_and_drops_the_rest():
     assert request.paths == ()                                          # the client's path is dropped
 
 
-def _write_logging_rsh(path: Path, log: Path) -> Path:
-    """An `ssh` stand-in: answers ping and complete, logs any other command, then fails.
+def _write_logging_rsh(path: Path, log: Path, pong: str = "pong") -> Path:
+    """An `ssh` stand-in: answers ping (with `pong`) and complete, logs any other command,
+    then fails.
 
     It cannot be a shared connection's master (-N): each command connects by itself.
     """
     path.write_text("#!/bin/sh\n"
                     'if [ "$1" = -N ]; then exit 1; fi\n'
                     "shift\n"                                    # the host
-                    'case "$*" in ping) echo pong; exit 0;; complete) exit 0;; esac\n'
+                    f'case "$*" in ping) printf {shlex.quote(pong + chr(10))}; exit 0;; '
+                    "complete) exit 0;; esac\n"
                     f"printf '%s\\n' \"$*\" >> {shlex.quote(str(log))}\n"
                     "exit 1\n")
     path.chmod(0o755)
     return path
+
+
+@needs_rsync
+@pytest.mark.parametrize("pong,again", [("pong", False), ("pong byteback 0.1.0 host=client1\ncan: again", True)])
+def test_a_push_says_again_only_to_a_server_whose_pong_knows_it(tmp_path, monkeypatch, pong, again):
+    """An older server's guard refuses words it does not know: the client asks its pong first."""
+    log = tmp_path / "commands"
+    rsh = _write_logging_rsh(tmp_path / "rsh", log, pong)
+    monkeypatch.setattr(byteback, "ssh_argv", lambda config_dir, port, **options: [str(rsh)])
+    config = tmp_path / "config"
+    config.mkdir()
+    (config / "key").write_text("not a key\n")
+    source = tmp_path / "source"
+    source.mkdir()
+    (source / "file").write_text("x\n")
+    byteback.main(["--config-dir", str(config), "backup", "--destination", "backuphost:",
+                   "--host", "client1", "--source", str(source), "--retry-number", "1",
+                   "--retry-delay", "0"])
+    pushes = [byteback.check_receive_command(c) for c in log.read_text().splitlines()]
+    assert [p.verb for p in pushes] == ["push"] and pushes[0].again is again
 
 
 @needs_rsync
@@ -631,7 +677,8 @@ def _check(command):
 
 # Words an attacker (or a client) would combine: every option the tables know,
 # with good and bad values, letters, blobs, paths good and bad, shell syntax.
-_WORDS = (["rsync", "--server", "--sender", "--fake-super", ".", "--", "-", "ping", "complete",
+_WORDS = (["rsync", "--server", "--sender", "--fake-super", "--byteback-again", ".", "--", "-", "ping",
+           "complete",
            "list", "--all", "--snapshot=current", f"--snapshot={SNAP}", "--snapshot=../x",
            "current/", "current", f"{SNAP}/etc", f"{SNAP}/../client2", "../client2/current",
            "/etc/passwd", "/etc/**", "/../x", "*", ";", "|", "&&", "$(id)", "`id`", ">", "x\\ y",

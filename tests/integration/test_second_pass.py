@@ -1,0 +1,121 @@
+"""The second rsync pass (`again:`) over a real sshd, on a real btrfs store.
+
+rsync writes a btrfs current in place (--inplace): a file the client split off
+from a hard-link group would be written into the inode its old partners still
+share there.  A client that said it copies again (AGAIN_WORD, after the pong
+said the server knows it) skips the walk that gives every hard-linked name an
+inode of its own before its push; the snapshot, as root, then refuses with
+`again:` where the run changed such an inode, and the client copies once more.
+A client that did not say so -- the previous release's, run here byte for byte
+from git -- keeps the walk and gets its snapshot the same night.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from remote_env import REPO, RemoteByteback, Result, byteback_remote  # noqa: E402,F401 (fixture)
+
+# The last commit before eea9099 taught the client 'again:': its backup pings,
+# pushes with --rsync-path "rsync --fake-super" and completes, and reports any
+# refusal of the snapshot as a failed backup.
+PREVIOUS_CLIENT = "86001e4"
+
+
+@pytest.fixture(scope="module")
+def remote(request) -> RemoteByteback:
+    remote = request.getfixturevalue("byteback_remote")
+    remote.set_server_conf(min_interval="0")
+    return remote
+
+
+@pytest.fixture(scope="module")
+def previous_client(tmp_path_factory) -> Path:
+    """byteback.py of PREVIOUS_CLIENT, from this checkout's git history."""
+    proc = subprocess.run(["git", "-C", str(REPO), "show", f"{PREVIOUS_CLIENT}:byteback.py"],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    if proc.returncode != 0:
+        pytest.skip(f"needs this checkout's git history (commit {PREVIOUS_CLIENT}, the previous "
+                    f"client): {proc.stderr.decode(errors='replace').strip()}")
+    path = tmp_path_factory.mktemp("previous") / "byteback.py"
+    path.write_bytes(proc.stdout)
+    path.chmod(0o755)
+    return path
+
+
+_last_snapshot_at = [0.0]
+
+
+def backup(remote: RemoteByteback, src: Path, program: Path = None) -> Result:
+    """One backup of src (by the previous client's byteback.py if given), a second
+    after the last one: snapshot names have one-second resolution."""
+    time.sleep(max(0.0, _last_snapshot_at[0] + 1.1 - time.monotonic()))
+    args = ("backup", "--host", remote.host, "--retry-delay", "1", "-v", "--source", str(src))
+    if program is None:
+        result = remote.run(*args)
+    else:
+        argv = [sys.executable, str(program), "--config-dir", str(remote.client_config), *args]
+        env = dict(os.environ, BYTEBACK_STATE_DIR=str(remote.client_state))
+        env.pop("SSH_AUTH_SOCK", None)
+        proc = subprocess.run(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                              errors="replace", env=env, timeout=300, stdin=subprocess.DEVNULL)
+        result = Result(argv, proc.returncode, proc.stdout, proc.stderr)
+    _last_snapshot_at[0] = time.monotonic()
+    return result
+
+
+def new_snapshot(remote: RemoteByteback, before: List[str]) -> Path:
+    new = sorted(set(remote.snapshots()) - set(before))
+    assert len(new) == 1, f"expected exactly one new snapshot, got {new}"
+    return remote.host_dir / new[0]
+
+
+def stored(snapshot: Path, src: Path) -> Path:
+    return snapshot / str(src).lstrip("/")
+
+
+def contents(root: Path) -> Dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_the_previous_client_gets_its_snapshot_the_same_night_when_a_group_is_split(
+        remote, previous_client, tmp_path):
+    """A client that never heard of 'again:' must not be refused: its push walks first."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "b").write_bytes(b"shared, old\n")
+    os.link(src / "b", src / "b-link")
+    (src / "c").write_bytes(b"alone\n")
+    first = backup(remote, src, previous_client).check()
+    assert "again:" not in first.stderr, first.stderr
+    linked = remote.host_dir / remote.snapshots()[-1]
+    assert os.stat(stored(linked, src) / "b").st_ino == os.stat(stored(linked, src) / "b-link").st_ino
+
+    (src / "b").unlink()                            # as editors and package upgrades replace files
+    (src / "b").write_bytes(b"b on its own, new\n")
+    before = remote.snapshots()
+    split = backup(remote, src, previous_client)
+    split.check()                                   # the same night, first time
+    assert "again:" not in split.stderr and "copying once more" not in split.stderr, split.stderr
+    snap = new_snapshot(remote, before)
+    assert contents(stored(snap, src)) == contents(src)
+    assert contents(stored(linked, src)) == {"b": b"shared, old\n", "b-link": b"shared, old\n",
+                                             "c": b"alone\n"}
+
+
+def test_the_previous_client_reads_the_new_pong(remote, previous_client, tmp_path):
+    """The pong's 'can: again' line is new: an older client passes over it."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"a\n")
+    before = remote.snapshots()
+    result = backup(remote, src, previous_client).check()
+    assert "server: pong byteback" in result.stderr, result.stderr
+    assert contents(stored(new_snapshot(remote, before), src)) == {"a": b"a\n"}
