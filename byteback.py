@@ -59,7 +59,8 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Sequence
+from typing import (Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Sequence,
+                    Union)
 
 # Every command starts Python afresh, the server's several times a backup (issue 14):
 # modules only some commands need (ctypes, hashlib, logging.handlers, socket,
@@ -2957,8 +2958,9 @@ def not_kept_text(gaps: NotKept) -> str:
     examples = ", ".join(gaps.examples) + (", ..." if gaps.total > len(gaps.examples) else "")
     return (f"{gaps.total} file{'s' if gaps.total != 1 else ''} not kept as they are by the server's "
             f"user-namespace receiver: {'; '.join(parts)}; e.g. {examples}. The snapshot holds everything "
-            "else. To keep them, exclude what need not be kept, or have the server's administrator run "
-            "setup-client for this host again (a larger id range) or set it up with receiver = fakesuper")
+            "else. To keep them: exclude what need not be kept; a host set up with 65536 ids by an earlier "
+            "version gets 2^21 when setup-client is run for it again; or have the server's administrator "
+            "set the host up with receiver = fakesuper")
 
 
 def _check_no_arguments(verb: str) -> Callable[[List[str]], Request]:
@@ -4755,17 +4757,29 @@ def serve_list(store: Store, host: str, request: Request, *, limit: float) -> in
 # With receiver = userns, setup-host gives each new host a system account of
 # its own: home <store>/<host> (root's, 0750, the account's group), a
 # root-owned <host>/.ssh/authorized_keys holding that host's one key, sudo
-# lines naming only that host, and a range of 65536 uids and gids of its own
-# in /etc/subuid and /etc/subgid.  Its forced command enters a new user
-# namespace whose ids 0-65535 are that range (newuidmap and newgidmap, from
+# lines naming only that host, and a range of HOST_ID_COUNT uids and gids of
+# its own in /etc/subuid and /etc/subgid.  Its forced command enters a new
+# user namespace whose ids 0.. are that range (newuidmap and newgidmap, from
 # the uidmap package, map only what /etc/subuid gives the caller), becomes
 # the namespace's root, and runs the listing and rsync there: owners, modes
 # and set-id bits are kept for real, shifted by the range's base, without
 # --fake-super.  Outside the namespace the process has no privilege; inside
 # it, root has power only over inodes of its own range, so no other host's
 # files (another range, or root's) can be read or written from it.
+#
+# How many ids.  A client's own users are below 65536, but real servers hold
+# files of ids above it that byteback did not make: rootless podman's
+# subuids (100000 + 65536 a user), LXC's (100000-165535), LXD's and Incus's
+# (1000000-1065535), systemd-nspawn's (524288 + 65536 a container).  Those
+# need a namespace of 2^21 ids.  An id range costs nothing but ids (the
+# kernel maps one extent, whatever its length), and 1,023 hosts of 2^21 fit
+# between 100000 and 2^31, above which some tools still read ids as signed.
+# Hosts set up with 65536 ids (earlier versions) keep them as their
+# namespace's 0-65535, so the owners on disc keep their meaning; setup-client
+# run again adds a second range, mapped as 65536 and up (host_id_map).
 
-SUBID_COUNT = 65536                # a namespace's ids: 0-65535, a client's usual uids and gids
+SUBID_COUNT = 65536                # the least a host's first range holds: ids 0-65535, a client's own users
+HOST_ID_COUNT = 2 ** 21            # what a host's namespace holds in all: containers' subuids too
 SUBID_START = 100000               # where ranges start (login.defs' SUB_UID_MIN)
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 ID_MAPPERS = ("/usr/bin/newuidmap", "/usr/bin/newgidmap")
@@ -4780,6 +4794,8 @@ class HostAccount(NamedTuple):
     gid: int
     uid_base: int
     gid_base: int
+    uid_map: tuple = ()         # host_id_map's extents
+    gid_map: tuple = ()
 
 
 def host_account_name(user: str, host: str) -> str:
@@ -4802,37 +4818,59 @@ def parse_subids(text: str) -> List[tuple]:
     return found
 
 
+def host_id_map(entries: Sequence[tuple], name: str, uid: int) -> tuple:
+    """The account's namespace, as (inside, outside, count) extents, from its ranges (pure).
+
+    Its first range of at least SUBID_COUNT ids (in the file's order: the one
+    earlier versions chose) is ids 0 and up; its other ranges follow, lowest
+    first, up to HOST_ID_COUNT ids in all.  () where it has no such first range."""
+    own = [(first, count) for owner, first, count in entries if owner in (name, str(uid)) and first > 0]
+    base = next(((first, count) for first, count in own if count >= SUBID_COUNT), None)
+    if base is None:
+        return ()
+    extents, inside = [], 0
+    for first, count in [base] + sorted(r for r in own if r != base):
+        count = min(count, max(HOST_ID_COUNT, base[1]) - inside)
+        if count <= 0:
+            break
+        extents.append((inside, first, count))
+        inside += count
+    return tuple(extents)
+
+
 def subid_base(entries: Sequence[tuple], name: str, uid: int) -> Optional[int]:
-    """The first id of the first range of at least SUBID_COUNT ids held by the account (pure)."""
-    return next((first for owner, first, count in entries
-                 if owner in (name, str(uid)) and count >= SUBID_COUNT and first > 0), None)
+    """The first id of the account's namespace (host_id_map), or None (pure)."""
+    extents = host_id_map(entries, name, uid)
+    return extents[0][1] if extents else None
 
 
-def subid_sharers(entries: Sequence[tuple], name: str, uid: int, base: int) -> List[str]:
-    """Who else holds an id of the account's range base..base+SUBID_COUNT-1 (pure).
+def subid_sharers(entries: Sequence[tuple], name: str, uid: int, base: int,
+                  count: int = SUBID_COUNT) -> List[str]:
+    """Who else holds an id of the account's range base..base+count-1 (pure).
 
     Two hosts on one range are one kernel uid: each one's namespace root owns
     the other's files, enters its session directory, and reaches its host
     directory through /proc/<pid>/cwd of its running rsync."""
-    return sorted({owner for owner, first, count in entries
-                   if owner not in (name, str(uid)) and first < base + SUBID_COUNT and base < first + count})
+    return sorted({owner for owner, first, n in entries
+                   if owner not in (name, str(uid)) and first < base + count and base < first + n})
 
 
-def free_subid_base(taken: Iterable[tuple], ids: Iterable[int], start: int = SUBID_START) -> int:
-    """The lowest range of SUBID_COUNT ids from start, on a SUBID_COUNT step, that overlaps
+def free_subid_base(taken: Iterable[tuple], ids: Iterable[int], start: int = SUBID_START,
+                    size: int = HOST_ID_COUNT) -> int:
+    """The lowest range of `size` ids from start, on a `size` step, that overlaps
     no (first, count) range already given and holds no id of a real user or group (pure)."""
     ranges = sorted(taken)
     real = sorted(i for i in ids if i >= start)
     base = start
     while True:
-        end = base + SUBID_COUNT
+        end = base + size
         clash = [first + count for first, count in ranges if first < end and base < first + count]
         clash += [i + 1 for i in real[bisect.bisect_left(real, base):bisect.bisect_left(real, end)]]
         if not clash:
             return base
-        base += SUBID_COUNT * max(1, -(-(max(clash) - base) // SUBID_COUNT))
-        if base + SUBID_COUNT > 2 ** 32 - 2:
-            raise ByteBackError("no free range of 65536 ids is left for a host's account "
+        base += size * max(1, -(-(max(clash) - base) // size))
+        if base + size > 2 ** 32 - 2:
+            raise ByteBackError(f"no free range of {size} ids is left for a host's account "
                                 "(/etc/subuid, /etc/subgid are full)")
 
 
@@ -4945,29 +4983,38 @@ def _ensure_host_account(store: Store, user: str, host: str, runner: Runner, don
         raise ByteBackError(f"user {name} exists with home {account.pw_dir}, not {home}: it is not "
                             f"host {host}'s; remove it (userdel {name}) or rename it, and run setup-client again")
     entries = [parse_subids(Path(path).read_text() if os.path.exists(path) else "") for path in SUBID_FILES]
-    bases = [subid_base(e, name, account.pw_uid) for e in entries]
-    if None in bases:
+    # A new account gets HOST_ID_COUNT ids, one of before with fewer a second
+    # range for the rest (its first keeps its meaning: the owners on disc).
+    need = [HOST_ID_COUNT - sum(n for _, _, n in m) if m else HOST_ID_COUNT
+            for m in (host_id_map(e, name, account.pw_uid) for e in entries)]
+    if max(need) > 0:
         ids = [p.pw_uid for p in pwd.getpwall()] + [g.gr_gid for g in grp.getgrall()]
-        base = free_subid_base([(first, count) for e in entries for _, first, count in e], ids)
-        last = base + SUBID_COUNT - 1
-        flags = {0: "--add-subuids", 1: "--add-subgids"}
-        runner.run(["usermod", *[w for i, b in enumerate(bases) if b is None
-                                 for w in (flags[i], f"{base}-{last}")], name])
-        bases = [base if b is None else b for b in bases]
-        done.append(f"gave       user {name} the ids {base}-{last} (its namespace's 0-65535)")
+        taken = [(first, count) for e in entries for _, first, count in e]
+        words, bases = [], {}
+        for i, size in enumerate(need):
+            if size > 0:
+                if size not in bases:       # uids and gids alike where they can be
+                    bases[size] = free_subid_base(taken, ids, size=size)
+                    taken.append((bases[size], size))
+                words += [("--add-subuids", "--add-subgids")[i], f"{bases[size]}-{bases[size] + size - 1}"]
+        runner.run(["usermod", *words, name])
+        done.append(f"gave       user {name} the ids {' '.join(words[1::2])} (its namespace's "
+                    f"{HOST_ID_COUNT - max(need)}-{HOST_ID_COUNT - 1})")
         entries = [parse_subids(Path(path).read_text()) for path in SUBID_FILES]
-    for path, found, base in zip(SUBID_FILES, entries, bases):
-        _refuse_shared_range(path, found, name, account.pw_uid, base)
-    return HostAccount(name, account.pw_uid, account.pw_gid, bases[0], bases[1])
+    maps = [host_id_map(e, name, account.pw_uid) for e in entries]
+    for path, found, extents in zip(SUBID_FILES, entries, maps):
+        _refuse_shared_range(path, found, name, account.pw_uid, extents)
+    return HostAccount(name, account.pw_uid, account.pw_gid, maps[0][0][1], maps[1][0][1], maps[0], maps[1])
 
 
-def _refuse_shared_range(path: str, entries: Sequence[tuple], name: str, uid: int, base: int) -> None:
-    sharers = subid_sharers(entries, name, uid, base)
-    if sharers:
-        raise ByteBackError(f"{path} gives ids of {name}'s range {base}-{base + SUBID_COUNT - 1} to "
-                            f"{', '.join(sharers)} too: hosts sharing ids can reach each other's backups. "
-                            f"An administrator must give one of them another range (usermod --del-subuids/"
-                            f"--add-subuids, --del-subgids/--add-subgids)")
+def _refuse_shared_range(path: str, entries: Sequence[tuple], name: str, uid: int, extents: tuple) -> None:
+    for _, base, count in extents:
+        sharers = subid_sharers(entries, name, uid, base, count)
+        if sharers:
+            raise ByteBackError(f"{path} gives ids of {name}'s range {base}-{base + count - 1} to "
+                                f"{', '.join(sharers)} too: hosts sharing ids can reach each other's backups. "
+                                f"An administrator must give one of them another range (usermod --del-subuids/"
+                                f"--add-subuids, --del-subgids/--add-subgids)")
 
 
 def _is_host_account_group(gid: int, host_dir: Path) -> bool:
@@ -4977,7 +5024,7 @@ def _is_host_account_group(gid: int, host_dir: Path) -> bool:
 
 
 def host_namespace(store: Store, host: str) -> Optional[tuple]:
-    """(uid base, gid base) of the namespace this host's receive runs in: when this process
+    """(uid map, gid map) of the namespace this host's receive runs in: when this process
     is the host's own account (home: the host's directory, which only root sets), else
     None (the shared backup user: --fake-super)."""
     account = pwd.getpwuid(os.getuid())
@@ -4992,34 +5039,37 @@ def host_id_bases(store: Store, host: str) -> Optional[tuple]:
     directly (a restore on the server) must not take those owners as the client's."""
     home = os.path.realpath(store.host_dir(host))
     account = next((p for p in pwd.getpwall() if os.path.realpath(p.pw_dir) == home), None)
-    return _account_bases(account) if account is not None else None
+    return tuple(m[0][1] for m in _account_bases(account)) if account is not None else None
 
 
 def _account_bases(account: "pwd.struct_passwd") -> tuple:
-    """The first uid and gid of the account's range, refused where it has none or shares one."""
-    bases = []
+    """(uid map, gid map) of the account's namespace (host_id_map), refused where it has
+    none or shares one."""
+    maps = []
     for path in SUBID_FILES:
         try:
             text = Path(path).read_text()
         except OSError:
             text = ""
         entries = parse_subids(text)
-        base = subid_base(entries, account.pw_name, account.pw_uid)
-        if base is None:
+        extents = host_id_map(entries, account.pw_name, account.pw_uid)
+        if not extents:
             raise ByteBackError(f"account {account.pw_name} has no range of {SUBID_COUNT} ids in {path}; "
                                 "an administrator must run setup-client for this host again")
-        _refuse_shared_range(path, entries, account.pw_name, account.pw_uid, base)
-        bases.append(base)
-    return tuple(bases)
+        _refuse_shared_range(path, entries, account.pw_name, account.pw_uid, extents)
+        maps.append(extents)
+    return tuple(maps)
 
 
-def enter_user_namespace(uid_base: int, gid_base: int) -> None:
-    """Become root of a new user namespace whose ids 0-65535 are uid_base.. and gid_base..
+def enter_user_namespace(uid_map: Union[int, tuple], gid_map: Union[int, tuple]) -> None:
+    """Become root of a new user namespace over these maps (host_id_map's extents, or a
+    first id, for ids 0-65535 from it).
 
     A helper child writes the maps with newuidmap/newgidmap (they check
     /etc/subuid and /etc/subgid); this process keeps its pid, descriptors and
     locks, so rsync exec'd afterwards is still the forced command.
     """
+    maps = [((0, m, SUBID_COUNT),) if isinstance(m, int) else m for m in (uid_map, gid_map)]
     me = os.getpid()
     ready_r, ready_w = os.pipe()
     pid = os.fork()
@@ -5029,9 +5079,9 @@ def enter_user_namespace(uid_base: int, gid_base: int) -> None:
             os.close(ready_w)
             if os.read(ready_r, 1) == b"x":      # nothing: the parent could not unshare
                 code = 0
-                for mapper, base in zip(ID_MAPPERS, (uid_base, gid_base)):
+                for mapper, extents in zip(ID_MAPPERS, maps):
                     # stdout is rsync's protocol channel: the mappers' words go to stderr only
-                    code = code or Runner().run([mapper, str(me), "0", str(base), str(SUBID_COUNT)],
+                    code = code or Runner().run([mapper, str(me), *(str(n) for e in extents for n in e)],
                                                 check=False, capture=False,
                                                 stdin=subprocess.DEVNULL, stdout=2).returncode
         finally:
@@ -5048,7 +5098,7 @@ def enter_user_namespace(uid_base: int, gid_base: int) -> None:
     os.write(ready_w, b"x")
     os.close(ready_w)
     if not _child_succeeded(pid):
-        raise ByteBackError(f"newuidmap/newgidmap could not map ids {uid_base}- and {gid_base}- for this "
+        raise ByteBackError(f"newuidmap/newgidmap could not map ids {maps[0][0][1]}- and {maps[1][0][1]}- for this "
                             "host (see above); an administrator must run setup-client for it again")
     try:
         os.setresgid(0, 0, 0)
@@ -6054,7 +6104,8 @@ def _receiver_said(receiver: str, user: str, problem: Optional[str]) -> str:
     """setup-server's word on how new hosts' owners are kept (pure)."""
     if receiver == "userns":
         said = (f"receiver   userns: each new host gets an account of its own ({user}-<host>) whose rsync "
-                "keeps owners for real as root of a user namespace over the host's own 65536 ids; no "
+                f"keeps owners for real as root of a user namespace over the host's own {HOST_ID_COUNT} ids "
+                "(containers' subuids too); no "
                 "host's account can read or write another host's backups")
         # server.conf chose userns before; this machine may no longer allow it
         return said + (f"\nWARNING: server.conf says receiver = userns, but {problem}: the hosts set up so "

@@ -45,6 +45,12 @@ OTHER = "client2"
 PYTHON = "/usr/bin/python3"       # the server's own (the forced command's); root's may be out of reach
 
 
+def byteback_module():
+    sys.path.insert(0, str(REPO))
+    import byteback
+    return byteback
+
+
 def _subid_base(path: str, name: str) -> int:
     for line in Path(path).read_text().splitlines():
         owner, first, count = line.split(":")
@@ -125,7 +131,9 @@ def test_setup_gives_each_host_its_own_account_key_file_range_and_sudo_lines(use
         assert f"--host {host.name}" not in (remote.store / ".ssh" / "authorized_keys").read_text()
         sudo = run(["sudo", "-l", "-U", host.account], check=False).stdout
         assert f"snapshot --host {host.name}" in sudo and "setup-host" not in sudo and "*" not in sudo
-    assert abs(one.uid_base - two.uid_base) >= 65536
+    assert abs(one.uid_base - two.uid_base) >= byteback_module().HOST_ID_COUNT
+    for path in ("/etc/subuid", "/etc/subgid"):
+        assert f"{one.account}:{_subid_base(path, one.account)}:{2 ** 21}" in Path(path).read_text()
 
 
 def test_owners_modes_links_and_capabilities_are_kept_for_real_and_restored(userns, tmp_path):
@@ -181,6 +189,8 @@ def test_what_the_namespace_cannot_keep_is_a_warning_and_the_snapshot_is_taken(u
     (src / "plain").write_text("copied anyway\n")
     os.chown(src / "plain", 1000, 1000)
     os.mknod(src / "rootfs" / "dev" / "null", 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    (src / "rootfs" / "podman").write_text("a rootless container's file\n")
+    os.chown(src / "rootfs" / "podman", 200000, 200001)     # a usual subuid: inside a new host's range
     outside = 4_000_000_000                       # no host's range reaches it
     (src / "rootfs" / "far").write_text("a container's file\n")
     os.chown(src / "rootfs" / "far", outside, outside)
@@ -197,6 +207,8 @@ def test_what_the_namespace_cannot_keep_is_a_warning_and_the_snapshot_is_taken(u
     assert os.lstat(newest / "plain").st_uid == one.uid_base + 1000
     assert (newest / "rootfs" / "far").read_text() == "a container's file\n"
     assert os.lstat(newest / "rootfs" / "far").st_uid == one.uid_base          # kept, owned by root
+    st = os.lstat(newest / "rootfs" / "podman")
+    assert (st.st_uid, st.st_gid) == (one.uid_base + 200000, one.gid_base + 200001)
     assert not os.path.lexists(newest / "rootfs" / "dev" / "null")
 
     status = remote.run("status", "--nagios")
@@ -215,6 +227,8 @@ def test_what_the_namespace_cannot_keep_is_a_warning_and_the_snapshot_is_taken(u
     assert (back / "plain").read_text() == "copied anyway\n" and os.lstat(back / "plain").st_uid == 1000
     assert (back / "rootfs" / "far").read_text() == "a container's file\n"
     assert os.lstat(back / "rootfs" / "far").st_uid == 0
+    st = os.lstat(back / "rootfs" / "podman")
+    assert (st.st_uid, st.st_gid) == (200000, 200001)
     assert not os.path.lexists(back / "rootfs" / "dev" / "null")
 
     # The next backup without them: the warning is over, on both sides.
@@ -373,3 +387,44 @@ def test_a_raw_push_lands_in_its_own_current_and_a_restore_stays_in_its_host(use
         assert proc.returncode != 0 and "refused" in proc.stderr, proc
         assert not os.path.lexists(out)
     one.backup("--source", str(one.src)).check()      # its next backup is as before
+
+
+def test_a_host_set_up_with_65536_ids_keeps_working_and_grows_at_setup_client(userns, tmp_path):
+    """A host of an earlier version (one range of 65536): its backups go on, an id above its
+    range is a WARNING; setup-client run again adds a second range, and the next backup keeps
+    that owner for real while the owners already on disc keep their meaning."""
+    remote, _, _ = userns
+    config = tmp_path / "config-old"
+    config.mkdir(mode=0o700)
+    remote.setup_client(config, "oldhost")
+    old = Host(remote, "oldhost", config)
+    for path, flag, base in (("/etc/subuid", "subuids", old.uid_base), ("/etc/subgid", "subgids", old.gid_base)):
+        run(["usermod", f"--del-{flag}", f"{base}-{base + 2 ** 21 - 1}", old.account])
+        run(["usermod", f"--add-{flag}", f"{base}-{base + 65535}", old.account])
+        assert f"{old.account}:{base}:65536" in Path(path).read_text()
+    src = tmp_path / "tree"
+    src.mkdir()
+    (src / "user-file").write_text("a user's\n")
+    os.chown(src / "user-file", 1000, 1000)
+    (src / "podman").write_text("a container's\n")
+    os.chown(src / "podman", 200000, 200000)
+    result = old.backup("--source", str(src)).check()
+    assert "1 file kept owned by root" in result.stderr and f"{src}/podman" in result.stderr
+    stored = old.dir / "current" / str(src).lstrip("/")
+    assert os.lstat(stored / "user-file").st_uid == old.uid_base + 1000
+    assert os.lstat(stored / "podman").st_uid == old.uid_base
+
+    remote.setup_client(config, "oldhost")          # the administrator runs it again
+    ranges = [l for l in Path("/etc/subuid").read_text().splitlines() if l.startswith(f"{old.account}:")]
+    assert ranges[0] == f"{old.account}:{old.uid_base}:65536" and ranges[1].endswith(f":{2 ** 21 - 65536}")
+    grown = int(ranges[1].split(":")[1])
+    result = old.backup("--source", str(src)).check()
+    assert "WARNING" not in result.stderr, result.stderr
+    assert os.lstat(stored / "user-file").st_uid == old.uid_base + 1000          # unchanged meaning
+    assert os.lstat(stored / "podman").st_uid == grown + 200000 - 65536         # the second range
+    out = tmp_path / "back"
+    out.mkdir()
+    remote.run("restore", "--host", old.name, "--snapshot", old.snapshots()[-1], "--restore", "--same-owner",
+               "--to", str(out), f"{src}/**", config_dir=config).check()
+    back = out / str(src).lstrip("/")
+    assert os.lstat(back / "user-file").st_uid == 1000 and os.lstat(back / "podman").st_uid == 200000

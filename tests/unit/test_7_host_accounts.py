@@ -68,18 +68,44 @@ def test_an_accounts_range_is_found_by_name_or_uid_and_must_be_whole():
 
 def test_a_new_range_overlaps_no_range_and_no_real_id():
     taken = [(100000, 65536), (165536, 65536), (300000, 1000)]
-    assert byteback.free_subid_base(taken, []) == 231072
+    assert byteback.free_subid_base(taken, [], size=65536) == 231072
     # a real user's uid inside the next block pushes the range past it
     # (the block after it holds bob's 300000: the one after that)
-    assert byteback.free_subid_base(taken, [231072 + 5]) == 231072 + 2 * 65536
+    assert byteback.free_subid_base(taken, [231072 + 5], size=65536) == 231072 + 2 * 65536
     assert byteback.free_subid_base([], []) == byteback.SUBID_START
+    # a new host's whole range: the first block of 2^21 is taken, the next is free
+    assert byteback.free_subid_base(taken, []) == byteback.SUBID_START + byteback.HOST_ID_COUNT
+
+
+def test_a_thousand_hosts_fit_below_two_to_the_31():
+    taken = []
+    for _ in range(1000):
+        taken.append((byteback.free_subid_base(taken, []), byteback.HOST_ID_COUNT))
+    assert taken[-1][0] + byteback.HOST_ID_COUNT <= 2 ** 31
+
+
+def test_a_namespace_is_its_first_range_then_the_others_lowest_first_up_to_host_id_count():
+    count = byteback.HOST_ID_COUNT
+    new = [("bb-web1", 2197152, count)]
+    assert byteback.host_id_map(new, "bb-web1", 5) == ((0, 2197152, count),)
+    # set up with 65536 ids before, grown by setup-client: 0-65535 keep their meaning
+    grown = [("bb-web1", 165536, 65536), ("x", 100000, 65536), ("bb-web1", 4294000, count - 65536)]
+    assert byteback.host_id_map(grown, "bb-web1", 5) == ((0, 165536, 65536), (65536, 4294000, count - 65536))
+    assert byteback.host_id_map(grown[:2], "bb-web1", 5) == ((0, 165536, 65536),)     # not grown: still works
+    more = grown + [("5", 50000000, 10 ** 6), ("bb-web1", 9000000, 5)]
+    assert byteback.host_id_map(more, "bb-web1", 5) == (
+        (0, 165536, 65536), (65536, 4294000, count - 65536))                          # never past count
+    small_first = [("bb-web1", 300000, 1000), ("bb-web1", 400000, 65536)]
+    assert byteback.host_id_map(small_first, "bb-web1", 5) == ((0, 400000, 65536), (65536, 300000, 1000))
+    assert byteback.host_id_map([("bb-web1", 300000, 1000)], "bb-web1", 5) == ()
 
 
 @given(st.lists(st.tuples(st.integers(0, 2_000_000), st.integers(1, 200_000)), max_size=20),
-       st.lists(st.integers(0, 2_000_000), max_size=20))
-def test_a_new_range_never_overlaps_whatever_is_taken(taken, ids):
-    base = byteback.free_subid_base(taken, ids)
-    end = base + byteback.SUBID_COUNT
+       st.lists(st.integers(0, 2_000_000), max_size=20), st.sampled_from([65536, byteback.HOST_ID_COUNT - 65536,
+                                                                        byteback.HOST_ID_COUNT]))
+def test_a_new_range_never_overlaps_whatever_is_taken(taken, ids, size):
+    base = byteback.free_subid_base(taken, ids, size=size)
+    end = base + size
     assert base >= byteback.SUBID_START
     assert not any(first < end and base < first + count for first, count in taken)
     assert not any(base <= i < end for i in ids)
