@@ -5125,17 +5125,19 @@ def record_not_kept(store: Store, host: str, gaps: NotKept, namespace: Optional[
         log.warning("host %s: what its receiver could not keep was not recorded: %s", host, e)
 
 
-def read_not_kept(store: Store, host: str, newest: Optional[Snapshot]) -> Optional[NotKept]:
+def read_not_kept(store: Store, host: str, newest: Optional[Snapshot], now: dt.datetime) -> Optional[NotKept]:
     """What the host's newest snapshot lacks, as its complete recorded (root reads what the
-    host's account wrote: a regular file of NOT_KEPT_RECORD_MAX bytes, checked_not_kept's bounds, and
-    recorded no earlier than that snapshot was taken), else None."""
+    host's account wrote: a regular file of NOT_KEPT_RECORD_MAX bytes, checked_not_kept's bounds,
+    recorded after that snapshot was taken and not in the future), else None: a record ends
+    with the next snapshot, forged or not."""
     data = read_untrusted_json(store.not_kept_path(host), NOT_KEPT_RECORD_MAX) if newest else None
     try:
         gaps = checked_not_kept(data["devices"], data["owners"], data["examples"], data["time"])
     except (ValueError, KeyError, TypeError):
         return None
     recorded = _entry_time(gaps.time)
-    return gaps if gaps.total and recorded is not None and recorded >= newest.when else None
+    fresh = recorded is not None and newest.when <= recorded <= now + dt.timedelta(minutes=5)
+    return gaps if gaps.total and fresh else None
 
 
 def _sudoers_text(user: str, program: str, config_args: Sequence[str],
@@ -8130,7 +8132,7 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
             "database_warnings": snapshot_database_warnings(str(store.snapshot_path(snaps[-1])))
             if snaps else [],
         }
-        gaps = read_not_kept(store, host, snaps[-1] if snaps else None)
+        gaps = read_not_kept(store, host, snaps[-1] if snaps else None, now)
         hosts[host]["not_kept"] = not_kept_text(gaps) if gaps else None
     # What prune would contain, accept or roll back now, and why (the plan is pure: nothing changes).
     plan = plan_prune(read_prune_state(store, now, config.rsync_timeout), now=now, config=config)

@@ -428,3 +428,37 @@ def test_a_host_set_up_with_65536_ids_keeps_working_and_grows_at_setup_client(us
                "--to", str(out), f"{src}/**", config_dir=config).check()
     back = out / str(src).lstrip("/")
     assert os.lstat(back / "user-file").st_uid == 1000 and os.lstat(back / "podman").st_uid == 200000
+
+
+def test_what_a_host_account_plants_as_its_record_of_losses_root_reads_only_within_bounds(userns):
+    """The record of what a backup could not keep is the host account's to write: root's status
+    never follows a link or blocks on a FIFO there, never prints a forged escape, never lets a
+    big file hide from prune's count, never believes a record from the future, and one within
+    bounds speaks only for its own host, until its next snapshot."""
+    remote, one, two = userns
+    record = remote.store / ".byteback" / "sessions" / one.name / f"{one.name}.not-kept"
+    newest = one.snapshots()[-1]
+
+    def written(devices: int, owners: int, name: str, when: str = "$(date -Iseconds)") -> str:
+        text = f'{{"devices": {devices}, "owners": {owners}, "examples": ["{name}"], "time": "{when}"}}'
+        return 'echo "' + text.replace('"', '\\"') + f'" > {record}'
+
+    plants = {"symlink": f"ln -s /etc/shadow {record}", "fifo": f"mkfifo {record}",
+              "escape": written(1, 0, "\\u001b[2J\\u001b[31mOK"),
+              "future": written(0, 7, "/forged", "2999-01-01T00:00:00+00:00"),
+              "huge": f"head -c 1000000 /dev/zero > {record}"}
+    try:
+        for name, script in plants.items():
+            assert one.namespace_shell(f"rm -f {record}; {script}").returncode == 0, name
+            status = remote.server("status", "--store", str(remote.store))
+            assert "not kept" not in status.stdout and "\x1b" not in status.stdout, (name, status.stdout)
+            if name == "huge":     # not the record's size: counted, as anything else in sessions/
+                assert "belongs to no host's backups" in status.stdout, status.stdout
+        assert one.namespace_shell(f"rm -f {record}; {written(0, 7, '/forged')}").returncode == 0
+        nagios = remote.server("status", "--store", str(remote.store), "--nagios")
+        assert nagios.returncode == 1 and f"with files not kept as they are ({one.name})" in nagios.stdout
+        assert one.snapshots()[-1] == newest                  # nothing else moved
+        one.backup("--source", str(one.src)).check()         # its next snapshot ends it
+        assert "not kept" not in remote.server("status", "--store", str(remote.store), "--nagios").stdout
+    finally:
+        one.namespace_shell(f"rm -f {record}")

@@ -492,3 +492,21 @@ def test_complete_carries_what_was_not_kept_and_the_guard_reads_it_back():
 def test_complete_refuses_anything_else(words):
     with pytest.raises(byteback.Refused, match="complete"):
         byteback.check_receive_command(shlex.join(["complete", *words]))
+
+
+def test_a_server_from_before_that_refuses_the_words_is_asked_plain_complete(monkeypatch):
+    asked = []
+
+    def call_server(plan, verb, session=None):
+        asked.append(verb)
+        if verb == "complete":
+            return subprocess.CompletedProcess([], 0, "snapshot client1/x taken\n", "")
+        return subprocess.CompletedProcess([], 1, "", "byteback: refused: 'complete' with arguments is not a "
+                                                      "command byteback runs\n")
+
+    monkeypatch.setattr(byteback, "call_server", call_server)
+    proc = byteback._complete(None, None, byteback.NotKept(1, 0, ("/dev/x y",)))
+    assert proc.returncode == 0 and asked == ["complete --not-kept=1,0 '--example=/dev/x y'", "complete"]
+    asked.clear()
+    byteback._complete(None, None, byteback.NotKept())
+    assert asked == ["complete"]                     # nothing to tell: the bare word, once

@@ -1082,7 +1082,8 @@ def test_server_status_warns_while_the_newest_snapshot_lacks_files(capsys, tmp_p
     assert code == 0, captured.out
 
 
-@pytest.mark.parametrize("planted", ["symlink", "fifo", "huge", "deep", "count", "name", "type", "nesting"])
+@pytest.mark.parametrize("planted", ["symlink", "fifo", "huge", "deep", "count", "name", "type", "nesting",
+                                     "future", "older"])
 def test_root_reads_a_record_the_host_account_wrote_only_within_bounds(tmp_path, tiny, planted):
     tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
     path = tiny.store.not_kept_path("web1")
@@ -1098,10 +1099,12 @@ def test_root_reads_a_record_the_host_account_wrote_only_within_bounds(tmp_path,
         path.write_text("[" * 8000)
     else:
         field = {"count": {"owners": 10 ** 13}, "name": {"examples": ["\x1b[2J"]},
-                 "type": {"devices": True}, "nesting": {"examples": [["/x"]]}}[planted]
+                 "type": {"devices": True}, "nesting": {"examples": [["/x"]]},
+                 "future": {"time": (T + dt.timedelta(days=400)).isoformat()},
+                 "older": {"time": (T - dt.timedelta(hours=3)).isoformat()}}[planted]
         _record(tiny.store, "web1", **field)
     newest = tiny.store.snapshots("web1")[-1]
-    assert byteback.read_not_kept(tiny.store, "web1", newest) is None
+    assert byteback.read_not_kept(tiny.store, "web1", newest, T) is None
     assert byteback.server_status(tiny.store, byteback.ServerConfig(), T)["hosts"]["web1"]["not_kept"] is None
 
 
@@ -1110,4 +1113,5 @@ def test_a_record_is_kept_by_complete_after_its_snapshot(tmp_path, tiny):
     with freeze_time(T):
         byteback.record_not_kept(tiny.store, "web1", byteback.NotKept(0, 3, ("/a", "/b")), None)
     newest = tiny.store.snapshots("web1")[-1]
-    assert byteback.read_not_kept(tiny.store, "web1", newest) == byteback.NotKept(0, 3, ("/a", "/b"), T.isoformat())
+    assert byteback.read_not_kept(tiny.store, "web1", newest, T) == byteback.NotKept(0, 3, ("/a", "/b"), T.isoformat())
+    assert byteback.read_not_kept(tiny.store, "web1", newest, T - dt.timedelta(hours=1)) is None   # from the future
