@@ -3230,7 +3230,59 @@ class SubvolumeUsage(NamedTuple):
     metadata: int      # bytes of tree items (inodes, names, xattrs, inline data) changed after `since`
     generation: int    # the newest transaction any of its leaves was written in
     linked: int        # names of regular files that share their inode (full walks only)
-    shared_written: int = 0   # inodes of more than one name, made before `since`, changed after it
+    shared: tuple = ()  # SharedInode: inodes of more than one name, made before `since`, written after it
+
+
+# btrfs_inode_item past _INODE_ITEM: rdev, flags (@56), mtime (@136: seconds, nanoseconds)
+_INODE_REST = struct.Struct("<56xQQ64xQI")
+
+
+class SharedInode:
+    """One inode's items as a change of its names alone leaves them: its stat (not its
+    link count, change or access time), its xattrs and its data extents, whole.
+
+    written: one of those xattrs or extents was written at `since` or later.
+    Pure: made from the kernel's buffers.  BtrfsStore.take_snapshot compares an
+    inode of current with the same inode in the last snapshot (shared_inode_changed).
+    """
+    __slots__ = ("inode", "made", "nlink", "stat", "items", "written")
+
+    def __init__(self, inode: int, buf, item: int, length: int):
+        made, _written, size, nbytes, _bg, nlink, uid, gid, mode = _INODE_ITEM.unpack_from(buf, item)
+        rest = _INODE_REST.unpack_from(buf, item) if length >= _INODE_REST.size else None
+        self.inode, self.made, self.nlink = inode, made, nlink
+        self.stat = (size, nbytes, uid, gid, mode, rest)
+        self.items: list = []
+        self.written = False
+
+    def add(self, kind: int, offset: int, buf, item: int, length: int, since: int) -> None:
+        """Take one of the inode's xattr or extent items (others change with its names)."""
+        if kind == BTRFS_EXTENT_DATA and length >= 8:
+            self.written = self.written or struct.unpack_from("<Q", buf, item)[0] >= since
+        elif kind == BTRFS_XATTR_ITEM and length >= _DIR_ITEM_TRANSID.size:
+            # An xattr replaced in place keeps its item's transid: its bytes tell.
+            self.written = self.written or _DIR_ITEM_TRANSID.unpack_from(buf, item)[0] >= since
+        else:
+            return
+        self.items.append((kind, offset, bytes(buf[item:item + length])))
+
+
+def shared_inode_changed(now: SharedInode, before: Optional[SharedInode]) -> bool:
+    """Whether a run's writes to an inode that several names share in current may have
+    reached a name the client did not change (pure; BtrfsStore.take_snapshot).
+
+    before: the same inode in the last snapshot, which current was when the run
+    began (an unfinished run's walk gave every hard-linked name an inode of its
+    own).  Not when it had one name there: rsync -H links a group's other names
+    only after it wrote the first.  Not when only names were added or removed
+    (rsync -H linking a new name, --delete, a package upgrade): its data,
+    xattrs and stat are as they were.  An inode not found there is counted.
+    """
+    if before is None or before.made != now.made:
+        return True
+    if before.nlink < 2:
+        return False
+    return now.written or now.stat != before.stat or now.items != before.items
 
 
 class SubvolumeTally:
@@ -3247,9 +3299,11 @@ class SubvolumeTally:
 
     def __init__(self, since: int):
         self.since = since
-        self.size = self.data = self.metadata = self.generation = self.linked = self.shared_written = 0
+        self.size = self.data = self.metadata = self.generation = self.linked = 0
         self._inode, self._inode_changed = -1, False
         self._extents: set = set()
+        self._shared: List[SharedInode] = []
+        self._this_shared: Optional[SharedInode] = None     # the inode being read, if one of them
 
     def add(self, buf, count: int) -> Optional[tuple]:
         """Take `count` records of a search buffer; return the last key (objectid, type, offset).
@@ -3272,7 +3326,9 @@ class SubvolumeTally:
             if transid > self.generation:
                 self.generation = transid
             if objectid != self._inode:
-                self._inode, self._inode_changed = objectid, False
+                self._inode, self._inode_changed, self._this_shared = objectid, False, None
+            elif self._this_shared is not None and kind in (BTRFS_EXTENT_DATA, BTRFS_XATTR_ITEM):
+                self._this_shared.add(kind, offset, buf, item, length, since)
             changed = False
             if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
                 made, written, isize, _nbytes, _bg, nlink, _uid, _gid, mode = inode_item(buf, item)
@@ -3284,7 +3340,8 @@ class SubvolumeTally:
                 if changed and nlink > 1 and made < since and mode & 0o170000 != 0o040000:
                     # An inode the names of an older backup share, written by this one:
                     # see BtrfsStore.take_snapshot.
-                    self.shared_written += 1
+                    self._this_shared = SharedInode(objectid, buf, item, length)
+                    self._shared.append(self._this_shared)
             elif kind == BTRFS_EXTENT_DATA and length >= 21:
                 changed = struct.unpack_from("<Q", buf, item)[0] >= since
                 if changed and length >= _EXTENT_ITEM.size:
@@ -3303,7 +3360,7 @@ class SubvolumeTally:
 
     def usage(self) -> SubvolumeUsage:
         return SubvolumeUsage(self.size, self.data, self.metadata, self.generation, self.linked,
-                              self.shared_written)
+                              tuple(self._shared))
 
 
 def _next_key(objectid: int, kind: int, offset: int) -> Optional[tuple]:
@@ -3333,6 +3390,48 @@ def search_tree(fd: int, take: Callable[[memoryview, int], Optional[tuple]], *, 
         count = struct.unpack_from("<I", args, 64)[0]      # nr_items: how many came back
         end = take(records, count) if count else None
         key = _next_key(*end) if end and end < last else None
+
+
+def _search_records(buf, count: int) -> Iterator[tuple]:
+    """(objectid, type, offset, item's position, item's length) of a search buffer's records.
+
+    A record that claims more bytes than the buffer holds ends the buffer
+    (the kernel never writes one)."""
+    pos, end = 0, len(buf)
+    for _ in range(count):
+        if pos + _SEARCH_HEADER.size > end:
+            return
+        _transid, objectid, offset, kind, length = _SEARCH_HEADER.unpack_from(buf, pos)
+        item, pos = pos + _SEARCH_HEADER.size, pos + _SEARCH_HEADER.size + length
+        if pos > end:
+            return
+        yield objectid, kind, offset, item, length
+
+
+class InodeReader:
+    """search_tree's take for the items of one inode: the SharedInode they make (pure)."""
+
+    def __init__(self):
+        self.inode: Optional[SharedInode] = None
+
+    def take(self, buf, count: int) -> Optional[tuple]:
+        last = None
+        for objectid, kind, offset, item, length in _search_records(buf, count):
+            last = objectid, kind, offset
+            if self.inode is not None:
+                self.inode.add(kind, offset, buf, item, length, _U64_MAX)
+            elif kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
+                self.inode = SharedInode(objectid, buf, item, length)
+        return last
+
+
+def read_inode(fd: int, inode: int) -> Optional[SharedInode]:
+    """One inode of the subvolume holding fd, as SharedInode (None: there is none).
+    Root only.  Raises OSError."""
+    reader = InodeReader()
+    search_tree(fd, reader.take, first=(inode, BTRFS_INODE_ITEM, 0), last=(inode, BTRFS_EXTENT_DATA, _U64_MAX),
+                buffer=64 * 1024)
+    return reader.inode
 
 
 def search_subvolume(fd: int, tally: SubvolumeTally, min_transid: int = 0, tree: int = 0) -> SubvolumeUsage:
@@ -3392,14 +3491,8 @@ def _child_subvolumes(fd: int, parent: int) -> List[tuple]:
     found: List[tuple] = []
 
     def take(buf, count: int) -> Optional[tuple]:
-        pos, end, last = 0, len(buf), None
-        for _ in range(count):
-            if pos + _SEARCH_HEADER.size > end:
-                break
-            _transid, objectid, offset, kind, length = _SEARCH_HEADER.unpack_from(buf, pos)
-            item, pos = pos + _SEARCH_HEADER.size, pos + _SEARCH_HEADER.size + length
-            if pos > end:
-                break
+        last = None
+        for objectid, kind, offset, item, length in _search_records(buf, count):
             last = objectid, kind, offset
             if kind == BTRFS_ROOT_REF and objectid == parent and length >= _ROOT_REF.size:
                 dirid, _sequence, name_len = _ROOT_REF.unpack_from(buf, item)
@@ -4073,7 +4166,8 @@ class BtrfsStore(Store):
         current = self.current(host)
         planted, planted_bytes = self.remove_planted(current)
         usage, added = measure_subvolume(current, written_since(previous), full=True)
-        if usage.shared_written:
+        changed = self._shared_changed(host, usage.shared)
+        if changed:
             # rsync writes current in place (--inplace), and writes a file's
             # attributes by name: a file the client split off from a hard-link
             # group was written into the inode its old partners still share
@@ -4082,7 +4176,7 @@ class BtrfsStore(Store):
             # of its own first (unshare_current: only a resumed run does);
             # the next push is resumed and does, and its rsync then puts
             # right every name that differs from the client.
-            raise AnotherPass(f"{usage.shared_written} hard-linked files in current were changed by this "
+            raise AnotherPass(f"{changed} hard-linked files in current were changed by this "
                               "backup; rsync must copy once more, each name on an inode of its own "
                               "(the next backup does that by itself)")
         host_dir = self.host_dir(host)
@@ -4103,6 +4197,25 @@ class BtrfsStore(Store):
             record.update(planted=planted, planted_bytes=planted_bytes)    # status warns of it
         return record
 
+
+    def _shared_changed(self, host: str, shared: Sequence[SharedInode]) -> int:
+        """How many of the shared inodes a run wrote changed more than their names, against
+        the same inodes in the newest snapshot (shared_inode_changed); all where it cannot tell."""
+        snaps = self.snapshots(host) if shared else []
+        if not snaps or not is_btrfs_subvolume(self.snapshot_path(snaps[-1])):
+            return len(shared)
+        try:
+            fd = os.open(self.snapshot_path(snaps[-1]), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return len(shared)
+        try:
+            return sum(shared_inode_changed(now, read_inode(fd, now.inode)) for now in shared)
+        except OSError as e:
+            log.warning("host %s: cannot read snapshot %s's tree (%s): every hard-linked file this "
+                        "backup wrote counts as changed", host, snaps[-1].name, e.strerror)
+            return len(shared)
+        finally:
+            os.close(fd)
 
     def is_read_only(self, path: Path) -> bool:
         return subvolume_info_at(path).read_only

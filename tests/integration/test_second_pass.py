@@ -119,3 +119,72 @@ def test_the_previous_client_reads_the_new_pong(remote, previous_client, tmp_pat
     result = backup(remote, src, previous_client).check()
     assert "server: pong byteback" in result.stderr, result.stderr
     assert contents(stored(new_snapshot(remote, before), src)) == {"a": b"a\n"}
+
+
+def _stat_xattr(path: Path) -> bytes:
+    """The owner and mode --fake-super keeps for a stored file."""
+    return os.getxattr(path, "user.rsync.%stat", follow_symlinks=False)
+
+
+def test_names_added_to_or_removed_from_a_group_cost_no_second_pass(remote, tmp_path):
+    """rsync -H linking one more name, or --delete removing one, rewrites the inode's link
+    count only: its data, xattrs and stat are as in the last snapshot."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "b").write_bytes(b"shared\n")
+    os.link(src / "b", src / "b-link")
+    backup(remote, src).check()
+    first = remote.host_dir / remote.snapshots()[-1]
+
+    os.link(src / "b", src / "b-link2")                 # a name added to the group
+    before = remote.snapshots()
+    added = backup(remote, src).check()
+    assert "again:" not in added.stderr and "copying once more" not in added.stderr, added.stderr
+    snap = new_snapshot(remote, before)
+    inodes = {os.stat(stored(snap, src) / n).st_ino for n in ("b", "b-link", "b-link2")}
+    assert len(inodes) == 1 and contents(stored(snap, src)) == contents(src)
+
+    (src / "b-link").unlink()                           # and one removed
+    before = remote.snapshots()
+    removed = backup(remote, src).check()
+    assert "again:" not in removed.stderr and "copying once more" not in removed.stderr, removed.stderr
+    assert contents(stored(new_snapshot(remote, before), src)) == {"b": b"shared\n", "b-link2": b"shared\n"}
+    assert contents(stored(first, src)) == {"b": b"shared\n", "b-link": b"shared\n"}
+
+
+def test_a_group_edited_in_place_and_given_a_name_is_stored_in_one_pass_when_it_had_one_name(remote, tmp_path):
+    """An inode of one name at the last snapshot: rsync -H writes it, then links the new name."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(b"old\n")
+    backup(remote, src).check()
+    (src / "a").write_bytes(b"new, and linked\n")
+    os.link(src / "a", src / "a-link")
+    before = remote.snapshots()
+    result = backup(remote, src).check()
+    assert "copying once more" not in result.stderr, result.stderr
+    assert contents(stored(new_snapshot(remote, before), src)) == contents(src)
+
+
+def test_a_file_split_off_with_only_a_new_mode_asks_for_the_second_pass(remote, tmp_path):
+    """The same data and mtime, another mode: rsync sets the mode by name, into the xattr the
+    old partner shares (replaced in place, its item's transid unchanged)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "b").write_bytes(b"shared\n")
+    (src / "b").chmod(0o644)
+    os.link(src / "b", src / "b-link")
+    backup(remote, src).check()
+    linked = remote.host_dir / remote.snapshots()[-1]
+    old_mode = _stat_xattr(stored(linked, src) / "b-link")
+
+    subprocess.run(["cp", "-p", str(src / "b"), str(src / "b.new")], check=True)
+    os.replace(src / "b.new", src / "b")
+    (src / "b").chmod(0o600)
+    before = remote.snapshots()
+    result = backup(remote, src).check()
+    assert "again: 1 hard-linked files in current were changed" in result.stderr, result.stderr
+    snap = new_snapshot(remote, before)
+    assert _stat_xattr(stored(snap, src) / "b-link") == old_mode
+    assert _stat_xattr(stored(snap, src) / "b") != old_mode
+    assert _stat_xattr(stored(linked, src) / "b") == old_mode

@@ -446,8 +446,70 @@ def test_tally_counts_the_old_shared_inodes_a_run_wrote():
         _record(20, 304, 1, _linked_inode(3, 20, 2, mode=0o120777)),   # a hard-linked symlink counts too
     ]
     usage, _ = _tally(records, since=10)
-    assert usage.shared_written == 2
-    assert _tally(records, since=0)[0].shared_written == 0      # a first backup: nothing is old
+    assert [inode.inode for inode in usage.shared] == [300, 304]
+    assert _tally(records, since=0)[0].shared == ()            # a first backup: nothing is old
+
+
+def _shared(*items, since=10, made=3, nlink=2, written=20, mtime=500, uid=0):
+    """The SharedInode the tally makes of inode 300 with these xattr/extent records after it."""
+    inode = (struct.pack("<QQQQQIIII", made, written, 7, 7, 0, nlink, uid, 0, 0o100644)
+             + bytes(80) + struct.pack("<QI", mtime, 0) + bytes(12))
+    usage, _ = _tally([_record(written, 300, 1, inode)]
+                      + [_record(written, 300, kind, item, offset) for kind, item, offset in items], since)
+    (shared,) = usage.shared or (None,)
+    return shared
+
+
+def _before(*items, made=3, nlink=2, mtime=500, uid=0):
+    """The same inode as the last snapshot holds it (nothing there is written since)."""
+    inode = (struct.pack("<QQQQQIIII", made, 5, 7, 7, 0, nlink, uid, 0, 0o100644)
+             + bytes(80) + struct.pack("<QI", mtime, 0) + bytes(12))
+    reader = byteback.InodeReader()
+    records = [_record(5, 300, 1, inode)] + [_record(5, 300, kind, item, offset) for kind, item, offset in items]
+    reader.take(b"".join(records), len(records))
+    return reader.inode
+
+
+OLD_EXTENT = (108, _extent(4, 1 << 20, 4096), 0)
+OLD_XATTR = (24, _name_item(4, b"user.rsync.%stat", b"100644 0,0 0:0"), 77)
+
+
+@pytest.mark.parametrize("now,before,changed", [
+    # Only names added or removed (rsync -H linking one more, --delete, a package upgrade): not counted.
+    (dict(), dict(), False),
+    (dict(nlink=3), dict(), False), (dict(), dict(nlink=3), False),
+    # The data rewritten through it (a file split off from its group, written in place): counted.
+    (dict(items=[(108, _extent(20, 2 << 20, 4096), 0), OLD_XATTR]), dict(), True),
+    (dict(items=[(108, _inline(20, b"new"), 0), OLD_XATTR]), dict(items=[(108, _inline(4, b"old"), 0), OLD_XATTR]),
+     True),
+    # An xattr set by name (fake-super's owner and mode), even replaced in place with its old transid.
+    (dict(items=[OLD_EXTENT, (24, _name_item(20, b"user.rsync.%stat", b"100600 0,0 0:0"), 77)]), dict(), True),
+    (dict(items=[OLD_EXTENT, (24, _name_item(4, b"user.rsync.%stat", b"100600 0,0 0:0"), 77)]), dict(), True),
+    (dict(items=[OLD_EXTENT]), dict(), True),                              # an xattr removed
+    # Its stat set by name: mtime, owner.
+    (dict(mtime=501), dict(), True), (dict(uid=1000), dict(), True),
+    # It had one name at the last snapshot: rsync -H linked the others after writing it.
+    (dict(items=[(108, _extent(20, 2 << 20, 4096), 0)]), dict(nlink=1), False),
+    # Not the same inode there (another made at another time), or none: counted.
+    (dict(), dict(made=2), True), (dict(), None, True),
+])
+def test_a_shared_inode_counts_only_if_more_than_its_names_changed(now, before, changed):
+    """What BtrfsStore.take_snapshot refuses with 'again:', and what it lets through."""
+    items = now.pop("items", [OLD_EXTENT, OLD_XATTR])
+    mine = _shared(*items, **now)
+    theirs = None if before is None else _before(*before.pop("items", [OLD_EXTENT, OLD_XATTR]), **before)
+    assert byteback.shared_inode_changed(mine, theirs) is changed
+
+
+def test_a_shared_inode_remembers_its_items_across_buffers():
+    """The tally is fed buffer by buffer: an inode's extents may come in the next one."""
+    inode = (struct.pack("<QQQQQIIII", 3, 20, 7, 7, 0, 2, 0, 0, 0o100644) + bytes(104))
+    tally = byteback.SubvolumeTally(10)
+    tally.add(_record(20, 300, 1, inode), 1)
+    tally.add(b"".join([_record(20, 300, 108, _extent(4, 1 << 20, 4096)), _record(20, 301, 1, _inode(20, 2)),
+                        _record(20, 301, 108, _extent(20, 2 << 20, 4096))]), 3)
+    (shared,) = tally.usage().shared
+    assert [kind for kind, _, _ in shared.items] == [108] and not shared.written
 
 
 def test_unshare_gives_every_name_of_a_shared_inode_its_own(tiny):
