@@ -26,7 +26,9 @@ The runs of the three take turns, so load from elsewhere on the machine falls
 on all of them alike.  Also measured: the store's disc use after a no-change
 backup minus before (statvfs after `btrfs filesystem sync`, per run) and the
 client's peak RSS (the largest process of the backup: byteback or its rsync
-or ssh).  The targets (TARGETS below) are checked at the end; the test fails
+or ssh), and in each 1 % round whether the backup copied twice (the `again:`
+pass, seen as the walk's new inode for a hard-linked name in current) beside
+how many hard-linked files were among those changed.  The targets (TARGETS below) are checked at the end; the test fails
 past any of them and prints every figure either way.
 """
 from __future__ import annotations
@@ -95,15 +97,15 @@ def build_tree(root: Path, files: int, mib: int, seed: int = 14) -> list:
     return paths
 
 
-def change_files(root: Path, paths: list, fraction: float, rng: random.Random) -> int:
-    """Rewrite `fraction` of the files (same size, new content and mtime); return how many."""
+def change_files(root: Path, paths: list, fraction: float, rng: random.Random) -> list:
+    """Rewrite `fraction` of the files (same size, new content and mtime); return which."""
     chosen = rng.sample(paths, max(1, int(len(paths) * fraction)))
     for rel in chosen:
         path = root / rel
         size = path.stat().st_size
         with open(path, "r+b") as f:          # in place: hard links and owners stay
             f.write(os.urandom(min(size, 4096)))
-    return len(chosen)
+    return chosen
 
 
 # --- running and measuring ----------------------------------------------------
@@ -160,6 +162,8 @@ class Bench:
         self.tree_rss = []       # its largest process (rsync, ssh or itself)
         self.raw_rss = []
         self.space = []
+        self.second_passes = []  # per 1 % round: did the backup copy twice (the `again:` pass)?
+        self.linked_changed = []  # per 1 % round: hard-linked files among those changed
 
     def raw(self, flags: str, dest: str) -> float:
         argv = ["rsync", flags, "--numeric-ids", "-e", self.rsh, "--rsync-path", "sudo -n rsync",
@@ -186,8 +190,19 @@ class Bench:
             before = disc_used(self.remote.store)
             self.note("byteback", run, self.backup())
             self.space.append((disc_used(self.remote.store) - before) / (1 << 20))
+        elif run == "changed":
+            # The `again:` pass walks current, which gives every hard-linked name there
+            # a new inode: a name's inode before and after tells whether it ran.
+            probe = self._linked_in_current()
+            before = os.lstat(probe).st_ino if probe else None
+            self.note("byteback", run, self.backup())
+            self.second_passes.append(bool(probe) and os.lstat(probe).st_ino != before)
         else:
             self.note("byteback", run, self.backup())
+
+    def _linked_in_current(self):
+        current = self.remote.host_dir / "current" / str(self.tree).lstrip("/")
+        return next((p for p in current.rglob("*.link")), None)
 
     def restore_round(self, rel: str) -> None:
         out_raw, out_bb = self.work / "raw-out", self.work / "bb-out"
@@ -233,6 +248,11 @@ def report(bench: Bench, figures: dict) -> str:
         ahx = m("aHX", run) if ("aHX", run) in bench.times else None
         lines.append(f"  {run:<14}{a:>9.2f}s{(f'{ahx:.2f}s' if ahx else '-'):>12}{bb:>9.2f}s"
                      f"{bb / a:>7.2f}x{(f'{bb / ahx:.2f}x' if ahx else '-'):>8}")
+    rounds = ", ".join(f"{t:.2f}s ({'2 passes' if twice else '1 pass'}, {n} hard-linked changed)"
+                       for t, twice, n in zip(bench.times[("byteback", "changed")], bench.second_passes,
+                                              bench.linked_changed))
+    lines.append(f"  1 % rounds with a second rsync pass (again:): {sum(bench.second_passes)} of "
+                 f"{len(bench.second_passes)}: {rounds}")
     lines.append(f"  server space per no-change backup: {figures['space']:.2f} MiB "
                  f"(runs: {', '.join(f'{s:.2f}' for s in bench.space)})")
     lines.append(f"  client peak RSS: byteback {figures['rss']:.1f} MiB; its largest process "
@@ -266,7 +286,8 @@ def run_benchmark() -> tuple:
                 bench.round("nochange")
             rng = random.Random(1)
             for _ in range(REPEAT):
-                change_files(tree, paths, 0.01, rng)
+                changed = change_files(tree, paths, 0.01, rng)
+                bench.linked_changed.append(sum(os.lstat(tree / rel).st_nlink > 1 for rel in changed))
                 bench.round("changed")
             big = next(p for p in paths if p.name.startswith("big"))
             for _ in range(REPEAT):
