@@ -205,9 +205,10 @@ def format_table(rows: Sequence[Sequence[str]]) -> str:
     """Rows of cells as aligned columns two spaces apart; the last column runs free."""
     if not rows:
         return ""
-    widths = [max(len(r[k]) for r in rows) for k in range(len(rows[0]) - 1)]
-    return "\n".join(("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1]).rstrip()
-                     for r in rows)
+    # One %-format a line (prune --list writes one for each of 100,000 snapshots).
+    widths = [max(map(len, column)) for column in itertools.islice(zip(*rows), len(rows[0]) - 1)]
+    line = "".join(f"%-{w}s  " for w in widths) + "%s"
+    return "\n".join([(line % tuple(r)).rstrip() for r in rows])
 
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -1131,12 +1132,32 @@ class Decision(NamedTuple):
     reason: str
 
 
+_DECISION_SNAPSHOT = operator.itemgetter(0)
+
+
 def age_days(snap: Snapshot, now: dt.datetime) -> float:
     return (now - snap.when).total_seconds() / DAY
 
 
+_DAYS_TEXT: Dict[int, str] = {}     # whole hours -> format_duration's text for them ('3d 4h')
+
+
 def _describe_age(days: float) -> str:
-    return format_duration(days * DAY) if days >= 1 / 24 else "under an hour"
+    """An age in days as a person reads it: format_duration's text, or 'under an hour'.
+
+    prune --list writes two or three of these a line for every snapshot: past
+    a day the text depends on the whole hours only, so each is formatted once."""
+    if days < 1 / 24:
+        return "under an hour"
+    seconds = int(max(0, days * DAY))
+    if seconds < 86400:
+        return format_duration(seconds)
+    text = _DAYS_TEXT.get(seconds // 3600)
+    if text is None:
+        if len(_DAYS_TEXT) > 1 << 17:
+            _DAYS_TEXT.clear()
+        text = _DAYS_TEXT[seconds // 3600] = format_duration(seconds)
+    return text
 
 
 def claim_targets(ages: Sequence[float], targets: Sequence[float]) -> Dict[int, int]:
@@ -1253,6 +1274,11 @@ def backup_interval(ages: Sequence[float]) -> float:
     return spacing[len(spacing) // 2] if spacing else 0.0
 
 
+def _ages(snaps: Sequence[Snapshot], now: dt.datetime) -> List[float]:
+    """Each snapshot's age in days, the very floats age_days gives."""
+    return [(now - s.when).total_seconds() / DAY for s in snaps]
+
+
 def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
                           targets: Sequence[float], interval: float) -> Optional[HostStep]:
     """The least important snapshot of one host (oldest first in snaps), or None for one snapshot.
@@ -1264,8 +1290,14 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
     oldest snapshot goes last of all.
     """
     youngest_first = snaps[::-1]
-    ages = [(now - s.when).total_seconds() / DAY for s in youngest_first]
-    ordered_targets = sorted(targets)
+    found = _importance_step(youngest_first, _ages(youngest_first, now), sorted(targets), interval)
+    return found[1] if found else None
+
+
+def _importance_step(youngest_first: Sequence[Snapshot], ages: Sequence[float],
+                     ordered_targets: Sequence[float], interval: float) -> Optional[tuple]:
+    """_importance_candidate of the snapshots youngest_first, whose ages (days) are given:
+    (its index in youngest_first, the HostStep), or None for one snapshot."""
     claims = claim_targets(ages, ordered_targets)
     last = len(ages) - 1
     if last < 1:
@@ -1278,17 +1310,18 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
                  for i in range(1, last) if i not in claims]
     if unclaimed:
         relative, age, best = min(unclaimed)
-        return HostStep((0, relative, age), youngest_first[best],
-                        Reason(_gap_reason, (age, ages[best + 1] - ages[best - 1], relative)))
+        return best, HostStep((0, relative, age), youngest_first[best],
+                              Reason(_gap_reason, (age, ages[best + 1] - ages[best - 1], relative)))
     held = [(-k, -ages[i], i) for i, k in claims.items() if 0 < i < last]
     if held:
         minus_k, minus_age, best = min(held)
-        return HostStep((1, minus_k, minus_age), youngest_first[best],
-                        Reason(_target_reason, (ordered_targets[-minus_k], -minus_k, len(ordered_targets))))
-    return HostStep((2, 0.0, -ages[last]), youngest_first[last], Reason(_oldest_reason, ()))
+        return best, HostStep((1, minus_k, minus_age), youngest_first[best],
+                              Reason(_target_reason, (ordered_targets[-minus_k], -minus_k, len(ordered_targets))))
+    return last, HostStep((2, 0.0, -ages[last]), youngest_first[last], Reason(_oldest_reason, ()))
 
 
 _SNAPSHOT_TIME = operator.attrgetter("when")
+_SNAPSHOT_NAME = operator.attrgetter("name")
 _NO_GAP = float("inf")
 _new_step = tuple.__new__    # HostStep and Reason without their Python-level __new__: simulate's hot loop
 
@@ -1383,21 +1416,20 @@ def host_deletion_order(snaps: Iterable[Snapshot], *, now: dt.datetime, order: s
     if len(left) < 2:
         return
     youngest_first = left[::-1]
-    ages = [(now - s.when).total_seconds() / DAY for s in youngest_first]
-    claims = claim_targets(ages, sorted(targets))
+    ages = _ages(youngest_first, now)
+    ordered_targets = sorted(targets)
+    claims = claim_targets(ages, ordered_targets)
     # One interval for every step: each step's scores are those of the store as given.
     interval = backup_interval(ages)
-    gone = set()
-    for step in _in_batches(_thinning_steps(youngest_first, ages, claims, interval)):
-        yield step
-        gone.add(step.snapshot)
+    yield from _in_batches(_thinning_steps(youngest_first, ages, claims, interval))
     # Every snapshot left holds a target, or is the newest or the oldest: at
     # most len(targets) + 2 of them, so each step may start afresh.
-    left = [s for s in left if s not in gone]
-    while len(left) > 1:
-        step = _importance_candidate(left, now, targets, interval)
+    kept = sorted({0, len(ages) - 1, *claims})
+    young, ages = [youngest_first[i] for i in kept], [ages[i] for i in kept]
+    while len(young) > 1:
+        i, step = _importance_step(young, ages, ordered_targets, interval)
         yield step
-        left.remove(step.snapshot)
+        del young[i], ages[i]
 
 
 def deletion_order(snapshots: Iterable[Snapshot], *, now: dt.datetime, order: str = "importance",
@@ -1911,7 +1943,7 @@ class _HostView:
         self.facts, self.settings, self.entries = facts, settings, entries
         self.counted, self.normal, self.share = counted, normal, share     # share: its share's normal
         self.mean = _normal_mean(counted, normal, settings[0])
-        self.deletable: Optional[tuple] = None     # (unit, keep_oldest, {name: bytes}, their sum), when asked
+        self.deletable: Optional[tuple] = None     # (unit, keep_oldest, _view_deletable), when asked
         self.part: Optional[tuple] = None          # (mean, force, _host_part), when the clock played no part
 
 
@@ -1945,17 +1977,18 @@ def _host_views(hosts: Dict[str, HostFacts], config: "ServerConfig") -> Dict[str
     return views
 
 
-def _view_deletable(view: _HostView, unit: int, keep_oldest: bool = False) -> tuple:
-    """({name: bytes deleting it frees} for every snapshot but the newest (and the oldest
-    where it is kept), their sum).
+def _view_deletable(view: _HostView, unit: int, keep_oldest: bool = False) -> int:
+    """What the host's snapshots can give back: the bytes deleting each would free, summed over
+    every snapshot but the newest (and the oldest where it is kept).
 
-    A snapshot with no size recorded (taken over, or its entry was lost) counts as a
-    normal backup (unit); with no history at all, fairness by bytes is fairness by count."""
+    A snapshot's bytes are its entry's in view.entries.held, or, with no size recorded
+    (taken over, or its entry was lost), a normal backup (unit); with no history at all,
+    fairness by bytes is fairness by count."""
     if view.deletable is None or view.deletable[:2] != (unit, keep_oldest):
-        held = view.entries.held
-        deletable = {s.name: held.get(s.name, unit) for s in view.facts.snapshots[1 if keep_oldest else 0:-1]}
-        view.deletable = (unit, keep_oldest, deletable, sum(deletable.values()))
-    return view.deletable[2], view.deletable[3]
+        held, snaps = view.entries.held, view.facts.snapshots[1 if keep_oldest else 0:-1]
+        total = sum(map(held.get, map(_SNAPSHOT_NAME, snaps), itertools.repeat(unit))) if held else unit * len(snaps)
+        view.deletable = (unit, keep_oldest, total)
+    return view.deletable[2]
 
 
 def _excess(entry: dict, normal: float) -> int:
@@ -2132,7 +2165,7 @@ def _unpaid_uploads(pending: List[Acceptance], views: Dict[str, _HostView], w: D
     with all its history given back: the deletions would stop at that host (_fair_steps)
     while the disc is short, and an upload that never completes (a fill) would keep the
     free space every other host needs."""
-    held = {h: _view_deletable(v, max(1, int(means[h])), keep_oldest)[1] for h, v in views.items()}
+    held = {h: _view_deletable(v, max(1, int(means[h])), keep_oldest) for h, v in views.items()}
     disc = free_for_claims + sum(extra[h] + held[h] for h in views)
     fair = disc / (sum(w.values()) or 1.0)
     return [a for a in pending if extra[a.host] + room[a.host] > fair * w[a.host]]
@@ -2148,76 +2181,81 @@ def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callabl
     more often than it deletes)."""
     hosts = state.hosts
     w = weights()
-    deletable: Dict[str, Dict[str, int]] = {}
     claims: Dict[str, float] = {}
     keep_oldest = order == "importance"
-    for h, f in hosts.items():
-        deletable[h], held = _view_deletable(views[h], max(1, int(means[h])), keep_oldest)
-        claims[h] = extra[h] + held + room[h]
+    units = {h: max(1, int(means[h])) for h in hosts}     # a snapshot with no size recorded
+    for h in hosts:
+        claims[h] = extra[h] + _view_deletable(views[h], units[h], keep_oldest) + room[h]
     disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
     fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
     several = len(hosts) > 1
     orders: Dict[str, Iterator[HostStep]] = {}
 
-    def entry(h: str, resolved: bool, step: Optional[HostStep] = None) -> tuple:
-        # Ordered by claim per weight, then (on a tie) by the step's key, its
-        # snapshot's time and the host.  A host's next step is worked out
-        # only when its entry comes to the top unresolved: unresolved entries
-        # go before resolved ones of the same ratio, so every tie is resolved
-        # before it is broken, and a prune that deletes one snapshot orders
-        # one host's snapshots, not every host's.
-        if not resolved:
-            return (-claims[h] / w[h], False, (), now, h, None)
-        return (-claims[h] / w[h], True, step.key if step else (), step.snapshot.when if step else now, h, step)
+    # The heap's entries: (-claim / weight, what the entry is, the step's key, its
+    # snapshot's time, the host, the step).  A host's steps are worked out only once its
+    # entry comes to the top UNRESOLVED; unresolved entries go before the others of the
+    # same ratio, so every tie is resolved before it is broken, and a prune that deletes
+    # one snapshot orders the hosts that tie for the first deletion, not every host.  Once
+    # a host's order has started, its next step is worked out as soon as it has deleted
+    # one (one heap operation a deletion, not two).  A host with nothing left to give goes
+    # before the steps of its ratio (an empty key did, before: the same order).
+    unresolved, nothing, resolved = 0, 1, 2
 
-    # A host has a step while 2 are left, its oldest not counted where it is kept.
+    def next_entry(h: str) -> tuple:
+        step = next(orders[h], None)
+        if step is None or (keep_oldest and step.snapshot == hosts[h].snapshots[0]):
+            return (-claims[h] / w[h], nothing, (), None, h, None)   # the oldest (the first) stays
+        return (-claims[h] / w[h], resolved, step.key, step.snapshot.when, h, step)
+
+    # A host has a step while 2 are left, its oldest not counted where it is kept; `giving`
+    # counts the hosts in the heap that have one.
     left = {h: len(f.snapshots) - (keep_oldest and len(f.snapshots) > 1) for h, f in hosts.items()}
-    heap = [entry(h, False) for h in hosts]
+    giving = sum(n >= 2 for n in left.values())
+    newest = {h: f.snapshots[-1].name if f.snapshots else None for h, f in hosts.items()}
+    heap = [(-claims[h] / w[h], unresolved, (), None, h, None) for h in hosts]
     heapq.heapify(heap)
-    # An entry put back is at once compared with the top (heappushpop: one heap
-    # operation, not two; the entries differ in their host, so the order is the same).
-    pushpop, pop = heapq.heappushpop, heapq.heappop
-    item = pop(heap) if heap else None
-    while item is not None:
-        ratio, resolved, _, _, h, step = item
-        if not resolved:
-            if h not in orders:
-                f = hosts[h]
-                orders[h] = host_deletion_order(f.snapshots, now=now, order=order, targets=targets)
-            step = next(orders[h], None)
-            if keep_oldest and step is not None and step.snapshot == hosts[h].snapshots[0]:
-                step = None                           # the oldest (the first) is never deleted
-            item = pushpop(heap, entry(h, True, step))
+    replace, pop = heapq.heapreplace, heapq.heappop
+    while heap:
+        ratio, kind, _, _, h, step = heap[0]
+        if kind == unresolved:
+            orders[h] = host_deletion_order(hosts[h].snapshots, now=now, order=order, targets=targets)
+            replace(heap, next_entry(h))
             continue
-        if step is None:
+        if kind == nothing:
             # A host with nothing to give back stays in the heap: while it is the most over its
             # share, what the disc lacks is its doing, and nobody else pays for it.
-            if all(left[e[4]] < 2 for e in heap):
+            pop(heap)
+            giving -= left[h] >= 2
+            if not giving:
                 return                                # nothing left anywhere: exhausted
             if -ratio > fair:
                 yield PlanStep(None, False, 0)       # the executor stops here
-            item = pop(heap) if heap else None
             continue
-        freed = deletable[h].get(step.snapshot.name, 0)
-        over = -ratio > fair
+        snap = step.snapshot
+        name = snap.name
+        # what deleting it frees (_view_deletable's count: nothing for the newest)
+        freed = 0 if name == newest[h] else views[h].entries.held.get(name, units[h])
         reason = step.reason.text()
         if several:
             reason += (f"; host {h} is the most over its share of the disc ({-ratio / fair:.0%} of it)"
                        if fair > 0 else f"; host {h} claims the most of the disc")
         claims[h] -= freed
         left[h] -= 1
-        yield PlanStep(Decision(step.snapshot, True, reason), over, freed)
-        item = pushpop(heap, entry(h, False))
+        giving -= left[h] == 1
+        yield PlanStep(Decision(snap, True, reason), -ratio > fair, freed)
+        replace(heap, next_entry(h))
 
 
 def plan_listing(plan: PrunePlan, state: PruneState) -> List[Decision]:
-    """Every snapshot with its place: the plan's deletions in order, then what is always kept."""
+    """Every snapshot with its place: the plan's deletions in order, then what is always kept.
+
+    state is the one the plan was made from: its deletions are those very snapshot objects."""
     listed = [s.decision for s in plan.steps if s.decision is not None]
-    gone = {d.snapshot for d in listed}
+    gone = set(map(id, map(_DECISION_SNAPSHOT, listed)))
     for h in sorted(state.hosts):
-        for snap in state.hosts[h].snapshots:
-            if snap not in gone:
-                snaps = state.hosts[h].snapshots
+        snaps = state.hosts[h].snapshots
+        for snap in snaps:
+            if id(snap) not in gone:
                 why = "oldest" if snap == snaps[0] and snap != snaps[-1] else "newest"
                 listed.append(Decision(snap, False, f"kept: the {why} snapshot of host {h}"))
     return listed

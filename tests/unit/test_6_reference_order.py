@@ -174,3 +174,79 @@ def test_remembered_serves_only_the_very_same_tuple():
     assert counted(history, history_len=5) == 2 and len(calls) == 3      # other options
     assert counted(list(history), history_len=10) == 2 and len(calls) == 4  # lists never
     assert counted(list(history), history_len=10) == 2 and len(calls) == 5
+
+
+def reference_fair_steps(hosts, held, w, extra, room, means, free_for_claims, order, targets) -> list:
+    """plan_prune's deletions between hosts, read off the rule by scanning every host at each step.
+
+    Each host's own order is the reference's; the next deletion comes from the
+    host with the smallest (-claim / weight, nothing-left before a step, the
+    step's key, its snapshot's time, host).  A host whose next step is none (or,
+    in the importance order, its oldest) leaves when it comes first: then the
+    plan ends if no host left has a step, else it says stop if that host is over
+    its fair share.  Steps: (snapshot, reason, over its share, bytes it frees),
+    or (None, False, 0) for a stop."""
+    keep_oldest = order == "importance"
+    deletable, claims, todo, left = {}, {}, {}, {}
+    for h, f in hosts.items():
+        unit = max(1, int(means[h]))
+        deletable[h] = {s.name: held[h].get(s.name, unit) for s in f.snapshots[1 if keep_oldest else 0:-1]}
+        claims[h] = extra[h] + sum(deletable[h].values()) + room[h]
+        todo[h] = reference_host_order(f.snapshots, NOW, targets, order)
+        left[h] = len(f.snapshots) - (keep_oldest and len(f.snapshots) > 1)
+    fair = (free_for_claims + sum(claims[h] - room[h] for h in hosts)) / (sum(w.values()) or 1.0)
+    playing, out = set(hosts), []
+    while playing:
+        options = []
+        for h in playing:
+            step = todo[h][0] if todo[h] else None
+            if step is None or (keep_oldest and step[1] == hosts[h].snapshots[0]):
+                options.append((-claims[h] / w[h], 1, (), None, h, None))
+            else:
+                options.append((-claims[h] / w[h], 2, step[0], step[1].when, h, step))
+        ratio, kind, _, _, h, step = min(options)
+        if kind == 1:
+            playing.remove(h)
+            if all(left[g] < 2 for g in playing):
+                break
+            if -ratio > fair:
+                out.append((None, False, 0))
+            continue
+        _, snap, reason = todo[h].pop(0)
+        if len(hosts) > 1:
+            reason += (f"; host {h} is the most over its share of the disc ({-ratio / fair:.0%} of it)"
+                       if fair > 0 else f"; host {h} claims the most of the disc")
+        freed = deletable[h].get(snap.name, 0)
+        claims[h] -= freed
+        left[h] -= 1
+        out.append((snap, reason, -ratio > fair, freed))
+    return out
+
+
+# Small numbers, so that hosts tie on their share and steps tie on their keys.
+BYTES = st.sampled_from([0, 1, 2, 5, 100])
+
+
+@settings(deadline=None, database=None)
+@given(st.lists(st.tuples(st.lists(HOURS, min_size=1, max_size=10), st.lists(st.one_of(st.none(), BYTES), max_size=10),
+                          BYTES, BYTES, BYTES, st.sampled_from([0.5, 1.0, 1.0, 2.0])), min_size=1, max_size=5),
+       st.integers(0, 20), TARGETS, st.sampled_from(["importance", "age"]))
+def test_the_order_between_hosts_is_the_reference_order(hosts_drawn, free, targets, order):
+    # _fair_steps on any claims, weights and recorded sizes (a None: the snapshot has no
+    # history entry): the deletions, their reasons, whether each is over its share and what
+    # it frees, and where the plan says stop, as the reference scans them out.
+    facts, w, extra, room, means = {}, {}, {}, {}, {}
+    for i, (hours, sizes, mean_bytes, extra_bytes, room_bytes, weight) in enumerate(hosts_drawn):
+        h = f"h{i}"
+        snaps = tuple(sorted((byteback.Snapshot(h, f"s{j}", NOW - dt.timedelta(hours=x)) for j, x in enumerate(hours)),
+                             key=lambda s: s.when))
+        history = tuple({"snapshot": s.name, "added": b, "size": 1000} for s, b in zip(snaps, sizes) if b is not None)
+        facts[h] = byteback.HostFacts(snaps, history)
+        w[h], extra[h], room[h], means[h] = weight, extra_bytes, room_bytes, mean_bytes
+    state = byteback.PruneState(facts, free, 10 ** 6)
+    views = byteback._host_views(facts, byteback.ServerConfig())
+    fast = [(s.decision.snapshot, s.decision.reason, s.over_share, s.estimate) if s.decision else (None, False, 0)
+            for s in byteback._fair_steps(state, views, lambda: w, extra, room, means, free, now=NOW,
+                                          order=order, targets=targets)]
+    held = {h: byteback.snapshot_bytes(f.history) for h, f in facts.items()}
+    assert fast == reference_fair_steps(facts, held, w, extra, room, means, free, order, targets)
