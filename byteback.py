@@ -4461,9 +4461,13 @@ def execute_plan(plan: PrunePlan, free: int, *, delete: Callable[[PlanStep], Non
     The one loop prune_store and simulate both run.
     """
     deleted: List[Decision] = []
-    for step in plan.steps:
-        if not plan.short(free):
-            return free, deleted, "enough"
+    steps = iter(plan.steps)
+    # The next step is asked for only while the disc is short: working out a step
+    # nobody takes (another host's order, often) is most of a small prune's cost.
+    while plan.short(free):
+        step = next(steps, None)
+        if step is None:
+            return free, deleted, "exhausted"
         if not step.over_share:
             return free, deleted, "share"
         before = free
@@ -4472,7 +4476,7 @@ def execute_plan(plan: PrunePlan, free: int, *, delete: Callable[[PlanStep], Non
         deleted.append(step.decision)
         if on_step is not None:
             on_step(step, before, free)
-    return free, deleted, "enough" if not plan.short(free) else "exhausted"
+    return free, deleted, "enough"
 
 
 def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: Optional[str] = None,

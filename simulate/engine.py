@@ -107,6 +107,7 @@ class HostState:
         self.failed = 0                                # ... and did not (on its own, or for lack of space)
         self.ledger = Ledger()
         self.lumps: List[Lump] = []                    # by birth
+        self.longest = 0                               # the longest life of a lump so far
         self.pool = 0.0                                # hot bytes in current now
         self.pool_snap = 0.0                           # ... at the newest snapshot
         self.keep = 1.0                                # of those, the part not rewritten since
@@ -211,6 +212,7 @@ class Simulation:
         self.fixed_config = None if policy.schedule is not None else self.config._replace(
             targets=tuple(policy.targets))
         self.by_name = {h.name: h for h in self.hosts}
+        self._scheduled: Optional[byteback.ServerConfig] = None   # a schedule's config, last made
 
     # -- the disc --
     @property
@@ -276,7 +278,10 @@ class Simulation:
         config = self.fixed_config
         if config is None:
             oldest = min((h.kept_snaps[0].when for h in self.hosts if h.kept_snaps), default=None)
-            config = self.config._replace(targets=tuple(self.policy.targets_at(now, oldest)))
+            targets = tuple(self.policy.targets_at(now, oldest))
+            config = self._scheduled
+            if config is None or config.targets != targets:     # the same config while they stay
+                config = self._scheduled = self.config._replace(targets=targets)
         plan = byteback.plan_prune(self.state(), now=now, config=config, force=force)
         by_name = self.by_name
         for name in plan.contained:
@@ -413,6 +418,7 @@ class Simulation:
         for size, life in lumps:
             if size > 0:
                 bisect.insort(host.lumps, Lump(k, k + life, size))
+                host.longest = max(host.longest, life)
         host.pool_snap = host.pool
         host.keep, host.growth, host.pending_lumps = 1.0, 0.0, []
         host.cold += cold
@@ -431,7 +437,9 @@ class Simulation:
         self.index[snap] = (host, k)
         self.stats.snapshots += 1
         kind = b.kind if b.kind != "normal" else ("huge" if lumps else "normal")
-        size = host.cold + host.pool + sum(l.size for l in host.lumps if l.death > k)
+        # Only a lump born within the longest life of one can still be held (death > k).
+        alive = host.lumps[bisect.bisect_left(host.lumps, (k - host.longest + 1,)):]
+        size = host.cold + host.pool + sum(l.size for l in alive if l.death > k)
         self._record(host, snap, int(size), int(needed), kind)
         self.prune(now, b.minute)
 

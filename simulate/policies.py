@@ -29,6 +29,7 @@ def presets() -> Dict[str, Tuple[float, ...]]:
 
 
 _SCHEDULE_CACHE: Dict[tuple, Tuple[float, ...]] = {}
+_LAST_SCHEDULE: list = [None, None]   # (now, its zone, oldest), its ages: the prunes around a backup ask alike
 
 
 def original_code_targets(now: dt.datetime, oldest: Optional[dt.datetime]) -> Tuple[float, ...]:
@@ -38,6 +39,8 @@ def original_code_targets(now: dt.datetime, oldest: Optional[dt.datetime]) -> Tu
     previous 4 Sundays, then every 28 days back to the oldest snapshot (one
     target at or before it).  A target still in the future counts as age 0.
     """
+    if _LAST_SCHEDULE[0] == (now, now.tzinfo, oldest):
+        return _LAST_SCHEDULE[1]
     key = (now.date(), now.utcoffset(), oldest)
     moments = _SCHEDULE_CACHE.get(key)
     if moments is None:
@@ -58,7 +61,11 @@ def original_code_targets(now: dt.datetime, oldest: Optional[dt.datetime]) -> Tu
             _SCHEDULE_CACHE.clear()
         _SCHEDULE_CACHE[key] = moments
     since_noon = (now - now.replace(hour=12, minute=0, second=0, microsecond=0)).total_seconds()
-    return tuple(sorted({max(0.0, (since_noon + m) / byteback.DAY) for m in moments}))
+    # moments are distinct whole days apart and ascending, and only midday today can be
+    # in the future (since_noon is within half a day): already sorted, nothing to merge.
+    ages = tuple([max(0.0, (since_noon + m) / byteback.DAY) for m in moments])
+    _LAST_SCHEDULE[:] = [(now, now.tzinfo, oldest), ages]
+    return ages
 
 
 class Policy(NamedTuple):
