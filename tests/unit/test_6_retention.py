@@ -69,19 +69,37 @@ def test_age_order_sorts_by_instant_not_by_name():
 
 def test_importance_30_daily_snapshots_first_deletions():
     # Claims (see test_claim_targets): 0,1,2,3,7,14,21,28 on their marks, 29
-    # holds 56, 27 holds 112.  The rest hold nothing and go first, the one
-    # whose loss leaves the smallest gap relative to its age first.  Between
-    # daily neighbours the gap is 2 days, so relative = 2/age: 26 goes first
-    # (2/26).  Then, each time over what is left:
-    #   24: 2/24 = .083  (25's gap is now 3/25 = .12, 23's 2/23 = .087)
-    #   22: 2/22 = .091  (23 now 3/23, 25 now 4/25)
-    #   20: 2/20 = .100  (19: 2/19 = .105)
-    #   18: 2/18 = .111  (19 now 3/19, 17: 2/17 = .118)
-    #   16: 2/16 = .125  (17 now 3/17, 15: 2/15 = .133)
-    #   13: 2/13 = .154  (15 now 3/15 = .2, 25: 4/25 = .16, 23: 4/23 = .174, 12: .167)
-    #   25: 4/25 = .160  (12 now 3/12 = .25, 23: .174)
-    #   11: 2/11 = .182  (23 now 6/23 = .26, 10: .2, 15: .2, 19: 4/19 = .21)
-    assert deleted_ages(range(30))[:9] == [26, 24, 22, 20, 18, 16, 13, 25, 11]
+    # holds 56, 27 holds 112.  The rest hold nothing and go first, by
+    # gap_score: with kept neighbours y (younger) and o (older) and the
+    # backup interval s (1 day: the youngest are a day apart), the backup
+    # y + s days old would look back to o, so score = (o - y - s) / (y + s).
+    # Between daily neighbours that is (2 - 1) / i = 1/i: 26 goes first (1/26).
+    # Then, each time over what is left:
+    #   24: 1/24 = .042  (25's neighbours are now 24, 27: (27-24-1)/25 = .08; 23: 1/23 = .043)
+    #   22: 1/22 = .045  (25 now (27-23-1)/24 = .125, 23 now (25-22-1)/23 = .087)
+    #   20: 1/20 = .050  (23 now (25-21-1)/22 = .136; 19: 1/19 = .053)
+    #   18: 1/18 = .056  (19 now (21-18-1)/19 = .105; 17: 1/17 = .059)
+    #   16: 1/16 = .063  (19 now (21-17-1)/18 = .167, 17 now (19-16-1)/17 = .118)
+    #   13: 1/13 = .077  (17 now (19-15-1)/16 = .188, 15 now (17-14-1)/15 = .133; 12: 1/12 = .083)
+    #   11: 1/11 = .091  (12 now (14-11-1)/12 = .167; 10: 1/10 = .1)
+    #    9: 1/9  = .111  (10 now (12-9-1)/10 = .2, 12 now (14-10-1)/11 = .273; 8: 1/8 = .125)
+    #   25: 3/24 = .125  (8 now (10-7-1)/8 = .25, 10 now (12-8-1)/9 = .333; 15: .133, 23: .136)
+    # (The rule before divided the gap by the candidate's own age, 2/i:
+    # 26, 24, 22, 20, 18, 16, 13, then 25 (4/25 = .16) before 11 (2/11 = .18).)
+    assert deleted_ages(range(30))[:10] == [26, 24, 22, 20, 18, 16, 13, 11, 9, 25]
+
+
+def test_backup_interval_is_the_median_spacing_of_the_youngest_eight():
+    # Spacings of the 8 youngest: 1, 1, 2 (a failed night), 1, 1, 1, 0.25 (a backup by
+    # hand): sorted .25, 1, 1, 1, 1, 1, 2, the middle is 1.  The older ones (30 days
+    # apart) do not count: deletions have thinned them.
+    assert byteback.backup_interval([0, 1, 2, 4, 5, 6, 7, 7.25, 37, 67]) == 1
+    # Two spacings, 1 and 3: the upper middle, as for any even count.
+    assert byteback.backup_interval([0, 1, 4]) == 3
+    assert byteback.backup_interval([5]) == 0.0 and byteback.backup_interval([]) == 0.0
+    # gap_score: neighbours 2 and 10 days old, a daily interval: the backup 3 days
+    # old would be 7 days after the 10-day-old: 7/3.
+    assert byteback.gap_score(2.0, 5.0, 10.0, 1.0) == 7 / 3
 
 
 def test_importance_deletes_every_snapshot_without_a_target_before_any_with_one():
@@ -95,11 +113,12 @@ def test_importance_deletes_every_snapshot_without_a_target_before_any_with_one(
 
 def test_importance_120_daily_snapshots_first_deletions():
     # Now every target has a snapshot on its mark, and the oldest (119) holds
-    # none: it is kept for last.  Unheld ones go by relative gap:
-    #   118: 2/118 = .0169 (its neighbours 117 and 119)
-    #   116: 2/116 = .0172 (117 now 3/117 = .026; 115: 2/115 = .0174)
-    #   114: 2/114 = .0175 (115 now 3/115; 113: 2/113 = .0177)
-    #   111: 2/111 = .0180 (113 now 3/113 = .027; 112 holds a target; 110: .0182)
+    # none: it is kept for last.  Unheld ones go by gap_score, (o - y - 1) / (y + 1)
+    # (the interval is 1 day), which is 1/i between daily neighbours:
+    #   118: 1/118 = .00847 (its neighbours 117 and 119)
+    #   116: 1/116 = .00862 (117 now (119-116-1)/117 = .0171; 115: 1/115 = .00870)
+    #   114: 1/114 = .00877 (115 now (117-114-1)/115 = .0174; 113: 1/113 = .00885)
+    #   111: 1/111 = .00901 (113 now (115-112-1)/113 = .0177; 112 holds a target; 110: 1/110 = .00909)
     order = deleted_ages(range(120))
     assert order[:4] == [118, 116, 114, 111]
     held = {0, 1, 2, 3, 7, 14, 21, 28, 56, 112}
@@ -140,9 +159,10 @@ def test_importance_30_daily_the_oldest_goes_last():
 
 def test_importance_custom_targets():
     # targets 0 and 10: 0 on its mark, 10 takes 10; the others (5, 8, 12)
-    # hold nothing.  relative gaps: 5: (8-0)/5 = 1.6; 8: (10-5)/8 = .625;
-    # 12 is the oldest and goes last.  So 8, then 5 ((10-0)/5 = 2), then 10
-    # (holding a target), then 12.
+    # hold nothing.  The interval is the median spacing (5, 3, 2, 2 sorted:
+    # 2, 2, 3, 5; the upper middle, 3 days).  Scores (o - y - 3) / (y + 3):
+    # 5: (8-0-3)/3 = 1.67; 8: (10-5-3)/8 = .25; 12 is the oldest and goes
+    # last.  So 8, then 5 ((10-0-3)/3 = 2.33), then 10 (holding a target), then 12.
     assert deleted_ages([0, 5, 8, 10, 12], targets=(0, 10)) == [8, 5, 10, 12]
 
 
@@ -165,19 +185,28 @@ def test_host_deletion_order_is_one_hosts_deletion_order_with_keys():
     decisions = list(byteback.deletion_order(snaps, now=NOW, targets=DEFAULT))
     assert [s.snapshot for s in steps] == [d.snapshot for d in decisions]
     assert [s.reason.text() for s in steps] == [d.reason for d in decisions]
-    # 26 goes first with relative gap 2/26 (see the 30-daily table above); the
-    # unheld ones have class 0, those holding targets class 1, the oldest 2.
-    assert steps[0].key == (0, 2 / 26, 26.0)
+    # 26 goes first with score (27-25-1)/(25+1) = 1/26 (see the 30-daily table
+    # above); the unheld ones have class 0, those holding targets class 1, the oldest 2.
+    assert steps[0].key == (0, 1 / 26, 26.0)
     assert [s.key[0] for s in steps] == [0] * 20 + [1] * 8 + [2]
     assert steps[20].key == (1, -9, -27.0)      # 27 holds the 10th target, 112 days
 
 
 def test_host_deletion_order_reasons_are_values_until_read():
-    step = next(byteback.host_deletion_order(snaps_aged("web1", NOW, [0, 1, 3]), now=NOW, targets=(0,)))
-    # 1 holds no target: without it the gap is 3 days, 3.00 of its age
-    assert step.reason.values == (1.0, 3.0, 3.0)
-    assert step.reason.text() == ("importance: nearest to no target age; without it the gap around "
-                                  "1d 0h ago is 3d 0h (3.00 of its age)")
+    step = next(byteback.host_deletion_order(snaps_aged("web1", NOW, [0, 1, 2, 4]), now=NOW, targets=(0, 2)))
+    # 0 and 2 hold targets, 4 is the oldest; 1 holds none.  The interval is 1
+    # day (spacings 1, 1, 2: the middle); without 1 the backup of 0 + 1 days
+    # ago is 2 - 1 = 1 day after the snapshot before it (2), 1/1 = 1.00 of its age.
+    assert step.reason.values == (0.0, 2.0, 1.0, 1.0)
+    assert step.reason.text() == ("importance: nearest to no target age; without it the backup of "
+                                  "1d 0h ago is 1d 0h after the snapshot before it (1.00 of its age)")
+    # Snapshots closer than the interval: 2.25 (between 2 and 3; the interval is
+    # 1: spacings 1, 1, .25, .75) leaves (3 - 2 - 1)/(2 + 1) = 0, no gap a backup would see.
+    dense = next(byteback.host_deletion_order(snaps_aged("web1", NOW, [0, 1, 2, 2.25, 3]), now=NOW,
+                                              targets=(0,)))
+    assert round(byteback.age_days(dense.snapshot, NOW), 2) == 2.25 and dense.key[1] == 0.0
+    assert dense.reason.text() == ("importance: nearest to no target age; without it no backup is "
+                                   "further than the backup interval (1d 0h) from the snapshot before it")
     age = next(byteback.host_deletion_order(snaps_aged("web1", NOW, [0, 2]), now=NOW, order="age"))
     assert age.key == (0, -2.0) and age.reason.text() == "age: the oldest snapshot of host web1 (2d 0h old)"
 
@@ -286,8 +315,9 @@ def test_plan_listing_reasons_are_sentences_a_sysadmin_can_read():
         assert isinstance(d.reason, str) and len(d.reason) > 20 and " " in d.reason
         assert "\n" not in d.reason
     by_age = {round(byteback.age_days(d.snapshot, NOW)): d.reason for d in plan}
-    assert by_age[26].startswith("importance: nearest to no target age; without it the gap around "
-                                 "26d 0h ago is 2d 0h (0.08 of its age)")
+    # (27 - 25 - 1) / (25 + 1) = 1/26 = .038
+    assert by_age[26].startswith("importance: nearest to no target age; without it the backup of "
+                                 "26d 0h ago is 1d 0h after the snapshot before it (0.04 of its age)")
     assert "holds the 112-day mark" in by_age[27]
     assert by_age[0] == "kept: the newest snapshot of host web1"
 
