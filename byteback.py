@@ -3291,21 +3291,27 @@ _INODE_REST = struct.Struct("<56xQQ64xQI")
 
 class SharedInode:
     """One inode's items as a change of its names alone leaves them: its stat (not its
-    link count, change or access time), its xattrs and its data extents, whole.
+    link count, change or access time), and a digest of its xattr and data extent items,
+    whole (a constant size however many a client gave it).
 
     written: one of those xattrs or extents was written at `since` or later.
     Pure: made from the kernel's buffers.  BtrfsStore.take_snapshot compares an
     inode of current with the same inode in the last snapshot (shared_inode_changed).
     """
-    __slots__ = ("inode", "made", "nlink", "stat", "items", "written")
+    __slots__ = ("inode", "made", "nlink", "stat", "_items", "written")
 
     def __init__(self, inode: int, buf, item: int, length: int):
+        import hashlib
         made, _written, size, nbytes, _bg, nlink, uid, gid, mode = _INODE_ITEM.unpack_from(buf, item)
         rest = _INODE_REST.unpack_from(buf, item) if length >= _INODE_REST.size else None
         self.inode, self.made, self.nlink = inode, made, nlink
         self.stat = (size, nbytes, uid, gid, mode, rest)
-        self.items: list = []
+        self._items = hashlib.sha256()
         self.written = False
+
+    @property
+    def items(self) -> str:
+        return self._items.hexdigest()
 
     def add(self, kind: int, offset: int, buf, item: int, length: int, since: int) -> None:
         """Take one of the inode's xattr or extent items (others change with its names)."""
@@ -3316,7 +3322,8 @@ class SharedInode:
             self.written = self.written or _DIR_ITEM_TRANSID.unpack_from(buf, item)[0] >= since
         else:
             return
-        self.items.append((kind, offset, bytes(buf[item:item + length])))
+        self._items.update(struct.pack("<BQI", kind, offset, length))
+        self._items.update(buf[item:item + length])
 
 
 def shared_inode_changed(now: SharedInode, before: Optional[SharedInode]) -> bool:

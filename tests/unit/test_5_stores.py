@@ -509,7 +509,9 @@ def test_a_shared_inode_remembers_its_items_across_buffers():
     tally.add(b"".join([_record(20, 300, 108, _extent(4, 1 << 20, 4096)), _record(20, 301, 1, _inode(20, 2)),
                         _record(20, 301, 108, _extent(20, 2 << 20, 4096))]), 3)
     (shared,) = tally.usage().shared
-    assert [kind for kind, _, _ in shared.items] == [108] and not shared.written
+    assert not shared.written
+    assert shared.items == _before((108, _extent(4, 1 << 20, 4096), 0), nlink=2).items
+    assert shared.items != _before((108, _extent(4, 1 << 20, 4096), 0), (108, _extent(20, 2 << 20, 4096), 0)).items
 
 
 def test_unshare_gives_every_name_of_a_shared_inode_its_own(tiny):
