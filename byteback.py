@@ -5351,7 +5351,7 @@ class Receive(NamedTuple):
     store: Store
     host_dir: Path
     current: Path
-    namespace: Optional[tuple] = None   # (uid base, gid base): the host's own account (section 8c)
+    namespace: Optional[tuple] = None   # (uid map, gid map): the host's own account (section 8c)
 
 
 def _refuse(host: str, original: str, reason: object) -> NoReturn:

@@ -1108,10 +1108,12 @@ def test_root_reads_a_record_the_host_account_wrote_only_within_bounds(tmp_path,
     assert byteback.server_status(tiny.store, byteback.ServerConfig(), T)["hosts"]["web1"]["not_kept"] is None
 
 
-def test_a_record_is_kept_by_complete_after_its_snapshot(tmp_path, tiny):
+def test_a_record_is_kept_by_complete_after_its_snapshot(tmp_path, tiny, caplog):
     tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
     with freeze_time(T):
         byteback.record_not_kept(tiny.store, "web1", byteback.NotKept(0, 3, ("/a", "/b")), None)
+    logged = [r for r in caplog.records if r.getMessage().startswith("host web1: 3 files not kept")]
+    assert logged and logged[0].levelname == "WARNING" and getattr(logged[0], "syslog_only", False)
     newest = tiny.store.snapshots("web1")[-1]
     assert byteback.read_not_kept(tiny.store, "web1", newest, T) == byteback.NotKept(0, 3, ("/a", "/b"), T.isoformat())
     assert byteback.read_not_kept(tiny.store, "web1", newest, T - dt.timedelta(hours=1)) is None   # from the future
