@@ -1110,8 +1110,12 @@ def test_root_reads_a_record_the_host_account_wrote_only_within_bounds(tmp_path,
 
 def test_a_record_is_kept_by_complete_after_its_snapshot(tmp_path, tiny, caplog):
     tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
-    with freeze_time(T):
-        byteback.record_not_kept(tiny.store, "web1", byteback.NotKept(0, 3, ("/a", "/b")), None)
+    byteback.log.addHandler(caplog.handler)        # whatever an earlier test's setup_logging left
+    try:
+        with freeze_time(T):
+            byteback.record_not_kept(tiny.store, "web1", byteback.NotKept(0, 3, ("/a", "/b")), None)
+    finally:
+        byteback.log.removeHandler(caplog.handler)
     logged = [r for r in caplog.records if r.getMessage().startswith("host web1: 3 files not kept")]
     assert logged and logged[0].levelname == "WARNING" and getattr(logged[0], "syslog_only", False)
     newest = tiny.store.snapshots("web1")[-1]
