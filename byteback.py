@@ -101,6 +101,14 @@ DEFAULT_TARGET_DAYS = TARGET_PRESETS["week"]
 # while we copied them", which is normal on a live system.
 RSYNC_RETRY_CODES = frozenset({10, 11, 12, 20, 21, 22, 30, 35, 255})
 RSYNC_OK_CODES = frozenset({0, 24})
+# What `snapshot --when-told` waits for on stdin before it takes the snapshot.
+GO_WORD = "go"
+# ping's answer when a snapshot now would be refused (the minimum interval).
+WAIT_PREFIX = "wait: "
+# How a push that took its snapshot itself ends its stderr (_push_then_complete):
+# complete's exit code, and when the next snapshot may be taken.
+COMPLETE_LINE = "complete: exit {code}, next snapshot in {wait}s"
+COMPLETE_LINE_RE = re.compile(r"^byteback: complete: exit (\d+), next snapshot in (\d+)s$", re.M)
 RSYNC_EXIT_MEANINGS = {
     1: "syntax or usage error", 2: "protocol incompatibility",
     3: "errors selecting input/output files", 5: "error starting client-server protocol",
@@ -2439,6 +2447,7 @@ class Request(NamedTuple):
     paths: tuple = ()           # restore: paths below the host directory; list: patterns
     any_snapshot: str = ""      # an original client's restore from '*': "newest" or "every"
     again: bool = False         # push: the client runs rsync once more when complete says 'again:'
+    completes: bool = False     # push: the client asks the push to take the snapshot too
 
 
 # A push's word before --server (the client's --rsync-path) by which a client
@@ -2453,6 +2462,9 @@ PONG_CAN = "can: again"
 
 
 NEWEST_SNAPSHOT = "newest"   # a restore path's first component: the host's newest snapshot
+# The destination a push names when its session is to take the snapshot once rsync
+# has succeeded (what `complete` does): a server ignores the destination otherwise.
+PUSH_THEN_COMPLETE = "current/+complete"
 
 
 def _check_restore_path(path: str) -> str:
@@ -2534,10 +2546,13 @@ def _check_rsync_words(words: List[str]) -> Request:
     paths = options[1:]
     if not sender:
         # The client's destination is ignored: the server writes into this
-        # host's current, whatever path was asked for.
+        # host's current, whatever path was asked for.  Only its spelling says
+        # whether the client wants the snapshot at the push's end (servers that
+        # ignore it entirely are asked `complete` after the push).
         if len(paths) != 1:
             raise Refused("a backup names exactly one destination")
-        return Request("push", letters, capabilities, tuple(kept), again=again)
+        return Request("push", letters, capabilities, tuple(kept), again=again,
+                       completes=paths[0] == PUSH_THEN_COMPLETE)
     if not paths:
         raise Refused("a restore names at least one path")
     return Request("restore", letters, capabilities, tuple(kept),
@@ -4580,6 +4595,8 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     # For a client's session (complete, or the start of a push), through sudo:
     # it must end even should the disc stall or the work grow without bound.
     under_sudo = running_under_sudo(args.context.euid)
+    if args.when_told and sys.stdin.readline().strip() != GO_WORD:
+        return EXIT_OK          # the push it was started for did not succeed: nothing to do
     with (_client_run_limit(config, args.prepare) if under_sudo else contextlib.nullcontext()):
         if args.prepare:
             return prepare_backup(store, host, config)
@@ -5053,8 +5070,10 @@ def free_subid_base(taken: Iterable[tuple], ids: Iterable[int], start: int = SUB
 def host_sudoers_text(account: str, host: str, program: str, config_args: Sequence[str]) -> str:
     """/etc/sudoers.d lines of a host's own account: its snapshot, and nothing else (pure)."""
     return _sudoers_text(account, program, config_args,
-                         (f"snapshot --host {host}", f"snapshot --host {host} --prepare"),
-                         f"host {host}'s snapshot that ends its backup, and the prune that starts one",
+                         (f"snapshot --host {host}", f"snapshot --host {host} --prepare",
+                          f"snapshot --host {host} --when-told"),
+                         f"host {host}'s snapshot that ends its backup (--when-told: started with "
+                         "the push), and the prune that starts one",
                          "setup-host")
 
 
@@ -5063,10 +5082,16 @@ def host_sudoers_path(account: str) -> Path:
     return Path("/etc/sudoers.d") / f"byteback-host-{account.replace('.', '_')}"
 
 
-def _child_succeeded(pid: int) -> bool:
-    """Wait for a forked child; True if it exited 0 (os.waitstatus_to_exitcode is 3.9+)."""
+def _child_exit_code(pid: int) -> int:
+    """Wait for a forked child; its exit code, 128 + N for signal N (os.waitstatus_to_exitcode
+    is 3.9+)."""
     status = os.waitpid(pid, 0)[1]
-    return os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    return os.WEXITSTATUS(status) if os.WIFEXITED(status) else 128 + os.WTERMSIG(status)
+
+
+def _child_succeeded(pid: int) -> bool:
+    """Wait for a forked child; True if it exited 0."""
+    return _child_exit_code(pid) == 0
 
 
 def userns_problem(probe_uid: int = 65534) -> Optional[str]:
@@ -5391,12 +5416,20 @@ def _open_receive(args: argparse.Namespace, host: str) -> Receive:
     return Receive(args, host, config, store, host_dir, current, host_namespace(store, host))
 
 
+def _snapshot_refusal(r: Receive) -> Optional[str]:
+    """Why a snapshot of this host now would be refused (the minimum interval), or None."""
+    snaps = r.store.snapshots(r.host)
+    return interval_refusal(snaps[-1] if snaps else None, now_local(), r.config.min_interval)
+
+
 def _receive_ping(r: Receive, request: Request) -> int:
-    """ping: pong, and a warning now (not after the upload) when a snapshot would be refused."""
+    """ping: pong, and a warning now (not after the upload) when a snapshot would be refused.
+
+    A client asks it only while the last push's complete said the interval has
+    not passed (the hint _push_then_complete gives), or where it has no hint."""
     print(f"pong byteback {VERSION} host={r.host}")
     print(PONG_CAN)         # a push may say AGAIN_WORD
-    snaps = r.store.snapshots(r.host)
-    refusal = interval_refusal(snaps[-1] if snaps else None, now_local(), r.config.min_interval)
+    refusal = _snapshot_refusal(r)
     if refusal:
         print(f"wait: {refusal}")
     return EXIT_OK
@@ -5405,7 +5438,10 @@ def _receive_ping(r: Receive, request: Request) -> int:
 def _receive_complete(r: Receive, request: Request) -> int:
     """complete: the snapshot.  It takes this host's session lock itself (as root): it
     must never record half of an upload that is still running.  What the client says its
-    receiver could not keep is recorded once the snapshot is taken (section 8c)."""
+    receiver could not keep is recorded once the snapshot is taken (section 8c).
+
+    A push that asks for it (PUSH_THEN_COMPLETE) takes its snapshot itself
+    (_push_then_complete) instead, where rsync kept everything (exit 0 or 24)."""
     code = _snapshot_for_client(r)
     if code == EXIT_OK:
         record_not_kept(r.store, r.host, request_not_kept(request), r.namespace)
@@ -5445,6 +5481,56 @@ def _receive_rsync(r: Receive, request: Request) -> int:
         if prepared != EXIT_OK:
             log.warning("host %s: the prune before this backup failed (see the log); backing up anyway",
                         r.host)
+        if request.completes:
+            return _push_then_complete(r, request)
+    _serve_rsync(r, request, writes)
+    return EXIT_FAILURE     # pragma: no cover - execve does not return
+
+
+def _push_then_complete(r: Receive, request: Request) -> int:
+    """A push that asked for it (PUSH_THEN_COMPLETE): rsync's server half in a child,
+    then, once it succeeded, the snapshot (complete) in this same session, which
+    spares the client another session and this program another start (issue 14).
+
+    The child enters the host's session (and its user namespace): this process
+    stays outside it, where sudo is in reach, and holds no lock of the session.
+    The client's rsync waits for the session's end, so it reads what follows on
+    stderr (stdout was rsync's protocol channel): the snapshot's words, then
+    COMPLETE_LINE.  Returns rsync's exit code."""
+    # The snapshot's root run starts now, and waits for the word while rsync runs:
+    # its start (sudo, Python) costs the client nothing then.  Sudoers lines from
+    # before --when-told (a host account's are exact) do not allow it: then it
+    # starts once rsync has ended, as complete's does.
+    root_run = _start_root_run(r, when_told=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:            # pragma: no cover - the child
+        if root_run is not None:
+            root_run.stdin.close()      # only this process may tell it to go
+        _serve_rsync(r, request, writes=True)   # a refusal raises: main says it, the child exits
+    rc = _child_exit_code(pid)
+    if rc not in RSYNC_OK_CODES:
+        if root_run is not None:
+            root_run.stdin.close()      # no word: it ends without a snapshot
+            root_run.stdin = None
+            wait_for_client_run(root_run, lambda: None)
+        return rc
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            code = _finish_root_run(r, root_run) if root_run is not None else _snapshot_for_client(r)
+    except ByteBackError as e:
+        log.error("%s", e)
+        code = e.exit_code
+    snaps = r.store.snapshots(r.host)
+    wait = 0 if not snaps else r.config.min_interval - (now_local() - snaps[-1].when).total_seconds()
+    sys.stderr.write("byteback: " + COMPLETE_LINE.format(code=code, wait=max(0, math.ceil(wait))) + "\n")
+    sys.stderr.flush()
+    return rc
+
+
+def _serve_rsync(r: Receive, request: Request, writes: bool) -> NoReturn:
+    """Become rsync's server half, in this host's session."""
     lock = _enter_session(r)
     version = _server_rsync_version()
     if request.any_snapshot:
@@ -5463,7 +5549,6 @@ def _receive_rsync(r: Receive, request: Request) -> int:
         r.store.mark_dirty(r.host, now_local())
         r.store.unshare_current(r.host, resumed, again=request.again)
     _exec_rsync(r, argv, lock)
-    return EXIT_FAILURE     # pragma: no cover - execve does not return
 
 
 def _prune_needed(r: Receive) -> bool:
@@ -5513,16 +5598,35 @@ def _snapshot_for_client(r: Receive, prepare: bool = False) -> int:
 
     prepare: the start of a push instead (`snapshot --prepare`, which setup-server's
     sudoers line `snapshot --host *` allows): a prune, with nothing on stdout."""
+    return _finish_root_run(r, _start_root_run(r, prepare=prepare), prepare=prepare)
+
+
+def _start_root_run(r: Receive, *, prepare: bool = False, when_told: bool = False) -> Optional[subprocess.Popen]:
+    """`snapshot --host` for this host through sudo, started; None where sudo does not allow it.
+
+    when_told: it waits for GO_WORD on its stdin (a pipe of ours) before it does anything."""
     argv = [program_path(), *config_dir_args(r.args.config_dir), "snapshot", "--host", r.host]
-    argv += ["--prepare"] if prepare else []
+    argv += (["--prepare"] if prepare else []) + (["--when-told"] if when_told else [])
     runner = Runner()
     allowed = shutil.which("sudo") and runner.run(
         ["sudo", "-n", "-l", *argv], destructive=False, check=False).returncode == 0
-    if allowed:
-        # stdout is rsync's protocol channel at the start of a push
-        proc = runner.start(["sudo", "-n", *argv], stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            stdout=subprocess.DEVNULL if prepare else subprocess.PIPE,
-                            universal_newlines=True, errors="replace")
+    if not allowed:
+        return None
+    # stdout is rsync's protocol channel at the start of a push
+    return runner.start(["sudo", "-n", *argv], stdin=subprocess.PIPE if when_told else subprocess.DEVNULL,
+                        stderr=subprocess.PIPE, stdout=subprocess.DEVNULL if prepare else subprocess.PIPE,
+                        universal_newlines=True, errors="replace")
+
+
+def _finish_root_run(r: Receive, proc: Optional[subprocess.Popen], prepare: bool = False) -> int:
+    """Wait for the root run _start_root_run started (told to go, if it waits to be), passing
+    its words on; without one (no sudo), do its work as this user."""
+    if proc is not None:
+        if proc.stdin is not None:
+            with contextlib.suppress(OSError):
+                proc.stdin.write(GO_WORD + "\n")
+                proc.stdin.close()
+            proc.stdin = None           # communicate() must not flush it again
         return wait_for_client_run(proc, session_watch(
             r.config.rsync_timeout + CLIENT_RUN_GRACE, sys.stdout.fileno(),
             _client_run_name(prepare), "the server's disc may be stalled; see its log"))
@@ -7679,7 +7783,7 @@ def pin_known_host(config_dir: str, destination: Destination,
 
 
 class SshSession:
-    """One authenticated ssh connection that a backup's ping, rsync and complete share.
+    """One authenticated ssh connection that a backup's rsync and complete share.
 
     An OpenSSH master (ControlMaster) in a private 0700 directory of this run,
     never persisting: it is this process's child, dies with it, and is closed
@@ -7774,7 +7878,7 @@ def _login(destination: Destination) -> str:
 
 
 def call_server(plan: BackupPlan, verb: str, session: Optional[SshSession] = None) -> subprocess.CompletedProcess:
-    """Run one of the forced command's verbs (ping, complete) on the server."""
+    """Run one of the forced command's verbs (complete) on the server."""
     ssh = session.argv() if session else ssh_argv(plan.config_dir, plan.destination.port)
     return Runner().run(ssh + [_login(plan.destination), verb], check=False, stdin=subprocess.DEVNULL,
                         errors="replace")
@@ -7786,21 +7890,27 @@ def _server_said(proc: subprocess.CompletedProcess) -> str:
     return " ".join(lines) or f"exit {proc.returncode}"
 
 
-def ping_server(plan: BackupPlan, *, sleep: Callable[[float], None], dry_run: bool = False,
-                session: Optional[SshSession] = None) -> bool:
-    """Check the server answers, and will take a snapshot, before any data moves.
+def ping_server(plan: BackupPlan, session: SshSession, *, sleep: Callable[[float], None],
+                dry_run: bool = False, ping: bool = True) -> bool:
+    """Log in (the session's shared connection), and with ping ask whether the server will
+    take a snapshot, before any data moves.  Retries while the server cannot be reached.
+    Returns whether the server knows AGAIN_WORD: as its pong says (PONG_CAN), or without
+    ping, True.
 
-    Retries while the server cannot be reached.  Returns whether the server
-    said it knows AGAIN_WORD (PONG_CAN).
-    """
+    Without ping only the login: where the server's last push said the minimum
+    interval would have passed by now (ping_wanted), which spares a session and
+    a start of the server's program each backup (issue 14).  That server
+    completes pushes, which is newer than AGAIN_WORD."""
     for attempt in range(1, plan.retries + 1):
-        unreachable = session.ensure() if session else None
-        proc = call_server(plan, "ping", session) if unreachable is None else \
-            subprocess.CompletedProcess([], 255, "", unreachable)
+        problem = session.ensure()
+        proc = subprocess.CompletedProcess([], 255, "", problem) if problem is not None else \
+            call_server(plan, "ping", session) if ping else None
+        if proc is None:
+            return True
         if proc.returncode == 0:
             lines = proc.stdout.strip().splitlines()
             log.info("server: %s", lines[0] if lines else "")
-            wait = next((l[len("wait: "):] for l in lines if l.startswith("wait: ")), None)
+            wait = next((l[len(WAIT_PREFIX):] for l in lines if l.startswith(WAIT_PREFIX)), None)
             if wait and not dry_run:
                 raise ByteBackError(f"{wait}; nothing was sent")
             return PONG_CAN in lines
@@ -7811,12 +7921,45 @@ def ping_server(plan: BackupPlan, *, sleep: Callable[[float], None], dry_run: bo
                         attempt + 1, plan.retries)
             sleep(plan.retry_delay)
             continue
+        if proc.returncode == 255:
+            raise ByteBackError(f"cannot reach the server {_login(plan.destination)}: {problem}")
         raise ByteBackError(f"the server {_login(plan.destination)} did not answer ping: {problem}")
+
+
+# <state-dir>/: when the server (by its destination) said its next snapshot may be taken.
+SERVER_HINT_FILE = "server-hint.json"
+
+
+def ping_wanted(state_dir: Path, where: str, now: float) -> bool:
+    """Whether to ping before the push: unless the last complete by this server said the
+    minimum interval would have passed by now.  A missing or garbled hint, another
+    server's, or an older server's (which gives none): ping, as always."""
+    try:
+        hint = read_json(state_dir / SERVER_HINT_FILE, {})
+    except ByteBackError:
+        return True
+    if not isinstance(hint, dict) or hint.get("destination") != where:
+        return True
+    when = hint.get("next_snapshot")
+    return not isinstance(when, (int, float)) or now < when
+
+
+def completed_by_push(output: str) -> Optional[tuple]:
+    """(CompletedProcess as complete's own, seconds to the next snapshot) from the output
+    of a push whose session took the snapshot itself (COMPLETE_LINE), else None: an
+    older server, which is asked `complete` after it."""
+    found = list(COMPLETE_LINE_RE.finditer(output))
+    if not found:
+        return None
+    said = output[:found[-1].start()]
+    taken = "\n".join(re.findall(r"^snapshot \S+ taken$", said, re.M))
+    proc = subprocess.CompletedProcess([], int(found[-1].group(1)), taken, said)
+    return proc, int(found[-1].group(2))
 
 
 def backup_remote(plan: BackupPlan, args: argparse.Namespace,
                   not_kept: Optional[NotKeptLines] = None) -> Optional[int]:
-    """Back up to a server over ssh: ping, rsync (retried), then ask it to snapshot.
+    """Back up to a server over ssh: log in (and ping), rsync (retried), then the snapshot.
 
     not_kept: what the server's receiver could not keep, once it is done."""
     if not (Path(plan.config_dir) / "key").is_file():
@@ -7837,9 +7980,11 @@ def _complete(plan: BackupPlan, session: SshSession, gaps: NotKept) -> subproces
 
 def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace,
                  not_kept: NotKeptLines) -> Optional[int]:
-    again = ping_server(plan, dry_run=args.dry_run, session=session, sleep=args.context.sleep)
+    state_dir, where = client_state_dir(), f"{_login(plan.destination)}:{plan.destination.port or 22}"
+    again = ping_server(plan, session, dry_run=args.dry_run, sleep=args.context.sleep,
+                        ping=args.dry_run or ping_wanted(state_dir, where, time.time()))
     auto = automatic_excludes(plan.sources, _read_mounts(), _client_config_files(plan))
-    argv = build_rsync_argv(plan, f"{_login(plan.destination)}:current/",
+    argv = build_rsync_argv(plan, f"{_login(plan.destination)}:{PUSH_THEN_COMPLETE}",
                             transport=rsync_over_ssh(session.argv(), again=again),
                             auto_excludes=auto, progress=args.progress, dry_run=args.dry_run)
     show = args.verbose > 0 or args.progress or args.dry_run
@@ -7849,8 +7994,16 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
                                         not_kept=not_kept)
         if args.dry_run:
             break
-        session.ensure()
-        proc = _complete(plan, session, not_kept.result())
+        completed = completed_by_push(output)
+        if completed is None:
+            # An older server, or rsync could not keep everything (exit 23): complete is
+            # asked for, with what was not kept.
+            session.ensure()
+            proc = _complete(plan, session, not_kept.result())
+        else:
+            proc, wait = completed
+            write_json_atomically(state_dir / SERVER_HINT_FILE,
+                                  {"destination": where, "next_snapshot": time.time() + wait})
         said = [l for l in proc.stderr.splitlines() if l.startswith("byteback: again: ")]
         if proc.returncode != 0 and said and attempt == 1:
             # The server found this run's writes mixed up in hard-linked files
@@ -8677,6 +8830,9 @@ def _options_snapshot(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prepare", action="store_true",
                    help="take no snapshot: prune before the host's next backup (the forced command "
                         "runs this at the start of every push)")
+    p.add_argument("--when-told", action="store_true",
+                   help=f"first wait for the line '{GO_WORD}' on standard input, else do nothing (the "
+                        "forced command starts it with a push, so it is ready once rsync has ended)")
 
 
 def _options_prune(p: argparse.ArgumentParser) -> None:

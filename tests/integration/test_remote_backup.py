@@ -161,6 +161,11 @@ def logins(remote: RemoteByteback) -> int:
     return remote.env.sshd.log_text().count("Accepted publickey for ")
 
 
+def sessions(remote: RemoteByteback) -> int:
+    """How many sessions (each a start of the forced command) the server has begun so far."""
+    return remote.env.sshd.log_text().count("Starting session: forced-command")
+
+
 def ssh_masters_left(tmp: Path) -> List[str]:
     """Command lines of byteback's shared-connection ssh masters still running below tmp."""
     found = []
@@ -258,7 +263,7 @@ def test_backup_refuses_a_server_whose_host_key_changed(remote, tmp_path):
     src = write_tree(tmp_path / "src", {"f": b"x"})
     before = remote.snapshots()
     result = remote.backup("--source", str(src), "--retry-number", "1", config_dir=config)
-    assert_clean_failure(result, "ping")
+    assert_clean_failure(result, "cannot reach")
     assert "host key" in result.stderr.lower() or "host identification" in result.stderr.lower(), result.stderr
     assert remote.snapshots() == before
 
@@ -305,16 +310,19 @@ def interval_runs(remote, tmp_path_factory):
     names = remote.snapshots()
     (src / "one").write_bytes(b"second\n")
     remote.set_server_conf()          # the default interval (6 h): the next snapshot is too soon
-    refused = remote.backup("--source", str(src))
+    # The first backup learns it after the copy: the hint of the last one said 0 s.
+    late = remote.backup("--source", str(src))
+    refused = remote.backup("--source", str(src))          # now it pings first
     after_refusal = remote.snapshots()
     # Moving the clock past the interval (interval 0) lets the same backup through.
     second = snapshot_backup(remote, "--source", str(src))
-    return SimpleNamespace(src=src, first=first, names=names, refused=refused,
+    return SimpleNamespace(src=src, first=first, names=names, late=late, refused=refused,
                            after_refusal=after_refusal, second=second)
 
 
 def test_second_backup_refused_inside_the_interval_and_accepted_after_it(interval_runs):
     runs = interval_runs
+    assert "minimum interval" in assert_clean_failure(runs.late, "took no snapshot")
     message = assert_clean_failure(runs.refused, "minimum interval")
     assert "nothing was sent" in message     # the client learns it from ping, before rsync
     assert runs.after_refusal == runs.names, message
@@ -439,19 +447,19 @@ def test_dry_run_shows_what_would_be_sent_and_takes_no_snapshot(remote, tmp_path
 
 # === 7. A run killed between rsync and complete =======================================
 
-KILL_AT_COMPLETE = """#!/bin/sh
-# Fault injection: the real ssh, except that the call asking the server to
-# snapshot ('complete') kills the byteback run that made it, as a crash would.
-for last in "$@"; do :; done
-if [ "$last" = complete ]; then
-    kill -KILL "$PPID"
-    exit 255
-fi
-exec {ssh} "$@"
+KILL_AFTER_PUSH = """#!/bin/sh
+# Fault injection: the real ssh; once a push's session has ended (the server took
+# the snapshot in it), the byteback run that started the rsync is killed, as a crash
+# would, before it hears the result.
+case "$*" in *" --server "*) ;; *) exec {ssh} "$@";; esac
+{ssh} "$@"
+rc=$?
+kill -KILL "$(ps -o ppid= -p "$PPID" | tr -d ' ')"
+exit $rc
 """
 
 
-def test_backup_after_a_run_killed_before_complete_completes(remote, tmp_path):
+def test_backup_after_a_run_killed_after_its_push_completes(remote, tmp_path):
     src = write_tree(tmp_path / "src", {"a": b"one\n", "dir/b": b"two\n"})
     snapshot_backup(remote, "--source", str(src))
     names = remote.snapshots()
@@ -460,17 +468,18 @@ def test_backup_after_a_run_killed_before_complete_completes(remote, tmp_path):
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     wrapper = bin_dir / "ssh"
-    wrapper.write_text(KILL_AT_COMPLETE.format(ssh=shutil.which("ssh")))
+    wrapper.write_text(KILL_AFTER_PUSH.format(ssh=shutil.which("ssh")))
     wrapper.chmod(0o755)
     tmp = short_tmp()
+    time.sleep(1.1)                                  # snapshot names have one-second resolution
     killed = remote.backup("--source", str(src), env={"PATH": f"{bin_dir}:{os.environ['PATH']}",
                                                       "TMPDIR": str(tmp)})
     assert killed.returncode == -signal.SIGKILL, (killed.returncode, killed.stderr)
     # Its shared connection died with it (the kernel's parent-death signal).
     wait_until(lambda: not ssh_masters_left(tmp), 10, "the killed run's ssh master to exit")
-    # rsync had finished: the data is in current, but no snapshot was taken.
-    assert (stored(remote.host_dir / "current", src) / "dir" / "c").read_bytes() == b"three\n"
-    assert remote.snapshots() == names
+    # The push's own session took the snapshot: the client's death lost nothing.
+    new = one_new_snapshot(remote, set(names))
+    assert (stored(remote.host_dir / new, src) / "dir" / "c").read_bytes() == b"three\n"
 
     # The next run (its lock freed by the kernel, the server's session over) completes.
     write_tree(src, {"dir/d": b"four\n"})
@@ -501,17 +510,22 @@ def _remove_tmp_dirs():
 def test_a_backup_and_a_restore_each_log_in_once(remote, tmp_path):
     src = write_tree(tmp_path / "src", {"a": b"one\n", "dir/b": b"two\n"})
     tmp = short_tmp()
-    before = logins(remote)
-    snapshot_backup(remote, "--source", str(src), env={"TMPDIR": str(tmp)})   # ping, rsync, complete
+    snapshot_backup(remote, "--source", str(src), env={"TMPDIR": str(tmp)})     # leaves the server's hint
+    before, started = logins(remote), sessions(remote)
+    snapshot_backup(remote, "--source", str(src), env={"TMPDIR": str(tmp)})
     assert logins(remote) - before == 1
+    # One session, one start of the forced command: no ping (the hint says the interval
+    # has passed), and the push takes its snapshot itself (no complete).
+    assert sessions(remote) - started == 1
     assert not ssh_masters_left(tmp)
     assert not list(tmp.iterdir())                           # the socket's directory is gone
 
-    before = logins(remote)
+    before, started = logins(remote), sessions(remote)
     out = tmp_path / "out"
     remote.run("restore", "--host", remote.host, "--restore", "--to", str(out),
-               str(src / "dir" / "b"), env={"TMPDIR": str(tmp)}).check()   # list, rsync
+               str(src / "dir" / "b"), env={"TMPDIR": str(tmp)}).check()
     assert logins(remote) - before == 1
+    assert sessions(remote) - started == 1                   # rsync alone: one path, no listing first
     assert (out / src.relative_to("/") / "dir" / "b").read_bytes() == b"two\n"
     assert not ssh_masters_left(tmp) and not list(tmp.iterdir())
 
@@ -521,7 +535,7 @@ def test_an_unreachable_server_is_retried_then_fails_in_one_line(remote, tmp_pat
     tmp = short_tmp()
     result = remote.backup("--source", str(src), "--retry-number", "2", "--port", "1",
                            env={"TMPDIR": str(tmp)})
-    message = assert_clean_failure(result, "did not answer ping")
+    message = assert_clean_failure(result, "cannot reach")
     assert "trying again" in result.stderr, result.stderr
     assert "Connection refused" in message, message
     assert not ssh_masters_left(tmp) and not list(tmp.iterdir())

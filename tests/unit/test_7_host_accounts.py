@@ -115,7 +115,8 @@ def test_a_host_accounts_sudo_lines_name_only_its_host():
     text = byteback.host_sudoers_text("byteback-web1", "web1", "/usr/local/bin/byteback.pyz", [])
     commands = [l.split("NOPASSWD: ", 1)[1] for l in text.splitlines() if "NOPASSWD" in l]
     assert commands == ["/usr/local/bin/byteback.pyz snapshot --host web1",
-                        "/usr/local/bin/byteback.pyz snapshot --host web1 --prepare"]
+                        "/usr/local/bin/byteback.pyz snapshot --host web1 --prepare",
+                        "/usr/local/bin/byteback.pyz snapshot --host web1 --when-told"]
     assert "*" not in text and all(l.startswith(("#", "Defaults:byteback-web1", "byteback-web1 "))
                                    for l in text.splitlines())
     assert "." not in byteback.host_sudoers_path("byteback-h.x").name

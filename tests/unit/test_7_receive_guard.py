@@ -448,6 +448,16 @@ def test_a_push_keeps_the_options_that_matter_and_drops_the_rest():
     # --timeout: the server's own; --inplace: the backend's; --fake-super: always added
     assert request.options == ("--bwlimit=100", "--delete-during", "--numeric-ids")
     assert request.paths == ()                                          # the client's path is dropped
+    assert not request.completes
+
+
+@pytest.mark.parametrize("destination,completes", [
+    ("current/+complete", True), ("current/", False), ("current/+complete/", False),
+    ("/anywhere/current/+complete", False),
+])
+def test_only_the_exact_destination_asks_the_push_to_take_the_snapshot(destination, completes):
+    request = byteback.check_receive_command(f"{PUSH} {TAIL[:-len('current/')]}{destination}")
+    assert (request.verb, request.completes, request.paths) == ("push", completes, ())
 
 
 def _write_logging_rsh(path: Path, log: Path, pong: str = "pong") -> Path:

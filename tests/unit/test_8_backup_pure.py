@@ -510,3 +510,48 @@ def test_a_server_from_before_that_refuses_the_words_is_asked_plain_complete(mon
     asked.clear()
     byteback._complete(None, None, byteback.NotKept())
     assert asked == ["complete"]                     # nothing to tell: the bare word, once
+
+
+# -- a push that took its snapshot itself, and the hint that spares the next ping --
+
+PUSH_OUTPUT = ("Number of files: 3\nTotal bytes sent: 1,234\n"
+               "snapshot web1/2026-12-02T03:04+0000 taken\n"
+               "byteback: complete: exit 0, next snapshot in 21600s\n")
+
+
+def test_a_push_that_completed_says_so_as_complete_would():
+    proc, wait = byteback.completed_by_push(PUSH_OUTPUT)
+    assert (proc.returncode, proc.stdout, wait) == (0, "snapshot web1/2026-12-02T03:04+0000 taken", 21600)
+    assert "byteback: complete:" not in proc.stderr and "Total bytes sent" in proc.stderr
+
+
+def test_a_push_whose_snapshot_failed_passes_the_reason_on():
+    output = "byteback: again: hard-linked files changed\nbyteback: complete: exit 1, next snapshot in 0s\n"
+    proc, wait = byteback.completed_by_push(output)
+    assert (proc.returncode, proc.stdout, wait) == (1, "", 0)
+    assert proc.stderr.splitlines() == ["byteback: again: hard-linked files changed"]
+
+
+@pytest.mark.parametrize("output", ["Total bytes sent: 5\n", "byteback: complete: exit 0\n",
+                                    "x byteback: complete: exit 0, next snapshot in 5s\n"])
+def test_an_older_servers_push_says_nothing_of_a_snapshot(output):
+    assert byteback.completed_by_push(output) is None
+
+
+@pytest.mark.parametrize("hint,now,wanted", [
+    (None, 100.0, True),                                                   # no hint: ping
+    ({"destination": "b@s:22", "next_snapshot": 50.0}, 100.0, False),      # the interval has passed
+    ({"destination": "b@s:22", "next_snapshot": 150.0}, 100.0, True),      # not yet
+    ({"destination": "b@t:22", "next_snapshot": 50.0}, 100.0, True),       # another server's
+    ({"destination": "b@s:22", "next_snapshot": "soon"}, 100.0, True),     # garbled
+    (["b@s:22"], 100.0, True),
+])
+def test_ping_is_asked_unless_the_servers_hint_says_the_interval_has_passed(tmp_path, hint, now, wanted):
+    if hint is not None:
+        (tmp_path / byteback.SERVER_HINT_FILE).write_text(json.dumps(hint))
+    assert byteback.ping_wanted(tmp_path, "b@s:22", now) is wanted
+
+
+def test_a_garbled_hint_file_means_ping(tmp_path):
+    (tmp_path / byteback.SERVER_HINT_FILE).write_text("{not json")
+    assert byteback.ping_wanted(tmp_path, "b@s:22", 100.0) is True
