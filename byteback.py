@@ -3956,13 +3956,12 @@ class Store:
 
         lstat only, never following a link: run/ is untrusted input.  A host's own record
         of what its receiver could not keep (not_kept_path) is its backups' and not counted,
-        within NOT_KEPT_RECORD_MAX bytes."""
+        within NOT_KEPT_RECORD_MAX bytes: that exact path of each known host, no other."""
+        records = {str(self.not_kept_path(h)) for h in self.hosts()}
         total = 0
         for place in (self.run_dir, self.state_dir / "sessions"):
             for path, st in walk_files(place):
-                if stat.S_ISREG(st.st_mode) and not (
-                        st.st_size <= NOT_KEPT_RECORD_MAX and path.endswith(NOT_KEPT_SUFFIX)
-                        and is_host_name(os.path.basename(path)[:-len(NOT_KEPT_SUFFIX)])):
+                if stat.S_ISREG(st.st_mode) and not (st.st_size <= NOT_KEPT_RECORD_MAX and path in records):
                     total += st.st_blocks * 512
         return total
 

@@ -1082,6 +1082,29 @@ def test_server_status_warns_while_the_newest_snapshot_lacks_files(capsys, tmp_p
     assert code == 0, captured.out
 
 
+def test_only_each_known_hosts_own_not_kept_record_is_left_out_of_the_unaccounted_bytes(tiny):
+    """Files named like a record, planted where the backup user or a host's account can write,
+    are junk that prune must not delete history for: counted, all but the exact records."""
+    tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
+    tiny.add_snapshot("web2", T - dt.timedelta(hours=2))
+    own = tiny.store.state_dir / "sessions" / "web1"
+    own.mkdir(parents=True)                                 # web1 has an account of its own
+    tiny.store.run_dir.mkdir(parents=True)
+    for record in (_record(tiny.store, "web1"), _record(tiny.store, "web2")):
+        record.write_bytes(b" " * byteback.NOT_KEPT_RECORD_MAX)
+    assert tiny.store.not_kept_path("web1").parent == own
+    base = tiny.store.unaccounted_bytes()
+    junk = os.urandom(8192)
+    planted = [tiny.store.run_dir / f"h{i}.not-kept" for i in range(20)]       # the backup user's
+    planted += [tiny.store.run_dir / "web1.not-kept",                          # web1's is elsewhere
+                own / "web2.not-kept", own / "deep" / "web1.not-kept"]         # web1's account's
+    (own / "deep").mkdir()
+    for path in planted:
+        path.write_bytes(junk)
+    grew = tiny.store.unaccounted_bytes() - base
+    assert grew >= len(planted) * 8192, (grew, len(planted))
+
+
 @pytest.mark.parametrize("planted", ["symlink", "fifo", "huge", "deep", "count", "name", "type", "nesting",
                                      "future", "older"])
 def test_root_reads_a_record_the_host_account_wrote_only_within_bounds(tmp_path, tiny, planted):
