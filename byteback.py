@@ -7980,8 +7980,13 @@ def _complete(plan: BackupPlan, session: SshSession, gaps: NotKept) -> subproces
 def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace,
                  not_kept: NotKeptLines) -> Optional[int]:
     state_dir, where = client_state_dir(), f"{_login(plan.destination)}:{plan.destination.port or 22}"
-    again = ping_server(plan, session, dry_run=args.dry_run, sleep=args.context.sleep,
-                        ping=args.dry_run or ping_wanted(state_dir, where, time.time()))
+    ping = args.dry_run or ping_wanted(state_dir, where, time.time())
+    if not ping:
+        # Used once: only a push that completes writes it anew, so after any failure
+        # (or a server put back to an older version) the next backup pings again.
+        with contextlib.suppress(FileNotFoundError):
+            (state_dir / SERVER_HINT_FILE).unlink()
+    again = ping_server(plan, session, dry_run=args.dry_run, sleep=args.context.sleep, ping=ping)
     auto = automatic_excludes(plan.sources, _read_mounts(), _client_config_files(plan))
     argv = build_rsync_argv(plan, f"{_login(plan.destination)}:{PUSH_THEN_COMPLETE}",
                             transport=rsync_over_ssh(session.argv(), again=again),
