@@ -1607,10 +1607,10 @@ def history_entry(backups: Sequence[dict], record: dict, *, name: str, now: dt.d
     # The host's normal backup for its share of the disc, kept in the entry so that
     # plan_prune reads it instead of walking the history every time (normal_backup).
     if prior or counted_sizes([entry]):              # a full copy alone has no normal yet
-        both = list(backups) + [entry]
-        for key, growth in (("normal", config.normal_growth), ("share", config.share_growth)):
-            entry[key] = int(normal_backup(both, history=config.history, growth=growth,
-                                           floor=config.suspicion_floor / 4, key=key))
+        normal, share = _normal_backups(list(backups) + [entry], history=config.history,
+                                        floor=config.suspicion_floor / 4,
+                                        keys=(("normal", config.normal_growth), ("share", config.share_growth)))
+        entry["normal"], entry["share"] = int(normal), int(share)
     return entry
 
 
@@ -1662,27 +1662,46 @@ def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor
     may grow by at most `growth` per 30 days (a flood just under the suspicion line must not
     buy a bigger share in days), from no less than `floor` of the host's smallest recent
     size (after quiet days it would never grow again); it follows a fall at once."""
+    return _normal_backups(backups, history=history, floor=floor, keys=((key, growth),))[0]
+
+
+def _recorded_at(backups: Sequence[dict], key: str) -> Optional[int]:
+    """The index of the newest entry but the last that has `key`'s normal recorded, or None."""
+    for i in range(len(backups) - 2, -1, -1):
+        value = backups[i].get(key)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return i
+    return None
+
+
+def _normal_backups(backups: Sequence[dict], *, history: int, floor: float,
+                    keys: Sequence[tuple]) -> List[float]:
+    """normal_backup for each (key, growth) of keys, in one walk where they resume from the
+    same entry (history_entry records both in every entry)."""
+    resume = [_recorded_at(backups, key) for key, _ in keys]
+    if len(set(resume)) > 1:
+        return [_normal_backups(backups, history=history, floor=floor, keys=(k,))[0] for k in keys]
     window: List[int] = []
     total = 0
-    normal: Optional[float] = None
+    normals: List[Optional[float]] = [None] * len(keys)
     last = None
-    per_second = math.log1p(growth) / (SHARE_WINDOW_DAYS * DAY)
+    per_second = [math.log1p(growth) / (SHARE_WINDOW_DAYS * DAY) for _, growth in keys]
     start = 0
     # Resume from the newest entry that has its normal recorded (history_entry writes it).
-    for i in range(len(backups) - 2, -1, -1):
+    i = resume[0]
+    if i is not None:
         b = backups[i]
-        if isinstance(b.get(key), int) and not isinstance(b.get(key), bool):
-            normal, last, start = float(b[key]), _entry_time(b.get("time")), i + 1
-            # The last `history` counted sizes up to it, from it back (not the whole history).
-            for j in range(i, -1, -1):
-                if len(window) >= history:
-                    break
-                e = backups[j]
-                if not e.get("first") and (not e.get("suspicious") or e.get("accepted")):
-                    window.append(_num(e, "added"))
-            window.reverse()
-            total = sum(window)
-            break
+        normals = [float(b[key]) for key, _ in keys]
+        last, start = _entry_time(b.get("time")), i + 1
+        # The last `history` counted sizes up to it, from it back (not the whole history).
+        for j in range(i, -1, -1):
+            if len(window) >= history:
+                break
+            e = backups[j]
+            if not e.get("first") and (not e.get("suspicious") or e.get("accepted")):
+                window.append(_num(e, "added"))
+        window.reverse()
+        total = sum(window)
     sizes = [_num(e, "size") for e in backups[max(0, start - history):start] if not e.get("baseline")]
     for b in backups[start:]:
         if not b.get("baseline"):
@@ -1698,15 +1717,17 @@ def normal_backup(backups: Sequence[dict], *, history: int, growth: float, floor
             total -= window.pop(0)
         value = total / len(window)
         when = _entry_time(b.get("time"))
-        if normal is None or when is None or last is None:
-            normal = value          # no times recorded (an old history): nothing to cap by
+        if when is None or last is None:
+            normals = [value] * len(keys)     # no times recorded (an old history): nothing to cap by
         else:
-            elapsed = (when - last).total_seconds()
-            base = max(normal, floor * min(sizes, default=0), 1.0)
-            normal = min(value, base * math.exp(per_second * max(0.0, elapsed)))
+            elapsed = max(0.0, (when - last).total_seconds())
+            smallest = floor * min(sizes, default=0)
+            normals = [value if normal is None else
+                       min(value, max(normal, smallest, 1.0) * math.exp(rate * elapsed))
+                       for normal, rate in zip(normals, per_second)]
         if when is not None:
             last = when
-    return normal or 0.0
+    return [normal or 0.0 for normal in normals]
 
 
 # --- 5c. The prune plan: everything prune decides, as one pure function ------
@@ -1805,6 +1826,10 @@ class PrunePlan(NamedTuple):
     rollbacks: List[str]
     notes: List[str]                       # WARNING lines for the log and status
     steps: Iterator[PlanStep]
+    # The clock played no part (no growth budget was asked, nor force): with the same
+    # histories and pending uploads, and only snapshots deleted, a later plan accepts,
+    # contains and rolls back nothing either, and has the same goal.
+    timeless: bool = False
 
     def short(self, free: int) -> bool:
         return free < self.goal
@@ -1875,21 +1900,25 @@ class HistoryEntries:
     usually the last one with an entry appended (and the oldest trimmed), so
     _history_entries works it out from the last one in O(entries changed) when it can.
     """
-    __slots__ = ("history", "by_name", "unaccepted", "names", "numbers", "freed", "held")
+    __slots__ = ("history", "by_name", "unaccepted", "names", "numbers", "freed", "held", "unique")
 
     def __init__(self, history: tuple, by_name: dict, unaccepted: list, names: list,
-                 numbers: list, freed: list) -> None:
+                 numbers: list, freed: list, held: Optional[dict] = None) -> None:
         self.history = history            # kept alive: the answer belongs to these very entries
         self.by_name = by_name
         self.unaccepted = unaccepted
         self.names = names                # per entry: its "snapshot"
         self.numbers = numbers            # per entry: (added, size)
         self.freed = freed                # per entry: _entry_bytes
-        if set(map(type, names)) <= {str}:
+        if held is not None:              # worked out from the last one (unique names only)
+            self.held, self.unique = held, True
+        elif set(map(type, names)) <= {str}:
             # the oldest entry of a name wins, as snapshot_bytes's walk from the newest back has it
             self.held = dict(zip(reversed(names), reversed(freed)))
+            self.unique = len(self.held) == len(names)     # every entry names a snapshot of its own
         else:
             self.held = {n: v for n, v in zip(reversed(names), reversed(freed)) if isinstance(n, str)}
+            self.unique = False
 
 
 def _scan_history(history: tuple) -> HistoryEntries:
@@ -1933,19 +1962,32 @@ def _history_entries(history: Sequence[dict], previous: Optional[HistoryEntries]
             by_name[name] = rest
         else:
             del by_name[name]
-    for b in added:
-        name = b.get("snapshot")
+    added_names = [b.get("snapshot") for b in added]
+    for name, b in zip(added_names, added):
         by_name[name] = by_name.get(name, []) + [b]
     unaccepted = previous.unaccepted[sum(1 for b in gone if _unaccepted(b)):]
     unaccepted = unaccepted + [b for b in added if _unaccepted(b)] if added else unaccepted
     numbers = previous.numbers[dropped:] + [_entry_numbers(b) for b in added]
     freed = previous.freed[dropped:]
+    names = previous.names[dropped:] + added_names
+    held: Optional[dict] = None
+    if previous.unique:
+        # Every name its own entry's: only the names that came, went, or lost their newest place change.
+        held = dict(previous.held)
+        for name in previous.names[:dropped]:
+            del held[name]
     if added:
         # the old newest has an entry after it now; the new ones are worked out afresh
         tail = numbers[common - 1:]
         freed[common - 1:] = [_entry_bytes(a, s, after) for (a, s), after in zip(tail, tail[1:] + [None])]
-    return HistoryEntries(history, by_name, unaccepted, previous.names[dropped:] + [b.get("snapshot") for b in added],
-                          numbers, freed)
+        if held is not None:
+            held[names[common - 1]] = freed[common - 1]
+            for name, value in zip(added_names, freed[common:]):
+                if type(name) is not str or name in held:
+                    held = None          # a name twice, or none: the whole walk decides
+                    break
+                held[name] = value
+    return HistoryEntries(history, by_name, unaccepted, names, numbers, freed, held)
 
 
 def _normal_mean(counted: Sequence[int], normal: float, history: int) -> float:
@@ -1987,13 +2029,21 @@ def _host_views(hosts: Dict[str, HostFacts], config: "ServerConfig") -> Dict[str
             continue
         frozen = type(f.history) is tuple and type(f.snapshots) is tuple
         entries = _history_entries(f.history, v.entries if v is not None and frozen else None)
+        part = None
         if v is not None and frozen and v.entries is entries and v.settings == settings:
             counted, normal, share = v.counted, v.normal, v.share
+            # Only snapshots went (prune) or came: the host's part reads of them only the
+            # newest's name, and which are kept where an entry is contained, and the pending upload.
+            if (v.part is not None and not entries.unaccepted and f.pending == v.facts.pending
+                    and f.running == v.facts.running and f.snapshots and v.facts.snapshots
+                    and f.snapshots[-1].name == v.facts.snapshots[-1].name):
+                part = v.part
         else:
             counted = counted_sizes(f.history, last=config.history)
             normal = _recorded_normal(f.history, config)
             share = _recorded_normal(f.history, config, "share")
         views[h] = view = _HostView(f, settings, entries, counted, normal, share)
+        view.part = part
         if frozen:
             _HOST_VIEWS[h] = view
     return views
@@ -2086,6 +2136,13 @@ def _host_part(h: str, f: HostFacts, view: _HostView, normal: float, counted: Li
 
 # --- 5d. plan_prune, and the order of deletion between hosts -----------------
 
+# The last plan's parts that did not depend on the clock (the growth budget was never asked):
+# (what they were worked out from, the parts).  simulate plans again before every backup with
+# nothing changed but the clock and the free space since the plan after the one before.
+_LAST_PLAN: List[Optional[tuple]] = [None]
+_TARGETS = ServerConfig._fields.index("targets")     # read by the order within a host only
+
+
 def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", order: Optional[str] = None,
                force: bool = False) -> PrunePlan:
     """Everything prune decides, from plain values.  force: an administrator accepts every excess."""
@@ -2093,6 +2150,18 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
     if order not in ("importance", "age"):
         raise ValueError(f"unknown prune order {order!r}")
     hosts = state.hosts
+    # The same facts (the very objects, frozen) and settings as the last plan, whose parts the
+    # clock played no part in: the same parts, so only the free space and the order are new.
+    names = tuple(hosts)
+    key = (names, state.total, state.unaccounted, order, force, config[:_TARGETS], config[_TARGETS + 1:])
+    last = _LAST_PLAN[0]
+    if last is not None and last[0] == key and all(map(operator.is_, hosts.values(), last[1])):
+        target, goal, notes, views, weights, extra, room, means = last[2]
+        steps = _fair_steps(state, views, weights, extra, room, means, state.free + max(0, state.unaccounted),
+                            now=now, order=order, targets=config.targets)
+        return PrunePlan(target, goal, state.free, [], {}, [], list(notes), steps, True)
+    _LAST_PLAN[0] = None
+    clock = []                                   # the growth budget was asked: the clock played a part
     views = _host_views(hosts, config)
     counted = {h: v.counted for h, v in views.items()}
     # A host's normal backup: the mean of its counted sizes, but never more than its
@@ -2113,7 +2182,7 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
         """Each host's normal backup (shares = normal; 1 for equal) times its server.conf weight."""
         if key not in memo:
             memo[key] = {h: (1.0 if config.shares == "equal" else max(1.0, normals[h]))
-                         * config.weights.get(h, 1.0) for h in hosts}
+                         * config.weights.get(h, 1.0) for h in names}
         return memo[key]
 
     def weights() -> Dict[str, float]:
@@ -2125,6 +2194,7 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
         (growth capped at normal_growth), the same normal that sizes its room in the target."""
         if force:
             return float("inf")
+        clock.append(h)
         w = weighted("normal", normals)
         share_of_disc = state.total * w[h] / (sum(w.values()) or 1.0)
         return accept_tokens(hosts[h].history, now=now, rate=config.accept_budget * share_of_disc,
@@ -2175,9 +2245,12 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
             notes.append(f"host {a.host}: an unfinished upload of {format_size(hosts[a.host].pending)}, "
                          "more than its own history can give back while the others need the space: "
                          "current is rolled back to its newest snapshot")
+    timeless = not (clock or force or accepted or contained or rollbacks)
+    if timeless and all(type(f.history) is tuple and type(f.snapshots) is tuple for f in hosts.values()):
+        _LAST_PLAN[0] = (key, tuple(hosts.values()), (target, goal, tuple(notes), views, weights, extra, room, means))
     steps = _fair_steps(state, views, weights, extra, room, means, free_for_claims, now=now, order=order,
                         targets=config.targets)
-    return PrunePlan(target, goal, state.free, accepted, contained, rollbacks, notes, steps)
+    return PrunePlan(target, goal, state.free, accepted, contained, rollbacks, notes, steps, timeless)
 
 
 def _unpaid_uploads(pending: List[Acceptance], views: Dict[str, _HostView], w: Dict[str, float],

@@ -26,6 +26,7 @@ from __future__ import annotations
 import bisect
 import datetime as dt
 import math
+import operator
 from typing import Dict, Iterator, List, NamedTuple, Optional, Tuple
 
 import byteback
@@ -213,6 +214,7 @@ class Simulation:
             targets=tuple(policy.targets))
         self.by_name = {h.name: h for h in self.hosts}
         self._scheduled: Optional[byteback.ServerConfig] = None   # a schedule's config, last made
+        self._settled: Optional[tuple] = None    # (used, disc, facts) after a prune that left nothing to do
 
     # -- the disc --
     @property
@@ -275,6 +277,14 @@ class Simulation:
 
         force is an administrator's `prune --force`.
         """
+        settled = self._settled
+        if (settled is not None and not force and settled[0] == self.used and settled[1] == self.disk
+                and all(map(operator.is_, [h.facts() for h in self.hosts], settled[2]))):
+            # Nothing has changed since byteback's last plan but the clock and the snapshots that
+            # plan deleted, and that plan was timeless and left the disc at its goal: its goal
+            # stands, and nothing is accepted, contained or rolled back: nothing to do.
+            return
+        self._settled = None
         config = self.fixed_config
         if config is None:
             oldest = min((h.kept_snaps[0].when for h in self.hosts if h.kept_snaps), default=None)
@@ -301,16 +311,17 @@ class Simulation:
             self.stats.rollbacks += 1
         if plan.contained and not force and self.admin_due is None and self.params.accept_after is not None:
             self.admin_due = minute + self.params.accept_after      # status says WARNING; someone looks
-        if not plan.short(self.free):
-            return
-        self.stats.prunes += 1
-        _, _, why = byteback.execute_plan(plan, int(self.free),
-                                          delete=lambda step: self.delete(step.decision.snapshot, minute),
-                                          measure=lambda: int(self.free))
-        if why == "share":
-            self.stats.share_stops += 1
-        elif why == "exhausted":
-            self.stats.short += 1
+        if plan.short(self.free):
+            self.stats.prunes += 1
+            _, _, why = byteback.execute_plan(plan, int(self.free),
+                                              delete=lambda step: self.delete(step.decision.snapshot, minute),
+                                              measure=lambda: int(self.free))
+            if why == "share":
+                self.stats.share_stops += 1
+            elif why == "exhausted":
+                self.stats.short += 1
+        if plan.timeless and not plan.short(self.free):
+            self._settled = (self.used, self.disk, [h.facts() for h in self.hosts])
 
     def administrator(self, minute: int) -> None:
         """The administrator answers a WARNING: `prune --force`."""
