@@ -1,8 +1,8 @@
 """Benchmark: the order of deletion for a big server, built in memory.
 
 Targets (issue 11), in CPU seconds, the best of three runs:
-  what `prune --list` runs: plan_prune, plan_listing and plan_table (the
-  text it prints), 100 hosts x 1,000 snapshots                           <= 1 s
+  what `prune --list` runs (list_plan: plan_prune, plan_listing and
+  plan_table, the text it prints), 100 hosts x 1,000 snapshots           <= 1 s
   the same, 1,000 hosts x 100 snapshots                                  <= 1 s
   the first deletion of a real prune (the plan and its first step)       <= 0.05 s
 The stores have no history (fairness by bytes is then fairness by count),
@@ -54,10 +54,9 @@ def best_of(runs: int, hosts: int, per_host: int, call) -> float:
 
 
 def prune_list(state) -> str:
-    """What cmd_prune --list computes, up to the text it prints."""
+    """What cmd_prune --list computes (list_plan), up to the text it prints."""
     import byteback
-    plan = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig())
-    return byteback.plan_table(byteback.plan_listing(plan, state), NOW)
+    return byteback.list_plan(state, byteback.ServerConfig(), now=NOW)[1]
 
 
 def first_deletion(state):

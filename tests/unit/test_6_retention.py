@@ -326,6 +326,29 @@ def test_plan_listing_of_nothing_is_empty():
     assert listing([]) == []
 
 
+@pytest.mark.parametrize("collecting", [True, False])
+def test_list_plan_is_the_table_of_the_listing_and_leaves_the_collector_as_it_was(collecting):
+    import gc
+    snaps = snaps_aged("web1", NOW, [0, 1, 2, 5, 9]) + snaps_aged("db1", NOW, [0.5, 3, 40])
+    by_host = {h: tuple(s for s in snaps if s.host == h) for h in ("web1", "db1")}
+    state = byteback.PruneState({h: byteback.HostFacts(v, ()) for h, v in by_host.items()}, 0, 1)
+    config = byteback.ServerConfig()
+    was = gc.isenabled()
+    (gc.enable if collecting else gc.disable)()
+    try:
+        plan, table = byteback.list_plan(state, config, now=NOW)
+        assert gc.isenabled() == collecting
+    finally:
+        (gc.enable if was else gc.disable)()
+    expected = byteback.plan_listing(byteback.plan_prune(state, now=NOW, config=config), state)
+    assert table == byteback.plan_table(expected, NOW)
+    lines = table.splitlines()
+    assert lines[0].split() == ["#", "host", "snapshot", "age", "place"] and len(lines) == 1 + len(snaps)
+    assert lines[1].startswith("1  ") and lines[-1].startswith("-  web1 ") and lines[-1].endswith(
+        "kept: the newest snapshot of host web1")
+    assert plan.target == byteback.plan_prune(state, now=NOW, config=config).target
+
+
 # -- free_space_target --
 
 @pytest.mark.parametrize("sizes,headroom,history,target", [
