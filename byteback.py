@@ -2202,7 +2202,7 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
             contained[h] = held_back
         extra[h] = claim
     if state.unaccounted > 0:
-        notes.append(f"{format_size(state.unaccounted)} in the store's run/ belongs to no host's backups: "
+        notes.append(f"{format_size(state.unaccounted)} in the store's run/ and sessions/ belongs to no host's backups: "
                      "not pruned for")
     if any(a.complete and a.snapshot for a in accepted):
         # What is accepted counts in its host's normal size from now on (counted_sizes).
@@ -3188,8 +3188,8 @@ def scandir_entries(path: str) -> List[os.DirEntry]:
         return []
 
 
-def walk_files(root: Path) -> Iterator[tuple]:
-    """(path, lstat) of everything below root that is not a directory; links never followed.
+def walk_entries(root: Path) -> Iterator[tuple]:
+    """(path, lstat) of everything below root, directories too; links never followed.
 
     Entries that vanish or cannot be read while walking are passed over.
     """
@@ -3202,8 +3202,32 @@ def walk_files(root: Path) -> Iterator[tuple]:
                 continue
             if stat.S_ISDIR(st.st_mode):
                 stack.append(entry.path)
-            else:
-                yield entry.path, st
+            yield entry.path, st
+
+
+def walk_files(root: Path) -> Iterator[tuple]:
+    """(path, lstat) of everything below root that is not a directory (see walk_entries)."""
+    return ((path, st) for path, st in walk_entries(root) if not stat.S_ISDIR(st.st_mode))
+
+
+UNACCOUNTED_ENTRY_MIN = 4096           # what any file, directory or link takes at least
+
+
+def entry_xattr_bytes(path: str) -> int:
+    """Bytes of an entry's extended attributes, names and values, never following a link; 0 when
+    it vanished (the kernel bounds both lists at 64 KiB, so this is bounded too).  Not the
+    security.* labels the kernel's LSM puts on every file: small, and not a user's to grow."""
+    try:
+        names = os.listxattr(path, follow_symlinks=False)
+    except OSError:
+        return 0
+    total = 0
+    for name in (n for n in names if not n.startswith("security.")):
+        try:
+            total += len(name.encode()) + 1 + len(os.getxattr(path, name, follow_symlinks=False))
+        except OSError:
+            pass
+    return total
 
 
 def tree_size(root: Path) -> tuple:
@@ -4019,17 +4043,28 @@ class Store:
             pass
 
     def unaccounted_bytes(self) -> int:
-        """Disc used in run/, which belongs to no host's backups (the backup user can write there).
+        """Disc used in run/ and sessions/, which belongs to no host's backups (the backup user
+        and each host's account can write there).
 
-        lstat only, never following a link: run/ is untrusted input.  A host's own record
-        of what its receiver could not keep (not_kept_path) is its backups' and not counted,
-        within NOT_KEPT_RECORD_MAX bytes: that exact path of each known host, no other."""
-        records = {str(self.not_kept_path(h)) for h in self.hosts()}
+        lstat only, never following a link: both are untrusted input.  Each entry counts its
+        xattrs (entry_xattr_bytes), and, unless it is one of a known host's own (its lock, its
+        in-progress marker, its sessions directory), at least one block whatever its type, so
+        empty files and directories are not free.  A known host's record of what its receiver
+        could not keep (not_kept_path, that exact path) is its backups' and not counted, within
+        NOT_KEPT_RECORD_MAX bytes."""
+        hosts = self.hosts()
+        records = {str(self.not_kept_path(h)) for h in hosts}
+        own = {str(p) for h in hosts for p in (self.session_lock_path(h), self.dirty_path(h),
+                                                self.host_run_dir(h))}
         total = 0
         for place in (self.run_dir, self.state_dir / "sessions"):
-            for path, st in walk_files(place):
-                if stat.S_ISREG(st.st_mode) and not (st.st_size <= NOT_KEPT_RECORD_MAX and path in records):
-                    total += st.st_blocks * 512
+            for path, st in walk_entries(place):
+                blocks = 0 if stat.S_ISDIR(st.st_mode) else st.st_blocks * 512
+                if path in records and stat.S_ISREG(st.st_mode) and st.st_size <= NOT_KEPT_RECORD_MAX:
+                    blocks = 0
+                elif path not in own:
+                    blocks = max(blocks, UNACCOUNTED_ENTRY_MIN)
+                total += blocks + entry_xattr_bytes(path)
         return total
 
     def not_kept_path(self, host: str) -> Path:
