@@ -48,11 +48,14 @@ import os, py_compile, sys, tempfile, time, zipfile
 
 src, out = sys.argv[1], sys.argv[2]
 # -I -S: isolated (no PYTHON* variables, no user site-packages, no current
-# directory on sys.path), and no site module: the forced command and the root
-# command sudo runs must load nothing the caller or the byteback user can write,
-# and every start is ~5-50 ms cheaper without site's .pth files (issue 14).
-# byteback needs nothing beyond the standard library.  env -S splits the line
-# (coreutils >= 8.30, as on every system with Python >= 3.8).
+# directory on sys.path), and no site module: once started, the forced command
+# and the root command sudo runs load nothing the caller or the byteback user
+# can write, and every start is ~5-50 ms cheaper without site's .pth files
+# (issue 14).  Which python3 starts is not isolated by this line: env looks it
+# up on PATH, so the sudoers lines byteback writes set secure_path (sudo keeps
+# the caller's PATH where sudoers sets none).  byteback needs nothing beyond
+# the standard library.  env -S splits the line (coreutils >= 8.30, as on
+# every system with Python >= 3.8).
 SHEBANG = b"#!/usr/bin/env -S python3 -I -S\n"
 MAIN = b"import sys\nimport byteback\nsys.exit(byteback.main())\n"
 

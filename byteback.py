@@ -5461,14 +5461,21 @@ def read_not_kept(store: Store, host: str, newest: Optional[Snapshot], now: dt.d
     return gaps if gaps.total and fresh else None
 
 
+SUDOERS_SECURE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"      # root's, as Debian's sudoers sets it
+
+
 def _sudoers_text(user: str, program: str, config_args: Sequence[str],
                   commands: Sequence[str] = ("snapshot --host *", "setup-host *"),
                   what: str = "taking a snapshot of a host, and adding a client host (setup-client)",
                   by: str = "setup-server") -> str:
-    """The /etc/sudoers.d file that lets user run exactly these byteback commands as root (pure)."""
+    """The /etc/sudoers.d file that lets user run exactly these byteback commands as root (pure).
+
+    secure_path: the zipapp's #! line looks python3 up on PATH, and sudo keeps the caller's
+    PATH where sudoers sets none (SUDOERS_SECURE_PATH)."""
     prefix = " ".join([program, *config_args])
     return (f"# Written by byteback {by}.  {user} may run exactly these as root:\n# {what}.\n"
             f"Defaults:{user} !requiretty\n"
+            f'Defaults:{user} secure_path="{SUDOERS_SECURE_PATH}"\n'
             + "".join(f"{user} ALL = (root) NOPASSWD: {prefix} {words}\n" for words in commands))
 
 
@@ -6313,6 +6320,11 @@ def cmd_setup_server(args: argparse.Namespace) -> int:
 
     _install_file(Path("/etc/sudoers.d") / sudoers_name,
                   _sudoers_text(args.user, install, config_args).encode(), 0o440, done, visudo_check)
+    for host in open_store(store, runner).hosts():      # an older byteback's lines, brought up to date
+        name = host_account_name(args.user, host)
+        if host_sudoers_path(name).exists():
+            _install_file(host_sudoers_path(name), host_sudoers_text(name, host, install, config_args).encode(),
+                          0o440, done, visudo_check)
     prune_job = Job(sudoers_name.replace("byteback", "byteback-prune", 1), "prune",
                     job_argv(install, args.config_dir, "prune", "--if-idle"), hourly=True)
     done += install_job(prune_job, cron_file=Path(args.cron_file or f"/etc/cron.d/{prune_job.name}"),

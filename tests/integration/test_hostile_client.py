@@ -790,6 +790,29 @@ def test_sudo_cannot_be_told_to_keep_the_environment(world):
     assert_failed(world, proc, "sudo VAR=value")
 
 
+def test_sudo_starts_the_systems_python_whatever_the_callers_path(world):
+    """The zipapp's #! line looks python3 up on PATH, and sudo keeps the caller's PATH where
+    sudoers sets no secure_path (as Arch's may not): byteback's own sudoers lines set it.  A
+    file sorted before byteback's takes the system's secure_path away, as such a sudoers has."""
+    user = world.env.user.name
+    unset = Path("/etc/sudoers.d") / f"00-bbtest-no-secure-path-{user}"
+    evil = world.as_user(f"d=$(mktemp -d) && printf '#!/bin/sh\\ntouch {world.marker}\\n' > $d/python3 && "
+                         "chmod 755 $d/python3 && echo $d")
+    assert evil.returncode == 0, evil
+    bin_dir = evil.stdout.strip()
+    try:
+        unset.write_text(f"Defaults:{user} !secure_path\n")
+        os.chmod(unset, 0o440)
+        run(["visudo", "-cf", str(unset)])
+        proc = world.sudo("snapshot", "--host", "client1", env_prefix=["env", f"PATH={bin_dir}:/usr/bin:/bin"])
+        assert not world.marker.exists(), f"the caller's python3 ran as root: {proc}"
+        assert "minimum interval" in proc.stderr, proc.stderr          # byteback itself ran
+    finally:
+        unset.unlink(missing_ok=True)
+        shutil.rmtree(bin_dir, ignore_errors=True)
+        world.marker.unlink(missing_ok=True)
+
+
 SHELL_ON_HISTORY = [
     "btrfs property set -ts {s1} ro false",
     "btrfs property set -ts {s2} ro false",

@@ -248,6 +248,15 @@ def test_setup_server_twice_changes_nothing_and_sudoers_is_valid(remote):
     command = f"NOPASSWD: {remote.program} --config-dir {remote.server_config} "
     assert len(rules) == 2, rules
     assert all(l.startswith(remote.env.user.name + " ") and command in l for l in rules), rules
+    # An older byteback's file, without secure_path (the zipapp's #! looks python3 up on the
+    # PATH sudo keeps where sudoers sets none): setup-server on the existing store rewrites it.
+    current = sudoers.read_text()
+    assert f'Defaults:{remote.env.user.name} secure_path="/usr/sbin:/usr/bin:/sbin:/bin"' in current.splitlines()
+    sudoers.write_text("".join(l for l in current.splitlines(True) if "secure_path" not in l))
+    rewritten = subprocess.run(again.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               universal_newlines=True, timeout=120)
+    assert rewritten.returncode == 0 and f"wrote      {sudoers}" in rewritten.stdout, rewritten
+    assert sudoers.read_text() == current
     assert sorted(l.split(command)[1] for l in rules) == ["setup-host *", "snapshot --host *"], rules
 
 

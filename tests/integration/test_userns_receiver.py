@@ -280,6 +280,25 @@ def test_a_shell_as_one_hosts_account_cannot_reach_another_hosts_backups(userns)
     assert stolen.returncode != 0
 
 
+def test_setup_server_brings_a_host_accounts_older_sudo_lines_up_to_date(userns):
+    """An older byteback wrote no secure_path (sudo kept the caller's PATH for the zipapp's
+    #! line where sudoers sets none): setup-server on the existing store writes it."""
+    remote, one, _ = userns
+    path = Path("/etc/sudoers.d") / f"byteback-host-{one.account}"
+    current = path.read_text()
+    assert f"Defaults:{one.account} secure_path=" in current, current
+    path.write_text("".join(l for l in current.splitlines(True) if "secure_path" not in l))
+    again = remote.server("setup-server", "--store", str(remote.store), "--user", remote.env.user.name,
+                          "--install-path", str(remote.program), "--receiver", "userns",
+                          "--cron-file", str(remote.server_config / "cron.d-byteback-prune")).check()
+    assert f"wrote      {path}" in again.stdout and path.read_text() == current, again.stdout
+    assert stat.S_IMODE(os.lstat(path).st_mode) == 0o440
+    twice = remote.server("setup-server", "--store", str(remote.store), "--user", remote.env.user.name,
+                          "--install-path", str(remote.program), "--receiver", "userns",
+                          "--cron-file", str(remote.server_config / "cron.d-byteback-prune")).check()
+    assert "nothing changed" in twice.stdout, twice.stdout
+
+
 def test_a_host_account_cannot_rewrite_its_key_or_run_more_than_its_snapshot(userns):
     remote, one, two = userns
     keys = one.dir / ".ssh" / "authorized_keys"

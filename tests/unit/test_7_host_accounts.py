@@ -120,6 +120,8 @@ def test_a_host_accounts_sudo_lines_name_only_its_host():
     assert "*" not in text and all(l.startswith(("#", "Defaults:byteback-web1", "byteback-web1 "))
                                    for l in text.splitlines())
     assert "." not in byteback.host_sudoers_path("byteback-h.x").name
+    # sudo keeps the caller's PATH where sudoers sets no secure_path; the zipapp's #! looks on PATH
+    assert f'Defaults:byteback-web1 secure_path="{byteback.SUDOERS_SECURE_PATH}"' in text.splitlines()
 
 
 CAPS = "e.iLsfxCIvu"
