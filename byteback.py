@@ -625,7 +625,7 @@ def write_file_atomically(path: Path, text: str, mode: int = 0o644) -> None:
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        with os.fdopen(fd, "w") as f:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -5440,10 +5440,23 @@ def record_not_kept(store: Store, host: str, gaps: NotKept, namespace: Optional[
     try:
         if namespace:
             enter_user_namespace(*namespace)    # sessions/<host> is its namespace root's
-        write_json_atomically(store.not_kept_path(host),
-                              gaps._replace(time=now_local().isoformat())._asdict())
+        write_file_atomically(store.not_kept_path(host), not_kept_record(gaps._replace(time=now_local().isoformat())))
     except (OSError, ByteBackError) as e:
         log.warning("host %s: what its receiver could not keep was not recorded: %s", host, e)
+
+
+def not_kept_record(gaps: NotKept) -> str:
+    """The record's JSON, within the NOT_KEPT_RECORD_MAX bytes of UTF-8 that root reads (pure).
+
+    Names unescaped (ensure_ascii=False): escaped, five names of 300 non-ASCII characters
+    took up to 12 bytes a character, past what read_not_kept reads, and the warning was lost.
+    Within checked_not_kept's bounds they take at most 4 bytes a character (2 for '"' or
+    '\\'); past the bound anyway, the counts are kept without the names."""
+    for kept in (gaps, gaps._replace(examples=())):
+        text = json.dumps(kept._asdict(), ensure_ascii=False, indent=1, sort_keys=True) + "\n"
+        if len(text.encode("utf-8")) <= NOT_KEPT_RECORD_MAX:
+            break
+    return text
 
 
 def read_not_kept(store: Store, host: str, newest: Optional[Snapshot], now: dt.datetime) -> Optional[NotKept]:

@@ -1131,6 +1131,28 @@ def test_root_reads_a_record_the_host_account_wrote_only_within_bounds(tmp_path,
     assert byteback.server_status(tiny.store, byteback.ServerConfig(), T)["hosts"]["web1"]["not_kept"] is None
 
 
+@pytest.mark.parametrize("char", ["写", "😀", '"', "é"])
+def test_the_longest_record_the_guard_accepts_reads_back_whole(tiny, char):
+    """What complete's guard accepts (5 names of 300 characters) is what root reads back, not a
+    record past NOT_KEPT_RECORD_MAX that reads as nothing (JSON escapes: 6-12 bytes a character)."""
+    tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
+    names = [f"/{i}" + char * (byteback.NOT_KEPT_NAME_MAX - 2) for i in range(byteback.NOT_KEPT_EXAMPLES)]
+    request = byteback._check_complete(byteback.not_kept_words(byteback.NotKept(10 ** 12, 10 ** 12, tuple(names))))
+    gaps = byteback.request_not_kept(request)
+    with freeze_time(T):
+        byteback.record_not_kept(tiny.store, "web1", gaps, None)
+    assert tiny.store.not_kept_path("web1").stat().st_size <= byteback.NOT_KEPT_RECORD_MAX
+    newest = tiny.store.snapshots("web1")[-1]
+    assert byteback.read_not_kept(tiny.store, "web1", newest, T) == gaps._replace(time=T.isoformat())
+
+
+def test_a_record_past_the_bound_keeps_its_counts():
+    gaps = byteback.NotKept(1, 2, ("/" + "x" * 9000,), T.isoformat())        # beyond the guard's bounds
+    text = byteback.not_kept_record(gaps)
+    assert len(text.encode()) <= byteback.NOT_KEPT_RECORD_MAX
+    assert json.loads(text) == gaps._replace(examples=[])._asdict()
+
+
 def test_a_record_is_kept_by_complete_after_its_snapshot(tmp_path, tiny, caplog):
     tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
     byteback.log.addHandler(caplog.handler)        # whatever an earlier test's setup_logging left
