@@ -5094,6 +5094,8 @@ def serve_list(store: Store, host: str, request: Request, *, limit: float) -> in
 SUBID_COUNT = 65536                # the least a host's first range holds: ids 0-65535, a client's own users
 HOST_ID_COUNT = 2 ** 21            # what a host's namespace holds in all: containers' subuids too
 SUBID_START = 100000               # where ranges start (login.defs' SUB_UID_MIN)
+SUBID_END = 2 ** 31                # ranges end below it: above, some tools read ids as signed
+LOGIN_DEFS = "/etc/login.defs"
 SUBID_FILES = ("/etc/subuid", "/etc/subgid")
 ID_MAPPERS = ("/usr/bin/newuidmap", "/usr/bin/newgidmap")
 CLONE_NEWUSER = 0x10000000
@@ -5169,22 +5171,37 @@ def subid_sharers(entries: Sequence[tuple], name: str, uid: int, base: int,
 
 
 def free_subid_base(taken: Iterable[tuple], ids: Iterable[int], start: int = SUBID_START,
-                    size: int = HOST_ID_COUNT) -> int:
+                    size: int = HOST_ID_COUNT, end: int = SUBID_END) -> int:
     """The lowest range of `size` ids from start, on a `size` step, that overlaps
-    no (first, count) range already given and holds no id of a real user or group (pure)."""
+    no (first, count) range already given, holds no id of a real user or group,
+    and ends at or below `end` (pure).  Raises ByteBackError when none is left."""
     ranges = sorted(taken)
     real = sorted(i for i in ids if i >= start)
     base = start
-    while True:
-        end = base + size
-        clash = [first + count for first, count in ranges if first < end and base < first + count]
-        clash += [i + 1 for i in real[bisect.bisect_left(real, base):bisect.bisect_left(real, end)]]
+    while base + size <= end:
+        stop = base + size
+        clash = [first + count for first, count in ranges if first < stop and base < first + count]
+        clash += [i + 1 for i in real[bisect.bisect_left(real, base):bisect.bisect_left(real, stop)]]
         if not clash:
             return base
         base += size * max(1, -(-(max(clash) - base) // size))
-        if base + size > 2 ** 32 - 2:
-            raise ByteBackError(f"no free range of {size} ids is left for a host's account "
-                                "(/etc/subuid, /etc/subgid are full)")
+    raise ByteBackError(f"no free range of {size} ids is left for a host's account between {start} and "
+                        f"{end - 1} (/etc/subuid, /etc/subgid are full there; {LOGIN_DEFS}'s SUB_UID_MIN, "
+                        "SUB_UID_MAX, SUB_GID_MIN, SUB_GID_MAX set the bounds, at most 2^31 - 1)")
+
+
+def subid_bounds(login_defs: str) -> tuple:
+    """(start, end) of where new ranges may lie (pure): login.defs' SUB_UID_MIN/SUB_GID_MIN
+    and SUB_UID_MAX/SUB_GID_MAX where set (uids and gids share their ranges: both bounds
+    hold), else SUBID_START; never past SUBID_END."""
+    found: Dict[str, int] = {}
+    for line in login_defs.splitlines():
+        m = re.fullmatch(r"\s*(SUB_[UG]ID_(?:MIN|MAX))\s+([0-9]{1,10})\s*", line)
+        if m:
+            found[m.group(1)] = int(m.group(2))
+    mins = [found[k] for k in ("SUB_UID_MIN", "SUB_GID_MIN") if k in found]
+    maxes = [found[k] + 1 for k in ("SUB_UID_MAX", "SUB_GID_MAX") if k in found]
+    return max(mins or [SUBID_START]), min(maxes + [SUBID_END])
 
 
 def host_sudoers_text(account: str, host: str, program: str, config_args: Sequence[str]) -> str:
@@ -5310,12 +5327,13 @@ def _ensure_host_account(store: Store, user: str, host: str, runner: Runner, don
             for m in (host_id_map(e, name, account.pw_uid) for e in entries)]
     if max(need) > 0:
         ids = [p.pw_uid for p in pwd.getpwall()] + [g.gr_gid for g in grp.getgrall()]
+        bounds = subid_bounds(Path(LOGIN_DEFS).read_text(errors="replace") if os.path.exists(LOGIN_DEFS) else "")
         taken = [(first, count) for e in entries for _, first, count in e]
         words, bases = [], {}
         for i, size in enumerate(need):
             if size > 0:
                 if size not in bases:       # uids and gids alike where they can be
-                    bases[size] = free_subid_base(taken, ids, size=size)
+                    bases[size] = free_subid_base(taken, ids, bounds[0], size=size, end=bounds[1])
                     taken.append((bases[size], size))
                 words += [("--add-subuids", "--add-subgids")[i], f"{bases[size]}-{bases[size] + size - 1}"]
         runner.run(["usermod", *words, name])
@@ -5329,7 +5347,12 @@ def _ensure_host_account(store: Store, user: str, host: str, runner: Runner, don
 
 
 def _refuse_shared_range(path: str, entries: Sequence[tuple], name: str, uid: int, extents: tuple) -> None:
+    """Refuse a host's range that others share, or that reaches 2^31 (SUBID_END)."""
     for _, base, count in extents:
+        if base + count > SUBID_END:
+            raise ByteBackError(f"{path} gives {name} the ids {base}-{base + count - 1}, past 2^31 - 1, which "
+                                "some tools read as negative: an administrator must give it a range below "
+                                "(usermod --del-subuids/--add-subuids, --del-subgids/--add-subgids)")
         sharers = subid_sharers(entries, name, uid, base, count)
         if sharers:
             raise ByteBackError(f"{path} gives ids of {name}'s range {base}-{base + count - 1} to "

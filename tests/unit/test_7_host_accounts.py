@@ -84,6 +84,26 @@ def test_a_thousand_hosts_fit_below_two_to_the_31():
     assert taken[-1][0] + byteback.HOST_ID_COUNT <= 2 ** 31
 
 
+def test_no_range_reaches_two_to_the_31_or_past_login_defs_bounds():
+    count = byteback.HOST_ID_COUNT
+    last = 2 ** 31 - count                                   # the last block that ends below 2^31
+    below = [(byteback.SUBID_START, last - byteback.SUBID_START)]
+    assert byteback.free_subid_base(below, [], start=last) == last
+    with pytest.raises(byteback.ByteBackError, match="no free range"):
+        byteback.free_subid_base(below + [(last, count)], [], start=last)
+    defs = "# shadow\nSUB_UID_MIN\t\t  200000\nSUB_UID_MAX  600100000\nSUB_GID_MIN 300000\n#SUB_GID_MAX 5\n"
+    assert byteback.subid_bounds(defs) == (300000, 600100001)
+    assert byteback.subid_bounds("SUB_UID_MAX 4000000000\n") == (byteback.SUBID_START, 2 ** 31)
+    assert byteback.subid_bounds("") == (byteback.SUBID_START, 2 ** 31)
+    start, end = byteback.subid_bounds("SUB_UID_MIN 100000\nSUB_UID_MAX 4000000\n")
+    assert byteback.free_subid_base([], [], start, end=end) == 100000
+    with pytest.raises(byteback.ByteBackError, match="SUB_UID_MAX"):
+        byteback.free_subid_base([(100000, count)], [], start, end=end)     # the next block would end at 4294304
+    with pytest.raises(byteback.ByteBackError, match="past 2"):
+        byteback._refuse_shared_range("/etc/subuid", [("bb-web1", 2 ** 31 - 5, count)], "bb-web1", 5,
+                                      ((0, 2 ** 31 - 5, count),))
+
+
 def test_a_namespace_is_its_first_range_then_the_others_lowest_first_up_to_host_id_count():
     count = byteback.HOST_ID_COUNT
     new = [("bb-web1", 2197152, count)]
