@@ -3060,7 +3060,7 @@ def _check_complete(rest: List[str]) -> Request:
     """complete, bare or with what the namespace receiver could not keep.  Raises Refused."""
     if not rest:
         return Request("complete")
-    m = re.fullmatch(re.escape(NOT_KEPT_OPTION) + r"(\d{1,13}),(\d{1,13})", rest[0])
+    m = re.fullmatch(re.escape(NOT_KEPT_OPTION) + r"([0-9]{1,13}),([0-9]{1,13})", rest[0])
     if not m or not all(w.startswith(NOT_KEPT_EXAMPLE) for w in rest[1:]):
         raise Refused(f"{'complete ' + rest[0][:80]!r} is not a command byteback runs (complete takes "
                       f"only {NOT_KEPT_OPTION}DEVICES,OWNERS and then {NOT_KEPT_EXAMPLE}NAME)")

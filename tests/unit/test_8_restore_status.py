@@ -1146,6 +1146,14 @@ def test_the_longest_record_the_guard_accepts_reads_back_whole(tiny, char):
     assert byteback.read_not_kept(tiny.store, "web1", newest, T) == gaps._replace(time=T.isoformat())
 
 
+def test_complete_takes_counts_of_ascii_digits_only():
+    """int() reads Arabic-Indic and other Unicode digits too: the guard must not."""
+    for word in ("--not-kept=\u0661,0", "--not-kept=0,\uff13", "--not-kept=1,\u0967"):
+        with pytest.raises(byteback.Refused):
+            byteback._check_complete([word, "--example=/dev/sda"])
+    assert byteback._check_complete(["--not-kept=1,0", "--example=/dev/sda"]).options == ("--not-kept=1,0",)
+
+
 def test_a_record_past_the_bound_keeps_its_counts():
     gaps = byteback.NotKept(1, 2, ("/" + "x" * 9000,), T.isoformat())        # beyond the guard's bounds
     text = byteback.not_kept_record(gaps)
