@@ -3029,13 +3029,15 @@ class NotKept(NamedTuple):
     owners: int = 0             # owner or group outside the host's id range: kept, owned by root
     examples: tuple = ()        # a few of their names, escaped (printable)
     time: str = ""              # when the server recorded them (ISO 8601), server side only
+    snapshot: str = ""          # the snapshot they are of (its name), server side only
 
     @property
     def total(self) -> int:
         return self.devices + self.owners
 
 
-def checked_not_kept(devices: object, owners: object, examples: object, time: object = "") -> NotKept:
+def checked_not_kept(devices: object, owners: object, examples: object, time: object = "",
+                     snapshot: object = "") -> NotKept:
     """A NotKept within the bounds above, from values a client or a file gave.  Raises ValueError."""
     counts = [devices, owners]
     if not all(isinstance(c, int) and not isinstance(c, bool) and 0 <= c <= NOT_KEPT_COUNT_MAX for c in counts):
@@ -3046,7 +3048,9 @@ def checked_not_kept(devices: object, owners: object, examples: object, time: ob
                          f"{NOT_KEPT_NAME_MAX} at most each")
     if not isinstance(time, str) or (time and _entry_time(time) is None):
         raise ValueError("not a time")
-    return NotKept(devices, owners, tuple(examples), time)
+    if not isinstance(snapshot, str) or len(snapshot) > NOT_KEPT_NAME_MAX:
+        raise ValueError("not a snapshot's name")
+    return NotKept(devices, owners, tuple(examples), time, snapshot)
 
 
 def not_kept_words(gaps: NotKept) -> List[str]:
@@ -5461,9 +5465,11 @@ def record_not_kept(store: Store, host: str, gaps: NotKept, namespace: Optional[
         return
     log.warning("host %s: %s", host, not_kept_text(gaps), extra={"syslog_only": True})
     try:
+        snaps = store.snapshots(host)
+        gaps = gaps._replace(time=now_local().isoformat(), snapshot=snaps[-1].name if snaps else "")
         if namespace:
             enter_user_namespace(*namespace)    # sessions/<host> is its namespace root's
-        write_file_atomically(store.not_kept_path(host), not_kept_record(gaps._replace(time=now_local().isoformat())))
+        write_file_atomically(store.not_kept_path(host), not_kept_record(gaps))
     except (OSError, ByteBackError) as e:
         log.warning("host %s: what its receiver could not keep was not recorded: %s", host, e)
 
@@ -5485,15 +5491,19 @@ def not_kept_record(gaps: NotKept) -> str:
 def read_not_kept(store: Store, host: str, newest: Optional[Snapshot], now: dt.datetime) -> Optional[NotKept]:
     """What the host's newest snapshot lacks, as its complete recorded (root reads what the
     host's account wrote: a regular file of NOT_KEPT_RECORD_MAX bytes, checked_not_kept's bounds,
-    recorded after that snapshot was taken and not in the future), else None: a record ends
-    with the next snapshot, forged or not."""
+    naming that snapshot, recorded after it was taken and not in the future), else None: a
+    record ends with the next snapshot, forged or not.  The name, not only the time: names
+    have a minute's resolution, and a record planted before the next snapshot of that same
+    minute would have spoken for it too."""
     data = read_untrusted_json(store.not_kept_path(host), NOT_KEPT_RECORD_MAX) if newest else None
     try:
-        gaps = checked_not_kept(data["devices"], data["owners"], data["examples"], data["time"])
+        gaps = checked_not_kept(data["devices"], data["owners"], data["examples"], data["time"],
+                                data["snapshot"])
     except (ValueError, KeyError, TypeError):
         return None
     recorded = _entry_time(gaps.time)
-    fresh = recorded is not None and newest.when <= recorded <= now + dt.timedelta(minutes=5)
+    fresh = (gaps.snapshot == newest.name and recorded is not None
+             and newest.when <= recorded <= now + dt.timedelta(minutes=5))
     return gaps if gaps.total and fresh else None
 
 

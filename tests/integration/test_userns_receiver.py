@@ -459,7 +459,8 @@ def test_what_a_host_account_plants_as_its_record_of_losses_root_reads_only_with
     newest = one.snapshots()[-1]
 
     def written(devices: int, owners: int, name: str, when: str = "$(date -Iseconds)") -> str:
-        text = f'{{"devices": {devices}, "owners": {owners}, "examples": ["{name}"], "time": "{when}"}}'
+        text = (f'{{"devices": {devices}, "owners": {owners}, "examples": ["{name}"], "time": "{when}", '
+                f'"snapshot": "{newest}"}}')
         return 'echo "' + text.replace('"', '\\"') + f'" > {record}'
 
     plants = {"symlink": f"ln -s /etc/shadow {record}", "fifo": f"mkfifo {record}",

@@ -1057,7 +1057,9 @@ def test_log_lines_escape_names_but_keep_tracebacks(capsys):
 
 
 def _record(store, host, **fields):
-    data = {"devices": 1, "owners": 0, "examples": ["/dev/sda"], "time": T.isoformat(), **fields}
+    snaps = store.snapshots(host)
+    data = {"devices": 1, "owners": 0, "examples": ["/dev/sda"], "time": T.isoformat(),
+            "snapshot": snaps[-1].name if snaps else "", **fields}
     path = store.not_kept_path(host)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data))
@@ -1143,7 +1145,8 @@ def test_the_longest_record_the_guard_accepts_reads_back_whole(tiny, char):
         byteback.record_not_kept(tiny.store, "web1", gaps, None)
     assert tiny.store.not_kept_path("web1").stat().st_size <= byteback.NOT_KEPT_RECORD_MAX
     newest = tiny.store.snapshots("web1")[-1]
-    assert byteback.read_not_kept(tiny.store, "web1", newest, T) == gaps._replace(time=T.isoformat())
+    assert byteback.read_not_kept(tiny.store, "web1", newest, T) == gaps._replace(time=T.isoformat(),
+                                                                                snapshot=newest.name)
 
 
 def test_complete_takes_counts_of_ascii_digits_only():
@@ -1172,5 +1175,21 @@ def test_a_record_is_kept_by_complete_after_its_snapshot(tmp_path, tiny, caplog)
     logged = [r for r in caplog.records if r.getMessage().startswith("host web1: 3 files not kept")]
     assert logged and logged[0].levelname == "WARNING" and getattr(logged[0], "syslog_only", False)
     newest = tiny.store.snapshots("web1")[-1]
-    assert byteback.read_not_kept(tiny.store, "web1", newest, T) == byteback.NotKept(0, 3, ("/a", "/b"), T.isoformat())
+    assert byteback.read_not_kept(tiny.store, "web1", newest, T) == byteback.NotKept(0, 3, ("/a", "/b"), T.isoformat(),
+                                                                                      newest.name)
     assert byteback.read_not_kept(tiny.store, "web1", newest, T - dt.timedelta(hours=1)) is None   # from the future
+
+
+def test_a_record_speaks_for_the_snapshot_it_names_not_a_later_one_of_the_same_minute(tiny):
+    """Snapshot names have a minute's resolution: a record written in the minute the next
+    snapshot is taken, before it (a forged one, or a backup's record a moment older), is dated
+    after that snapshot's name, and by time alone would have spoken for it."""
+    tiny.add_snapshot("web1", T - dt.timedelta(hours=2))
+    _record(tiny.store, "web1", time=(T - dt.timedelta(hours=1) + dt.timedelta(seconds=20)).isoformat())
+    older = tiny.store.snapshots("web1")[-1]
+    assert byteback.read_not_kept(tiny.store, "web1", older, T) is not None
+    tiny.add_snapshot("web1", T - dt.timedelta(hours=1))
+    newest = tiny.store.snapshots("web1")[-1]
+    assert newest.when <= T - dt.timedelta(hours=1) + dt.timedelta(seconds=20)
+    assert byteback.read_not_kept(tiny.store, "web1", newest, T) is None
+    assert byteback.server_status(tiny.store, byteback.ServerConfig(), T)["hosts"]["web1"]["not_kept"] is None
