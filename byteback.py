@@ -72,6 +72,9 @@ from typing import (Callable, Container, Dict, Iterable, Iterator, List, NamedTu
 VERSION = "0.1.0"
 
 EXIT_OK, EXIT_FAILURE, EXIT_USAGE = 0, 1, 2
+# snapshot --when-told that did nothing: not told to go (in time), or another run of
+# its host was waiting already.  Not 0, so the guard that told it can tell (sysexits' EX_TEMPFAIL).
+EXIT_NOT_TOLD = 75
 NAGIOS_OK, NAGIOS_WARNING, NAGIOS_CRITICAL, NAGIOS_UNKNOWN = 0, 1, 2, 3
 
 DEFAULT_CONFIG_DIR = "/etc/byteback"
@@ -101,8 +104,14 @@ DEFAULT_TARGET_DAYS = TARGET_PRESETS["week"]
 # while we copied them", which is normal on a live system.
 RSYNC_RETRY_CODES = frozenset({10, 11, 12, 20, 21, 22, 30, 35, 255})
 RSYNC_OK_CODES = frozenset({0, 24})
-# What `snapshot --when-told` waits for on stdin before it takes the snapshot.
+# What `snapshot --when-told` waits for on stdin before it takes the snapshot:
+# at most server.conf's rsync_timeout, the limit of all a client's session asks
+# root for; for a push that outlasts it a fresh run takes the snapshot
+# (_push_then_complete).
 GO_WORD = "go"
+# Root's own directory of the waiting runs' locks (one waiting run per host):
+# /run is root's alone, so nobody else can make it or plant anything in it.
+WHEN_TOLD_LOCK_DIR = Path("/run/byteback")
 # ping's answer when a snapshot now would be refused (the minimum interval).
 WAIT_PREFIX = "wait: "
 # How a push that took its snapshot itself ends its stderr (_push_then_complete):
@@ -4681,33 +4690,91 @@ def _refuse_under_sudo(args: argparse.Namespace, *names: str) -> None:
 
 def _server_store(store: Optional[str], config: ServerConfig, runner: Runner) -> Store:
     """The store an administrator named, else server.conf's, else the byteback user's home."""
+    return open_store(_server_store_root(store, config), runner)
+
+
+def _server_store_root(store: Optional[str], config: ServerConfig) -> str:
+    """Where _server_store's store is."""
     root = store or config.store
     if not root:
         try:
-            import pwd
             root = pwd.getpwnam("byteback").pw_dir
         except KeyError:
             raise UsageError("no store given: use --store ROOT, or set 'store' in server.conf") from None
-    return open_store(root, runner)
+    return root
 
 
 def cmd_snapshot(args: argparse.Namespace) -> int:
     """snapshot: make host's current a read-only snapshot (refused inside the interval), then prune."""
     _refuse_under_sudo(args, "store", "force")
+    host = check_host_name(args.host)
+    if args.when_told and not _told_to_go(args, host):
+        return EXIT_NOT_TOLD    # nothing done: the push it was started for failed, or no longer waits
     config = load_server_config(args.config_dir)
     store = _server_store(args.store, config, Runner())
-    host = check_host_name(args.host)
     # For a client's session (complete, or the start of a push), through sudo:
     # it must end even should the disc stall or the work grow without bound.
     under_sudo = running_under_sudo(args.context.euid)
-    if args.when_told and sys.stdin.readline().strip() != GO_WORD:
-        return EXIT_OK          # the push it was started for did not succeed: nothing to do
     with (_client_run_limit(config, args.prepare) if under_sudo else contextlib.nullcontext()):
         if args.prepare:
             return prepare_backup(store, host, config)
         snap = snapshot_and_prune(store, host, config, force=args.force)
     print(f"snapshot {snap.host}/{snap.name} taken")
     return EXIT_OK
+
+
+def _told_to_go(args: argparse.Namespace, host: str) -> bool:
+    """`snapshot --when-told`: wait, bounded in time and in what is read, for the word.
+
+    Anyone sudo lets run it may start it (the backup user, a host's account)
+    and root's processes escape the caller's limits: so only for a host the
+    store has, one waiting run per host (a second ends at once), and never
+    past rsync_timeout.  The config read here only finds the store and that
+    limit: the run reads it again once told, and acts on the settings of then."""
+    config = load_server_config(args.config_dir)
+    root = _server_store_root(args.store, config)
+    if not _is_real_dir(Path(root) / host):
+        log.warning("snapshot --when-told: no host %s in %s; nothing done", host, root,
+                    extra={"syslog_only": True})
+        return False
+    try:
+        with Lock(_when_told_lock_dir() / f"{host}.lock", f"waiting snapshot of host {host}"):
+            return wait_for_word(sys.stdin.fileno(), config.rsync_timeout)
+    except LockBusy as e:
+        log.warning("snapshot --when-told: %s; nothing done", e, extra={"syslog_only": True})
+        return False
+
+
+def _when_told_lock_dir() -> Path:
+    """WHEN_TOLD_LOCK_DIR, made 0700 by this process (root) where missing; refused unless
+    it is a real directory of this user that nobody else may write."""
+    path = WHEN_TOLD_LOCK_DIR
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(path, 0o700)
+    st = os.lstat(path)
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o022:
+        raise ByteBackError(f"{path} is not a directory of {pwd.getpwuid(os.geteuid()).pw_name} "
+                            "that only it may write; remove it and try again")
+    return path
+
+
+def wait_for_word(fd: int, timeout: float, clock: Callable[[], float] = time.monotonic) -> bool:
+    """Whether exactly GO_WORD and a newline arrive on fd within timeout seconds.
+
+    Reads at most that many bytes: whatever else arrives (another word, a
+    flood without a newline), the end of input, or the deadline is a no."""
+    want = (GO_WORD + "\n").encode()
+    deadline = clock() + timeout
+    got = b""
+    while len(got) < len(want) and want.startswith(got):
+        left = deadline - clock()
+        if left <= 0 or not select.select([fd], [], [], left)[0]:
+            return False
+        chunk = os.read(fd, len(want) - len(got))
+        if not chunk:
+            return False
+        got += chunk
+    return got == want
 
 
 def _client_run_name(prepare: bool) -> str:
@@ -5684,14 +5751,15 @@ def _push_then_complete(r: Receive, request: Request) -> int:
         _serve_rsync(r, request, writes=True)   # a refusal raises: main says it, the child exits
     rc = _child_exit_code(pid)
     if rc not in RSYNC_OK_CODES:
-        if root_run is not None:
-            root_run.stdin.close()      # no word: it ends without a snapshot
-            root_run.stdin = None
-            wait_for_client_run(root_run, lambda: None)
+        _dismiss_root_run(root_run)
         return rc
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            code = _finish_root_run(r, root_run) if root_run is not None else _snapshot_for_client(r)
+            code = _finish_root_run(r, root_run) if root_run is not None else EXIT_NOT_TOLD
+            if code == EXIT_NOT_TOLD:
+                # none, or one that no longer waited (its wait had ended, or another
+                # run of this host's waited): one not told takes the snapshot
+                code = _snapshot_for_client(r)
     except ByteBackError as e:
         log.error("%s", e)
         code = e.exit_code
@@ -5700,6 +5768,19 @@ def _push_then_complete(r: Receive, request: Request) -> int:
     sys.stderr.write("byteback: " + COMPLETE_LINE.format(code=code, wait=max(0, math.ceil(wait))) + "\n")
     sys.stderr.flush()
     return rc
+
+
+def _dismiss_root_run(proc: Optional[subprocess.Popen]) -> None:
+    """A waiting root run (snapshot --when-told) ended without the word: the end of its
+    input, which it ends at without doing anything; asked to stop should it not."""
+    if proc is not None:
+        proc.stdin.close()
+        proc.stdin = None
+        try:
+            wait_for_client_run(proc, session_watch(CLIENT_RUN_GRACE, sys.stderr.fileno(),
+                                                    "the waiting snapshot", "see the server's log"))
+        except ByteBackError as e:
+            log.warning("%s", e)
 
 
 def _serve_rsync(r: Receive, request: Request, writes: bool) -> NoReturn:
@@ -9015,7 +9096,8 @@ def _options_snapshot(p: argparse.ArgumentParser) -> None:
                         "runs this at the start of every push)")
     p.add_argument("--when-told", action="store_true",
                    help=f"first wait for the line '{GO_WORD}' on standard input, else do nothing (the "
-                        "forced command starts it with a push, so it is ready once rsync has ended)")
+                        "forced command starts it with a push, so it is ready once rsync has ended); "
+                        "it waits at most server.conf's rsync_timeout, one such run per host")
 
 
 def _options_prune(p: argparse.ArgumentParser) -> None:

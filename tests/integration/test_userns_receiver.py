@@ -21,6 +21,7 @@ namespace mapped onto the host's range in /etc/subuid.  What is shown:
 from __future__ import annotations
 
 import contextlib
+import functools
 import grp
 import os
 import pwd
@@ -482,3 +483,78 @@ def test_what_a_host_account_plants_as_its_record_of_losses_root_reads_only_with
         assert "not kept" not in remote.server("status", "--store", str(remote.store), "--nagios").stdout
     finally:
         one.namespace_shell(f"rm -f {record}")
+
+
+NOT_TOLD = byteback_module().EXIT_NOT_TOLD
+
+
+def _start_waiting_snapshot(remote: RemoteByteback, user: str, host: str) -> subprocess.Popen:
+    """snapshot --when-told as user, through sudo, its stdin a pipe of ours."""
+    return subprocess.Popen(["runuser", "-u", user, "--", "sudo", "-n", str(remote.program), "--config-dir",
+                             str(remote.server_config), "snapshot", "--host", host, "--when-told"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            cwd="/", env={"PATH": "/usr/bin:/bin:/usr/sbin:/sbin", "LC_ALL": "C"})
+
+
+def _wait_until_waiting(proc: subprocess.Popen, lock: Path) -> None:
+    started = time.monotonic()
+    while not byteback_module().flock_held(lock):
+        assert proc.poll() is None and time.monotonic() - started < 30, proc.stderr.read()
+        time.sleep(0.05)
+
+
+def test_a_waiting_snapshot_ends_by_its_deadline_and_a_second_one_is_refused(userns):
+    """snapshot --when-told through the real sudo, as a host's account and as the backup user,
+    who may each start it themselves: a run never told ends by rsync_timeout, one other
+    waiting run of the same host or one of a host the store has not ends at once, neither snapshots."""
+    remote, one, _ = userns
+    before = one.snapshots()
+    lock = byteback_module().WHEN_TOLD_LOCK_DIR / f"{one.name}.lock"
+    start = functools.partial(_start_waiting_snapshot, remote)
+    remote.set_server_conf(min_interval="0", receiver="userns", rsync_timeout="4")
+    waiting = start(one.account, one.name)
+    try:
+        started = time.monotonic()
+        _wait_until_waiting(waiting, lock)
+        for user, host in ((one.account, one.name), (remote.env.user.name, one.name),
+                           (remote.env.user.name, "nosuchhost")):
+            second = start(user, host)          # its stdin stays open, and says nothing
+            assert second.wait(timeout=20) == NOT_TOLD, (user, host, second.stderr.read())
+            assert second.stderr.read() == b""             # the reason is in the server's log only
+            second.stdin.close()
+        assert waiting.poll() is None                       # the first still waits
+        assert waiting.wait(timeout=30) == NOT_TOLD         # and ends by its deadline, told nothing
+        assert time.monotonic() - started < 4 + 20
+        assert waiting.stdout.read() == b""
+        assert not byteback_module().flock_held(lock)
+        told_else = start(one.account, one.name)
+        told_else.stdin.write(b"stop\n")
+        told_else.stdin.flush()
+        assert told_else.wait(timeout=20) == NOT_TOLD and told_else.stdout.read() == b""
+        told_else.stdin.close()
+        assert one.snapshots() == before
+        st = os.lstat(lock.parent)
+        assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (0, 0o700)
+    finally:
+        remote.set_server_conf(min_interval="0", receiver="userns")
+        if waiting.poll() is None:
+            waiting.stdin.close()
+            waiting.wait(timeout=30)
+
+
+def test_a_push_whose_waiting_snapshot_was_refused_gets_its_snapshot_from_a_fresh_run(userns):
+    """Another waiting run holds the host's lock (one its account started itself): the push's
+    own root run ends at once, and the guard has a run that does not wait take the snapshot."""
+    remote, one, _ = userns
+    before = one.snapshots()
+    other = _start_waiting_snapshot(remote, one.account, one.name)
+    try:
+        _wait_until_waiting(other, byteback_module().WHEN_TOLD_LOCK_DIR / f"{one.name}.lock")
+        done = one.backup("--source", str(one.src)).check()
+        assert len(one.snapshots()) == len(before) + 1, (done.stdout, done.stderr)
+        assert "waiting" not in done.stderr, done.stderr
+        assert other.poll() is None
+    finally:
+        other.stdin.close()
+        assert other.wait(timeout=30) == NOT_TOLD
+    assert len(one.snapshots()) == len(before) + 1          # told nothing, it took none

@@ -1,0 +1,113 @@
+"""snapshot --when-told's wait for the word: bounded in time and in what it reads.
+
+Real pipes; the clock is the real one with short deadlines.  The lock that lets
+one waiting run per host is a real flock in a temporary directory.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+
+import pytest
+
+import byteback
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    yield r, w
+    for fd in (r, w):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
+def test_the_word_and_a_newline_is_a_go(pipe):
+    r, w = pipe
+    os.write(w, b"go\n")
+    assert byteback.wait_for_word(r, 5) is True
+
+
+def test_the_word_in_pieces_is_a_go(pipe):
+    r, w = pipe
+    threading.Timer(0.1, os.write, (w, b"\n")).start()
+    os.write(w, b"go")
+    assert byteback.wait_for_word(r, 5) is True
+
+
+def test_a_pipe_that_never_speaks_ends_at_the_deadline(pipe):
+    r, _ = pipe
+    start = time.monotonic()
+    assert byteback.wait_for_word(r, 0.3) is False
+    assert 0.3 <= time.monotonic() - start < 3
+
+
+def test_a_flood_without_a_newline_reads_no_more_than_the_word(pipe):
+    r, w = pipe
+    os.set_blocking(w, False)
+    flood = b"g" * 60000
+    written = os.write(w, flood)
+    assert byteback.wait_for_word(r, 5) is False
+    # what it did not read is still in the pipe: it read len("go\n") bytes at most
+    left = len(os.read(r, 1 << 20))
+    assert left >= written - 3
+
+
+@pytest.mark.parametrize("words", [b"stop\n", b"go now\n", b"GO\n", b"\n", b"gox"])
+def test_anything_else_is_a_no(pipe, words):
+    r, w = pipe
+    os.write(w, words)
+    assert byteback.wait_for_word(r, 5) is False
+
+
+def test_the_end_of_input_is_a_no_at_once(pipe):
+    r, w = pipe
+    os.write(w, b"g")
+    os.close(w)
+    start = time.monotonic()
+    assert byteback.wait_for_word(r, 30) is False
+    assert time.monotonic() - start < 3
+
+
+@pytest.fixture
+def server(tmp_path, monkeypatch, pipe):
+    """A config dir whose store has host h1, the lock directory in tmp_path, stdin a pipe."""
+    (tmp_path / "store" / "h1").mkdir(parents=True)
+    (tmp_path / "conf").mkdir()
+    (tmp_path / "conf" / "server.conf").write_text(f"[server]\nstore = {tmp_path / 'store'}\nrsync_timeout = 1\n")
+    monkeypatch.setattr(byteback, "WHEN_TOLD_LOCK_DIR", tmp_path / "locks")
+    r, w = pipe
+    monkeypatch.setattr("sys.stdin", os.fdopen(os.dup(r), "r"))
+    return argparse.Namespace(config_dir=str(tmp_path / "conf"), store=None), w
+
+
+def test_told_to_go_waits_at_most_rsync_timeout_and_goes_on_the_word(server, tmp_path):
+    args, w = server
+    start = time.monotonic()
+    assert byteback._told_to_go(args, "h1") is False
+    assert 1 <= time.monotonic() - start < 4
+    os.write(w, b"go\n")
+    assert byteback._told_to_go(args, "h1") is True
+    assert os.stat(tmp_path / "locks").st_mode & 0o777 == 0o700
+
+
+def test_a_second_waiting_run_of_a_host_or_one_of_no_host_is_refused_at_once(server, tmp_path):
+    args, w = server
+    os.write(w, b"go\n")                  # would be a go, were it asked
+    with byteback.Lock(byteback._when_told_lock_dir() / "h1.lock", "waiting snapshot of host h1"):
+        assert byteback._told_to_go(args, "h1") is False
+    assert byteback._told_to_go(args, "h2") is False
+    assert byteback._told_to_go(args, "h1") is True
+
+
+def test_a_lock_directory_others_may_write_is_refused(tmp_path, monkeypatch):
+    path = tmp_path / "locks"
+    path.mkdir()
+    os.chmod(path, 0o777)
+    monkeypatch.setattr(byteback, "WHEN_TOLD_LOCK_DIR", path)
+    with pytest.raises(byteback.ByteBackError, match="only it may write"):
+        byteback._when_told_lock_dir()
