@@ -54,8 +54,9 @@ src, out = sys.argv[1], sys.argv[2]
 # (issue 14).  Which python3 starts is not isolated by this line: env looks it
 # up on PATH, so the sudoers lines byteback writes set secure_path (sudo keeps
 # the caller's PATH where sudoers sets none).  byteback needs nothing beyond
-# the standard library.  env -S splits the line (coreutils >= 8.30, as on
-# every system with Python >= 3.8).
+# the standard library.  env -S splits the line: GNU coreutils >= 8.30 (Debian
+# 10, Ubuntu 19.04, RHEL 8 and later) or a BSD env; busybox's env (Alpine) has
+# no -S, so there `python3 byteback.pyz` starts it (README, "Setting up a client").
 SHEBANG = b"#!/usr/bin/env -S python3 -I -S\n"
 MAIN = b"import sys\nimport byteback\nsys.exit(byteback.main())\n"
 

@@ -5574,7 +5574,9 @@ def read_not_kept(store: Store, host: str, newest: Optional[Snapshot], now: dt.d
     return gaps if gaps.total and fresh else None
 
 
-SUDOERS_SECURE_PATH = "/usr/sbin:/usr/bin:/sbin:/bin"      # root's, as Debian's sudoers sets it
+# Debian's own secure_path: a server whose Python 3.8+ is in /usr/local/bin (built from
+# source beside an older system python3) keeps finding it under sudo.
+SUDOERS_SECURE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _sudoers_text(user: str, program: str, config_args: Sequence[str],

@@ -251,7 +251,7 @@ def test_setup_server_twice_changes_nothing_and_sudoers_is_valid(remote):
     # An older byteback's file, without secure_path (the zipapp's #! looks python3 up on the
     # PATH sudo keeps where sudoers sets none): setup-server on the existing store rewrites it.
     current = sudoers.read_text()
-    assert f'Defaults:{remote.env.user.name} secure_path="/usr/sbin:/usr/bin:/sbin:/bin"' in current.splitlines()
+    assert f'Defaults:{remote.env.user.name} secure_path="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"' in current.splitlines()
     sudoers.write_text("".join(l for l in current.splitlines(True) if "secure_path" not in l))
     rewritten = subprocess.run(again.args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                universal_newlines=True, timeout=120)
