@@ -492,6 +492,7 @@ def test_backup_after_a_run_killed_after_its_push_completes(remote, tmp_path):
 
     # The next run (its lock freed by the kernel, the server's session over) completes.
     write_tree(src, {"dir/d": b"four\n"})
+    time.sleep(1.1)                                  # the killed run's snapshot may be this second's
     snap = snapshot_backup(remote, "--source", str(src))
     assert_snapshot_matches(snap, src)
     assert client_state(remote)["last_attempt"]["result"] == "ok"
