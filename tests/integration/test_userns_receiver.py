@@ -116,6 +116,15 @@ def userns() -> Iterator[tuple]:
         yield remote, hosts[0], hosts[1]
 
 
+
+def owned_tree(root: Path, files: dict) -> Path:
+    """A directory of files, each {name: (text, uid, gid)}, as a client's tree holds them."""
+    root.mkdir()
+    for name, (text, uid, gid) in files.items():
+        (root / name).write_text(text)
+        os.chown(root / name, uid, gid)
+    return root
+
 def test_setup_gives_each_host_its_own_account_key_file_range_and_sudo_lines(userns):
     remote, one, two = userns
     assert (remote.client_config / "destination").read_text().strip().startswith(f"{one.account}@")
@@ -422,12 +431,8 @@ def test_a_host_set_up_with_65536_ids_keeps_working_and_grows_at_setup_client(us
         run(["usermod", f"--del-{flag}", f"{base}-{base + 2 ** 21 - 1}", old.account])
         run(["usermod", f"--add-{flag}", f"{base}-{base + 65535}", old.account])
         assert f"{old.account}:{base}:65536" in Path(path).read_text()
-    src = tmp_path / "tree"
-    src.mkdir()
-    (src / "user-file").write_text("a user's\n")
-    os.chown(src / "user-file", 1000, 1000)
-    (src / "podman").write_text("a container's\n")
-    os.chown(src / "podman", 200000, 200000)
+    src = owned_tree(tmp_path / "tree", {"user-file": ("a user's\n", 1000, 1000),
+                                         "podman": ("a container's\n", 200000, 200000)})
     result = old.backup("--source", str(src)).check()
     assert "1 file kept owned by root" in result.stderr and f"{src}/podman" in result.stderr
     stored = old.dir / "current" / str(src).lstrip("/")

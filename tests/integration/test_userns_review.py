@@ -14,7 +14,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sshd_env import run  # noqa: E402
-from test_userns_receiver import userns  # noqa: E402,F401  (the module's fixture)
+from test_userns_receiver import owned_tree, userns  # noqa: E402,F401  (the module's fixture)
 
 pytestmark = pytest.mark.integration
 
@@ -100,12 +100,7 @@ def test_an_administrators_restore_on_the_server_never_gives_a_userns_hosts_owne
     import os
     import time
     remote, one, _ = userns
-    src = tmp_path / "local"
-    src.mkdir()
-    (src / "www").write_text("www\n")
-    os.chown(src / "www", 33, 34)
-    (src / "forged").write_text("f\n")
-    os.chown(src / "forged", 1000, 1000)
+    src = owned_tree(tmp_path / "local", {"www": ("www\n", 33, 34), "forged": ("f\n", 1000, 1000)})
     os.setxattr(src / "forged", "user.rsync.%stat", b"104755 0,0 0:0")
     time.sleep(1.1)
     one.backup("--source", str(src)).check()
