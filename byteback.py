@@ -2267,80 +2267,92 @@ def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callabl
     more often than it deletes)."""
     hosts = state.hosts
     w = weights()
-    claims: Dict[str, float] = {}
     keep_oldest = order == "importance"
     units = {h: max(1, int(means[h])) for h in hosts}     # a snapshot with no size recorded
-    for h in hosts:
-        claims[h] = extra[h] + _view_deletable(views[h], units[h], keep_oldest) + room[h]
+    claims = {h: extra[h] + _view_deletable(views[h], units[h], keep_oldest) + room[h] for h in hosts}
     disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
     fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
     several = len(hosts) > 1
 
-    # The heap's entries: (-claim / weight, what the entry is, the step's key, its
-    # snapshot's time, the host, the step).  A host's steps are worked out only once its
-    # entry comes to the top UNRESOLVED; unresolved entries go before the others of the
-    # same ratio, so every tie is resolved before it is broken, and a prune that deletes
-    # one snapshot orders the hosts that tie for the first deletion, not every host.  Once
-    # a host's order has started, its next step is worked out as soon as it has deleted
-    # one (one heap operation a deletion, not two).  A host with nothing left to give goes
-    # before the steps of its ratio (an empty key did, before: the same order).
+    # The heap's entries start with -claim / weight and what the entry is.  A host's steps
+    # are worked out only once its entry comes to the top UNRESOLVED, (ratio, unresolved,
+    # host); unresolved entries go before the others of the same ratio, so every tie is
+    # resolved before it is broken, and a prune that deletes one snapshot orders the hosts
+    # that tie for the first deletion, not every host.  A step's entry is (ratio, resolved,
+    # *its key, its snapshot's time, host, the step, the bytes it frees, whether the host
+    # then has no step left to give): the key spread out in the entry, which compares as
+    # the key itself did (all a plan's keys are as long) in one tuple comparison, not two.
+    # A host with nothing left to give, (ratio, nothing, host, whether it still counted as
+    # giving), goes before the steps of its ratio (an empty key did, before: the same order).
     unresolved, nothing, resolved = 0, 1, 2
-    # A host's steps come a doubling batch at a time (the first batch is one step): working
-    # through one host's order for a while, instead of one step of each host in turn, keeps
-    # its data in the processor's cache, and a prune that stops early has worked out at
-    # most twice the steps it took.
-    orders: Dict[str, tuple] = {}            # host -> (its host_deletion_order, the batch's size)
-    batch: Dict[str, Iterator[HostStep]] = {}
-    no_step = iter(())
-
-    def next_entry(h: str) -> tuple:
-        step = next(batch[h], None)
-        if step is None:
-            steps, size = orders[h]
-            orders[h] = steps, 2 * size
-            batch[h] = iter(list(itertools.islice(steps, size)))
-            step = next(batch[h], None)
-        if step is None or (keep_oldest and step.snapshot == hosts[h].snapshots[0]):
-            return (-claims[h] / w[h], nothing, (), None, h, None)   # the oldest (the first) stays
-        return (-claims[h] / w[h], resolved, step.key, step.snapshot.when, h, step)
-
+    # A host's steps come a doubling batch at a time (the first batch is one step), and the
+    # batch's entries are made at once: a host's claim, hence its ratio at each of its steps,
+    # changes with its own deletions only.  Working through one host's order for a while,
+    # instead of one step of each host in turn, keeps its data in the processor's cache, and
+    # a prune that stops early has worked out at most twice the steps it took.  Reasons are
+    # written only for the steps taken.
+    ahead: Dict[str, list] = {}      # host -> [its host_deletion_order, next batch's size, claim, left]
+    queued: Dict[str, Iterator[tuple]] = {}     # host -> its batch's entries not yet in the heap
     # A host has a step while 2 are left, its oldest not counted where it is kept; `giving`
     # counts the hosts in the heap that have one.
     left = {h: len(f.snapshots) - (keep_oldest and len(f.snapshots) > 1) for h, f in hosts.items()}
     giving = sum(n >= 2 for n in left.values())
     newest = {h: f.snapshots[-1].name if f.snapshots else None for h, f in hosts.items()}
-    share_text = ("; host {} is the most over its share of the disc ({:.0%} of it)" if fair > 0 else
-                  "; host {} claims the most of the disc")
-    heap = [(-claims[h] / w[h], unresolved, (), None, h, None) for h in hosts]
+
+    def refill(h: str) -> tuple:
+        """h's next entry, the rest of its next batch queued behind it."""
+        todo = ahead[h]
+        steps, size, claim, count = todo
+        weight, held, unit, last = w[h], views[h].entries.held, units[h], newest[h]
+        snaps = hosts[h].snapshots
+        oldest = snaps[0] if keep_oldest and snaps else None
+        entries = []
+        for step in itertools.islice(steps, size):
+            snap = step.snapshot
+            if snap == oldest:
+                break                                 # the oldest (the first) stays
+            name = snap.name
+            # what deleting it frees (_view_deletable's count: nothing for the newest)
+            freed = 0 if name == last else held.get(name, unit)
+            count -= 1
+            entries.append((-claim / weight, resolved, *step.key, snap.when, h, step, freed, count == 1))
+            claim -= freed
+        if len(entries) < size:                       # the order has ended (or come to the oldest)
+            entries.append((-claim / weight, nothing, h, count >= 2))
+        todo[1:] = 2 * size, claim, count
+        queued[h] = batch = iter(entries)
+        return next(batch)
+
+    heap = [(-claims[h] / w[h], unresolved, h) for h in hosts]
     heapq.heapify(heap)
     replace, pop, new = heapq.heapreplace, heapq.heappop, tuple.__new__
     while heap:
-        ratio, kind, _, _, h, step = heap[0]
+        entry = heap[0]
+        kind = entry[1]
         if kind == resolved:
-            snap = step.snapshot
-            name = snap.name
-            # what deleting it frees (_view_deletable's count: nothing for the newest)
-            freed = 0 if name == newest[h] else views[h].entries.held.get(name, units[h])
-            reason = step.reason.text()
+            ratio = entry[0]
+            h, step, freed, ends = entry[-4:]
+            explain, values = step.reason
+            reason = explain(*values)
             if several:
-                reason += share_text.format(h, -ratio / fair)
-            claims[h] -= freed
-            left[h] -= 1
-            giving -= left[h] == 1
-            yield new(PlanStep, (new(Decision, (snap, True, reason)), -ratio > fair, freed))
-            replace(heap, next_entry(h))
+                reason += (f"; host {h} is the most over its share of the disc ({-ratio / fair:.0%} of it)"
+                           if fair > 0 else f"; host {h} claims the most of the disc")
+            giving -= ends
+            yield new(PlanStep, (new(Decision, (step.snapshot, True, reason)), -ratio > fair, freed))
+            replace(heap, next(queued[h], None) or refill(h))
         elif kind == unresolved:
-            orders[h] = host_deletion_order(hosts[h].snapshots, now=now, order=order, targets=targets), 1
-            batch[h] = no_step
-            replace(heap, next_entry(h))
+            h = entry[2]
+            ahead[h] = [host_deletion_order(hosts[h].snapshots, now=now, order=order, targets=targets), 1,
+                        claims[h], left[h]]
+            replace(heap, refill(h))
         else:
             # A host with nothing to give back stays in the heap: while it is the most over its
             # share, what the disc lacks is its doing, and nobody else pays for it.
             pop(heap)
-            giving -= left[h] >= 2
+            giving -= entry[3]
             if not giving:
                 return                                # nothing left anywhere: exhausted
-            if -ratio > fair:
+            if -entry[0] > fair:
                 yield PlanStep(None, False, 0)       # the executor stops here
 
 

@@ -326,6 +326,20 @@ def test_plan_listing_of_nothing_is_empty():
     assert listing([]) == []
 
 
+def test_plan_listing_with_no_fair_share_names_the_host_that_claims_the_most():
+    # A full disc (no free bytes) and histories that recorded nothing added: every claim,
+    # hence the fair share, is 0.  prune --list still lists the order, saying which host
+    # claims the most of the disc (dividing by the fair share of 0 was a ZeroDivisionError).
+    snaps = {h: tuple(snaps_aged(h, NOW, [0, 1, 2, 5])) for h in ("db1", "web1")}
+    history = {h: tuple({"snapshot": s.name, "added": 0, "size": 10} for s in v) for h, v in snaps.items()}
+    state = byteback.PruneState({h: byteback.HostFacts(v, history[h]) for h, v in snaps.items()}, 0, 100)
+    plan, table = byteback.list_plan(state, byteback.ServerConfig(), now=NOW)
+    deleted = [line for line in table.splitlines()[1:] if not line.startswith("-")]
+    assert len(deleted) == 4
+    assert all(line.endswith(("; host db1 claims the most of the disc", "; host web1 claims the most of the disc"))
+               for line in deleted)
+
+
 @pytest.mark.parametrize("collecting", [True, False])
 def test_list_plan_is_the_table_of_the_listing_and_leaves_the_collector_as_it_was(collecting):
     import gc
