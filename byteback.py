@@ -220,12 +220,19 @@ def format_duration(seconds: float) -> str:
 
 def format_table(rows: Sequence[Sequence[str]]) -> str:
     """Rows of cells as aligned columns two spaces apart; the last column runs free."""
-    if not rows:
+    return format_columns(list(zip(*rows)))
+
+
+def format_columns(columns: Sequence[Sequence[str]]) -> str:
+    """format_table of the table whose columns (of cells, each column as long) are given.
+
+    Each column is padded and the lines joined by the interpreter's own loops,
+    none of Python's a cell: prune --list writes a line for each of 100,000 snapshots."""
+    if not columns or not columns[0]:
         return ""
-    # One %-format a line (prune --list writes one for each of 100,000 snapshots).
-    widths = [max(map(len, column)) for column in itertools.islice(zip(*rows), len(rows[0]) - 1)]
-    line = "".join(f"%-{w}s  " for w in widths) + "%s"
-    return "\n".join([(line % tuple(r)).rstrip() for r in rows])
+    *aligned, free = columns
+    padded = [map(str.ljust, column, itertools.repeat(max(map(len, column)) + 2)) for column in aligned]
+    return "\n".join(map(str.rstrip, map("".join, zip(*padded, free))))
 
 
 _ESCAPES = {"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
@@ -1149,7 +1156,7 @@ class Decision(NamedTuple):
     reason: str
 
 
-_DECISION_SNAPSHOT = operator.itemgetter(0)
+_DECISION_SNAPSHOT, _DECISION_DELETE, _DECISION_REASON = map(operator.itemgetter, range(3))
 
 
 def age_days(snap: Snapshot, now: dt.datetime) -> float:
@@ -1164,6 +1171,10 @@ def _describe_age(days: float) -> str:
 
     prune --list writes two or three of these a line for every snapshot: past
     a day the text depends on the whole hours only, so each is formatted once."""
+    if days >= 1.0:                              # the usual case first: the text of its hour, known
+        text = _DAYS_TEXT.get(int(days * DAY) // 3600)
+        if text is not None:
+            return text
     if days < 1 / 24:
         return "under an hour"
     seconds = int(max(0, days * DAY))
@@ -1175,6 +1186,17 @@ def _describe_age(days: float) -> str:
             _DAYS_TEXT.clear()
         text = _DAYS_TEXT[seconds // 3600] = format_duration(seconds)
     return text
+
+
+def _describe_ages(ages: Sequence[float]) -> List[str]:
+    """_describe_age of each of ages (days): those whose hour is known looked up, in one pass
+    of the interpreter's own loops, only the others through _describe_age."""
+    texts = list(map(_DAYS_TEXT.get, map((3600).__rfloordiv__, map(int, map(DAY.__mul__, ages)))))
+    # A key is a whole number of hours past a day (_describe_age's only entries): an age
+    # under a day, or a negative one, finds none and is described below.
+    for i in [i for i, text in enumerate(texts) if text is None]:
+        texts[i] = _describe_age(ages[i])
+    return texts
 
 
 def claim_targets(ages: Sequence[float], targets: Sequence[float]) -> Dict[int, int]:
@@ -1353,6 +1375,7 @@ def _importance_step(youngest_first: Sequence[Snapshot], ages: Sequence[float],
 
 _SNAPSHOT_TIME = operator.attrgetter("when")
 _SNAPSHOT_NAME = operator.attrgetter("name")
+_SNAPSHOT_HOST = operator.attrgetter("host")
 _NO_GAP = float("inf")
 _new_step = tuple.__new__    # HostStep and Reason without their Python-level __new__: simulate's hot loop
 
@@ -4863,10 +4886,13 @@ def list_plan(state: PruneState, config: ServerConfig, *, now: dt.datetime,
 def plan_table(listing: Sequence[Decision], now: dt.datetime) -> str:
     """The table `prune --list` prints of a plan_listing: number, host, snapshot, age, place."""
     snaps = list(map(_DECISION_SNAPSHOT, listing))
-    ages = map(_describe_age, _ages(snaps, now))
-    rows = [(str(n) if d.delete else "-", snap.host, snap.name, age, d.reason)
-            for n, d, snap, age in zip(itertools.count(1), listing, snaps, ages)]
-    return format_table([("#", "host", "snapshot", "age", "place")] + rows)
+    numbers = list(map(str, range(1, len(listing) + 1)))
+    for i in itertools.compress(range(len(listing)), map(operator.not_, map(_DECISION_DELETE, listing))):
+        numbers[i] = "-"                      # kept
+    return format_columns([["#", *numbers], ["host", *map(_SNAPSHOT_HOST, snaps)],
+                           ["snapshot", *map(_SNAPSHOT_NAME, snaps)],
+                           ["age", *_describe_ages(_ages(snaps, now))],
+                           ["place", *map(_DECISION_REASON, listing)]])
 
 
 def cmd_prune(args: argparse.Namespace) -> int:

@@ -403,6 +403,10 @@ def test_format_table_aligns_all_columns_but_the_last_and_trims_lines():
     text = byteback.format_table([("a", "bb", "x"), ("ccc", "d", ""), ("e", "f", "long last cell")])
     assert text.splitlines() == ["a    bb  x", "ccc  d", "e    f   long last cell"]
     assert byteback.format_table([]) == ""
+    # the same table given by its columns
+    assert byteback.format_columns([("a", "ccc", "e"), ("bb", "d", "f"), ("x", "", "long last cell")]) == text
+    assert byteback.format_columns([]) == "" and byteback.format_columns([(), ()]) == ""
+    assert byteback.format_table([("only", ), ("a column ",)]) == "only\na column"
 
 
 @pytest.mark.parametrize("config_dir, words", [

@@ -482,6 +482,25 @@ def test_describe_age():
     assert byteback._describe_age(1.5) == "1d 12h"
 
 
+def _described_afresh(days: float) -> str:
+    """_describe_age's rule written out: 'under an hour', else format_duration of its whole seconds."""
+    return "under an hour" if days < 1 / 24 else byteback.format_duration(int(max(0, days * byteback.DAY)))
+
+
+@settings(deadline=None, database=None)
+@given(st.lists(st.one_of(st.floats(-3, 3, allow_nan=False), st.floats(0, 4000, allow_nan=False),
+                          st.integers(-48, 24 * 4000).map(lambda h: h / 24)), max_size=40),
+       st.booleans())
+def test_ages_are_described_as_one_by_one_with_the_known_hours_looked_up(ages, forget):
+    # Whether each hour's text is known already or not (a fresh process, or the cache
+    # emptied): the same text as _describe_age's rule gives, whole hours and edges included.
+    if forget:
+        byteback._DAYS_TEXT.clear()
+    assert byteback._describe_ages(ages) == [_described_afresh(a) for a in ages]
+    assert [byteback._describe_age(a) for a in ages] == [_described_afresh(a) for a in ages]
+    assert byteback._describe_ages(ages) == [_described_afresh(a) for a in ages]
+
+
 # -- plan_prune: containment per host, fairness by bytes, acceptance by budget --
 
 G = 10 ** 9
