@@ -1400,23 +1400,24 @@ def _thinning_steps(youngest_first: Sequence[Snapshot], ages: Sequence[float],
     for i in claims:
         gap[i] = _NO_GAP
     # A prune often takes one step of each host and stops: the first one
-    # needs only the smallest gap (the first index of it: the youngest).
-    i = min(range(last + 1), key=gap.__getitem__)
+    # needs only the smallest gap (the first index of it: the youngest), and
+    # its neighbours are the snapshots beside it.
+    i = gap.index(min(gap))
     if gap[i] == _NO_GAP:
         return
-    younger = list(range(-1, last))        # the nearest kept neighbour on each side, by index
-    older = list(range(1, last + 2))
-    heap: Optional[list] = None           # built at the second step
+    y, o = i - 1, i + 1
+    heap: Optional[list] = None           # built at the second step, with the neighbours' lists
     pop, push = heapq.heappop, heapq.heappush
     while True:
         relative = gap[i]
-        y, o = younger[i], older[i]
         age = ages[i]
         yield _new_step(HostStep, ((0, relative, age), youngest_first[i],
                                    _new_step(Reason, (_gap_reason, (ages[y], ages[o], interval, relative)))))
         if heap is None:
             heap = [(g, j) for j, g in enumerate(gap) if g != _NO_GAP and j != i]
             heapq.heapify(heap)
+            younger = list(range(-1, last))        # the nearest kept neighbour on each side, by index
+            older = list(range(1, last + 2))
         gap[i] = _NO_GAP
         older[y], younger[o] = o, y
         if gap[y] != _NO_GAP:
@@ -1431,6 +1432,7 @@ def _thinning_steps(youngest_first: Sequence[Snapshot], ages: Sequence[float],
                 break
         else:
             return
+        y, o = younger[i], older[i]
 
 
 def host_deletion_order(snaps: Iterable[Snapshot], *, now: dt.datetime, order: str = "importance",
