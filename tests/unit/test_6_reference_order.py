@@ -265,3 +265,38 @@ def test_the_order_between_hosts_is_the_reference_order(hosts_drawn, free, targe
                                           order=order, targets=targets)]
     held = {h: byteback.snapshot_bytes(f.history) for h, f in facts.items()}
     assert fast == reference_fair_steps(facts, held, w, extra, room, means, free, order, targets)
+
+
+def reference_table(listing, now) -> str:
+    """prune --list's table, a line at a time: number (or '-' for a kept one), host, snapshot,
+    age, place; every column but the last padded to its widest cell and two spaces."""
+    rows = [("#", "host", "snapshot", "age", "place")] + [
+        (str(n) if d.delete else "-", d.snapshot.host, d.snapshot.name,
+         byteback._describe_age(byteback.age_days(d.snapshot, now)), d.reason) for n, d in enumerate(listing, 1)]
+    widths = [max(len(row[c]) for row in rows) for c in range(4)]
+    return "\n".join(("".join(cell + " " * (w + 2 - len(cell)) for cell, w in zip(row, widths)) + row[4]).rstrip()
+                     for row in rows)
+
+
+@settings(deadline=None, database=None)
+@given(st.lists(st.tuples(st.lists(HOURS, min_size=0, max_size=10), st.lists(st.one_of(st.none(), BYTES), max_size=10)),
+                min_size=1, max_size=5),
+       st.integers(0, 20), TARGETS, st.sampled_from(["importance", "age"]))
+def test_the_listing_is_the_plans_order_and_its_table_is_written_line_by_line(hosts_drawn, free, targets, order):
+    # list_plan (what prune --list prints) on any store: every deletion of the plan in its
+    # order with its reason, then what is kept, and a table as a line-by-line writer makes it.
+    facts = {}
+    for i, (hours, sizes) in enumerate(hosts_drawn):
+        h = f"h{i}"
+        snaps = tuple(sorted((byteback.Snapshot(h, f"s{j}", NOW - dt.timedelta(hours=x)) for j, x in enumerate(hours)),
+                             key=lambda s: s.when))
+        history = tuple({"snapshot": s.name, "added": b, "size": 1000} for s, b in zip(snaps, sizes) if b is not None)
+        facts[h] = byteback.HostFacts(snaps, history)
+    state = byteback.PruneState(facts, free, 10 ** 6)
+    config = byteback.ServerConfig(order=order, targets=tuple(targets))
+    plan, table = byteback.list_plan(state, config, now=NOW)
+    listing = byteback.plan_listing(byteback.plan_prune(state, now=NOW, config=config), state)
+    steps = [s.decision for s in byteback.plan_prune(state, now=NOW, config=config).steps if s.decision]
+    assert listing[:len(steps)] == steps and not any(d.delete for d in listing[len(steps):])
+    assert sorted(d.snapshot for d in listing) == sorted(s for f in facts.values() for s in f.snapshots)
+    assert table == reference_table(listing, NOW)
