@@ -1938,6 +1938,8 @@ class HistoryEntries:
 
 
 def _scan_history(history: tuple) -> HistoryEntries:
+    if not history:                  # a host taken over, or a benchmark's store: nothing to walk
+        return HistoryEntries(history, {}, [], [], [], [], {})
     by_name: Dict[object, List[dict]] = {}
     for b in history:
         by_name.setdefault(b.get("snapshot"), []).append(b)
@@ -2054,6 +2056,8 @@ def _host_views(hosts: Dict[str, HostFacts], config: "ServerConfig") -> Dict[str
                     and f.running == v.facts.running and f.snapshots and v.facts.snapshots
                     and f.snapshots[-1].name == v.facts.snapshots[-1].name):
                 part = v.part
+        elif not f.history:
+            counted, normal, share = [], 0.0, 0.0        # what the walks below give for no entries
         else:
             counted = counted_sizes(f.history, last=config.history)
             normal = _recorded_normal(f.history, config)

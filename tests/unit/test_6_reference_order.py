@@ -300,3 +300,20 @@ def test_the_listing_is_the_plans_order_and_its_table_is_written_line_by_line(ho
     assert listing[:len(steps)] == steps and not any(d.delete for d in listing[len(steps):])
     assert sorted(d.snapshot for d in listing) == sorted(s for f in facts.values() for s in f.snapshots)
     assert table == reference_table(listing, NOW)
+
+
+def test_a_host_without_history_has_the_view_the_walks_give():
+    # _host_views and _scan_history skip the walks for a host with no history entries (a
+    # store of 1,000 such hosts spent most of its plan there): the same values as the walks.
+    config = byteback.ServerConfig()
+    snaps = tuple(store([30, 20, 10]))[::-1]
+    for history in ((), []):
+        view = byteback._host_views({"web1": byteback.HostFacts(snaps, history)}, config)["web1"]
+        assert (view.counted, view.normal, view.share) == (
+            byteback.counted_sizes(history, last=config.history), byteback.normal_backup(
+                history, history=config.history, growth=config.normal_growth, floor=config.suspicion_floor / 4),
+            byteback.normal_backup(history, history=config.history, growth=config.share_growth,
+                                   floor=config.suspicion_floor / 4, key="share"))
+        entries = view.entries
+        assert (entries.by_name, entries.unaccepted, entries.held, entries.unique) == ({}, [], {}, True)
+        assert byteback.snapshot_bytes(history) == {}
