@@ -1348,10 +1348,13 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
 
 
 def _importance_step(youngest_first: Sequence[Snapshot], ages: Sequence[float],
-                     ordered_targets: Sequence[float], interval: float) -> Optional[tuple]:
+                     ordered_targets: Sequence[float], interval: float,
+                     claims: Optional[Dict[int, int]] = None) -> Optional[tuple]:
     """_importance_candidate of the snapshots youngest_first, whose ages (days) are given:
-    (its index in youngest_first, the HostStep), or None for one snapshot."""
-    claims = claim_targets(ages, ordered_targets)
+    (its index in youngest_first, the HostStep), or None for one snapshot.
+    claims: claim_targets(ages, ordered_targets), when the caller has it already."""
+    if claims is None:
+        claims = claim_targets(ages, ordered_targets)
     last = len(ages) - 1
     if last < 1:
         return None
@@ -1464,8 +1467,14 @@ def host_deletion_order(snaps: Iterable[Snapshot], *, now: dt.datetime, order: s
     # most len(targets) + 2 of them, so each step may start afresh.
     kept = sorted({0, len(ages) - 1, *claims})
     young, ages = [youngest_first[i] for i in kept], [ages[i] for i in kept]
+    # The thinning changed no claim (see _thinning_steps): the first step's claims are the
+    # ones above, at the kept snapshots' new places (simulate's schedule of a hundred targets
+    # claims every snapshot, and would work them out twice for every host it deletes from).
+    place = {i: p for p, i in enumerate(kept)}
+    known: Optional[Dict[int, int]] = {place[i]: k for i, k in claims.items()}
     while len(young) > 1:
-        i, step = _importance_step(young, ages, ordered_targets, interval)
+        i, step = _importance_step(young, ages, ordered_targets, interval, known)
+        known = None
         yield step
         del young[i], ages[i]
 
