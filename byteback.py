@@ -1328,8 +1328,10 @@ def backup_interval(ages: Sequence[float]) -> float:
 
 
 def _ages(snaps: Sequence[Snapshot], now: dt.datetime) -> List[float]:
-    """Each snapshot's age in days, the very floats age_days gives."""
-    return [(now - s.when).total_seconds() / DAY for s in snaps]
+    """Each snapshot's age in days, the very floats age_days gives (by the interpreter's own
+    loops: simulate works out every host's ages at every prune that deletes from it)."""
+    return list(map(operator.truediv, map(dt.timedelta.total_seconds, map(now.__sub__, map(_SNAPSHOT_TIME, snaps))),
+                    itertools.repeat(DAY)))
 
 
 def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
@@ -1399,7 +1401,7 @@ def _thinning_steps(youngest_first: Sequence[Snapshot], ages: Sequence[float],
     last = len(ages) - 1
     score = gap_score
     # gap[i]: the score of deleting snapshot i (gap_score); infinite for one that is no candidate
-    gap = [_NO_GAP] + [score(y, a, o, interval) for y, a, o in zip(ages, ages[1:last], ages[2:])] + [_NO_GAP]
+    gap = [_NO_GAP, *map(score, ages, ages[1:last], ages[2:], itertools.repeat(interval)), _NO_GAP]
     for i in claims:
         gap[i] = _NO_GAP
     # A prune often takes one step of each host and stops: the first one

@@ -268,9 +268,13 @@ class Simulation:
             self.stats.suspicious[kind] = self.stats.suspicious.get(kind, 0) + 1
             host.cause = kind
 
-    def state(self) -> byteback.PruneState:
-        """The model as plan_prune sees a store: snapshots, histories, unfinished uploads, the disc."""
-        return byteback.PruneState({h.name: h.facts() for h in self.hosts}, int(self.free), int(self.disk))
+    def state(self, facts: Optional[List[byteback.HostFacts]] = None) -> byteback.PruneState:
+        """The model as plan_prune sees a store: snapshots, histories, unfinished uploads, the disc.
+
+        facts: each host's facts(), when the caller has them already."""
+        if facts is None:
+            facts = [h.facts() for h in self.hosts]
+        return byteback.PruneState({h.name: f for h, f in zip(self.hosts, facts)}, int(self.free), int(self.disk))
 
     def prune(self, now: dt.datetime, minute: int, force: bool = False) -> None:
         """What prune_store does, against the model: byteback.plan_prune, then byteback.execute_plan.
@@ -278,8 +282,9 @@ class Simulation:
         force is an administrator's `prune --force`.
         """
         settled = self._settled
+        facts = [h.facts() for h in self.hosts]       # the same objects until something changes
         if (settled is not None and not force and settled[0] == self.used and settled[1] == self.disk
-                and all(map(operator.is_, [h.facts() for h in self.hosts], settled[2]))):
+                and all(map(operator.is_, facts, settled[2]))):
             # Nothing has changed since byteback's last plan but the clock and the snapshots that
             # plan deleted, and that plan was timeless and left the disc at its goal: its goal
             # stands, and nothing is accepted, contained or rolled back: nothing to do.
@@ -292,7 +297,7 @@ class Simulation:
             config = self._scheduled
             if config is None or config.targets != targets:     # the same config while they stay
                 config = self._scheduled = self.config._replace(targets=targets)
-        plan = byteback.plan_prune(self.state(), now=now, config=config, force=force)
+        plan = byteback.plan_prune(self.state(facts), now=now, config=config, force=force)
         by_name = self.by_name
         for name in plan.contained:
             host = by_name[name]
