@@ -3666,6 +3666,66 @@ def read_inode(fd: int, inode: int) -> Optional[SharedInode]:
     return reader.inode
 
 
+# A run that changed no regular file needs no walk of current's whole tree to
+# size it (issue 14: the walk was most of a no-change snapshot's time): its
+# size and linked names are its last snapshot's.  Beyond this many changed
+# directories the walk is cheaper than comparing each.
+QUIET_DIRECTORIES = 1000
+
+
+class QuietTally(SubvolumeTally):
+    """A tally of the leaves written since `since` that also tells whether the run changed
+    no regular file: no inode but directories written, no data extent written, and at
+    most QUIET_DIRECTORIES directories (pure: the kernel's buffers only).
+
+    quiet turns False, and the search stops, at the first item that says otherwise.
+    Every change btrfs makes to an inode writes its inode item with the
+    transaction's id (its transid), and every name added or removed writes its
+    directory's inode item: so where only directories were written, current's
+    regular files are the last snapshot's once each of those directories holds
+    the names it held there (BtrfsStore._measure_quiet compares them).
+    """
+
+    def __init__(self, since: int, limit: int = QUIET_DIRECTORIES):
+        super().__init__(since)
+        self.limit, self.quiet, self.directories = limit, True, []
+
+    def add(self, buf, count: int) -> Optional[tuple]:
+        last = super().add(buf, count)
+        for objectid, kind, _offset, item, length in _search_records(buf, count):
+            if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
+                _made, written, _size, _nbytes, _bg, _nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(buf, item)
+                if written < self.since:
+                    continue
+                if mode & 0o170000 != 0o040000 or len(self.directories) >= self.limit:
+                    self.quiet = False
+                    return None
+                self.directories.append(objectid)
+            elif kind == BTRFS_EXTENT_DATA and length >= 8 and struct.unpack_from("<Q", buf, item)[0] >= self.since:
+                self.quiet = False
+                return None
+        return last
+
+
+def directory_digest(fd: int, inode: int) -> str:
+    """A digest of directory `inode`'s names (its DIR_INDEX items, whole: index, the inode
+    each names, name) in the subvolume holding fd.  Root only.  Raises OSError."""
+    import hashlib
+    digest = hashlib.sha256()
+
+    def take(buf, count: int) -> Optional[tuple]:
+        last = None
+        for objectid, kind, offset, item, length in _search_records(buf, count):
+            last = objectid, kind, offset
+            digest.update(struct.pack("<QI", offset, length))
+            digest.update(buf[item:item + length])
+        return last
+
+    search_tree(fd, take, first=(inode, BTRFS_DIR_INDEX, 0), last=(inode, BTRFS_DIR_INDEX, _U64_MAX),
+                buffer=64 * 1024)
+    return digest.hexdigest()
+
+
 def search_subvolume(fd: int, tally: SubvolumeTally, min_transid: int = 0, tree: int = 0) -> SubvolumeUsage:
     """Feed every item of a subvolume's tree (tree 0: the one holding fd) to tally, from
     leaves written at min_transid or later.  Needs root (CAP_SYS_ADMIN).  Raises OSError."""
@@ -3813,10 +3873,11 @@ def planted_subvolumes(path: Path) -> List[tuple]:
         os.close(fd)
 
 
-def measure_subvolume(path: Path, since: int, *, full: bool) -> tuple:
+def measure_subvolume(path: Path, since: int, *, full: bool, tally: Optional[SubvolumeTally] = None) -> tuple:
     """(SubvolumeUsage, bytes added on disc) of the subvolume at path, since transaction `since`.
 
     full=False reads only leaves written since then (size is then partial).
+    tally: the one to feed (a QuietTally), a SubvolumeTally(since) if none.
     The added bytes count every copy the filesystem keeps (DUP metadata
     stores each xattr twice), and never more than the filesystem uses.
     """
@@ -3831,7 +3892,7 @@ def measure_subvolume(path: Path, since: int, *, full: bool) -> tuple:
         # Data still in the page cache has no extent yet, and inode updates
         # wait for the commit: without this the tree says a fresh backup is empty.
         fcntl.ioctl(fd, BTRFS_IOC_SYNC)
-        usage = search_subvolume(fd, SubvolumeTally(since), 0 if full else since)
+        usage = search_subvolume(fd, tally or SubvolumeTally(since), 0 if full else since)
         copies = profile_copies(_space_info(fd))
         st = os.fstatvfs(fd)
     except OSError as e:
@@ -4407,7 +4468,8 @@ class BtrfsStore(Store):
     def take_snapshot(self, host: str, name: str, previous: Optional[dict]) -> dict:
         current = self.current(host)
         planted, planted_bytes = self.remove_planted(current)
-        usage, added = measure_subvolume(current, written_since(previous), full=True)
+        measured = None if planted else self._measure_quiet(host, current, previous)
+        usage, added = measured or measure_subvolume(current, written_since(previous), full=True)
         changed = self._shared_changed(host, usage.shared)
         if changed:
             # rsync writes current in place (--inplace), and writes a file's
@@ -4439,6 +4501,38 @@ class BtrfsStore(Store):
             record.update(planted=planted, planted_bytes=planted_bytes)    # status warns of it
         return record
 
+
+    def _measure_quiet(self, host: str, current: Path, previous: Optional[dict]) -> Optional[tuple]:
+        """measure_subvolume(full=True)'s (usage, added) from the leaves this run wrote alone,
+        where it changed no regular file (QuietTally) and each directory it wrote holds the
+        names it held in the newest snapshot, which `previous` measured: that one's size and
+        linked names are current's.  None where it cannot tell: then the whole tree is walked."""
+        size, linked = (previous or {}).get("size"), (previous or {}).get("linked")
+        if (previous is None or previous.get("baseline") or type(size) is not int or type(linked) is not int
+                or size < 0 or linked < 0):
+            return None
+        snaps = self.snapshots(host)
+        if not snaps or snaps[-1].name != previous.get("snapshot"):
+            return None
+        newest = self.snapshot_path(snaps[-1])
+        since = written_since(previous)
+        tally = QuietTally(since)
+        usage, added = measure_subvolume(current, since, full=False, tally=tally)
+        if not tally.quiet or not is_btrfs_subvolume(newest):
+            return None
+        fds: List[int] = []
+        try:
+            for path in (current, newest):
+                fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            if any(directory_digest(fds[0], d) != directory_digest(fds[1], d) for d in tally.directories):
+                return None
+        except OSError:
+            return None
+        finally:
+            for fd in fds:
+                os.close(fd)
+        generation = max(usage.generation, _history_int(previous, "generation"))
+        return usage._replace(size=size, linked=linked, generation=generation), added
 
     def _shared_changed(self, host: str, shared: Sequence[SharedInode]) -> int:
         """How many of the shared inodes a run wrote changed more than their names, against

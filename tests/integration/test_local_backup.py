@@ -734,3 +734,53 @@ def test_a_change_within_the_same_second_is_backed_up(env):
     os.utime(src, ns=(second, second))
     env.backup("alpha", src)
     assert_same(scan(src), scan_snapshot(env, "alpha", env.snapshots("alpha")[-1], src))
+
+
+def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path):
+    """A run that wrote only directories is sized without a walk of the whole tree (issue 14),
+    with the size and linked names the walk gives; a deleted file, which writes only its
+    directory, is still seen (its directory's names differ from the last snapshot's)."""
+    _require_rsync()
+    sys.path.insert(0, str(REPO))
+    import byteback
+    with store_for("btrfs", tmp_path) as store:
+        env = Env("btrfs", store, Path(os.path.realpath(tmp_path)))
+        src = env.work / "src"
+        generate_tree(src, small_files=20, big_files=(), odd=False)
+        (src / "sub").mkdir()
+        (src / "sub" / "gone").write_bytes(b"x" * 5000)
+        os.link(src / "sub" / "gone", src / "linked")
+        (src / "sub" / "single").write_bytes(b"y" * 3000)
+        env.backup("h", src)
+        bb_store = byteback.open_store(store)
+        current = bb_store.current("h")
+        copy = current / str(src).lstrip("/")     # the source's path below current
+
+        def quiet():
+            return bb_store._measure_quiet("h", current, byteback.last_measured(bb_store.read_history("h")))
+
+        def walked():
+            since = byteback.written_since(byteback.last_measured(bb_store.read_history("h")))
+            return byteback.measure_subvolume(current, since, full=True)
+
+        os.utime(src / "sub", (1, 1))            # a directory's times alone
+        env.backup("h", src)
+        first, second = env.history("h")[-2:]
+        assert (second["size"], second["linked"]) == (first["size"], first["linked"])
+        assert second["linked"] == 2
+
+        (copy / "newdir").mkdir()                 # a directory written, its parent's names changed
+        assert quiet() is None
+        os.rmdir(copy / "newdir")
+        usage, added = walked()
+        os.utime(copy / "sub", (2, 2))            # only a directory written: no walk, same answer
+        found = quiet()
+        assert found is not None
+        assert found[0][:2] == walked()[0][:2] and found[0].linked == walked()[0].linked
+
+        os.unlink(copy / "sub" / "single")        # writes only sub's inode: its names differ
+        assert quiet() is None
+        assert walked()[0].size == usage.size - 3000
+        (src / "sub" / "single").unlink()
+        env.backup("h", src)
+        assert env.history("h")[-1]["size"] == second["size"] - 3000

@@ -523,3 +523,34 @@ def test_unshare_gives_every_name_of_a_shared_inode_its_own(tiny):
     assert tiny.store.unshare_current("web1") == 2
     # Not on btrfs: no reflink, so the names go and rsync sends them again.
     assert sorted(os.listdir(current)) == ["c"]
+
+
+def _dir_inode(transid):
+    return _inode(transid, 6, mode=0o040755)
+
+
+def test_a_quiet_tally_lists_the_directories_a_run_wrote_and_nothing_else():
+    tally = byteback.QuietTally(10)
+    records = [_record(20, 256, 1, _dir_inode(20)), _record(20, 257, 1, _inode(5, 100)),   # file untouched
+               _record(20, 258, 1, _dir_inode(9)), _record(20, 259, 1, _dir_inode(12))]
+    last = tally.add(b"".join(records), len(records))
+    assert tally.quiet and tally.directories == [256, 259] and last == (259, 1, 0)
+    assert tally.usage().size == 100          # the tally it is counts as any does
+
+
+@pytest.mark.parametrize("record", [
+    _record(20, 300, 1, _inode(20, 100)),                          # a regular file written
+    _record(20, 300, 1, _inode(20, 0, mode=0o120777)),             # a symlink written
+    _record(20, 300, 108, _extent(20, 4096, 4096)),                # data written
+])
+def test_a_quiet_tally_stops_at_the_first_change_to_anything_but_a_directory(record):
+    tally = byteback.QuietTally(10)
+    records = [_record(20, 256, 1, _dir_inode(20)), record, _record(20, 400, 1, _dir_inode(20))]
+    assert tally.add(b"".join(records), len(records)) is None      # the search ends there
+    assert not tally.quiet and tally.directories == [256]
+
+
+def test_a_quiet_tally_gives_up_past_its_limit_of_directories():
+    tally = byteback.QuietTally(10, limit=2)
+    records = [_record(20, 256 + i, 1, _dir_inode(20)) for i in range(3)]
+    assert tally.add(b"".join(records), len(records)) is None and not tally.quiet
