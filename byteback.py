@@ -1215,10 +1215,10 @@ def claim_targets(ages: Sequence[float], targets: Sequence[float]) -> Dict[int, 
     # unclaimed index <= i (0 for none), above[i] to the nearest one >= i (n for none).
     below = list(range(n + 1))
     above = list(range(n + 1))
-    for k, target in enumerate(sorted(targets)):
-        if len(claims) == n:
-            break
-        split = bisect.bisect_left(ages, target)
+    bisect_left = bisect.bisect_left
+    # Each target claims one snapshot while any is unclaimed: the first n claim them all.
+    for k, target in enumerate(sorted(targets)[:n]):
+        split = bisect_left(ages, target)
         i = split
         while below[i] != i:
             below[i] = below[below[i]]
