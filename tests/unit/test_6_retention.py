@@ -341,6 +341,30 @@ def test_plan_listing_with_no_fair_share_names_the_host_that_claims_the_most():
 
 
 @pytest.mark.parametrize("collecting", [True, False])
+def test_the_plans_steps_leave_the_collector_as_it_was_at_every_step(collecting):
+    # _fair_steps pauses the cyclic collector while it resolves the hosts that tie, never
+    # across a yield: whoever takes a step (and stops there) finds it as it was.
+    import gc
+    snaps = {h: tuple(snaps_aged(h, NOW, [0, 1, 2, 5, 9, 20])) for h in ("db1", "web1", "mail")}
+    state = byteback.PruneState({h: byteback.HostFacts(v, ()) for h, v in snaps.items()}, 0, 1)
+    was = gc.isenabled()
+    (gc.enable if collecting else gc.disable)()
+    try:
+        steps = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig()).steps
+        first = next(steps)
+        assert first.decision is not None and gc.isenabled() == collecting
+        taken = [first] + [s for s in steps if gc.isenabled() == collecting]
+        assert len(taken) == 12                      # 4 of each host's 6: all but its newest and oldest
+        assert gc.isenabled() == collecting
+        steps = byteback.plan_prune(state, now=NOW, config=byteback.ServerConfig()).steps
+        next(steps)
+        steps.close()                                # a prune that stops after its first deletion
+        assert gc.isenabled() == collecting
+    finally:
+        (gc.enable if was else gc.disable)()
+
+
+@pytest.mark.parametrize("collecting", [True, False])
 def test_list_plan_is_the_table_of_the_listing_and_leaves_the_collector_as_it_was(collecting):
     import gc
     snaps = snaps_aged("web1", NOW, [0, 1, 2, 5, 9]) + snaps_aged("db1", NOW, [0.5, 3, 40])
