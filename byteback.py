@@ -5909,18 +5909,25 @@ def _push_then_complete(r: Receive, request: Request) -> int:
     The client's rsync waits for the session's end, so it reads what follows on
     stderr (stdout was rsync's protocol channel): the snapshot's words, then
     COMPLETE_LINE.  Returns rsync's exit code."""
-    # The snapshot's root run starts now, and waits for the word while rsync runs:
-    # its start (sudo, Python) costs the client nothing then.  Sudoers lines from
-    # before --when-told (a host account's are exact) do not allow it: then it
-    # starts once rsync has ended, as complete's does.
-    root_run = _start_root_run(r, when_told=True)
     sys.stdout.flush()
     sys.stderr.flush()
+    # Closed on exec: its end is read once the child is rsync (or has ended).
+    started_r, started_w = os.pipe()
     pid = os.fork()
     if pid == 0:            # pragma: no cover - the child
-        if root_run is not None:
-            root_run.stdin.close()      # only this process may tell it to go
+        os.close(started_r)
         _serve_rsync(r, request, writes=True)   # a refusal raises: main says it, the child exits
+    os.close(started_w)
+    with contextlib.suppress(OSError):
+        os.read(started_r, 1)
+    os.close(started_r)
+    # The snapshot's root run starts now, and waits for the word while rsync runs:
+    # its start (sudo, Python) costs the client nothing then, and is no longer in
+    # the way of the child's until rsync runs (issue 14).  Sudoers lines from
+    # before --when-told (a host account's are exact) do not allow it: then it
+    # starts once rsync has ended, as complete's does.  The child never holds
+    # its input: only this process may tell it to go.
+    root_run = _start_root_run(r, when_told=True)
     rc = _child_exit_code(pid)
     if rc not in RSYNC_OK_CODES:
         _dismiss_root_run(root_run)
