@@ -3450,6 +3450,8 @@ def unshare_walk_needed(backups: Sequence[dict], resumed: bool, again: bool) -> 
 BTRFS_IOC_TREE_SEARCH_V2 = 0xC0709411   # _IOWR(0x94, 17, btrfs_ioctl_search_args_v2: 112 bytes)
 BTRFS_IOC_SPACE_INFO = 0xC0109414       # _IOWR(0x94, 20, btrfs_ioctl_space_args: 16 bytes)
 BTRFS_IOC_SYNC = 0x9408                 # _IO(0x94, 8): write out delayed data and inodes, commit
+BTRFS_IOC_START_SYNC = 0x80089418       # _IOR(0x94, 24, __u64): commit the running transaction; its id
+BTRFS_IOC_WAIT_SYNC = 0x40089416        # _IOW(0x94, 22, __u64): wait until that transaction is on disc
 _SEARCH_KEY = struct.Struct("<7Q4I4Q")  # btrfs_ioctl_search_key: 104 bytes
 _SEARCH_HEADER = struct.Struct("<3Q2I")  # btrfs_ioctl_search_header: transid objectid offset type len
 _SEARCH_BUFFER = 256 * 1024             # items per ioctl call: a few thousand
@@ -3893,6 +3895,16 @@ def planted_subvolumes(path: Path) -> List[tuple]:
         os.close(fd)
 
 
+def committed_transaction(fd: int) -> int:
+    """The id of a transaction that is on disc, with every one before it, by the time this
+    returns: the running one, committed now, or the last committed if none is running.
+    Root only.  Raises OSError."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, BTRFS_IOC_START_SYNC, buf)
+    fcntl.ioctl(fd, BTRFS_IOC_WAIT_SYNC, buf)
+    return struct.unpack("<Q", buf)[0]
+
+
 def measure_subvolume(path: Path, since: int, *, full: bool, tally: Optional[SubvolumeTally] = None) -> tuple:
     """(SubvolumeUsage, bytes added on disc) of the subvolume at path, since transaction `since`.
 
@@ -3912,6 +3924,7 @@ def measure_subvolume(path: Path, since: int, *, full: bool, tally: Optional[Sub
         # Data still in the page cache has no extent yet, and inode updates
         # wait for the commit: without this the tree says a fresh backup is empty.
         fcntl.ioctl(fd, BTRFS_IOC_SYNC)
+        committed = committed_transaction(fd)
         usage = search_subvolume(fd, tally or SubvolumeTally(since), 0 if full else since)
         copies = profile_copies(_space_info(fd))
         st = os.fstatvfs(fd)
@@ -3920,6 +3933,14 @@ def measure_subvolume(path: Path, since: int, *, full: bool, tally: Optional[Sub
                             "(byteback measures backups as root on btrfs)") from None
     finally:
         os.close(fd)
+    if usage.generation > committed:
+        # Written after the commit, while the search read: the backup user owns
+        # current and may write into it at any moment, and what it writes now
+        # may land in the snapshot half seen or not at all.  So the generation
+        # recorded is the committed one, and the next backup measures from
+        # just after it: anything written since is counted then, never lost
+        # (a part counted twice is the price).
+        usage = usage._replace(generation=committed)
     added = disc_bytes(usage, copies)
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
     if added > used:
@@ -4538,8 +4559,8 @@ class BtrfsStore(Store):
         since = written_since(previous)
         tally = QuietTally(since)
         usage, added = measure_subvolume(current, since, full=False, tally=tally)
-        if not tally.quiet or not is_btrfs_subvolume(newest):
-            return None
+        if not tally.quiet or tally.generation > usage.generation or not is_btrfs_subvolume(newest):
+            return None     # a regular file changed, or something was written after the commit
         fds: List[int] = []
         try:
             for path in (current, newest):

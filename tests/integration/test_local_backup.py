@@ -784,3 +784,59 @@ def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path)
         (src / "sub" / "single").unlink()
         env.backup("h", src)
         assert env.history("h")[-1]["size"] == second["size"] - 3000
+
+
+@pytest.mark.parametrize("quiet", [True, False], ids=["quiet-run", "walked-run"])
+def test_btrfs_counts_data_written_into_current_while_it_is_measured(tmp_path, monkeypatch, quiet):
+    """current is the backup user's: a shell as that user can write into it while root
+    measures it.  What it writes after the measurement's commit may land in the snapshot
+    unseen; the next backup must count it, however quiet that run is.  Before the
+    generation recorded was the committed one, a directory made just after the commit made
+    the run look quiet, and every later quiet run copied the short size forward (found in
+    review).  The hooks stand in for the shell's timing."""
+    sys.path.insert(0, str(REPO))
+    import byteback
+    big = 16 * 1024 * 1024
+    with store_for("btrfs", tmp_path) as root:
+        store, config = byteback.open_store(root), byteback.ServerConfig()
+        current = store.prepare_host("h")
+        (current / "d").mkdir()
+        (current / "d" / "f").write_bytes(b"x" * 100000)
+        t0 = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
+        byteback.snapshot_host(store, "h", config, now=t0, force=True)
+        byteback.snapshot_host(store, "h", config, now=t0 + dt.timedelta(hours=7), force=True)
+
+        real_search, real_shared = byteback.search_subvolume, byteback.BtrfsStore._shared_changed
+        armed = {"mkdir": True, "data": True}
+
+        def search(fd, tally, min_transid=0, tree=0):
+            # just after the commit: an empty directory (the run still looks quiet) or,
+            # for the walked case, a file first, which sends the snapshot to the walk
+            if armed["mkdir"] and (quiet or min_transid == 0):
+                armed["mkdir"] = False
+                os.mkdir(current / "empty")
+            elif armed["mkdir"]:
+                (current / "seen").write_bytes(b"s")
+            return real_search(fd, tally, min_transid, tree)
+
+        def shared(self, host, inodes):
+            if armed["data"]:                     # just after the measurement
+                armed["data"] = False
+                with open(current / "hidden", "wb") as f:
+                    f.write(os.urandom(big))
+            return real_shared(self, host, inodes)
+
+        monkeypatch.setattr(byteback, "search_subvolume", search)
+        monkeypatch.setattr(byteback.BtrfsStore, "_shared_changed", shared)
+        byteback.snapshot_host(store, "h", config, now=t0 + dt.timedelta(hours=14), force=True)
+        monkeypatch.undo()
+        assert not armed["mkdir"] and not armed["data"]
+        snap = store.snapshot_path(store.snapshots("h")[-1])
+        assert (snap / "hidden").stat().st_size == big          # it is in history
+
+        for hours in (21, 28):                                  # nothing changes any more
+            byteback.snapshot_host(store, "h", config, now=t0 + dt.timedelta(hours=hours), force=True)
+        raced, *later = store.read_history("h")[-3:]
+        assert raced["added"] + sum(entry["added"] for entry in later) >= big
+        true_size = byteback.measure_subvolume(store.snapshot_path(store.snapshots("h")[-1]), 0, full=True)[0].size
+        assert later[-1]["size"] == true_size >= big
