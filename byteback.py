@@ -3586,7 +3586,8 @@ class SubvolumeTally:
             changed = False
             if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
                 made, written, isize, _nbytes, _bg, nlink, _uid, _gid, mode = inode_item(buf, item)
-                if mode & 0o170000 == 0o100000:      # a regular file
+                if mode & 0o170000 == 0o100000 and nlink:   # a regular file with a name:
+                    # one unlinked but still open has none, and no restore gives it back
                     self.size += isize
                     if nlink > 1:
                         self.linked += nlink
