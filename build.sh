@@ -58,7 +58,7 @@ src, out = sys.argv[1], sys.argv[2]
 # 10, Ubuntu 19.04, RHEL 8 and later) or a BSD env; busybox's env (Alpine) has
 # no -S, so there `python3 byteback.pyz` starts it (README, "Setting up a client").
 SHEBANG = b"#!/usr/bin/env -S python3 -I -S\n"
-MAIN = b"import sys\nimport byteback\nsys.exit(byteback.main())\n"
+MAIN = b"import byteback\nbyteback.end_process(byteback.main())\n"
 
 epoch = os.environ.get("SOURCE_DATE_EPOCH")
 if epoch:

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import stat
+import sys
 
 import pytest
 
@@ -524,3 +525,33 @@ def test_a_session_passes_its_root_runs_output_on(capsys):
         os.close(write)
     out, err = capsys.readouterr()
     assert out == "taken\n" and err == "byteback: a warning\n"
+
+
+def test_end_process_says_what_is_buffered_and_exits_with_the_code_at_once():
+    """end_process skips the interpreter's teardown (issue 14), never what was still to be said."""
+    import atexit
+    out_r, out_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:                                  # pragma: no cover - the child
+        try:
+            os.dup2(out_w, 1)
+            os.dup2(out_w, 2)
+            sys.stdout = open(1, "w", buffering=1 << 16, closefd=False)   # held in its buffer
+            sys.stderr = open(2, "w", buffering=1 << 16, closefd=False)
+            atexit.register(lambda: os.write(1, b"teardown ran"))
+            print("snapshot h/1 taken")
+            sys.stderr.write("byteback: complete 0\n")
+            byteback.end_process(7)
+        finally:
+            os._exit(99)
+    os.close(out_w)
+    said = b""
+    while True:
+        chunk = os.read(out_r, 4096)
+        if not chunk:
+            break
+        said += chunk
+    os.close(out_r)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 7
+    assert sorted(said.splitlines()) == [b"byteback: complete 0", b"snapshot h/1 taken"]   # no teardown

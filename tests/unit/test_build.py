@@ -15,7 +15,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[2]
 BUILD_SH = REPO / "build.sh"
 SHEBANG = b"#!/usr/bin/env -S python3 -I -S\n"
-MAIN_PY = b"import sys\nimport byteback\nsys.exit(byteback.main())\n"
+# What the zipapp's __main__ calls last; a stand-in byteback.py needs it too.
+END = "def end_process(code):\n    raise SystemExit(code)\n"
+MAIN_PY = b"import byteback\nbyteback.end_process(byteback.main())\n"
 
 
 def _build(src: Path, out: Path, *, umask: int, epoch: str | None = None) -> Path:
@@ -44,7 +46,7 @@ def _vary(tree: Path, mtime: int, mode: int) -> None:
 def _synthetic_tree(root: Path, reverse: bool) -> Path:
     """A small stand-in tree, files created in either order (readdir order differs)."""
     files = {
-        "byteback.py": "def main():\n    print('hello from pyz')\n    return 3\n",
+        "byteback.py": END + "def main():\n    print('hello from pyz')\n    return 3\n",
         "simulate/__init__.py": "",
         "simulate/engine.py": "import byteback\n",
         "simulate/report.py": "X = 1\n",
@@ -108,7 +110,7 @@ def test_source_date_epoch_sets_every_timestamp(tmp_path):
 
 def test_tree_without_simulate_builds(tmp_path):
     (tmp_path / "src").mkdir()
-    (tmp_path / "src" / "byteback.py").write_text("def main():\n    return 0\n")
+    (tmp_path / "src" / "byteback.py").write_text(END + "def main():\n    return 0\n")
     pyz = _build(tmp_path / "src", tmp_path / "out", umask=0o022)
     with zipfile.ZipFile(pyz) as zf:
         assert zf.namelist() == ["__main__.py", "byteback.py", "byteback.pyc"]
@@ -151,7 +153,7 @@ def test_real_tree_builds_identically(tmp_path):
 
 # --- bytecode: used by the Python that built it, skipped by any other --------
 
-WHO_RUNS = "def main():\n    print(__spec__.origin.rsplit('/', 1)[-1])\n    return 0\n"
+WHO_RUNS = END + "def main():\n    print(__spec__.origin.rsplit('/', 1)[-1])\n    return 0\n"
 
 
 def _runs_from(python: str, pyz: Path) -> str:
@@ -223,8 +225,8 @@ def test_bytecode_is_reproducible_whatever_the_hash_seed(tmp_path):
     (build.sh test runs this under 3.8 too): the build fixes the seed."""
     src = tmp_path / "src"
     src.mkdir()
-    (src / "byteback.py").write_text("NAMES = {'alpha', 'beta', 'gamma', 'delta', 'epsilon'}\n"
-                                     "def main():\n    return 'beta' in {'x', 'y', 'z', 'beta'}\n")
+    (src / "byteback.py").write_text("NAMES = {'alpha', 'beta', 'gamma', 'delta', 'epsilon'}\n" +
+                                     END + "def main():\n    return 'beta' in {'x', 'y', 'z', 'beta'}\n")
     digests = set()
     for seed in ("1", "2", "3"):
         env = dict(os.environ, BYTEBACK_SRC_DIR=str(src), BYTEBACK_OUT_DIR=str(tmp_path / seed),
@@ -234,7 +236,7 @@ def test_bytecode_is_reproducible_whatever_the_hash_seed(tmp_path):
     assert len(digests) == 1
 
 
-FLAGS_OF_ITS_START = ("import os, sys\ndef main():\n"
+FLAGS_OF_ITS_START = (END + "import os, sys\ndef main():\n"
                       "    print(sys.flags.isolated, sys.flags.no_site, 'site' in sys.modules,\n"
                       "          os.getcwd() in sys.path, any('site-packages' in p for p in sys.path))\n"
                       "    return 0\n")
