@@ -111,3 +111,30 @@ def test_a_lock_directory_others_may_write_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(byteback, "WHEN_TOLD_LOCK_DIR", path)
     with pytest.raises(byteback.ByteBackError, match="only it may write"):
         byteback._when_told_lock_dir()
+
+
+def test_asking_sudo_reads_nothing_of_the_push_and_gives_up_at_the_grace(tmp_path, monkeypatch):
+    """The forced command asks `sudo -n -l` while the push's rsync already reads the ssh
+    channel: a sudo that reads its input or stalls (sudoers from a slow directory) must
+    neither take rsync's bytes nor hold the session.  A stand-in sudo on PATH records what
+    its input held, stalls, then says no; the answer is 'no root run', within the grace."""
+    seen = tmp_path / "stdin"
+    fake = tmp_path / "sudo"
+    fake.write_text(f"#!/bin/sh\ntimeout 2 cat > {seen}\nsleep 3\nexit 1\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{tmp_path}:{os.environ['PATH']}")
+    monkeypatch.setattr(byteback, "CLIENT_RUN_GRACE", 1)
+    r, w = os.pipe()
+    os.write(w, b"rsync's bytes")
+    saved = os.dup(0)
+    os.dup2(r, 0)
+    try:
+        receive = argparse.Namespace(args=argparse.Namespace(config_dir=byteback.DEFAULT_CONFIG_DIR), host="alpha")
+        start = time.monotonic()
+        assert byteback._start_root_run(receive, when_told=True) is None
+        assert time.monotonic() - start < 2.5
+    finally:
+        os.dup2(saved, 0)
+        for fd in (saved, r, w):
+            os.close(fd)
+    assert seen.read_bytes() == b""
