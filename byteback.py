@@ -3491,6 +3491,7 @@ class SubvolumeUsage(NamedTuple):
     generation: int    # the newest transaction any of its leaves was written in
     linked: int        # names of regular files that share their inode (full walks only)
     shared: tuple = ()  # SharedInode: inodes of more than one name, made before `since`, written after it
+    committed: int = 0  # the transaction on disc before the search: all of it up to here was read
 
 
 # btrfs_inode_item past _INODE_ITEM: rdev, flags (@56), mtime (@136: seconds, nanoseconds)
@@ -3955,6 +3956,7 @@ def measure_subvolume(path: Path, since: int, *, full: bool, tally: Optional[Sub
         # just after it: anything written since is counted then, never lost
         # (a part counted twice is the price).
         usage = usage._replace(generation=committed)
+    usage = usage._replace(committed=committed)
     added = disc_bytes(usage, copies)
     used = (st.f_blocks - st.f_bfree) * st.f_frsize
     if added > used:
@@ -3964,6 +3966,20 @@ def measure_subvolume(path: Path, since: int, *, full: bool, tally: Optional[Sub
                     path, format_size(added), format_size(used), format_size(used))
         added = used
     return usage, added
+
+
+def written_after(path: Path, transaction: int) -> bool:
+    """Whether any leaf of the subvolume at path was written after `transaction`.  Root only."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as e:
+        raise ByteBackError(f"cannot open {path}: {e.strerror}") from None
+    try:
+        return search_subvolume(fd, SubvolumeTally(transaction + 1), transaction + 1).generation > transaction
+    except OSError as e:
+        raise ByteBackError(f"cannot read the btrfs tree of {path}: {e.strerror}") from None
+    finally:
+        os.close(fd)
 
 
 def last_measured(backups: Sequence[dict]) -> Optional[dict]:
@@ -4544,6 +4560,12 @@ class BtrfsStore(Store):
             self._remove_tree(tmp)
         with _closed_while_writable(host_dir):
             self._btrfs("subvolume", "snapshot", str(current), str(tmp))
+            # The backup user may have written into current since the measurement
+            # (deleted a file, say): then this snapshot is not what was measured, and
+            # the next run must not take its size from this record (_measure_quiet).
+            # A tree of one leaf, whose root the snapshot itself rewrites, is always
+            # so: its next run walks it, which costs little there.
+            unsettled = usage.committed > 0 and written_after(tmp, usage.committed)
             # Measured on this kernel: the owner of a subvolume can clear its
             # read-only flag and then delete what is in it.  So the snapshot's root
             # goes to root *before* the flag is set, and the flag is set last.
@@ -4554,8 +4576,9 @@ class BtrfsStore(Store):
         record = {"size": usage.size, "added": added, "generation": usage.generation, "linked": usage.linked}
         if planted:
             record.update(planted=planted, planted_bytes=planted_bytes)    # status warns of it
+        if unsettled:
+            record["unsettled"] = True
         return record
-
 
     def _measure_quiet(self, host: str, current: Path, previous: Optional[dict]) -> Optional[tuple]:
         """measure_subvolume(full=True)'s (usage, added) from the leaves this run wrote alone,
@@ -4563,8 +4586,8 @@ class BtrfsStore(Store):
         names it held in the newest snapshot, which `previous` measured: that one's size and
         linked names are current's.  None where it cannot tell: then the whole tree is walked."""
         size, linked = (previous or {}).get("size"), (previous or {}).get("linked")
-        if (previous is None or previous.get("baseline") or type(size) is not int or type(linked) is not int
-                or size < 0 or linked < 0):
+        if (previous is None or previous.get("baseline") or previous.get("unsettled")
+                or type(size) is not int or type(linked) is not int or size < 0 or linked < 0):
             return None
         snaps = self.snapshots(host)
         if not snaps or snaps[-1].name != previous.get("snapshot"):

@@ -63,7 +63,6 @@ def original_code_targets(now: dt.datetime, oldest: Optional[dt.datetime]) -> Tu
     since_noon = (now - now.replace(hour=12, minute=0, second=0, microsecond=0)).total_seconds()
     # moments are distinct whole days apart and ascending, and only midday today can be
     # in the future (since_noon is within half a day): already sorted, nothing to merge.
-    # Only the first (midday today) can be before now: the others are a day or more older.
     day = byteback.DAY
     ages = tuple([max(0.0, (since_noon + moments[0]) / day)] + [(since_noon + m) / day for m in moments[1:]])
     _LAST_SCHEDULE[:] = [(now, now.tzinfo, oldest), ages]
