@@ -117,7 +117,8 @@ def test_asking_sudo_reads_nothing_of_the_push_and_gives_up_at_the_grace(tmp_pat
     """The forced command asks `sudo -n -l` while the push's rsync already reads the ssh
     channel: a sudo that reads its input or stalls (sudoers from a slow directory) must
     neither take rsync's bytes nor hold the session.  A stand-in sudo on PATH records what
-    its input held, stalls, then says no; the answer is 'no root run', within the grace."""
+    its input held, stalls, then says no; the answer is an error (not a 'no': sudo may be
+    set up), within the grace; a push catches it and snapshots once rsync has ended."""
     seen = tmp_path / "stdin"
     fake = tmp_path / "sudo"
     fake.write_text(f"#!/bin/sh\ntimeout 2 cat > {seen}\nsleep 3\nexit 1\n")
@@ -131,7 +132,8 @@ def test_asking_sudo_reads_nothing_of_the_push_and_gives_up_at_the_grace(tmp_pat
     try:
         receive = argparse.Namespace(args=argparse.Namespace(config_dir=byteback.DEFAULT_CONFIG_DIR), host="alpha")
         start = time.monotonic()
-        assert byteback._start_root_run(receive, when_told=True) is None
+        with pytest.raises(byteback.ByteBackError, match="did not finish"):
+            byteback._start_root_run(receive, when_told=True)
         assert time.monotonic() - start < 2.5
     finally:
         os.dup2(saved, 0)
