@@ -3705,9 +3705,10 @@ def read_inode(fd: int, inode: int) -> Optional[SharedInode]:
 
 # A run that changed no regular file needs no walk of current's whole tree to
 # size it (issue 14: the walk was most of a no-change snapshot's time): its
-# size and linked names are its last snapshot's.  Beyond this many changed
-# directories the walk is cheaper than comparing each.
-QUIET_DIRECTORIES = 1000
+# size and linked names are its last snapshot's.  A bound: comparing each changed
+# directory costs more than the walk past about 300 of them (measured on a tree
+# of 30,000 files in 1,000 directories: 63 ms for 334 against a 67 ms walk).
+QUIET_DIRECTORIES = 300
 
 
 class QuietTally(SubvolumeTally):

@@ -132,9 +132,7 @@ def timed(argv: list, env: dict = None, cwd: str = None) -> tuple:
     the files that run had renamed into place (btrfs starts writing those at
     the rename).  byteback's 1 % runs paid for the raw runs' data: the
     snapshot's BTRFS_IOC_SYNC took 0.18-0.28 s there, 0.003-0.02 s in a
-    no-change run; a 1 % run of one pass took 0.97 s without the sync
-    (12:45 UTC, load 1.7), 0.76 s with it (12:56, load 2.4), a no-change
-    run 0.68 and 0.69 s."""
+    no-change run (commit 5256224 has the figures)."""
     os.sync()
     with tempfile.TemporaryFile() as out:
         start = time.perf_counter()
