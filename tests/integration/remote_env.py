@@ -16,11 +16,13 @@ Use::
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -79,6 +81,8 @@ class RemoteByteback:
     def run(self, *args: str, env: Optional[dict] = None, timeout: float = 300,
             config_dir: Optional[Path] = None) -> Result:
         """Run the client's byteback.pyz with the client config dir and state."""
+        if args[:1] == ("backup",):
+            self._next_second(args[args.index("--host") + 1] if "--host" in args[:-1] else self.host)
         argv = [str(self.pyz), "--config-dir", str(config_dir or self.client_config), *args]
         run_env = dict(os.environ, BYTEBACK_STATE_DIR=str(self.client_state))
         run_env.pop("SSH_AUTH_SOCK", None)     # backups must not lean on an agent
@@ -87,6 +91,19 @@ class RemoteByteback:
                               universal_newlines=True, errors="replace", env=run_env,
                               timeout=timeout, stdin=subprocess.DEVNULL)
         return Result(argv, proc.returncode, proc.stdout, proc.stderr)
+
+    def _next_second(self, host: str) -> None:
+        """Wait out the second of the host's newest snapshot: names carry seconds at most,
+        and a backup can take less than one, so a second backup at once would need the
+        same name and the server would refuse it."""
+        host_dir = self.env.store / host
+        names = sorted(p.name for p in host_dir.iterdir() if p.name[:1].isdigit()) if host_dir.is_dir() else []
+        newest = None
+        for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M%z"):
+            with contextlib.suppress(ValueError, IndexError):
+                newest = newest or dt.datetime.strptime(names[-1], fmt)
+        while newest is not None and dt.datetime.now(dt.timezone.utc).replace(microsecond=0) <= newest:
+            time.sleep(0.05)
 
     def backup(self, *args: str, **kwargs) -> Result:
         """`byteback backup --host client1 --retry-delay 1 ...`: quick retries in tests."""

@@ -21,7 +21,6 @@ namespace mapped onto the host's range in /etc/subuid.  What is shown:
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import grp
 import os
@@ -39,7 +38,6 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 from remote_env import REPO, RemoteByteback, remote_byteback  # noqa: E402
 from sshd_env import _sigterm_as_interrupt, _skip_or_check, run, run_as  # noqa: E402
-from test_local_backup import snapshot_time  # noqa: E402
 
 pytestmark = pytest.mark.integration
 
@@ -74,13 +72,6 @@ class Host:
         return self.remote.store / self.name
 
     def backup(self, *args: str):
-        # Snapshot names carry seconds at most, and a backup now takes less than one:
-        # the second of this host's newest snapshot must be over first.
-        snaps = self.snapshots()
-        if snaps:
-            newest = snapshot_time(snaps[-1])
-            while dt.datetime.now(dt.timezone.utc).replace(microsecond=0) <= newest:
-                time.sleep(0.05)
         return self.remote.run("backup", "--host", self.name, "--retry-delay", "1", "--retry-number", "1",
                                *args, config_dir=self.config)
 
