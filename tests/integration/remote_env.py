@@ -16,13 +16,11 @@ Use::
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import os
 import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, List, Optional
@@ -31,6 +29,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 from sshd_env import ServerEnv, _sigterm_as_interrupt, _skip_or_check, server_environment  # noqa: E402
+from treeutil import wait_out_second  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[2]
 CLIENT_HOST = "client1"
@@ -93,17 +92,8 @@ class RemoteByteback:
         return Result(argv, proc.returncode, proc.stdout, proc.stderr)
 
     def _next_second(self, host: str) -> None:
-        """Wait out the second of the host's newest snapshot: names carry seconds at most,
-        and a backup can take less than one, so a second backup at once would need the
-        same name and the server would refuse it."""
         host_dir = self.env.store / host
-        names = sorted(p.name for p in host_dir.iterdir() if p.name[:1].isdigit()) if host_dir.is_dir() else []
-        newest = None
-        for fmt in ("%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%dT%H:%M%z"):
-            with contextlib.suppress(ValueError, IndexError):
-                newest = newest or dt.datetime.strptime(names[-1], fmt)
-        while newest is not None and dt.datetime.now(dt.timezone.utc).replace(microsecond=0) <= newest:
-            time.sleep(0.05)
+        wait_out_second([p.name for p in host_dir.iterdir() if p.name[:1].isdigit()] if host_dir.is_dir() else [])
 
     def backup(self, *args: str, **kwargs) -> Result:
         """`byteback backup --host client1 --retry-delay 1 ...`: quick retries in tests."""

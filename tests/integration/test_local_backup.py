@@ -33,7 +33,7 @@ import pytest
 
 from sshd_env import btrfs_mount      # a sparse file, mkfs.btrfs, loop-mounted; cleaned up
 from treeutil import (IS_ROOT, NOBODY, add_big_files, assert_same, change_tree, diff,
-                      generate_tree, scan, summary)
+                      generate_tree, scan, snapshot_time, summary, wait_out_second)
 
 pytestmark = pytest.mark.integration
 
@@ -94,13 +94,6 @@ def _fs_type(path: Path) -> str:
 
 # === The test environment ======================================================
 
-def snapshot_time(name: str) -> dt.datetime:
-    for fmt in ("%Y-%m-%dT%H:%M%z", "%Y-%m-%dT%H:%M:%S%z"):
-        with contextlib.suppress(ValueError):
-            return dt.datetime.strptime(name, fmt)
-    raise AssertionError(f"{name!r} is not a snapshot name")
-
-
 def in_snapshot(snap: Path, source: Path) -> Path:
     """Where a source lands in a snapshot: byteback runs rsync with --relative."""
     return snap / os.path.relpath(source, "/")
@@ -159,13 +152,8 @@ class Env:
         return self.run(*self.backup_argv(host, *sources), check=check)
 
     def _next_second(self, host: str) -> None:
-        # min_interval = 0 allows a snapshot at once, but two in the same second
-        # would need the same name; wait out the rest of that second (< 1 s).
-        snaps = self.snapshots(host)
-        if snaps:
-            newest = snapshot_time(snaps[-1])
-            while dt.datetime.now(dt.timezone.utc).replace(microsecond=0) <= newest:
-                time.sleep(0.05)
+        # min_interval = 0 allows a snapshot at once, but not two in the same second
+        wait_out_second(self.snapshots(host))
 
     def host_dir(self, host: str) -> Path:
         return self.store / host

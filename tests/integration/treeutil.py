@@ -17,6 +17,8 @@ Paths are bytes throughout, so names that are not UTF-8 survive untouched.
 """
 from __future__ import annotations
 
+import contextlib
+import datetime as dt
 import errno
 import hashlib
 import os
@@ -522,3 +524,21 @@ def summary(manifest: Manifest) -> Dict[str, int]:
     kinds["modes"] = len({e.mode for e in manifest.values() if e.kind != "symlink"})
     kinds["bytes"] = sum(e.size or 0 for e in manifest.values())
     return kinds
+
+
+def snapshot_time(name: str) -> dt.datetime:
+    """The moment a snapshot's name gives (minutes or seconds, with its offset)."""
+    for fmt in ("%Y-%m-%dT%H:%M%z", "%Y-%m-%dT%H:%M:%S%z"):
+        with contextlib.suppress(ValueError):
+            return dt.datetime.strptime(name, fmt)
+    raise AssertionError(f"{name!r} is not a snapshot name")
+
+
+def wait_out_second(names: Sequence[str]) -> None:
+    """Wait until the clock is past the second of the newest of these snapshot names: names
+    carry seconds at most, and a backup can take less than one, so a second backup at once
+    would need a name that exists and the server would refuse it."""
+    if names:
+        newest = max(map(snapshot_time, names))
+        while dt.datetime.now(dt.timezone.utc).replace(microsecond=0) <= newest:
+            time.sleep(0.05)
