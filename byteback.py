@@ -1868,7 +1868,7 @@ class PrunePlan(NamedTuple):
     contained: Dict[str, int]              # host -> excess bytes not pruned for
     rollbacks: List[str]
     notes: List[str]                       # WARNING lines for the log and status
-    steps: Iterator[PlanStep]
+    steps: Iterator[PlanStep]              # (of _fair_steps: its all() takes every one at once)
     # The clock played no part (no growth budget was asked, nor force): with the same
     # histories and pending uploads, and only snapshots deleted, a later plan accepts,
     # contains and rolls back nothing either, and has the same goal.
@@ -2316,52 +2316,85 @@ def _unpaid_uploads(pending: List[Acceptance], views: Dict[str, _HostView], w: D
 def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callable[[], Dict[str, float]],
                 extra: Dict[str, float],
                 room: Dict[str, float], means: Dict[str, float], free_for_claims: float, *,
-                now: dt.datetime, order: str, targets: Sequence[float]) -> Iterator[PlanStep]:
+                now: dt.datetime, order: str, targets: Sequence[float]) -> "_FairSteps":
     """Deletions, the host most over its share (claim / weight) first; within a host its order.
 
     Lazy: nothing is measured until the first deletion is asked for (simulate plans far
     more often than it deletes)."""
-    hosts = state.hosts
-    w = weights()
-    keep_oldest = order == "importance"
-    units = {h: max(1, int(means[h])) for h in hosts}     # a snapshot with no size recorded
-    claims = {h: extra[h] + _view_deletable(views[h], units[h], keep_oldest) + room[h] for h in hosts}
-    disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
-    fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
-    several = len(hosts) > 1
+    return _FairSteps((state, views, weights, extra, room, means, free_for_claims, now, order, targets))
 
-    # The heap's entries start with -claim / weight and what the entry is.  A host's steps
-    # are worked out only once its entry comes to the top UNRESOLVED, (ratio, unresolved,
-    # host); unresolved entries go before the others of the same ratio, so every tie is
-    # resolved before it is broken, and a prune that deletes one snapshot orders the hosts
-    # that tie for the first deletion, not every host.  A step's entry is (ratio, resolved,
-    # *its key, its snapshot's time, host, the step, the bytes it frees, whether the host
-    # then has no step left to give): the key spread out in the entry, which compares as
-    # the key itself did (all a plan's keys are as long) in one tuple comparison, not two.
-    # A host with nothing left to give, (ratio, nothing, host, whether it still counted as
-    # giving), goes before the steps of its ratio (an empty key did, before: the same order).
-    unresolved, nothing, resolved = 0, 1, 2
-    # A host's steps come a doubling batch at a time (the first batch is one step), and the
-    # batch's entries are made at once: a host's claim, hence its ratio at each of its steps,
-    # changes with its own deletions only.  Working through one host's order for a while,
-    # instead of one step of each host in turn, keeps its data in the processor's cache, and
-    # a prune that stops early has worked out at most twice the steps it took.  Reasons are
-    # written only for the steps taken.
-    ahead: Dict[str, list] = {}      # host -> [its host_deletion_order, next batch's size, claim, left]
-    queued: Dict[str, Iterator[tuple]] = {}     # host -> its batch's entries not yet in the heap
-    # A host has a step while 2 are left, its oldest not counted where it is kept; `giving`
-    # counts the hosts in the heap that have one.
-    left = {h: len(f.snapshots) - (keep_oldest and len(f.snapshots) > 1) for h, f in hosts.items()}
-    giving = sum(n >= 2 for n in left.values())
-    newest = {h: f.snapshots[-1].name if f.snapshots else None for h, f in hosts.items()}
 
-    def refill(h: str) -> tuple:
-        """h's next entry, the rest of its next batch queued behind it."""
-        todo = ahead[h]
-        steps, size, claim, count = todo
-        weight, held, unit, last = w[h], views[h].entries.held, units[h], newest[h]
-        snaps = hosts[h].snapshots
-        oldest = snaps[0] if keep_oldest and snaps else None
+class _FairSteps:
+    """A plan's deletions (PlanStep): an iterator that works a host's order out only when that
+    host comes to the top, and all(), the same steps, every host's order worked out at once
+    (prune --list takes every step: see _FairOrder.everything)."""
+    __slots__ = ("_args", "_steps")
+
+    def __init__(self, args: tuple) -> None:
+        self._args = args
+        self._steps: Optional[Iterator[PlanStep]] = None
+
+    def __iter__(self) -> Iterator[PlanStep]:
+        if self._steps is None:
+            self._steps = _FairOrder(*self._args).taken(lazily=True)
+        return self._steps
+
+    def __next__(self) -> PlanStep:
+        return next(iter(self))
+
+    def close(self) -> None:
+        """A prune that stops here: the lazy order's generator is closed (as a generator's close)."""
+        if self._steps is not None:
+            self._steps.close()
+
+    def all(self) -> List[PlanStep]:
+        """Every step not yet taken, in order."""
+        if self._steps is None:
+            self._steps = _FairOrder(*self._args).taken(lazily=False)
+        return list(self._steps)
+
+
+class _FairOrder:
+    """The order of deletion between hosts (_fair_steps), worked out as entries that sort in it.
+
+    A host's entries start with -claim / weight and what the entry is.  A host's own
+    entries come out of its host_deletion_order in a doubling batch at a time (the first
+    batch is one step), made at once: a host's claim, hence its ratio at each of its steps,
+    changes with its own deletions only.  Working through one host's order for a while,
+    instead of one step of each host in turn, keeps its data in the processor's cache, and
+    a prune that stops early has worked out at most twice the steps it took.  A step's entry
+    is (ratio, resolved, *its key, its snapshot's time, host, the step, the bytes it frees,
+    whether the host then has no step left to give): the key spread out in the entry, which
+    compares as the key itself did (all a plan's keys are as long) in one tuple comparison,
+    not two.  A host with nothing left to give, (ratio, nothing, host, whether it still
+    counted as giving), ends its entries, and goes before the steps of its ratio (an empty
+    key did, before: the same order)."""
+    UNRESOLVED, NOTHING, RESOLVED = 0, 1, 2
+
+    def __init__(self, state: PruneState, views: Dict[str, _HostView], weights: Callable[[], Dict[str, float]],
+                 extra: Dict[str, float], room: Dict[str, float], means: Dict[str, float],
+                 free_for_claims: float, now: dt.datetime, order: str, targets: Sequence[float]) -> None:
+        hosts = self.hosts = state.hosts
+        self.views, self.now, self.order, self.targets = views, now, order, targets
+        w = self.w = weights()
+        keep_oldest = self.keep_oldest = order == "importance"
+        units = self.units = {h: max(1, int(means[h])) for h in hosts}  # a snapshot with no size recorded
+        claims = self.claims = {h: extra[h] + _view_deletable(views[h], units[h], keep_oldest) + room[h]
+                                for h in hosts}
+        disc = free_for_claims + sum(c - room[h] for h, c in claims.items())
+        self.fair = disc / (sum(w.values()) or 1.0)      # claim per unit of weight at a fair share
+        # A host has a step while 2 are left, its oldest not counted where it is kept; `giving`
+        # counts the hosts whose entries have one.
+        self.left = {h: len(f.snapshots) - (keep_oldest and len(f.snapshots) > 1) for h, f in hosts.items()}
+
+    def _entries(self, h: str, steps: Iterator[HostStep], size: int, claim: float, count: int) -> tuple:
+        """h's entries for the next `size` steps of its order, ended by its nothing entry if
+        the order ends (or comes to the oldest) among them: (the entries, claim, count after)."""
+        weight, held, unit = self.w[h], self.views[h].entries.held, self.units[h]
+        snaps = self.hosts[h].snapshots
+        last = snaps[-1].name if snaps else None
+        oldest = snaps[0] if self.keep_oldest and snaps else None
+        resolved = self.RESOLVED
         entries = []
         for step in itertools.islice(steps, size):
             snap = step.snapshot
@@ -2374,24 +2407,85 @@ def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callabl
             entries.append((-claim / weight, resolved, *step.key, snap.when, h, step, freed, count == 1))
             claim -= freed
         if len(entries) < size:                       # the order has ended (or come to the oldest)
-            entries.append((-claim / weight, nothing, h, count >= 2))
-        todo[1:] = 2 * size, claim, count
-        queued[h] = batch = iter(entries)
-        return next(batch)
+            entries.append((-claim / weight, self.NOTHING, h, count >= 2))
+        return entries, claim, count
 
-    heap = [(-claims[h] / w[h], unresolved, h) for h in hosts]
-    heapq.heapify(heap)
-    replace, pop, new = heapq.heapreplace, heapq.heappop, tuple.__new__
-    # The cyclic garbage collector waits while the hosts that tie are resolved, never across
-    # a yield (so never while anyone else runs): a store just read holds a few containers a
-    # snapshot, and the resolution's own allocations made the collector walk all of them
-    # (one first deletion in three of the benchmark's: 0.04 s more at either size).
-    paused = False
-    try:
-        while heap:
-            entry = heap[0]
-            kind = entry[1]
-            if kind == resolved:
+    def _order_of(self, h: str) -> Iterator[HostStep]:
+        return host_deletion_order(self.hosts[h].snapshots, now=self.now, order=self.order, targets=self.targets)
+
+    def lazily(self) -> Iterator[tuple]:
+        """The entries in order, each host's worked out only once its entry comes to the top
+        UNRESOLVED, (ratio, unresolved, host): unresolved entries go before the others of the
+        same ratio, so every tie is resolved before it is broken, and a prune that deletes one
+        snapshot orders the hosts that tie for the first deletion, not every host."""
+        ahead: Dict[str, list] = {}      # host -> [its host_deletion_order, next batch's size, claim, left]
+        queued: Dict[str, Iterator[tuple]] = {}     # host -> its batch's entries not yet in the heap
+
+        def refill(h: str) -> tuple:
+            """h's next entry, the rest of its next batch queued behind it."""
+            todo = ahead[h]
+            steps, size, claim, count = todo
+            entries, claim, count = self._entries(h, steps, size, claim, count)
+            todo[1:] = 2 * size, claim, count
+            queued[h] = batch = iter(entries)
+            return next(batch)
+
+        unresolved, resolved = self.UNRESOLVED, self.RESOLVED
+        heap = [(-c / self.w[h], unresolved, h) for h, c in self.claims.items()]
+        heapq.heapify(heap)
+        replace, pop = heapq.heapreplace, heapq.heappop
+        # The cyclic garbage collector waits while the hosts that tie are resolved, never across
+        # a yield (so never while anyone else runs): a store just read holds a few containers a
+        # snapshot, and the resolution's own allocations made the collector walk all of them
+        # (one first deletion in three of the benchmark's: 0.04 s more at either size).
+        paused = False
+        try:
+            while heap:
+                entry = heap[0]
+                kind = entry[1]
+                if kind == unresolved:
+                    if not paused and gc.isenabled():
+                        paused = True
+                        gc.disable()
+                    h = entry[2]
+                    ahead[h] = [self._order_of(h), 1, self.claims[h], self.left[h]]
+                    replace(heap, refill(h))
+                    continue
+                if paused:
+                    paused = False
+                    gc.enable()
+                yield entry
+                if kind == resolved:
+                    h = entry[-4]
+                    replace(heap, next(queued[h], None) or refill(h))
+                else:
+                    pop(heap)
+        finally:
+            if paused:
+                gc.enable()
+
+    def everything(self) -> Iterable[tuple]:
+        """The entries in order, every host's whole order worked out at once: the merge of
+        every host's entries, as lazily() takes them (the least of the hosts' next entries
+        first).  Where each host's entries come in increasing order (its ratio rises at each
+        step: each frees something), that merge is the sorted whole, which sorted() makes of
+        the runs in C; else heapq.merge, the very merge lazily() does."""
+        runs = [self._entries(h, self._order_of(h), sys.maxsize, self.claims[h], self.left[h])[0]
+                for h in self.hosts]
+        lt, first = operator.lt, operator.itemgetter(0)
+        if all(all(map(lt, ratios, ratios[1:])) for ratios in (list(map(first, run)) for run in runs)):
+            return sorted(itertools.chain.from_iterable(runs))
+        return heapq.merge(*runs)
+
+    def taken(self, *, lazily: bool) -> Iterator[PlanStep]:
+        """The PlanSteps of the entries in order (lazily() or everything()): a step's reason is
+        written as it is taken; a host with nothing left leaves, and the plan says stop there
+        if it is over its share, or ends if no host has a step left."""
+        fair, several, new = self.fair, len(self.hosts) > 1, tuple.__new__
+        giving = sum(n >= 2 for n in self.left.values())
+        resolved = self.RESOLVED
+        for entry in (self.lazily() if lazily else self.everything()):
+            if entry[1] == resolved:
                 ratio = entry[0]
                 h, step, freed, ends = entry[-4:]
                 explain, values = step.reason
@@ -2400,42 +2494,22 @@ def _fair_steps(state: PruneState, views: Dict[str, _HostView], weights: Callabl
                     reason += (f"; host {h} is the most over its share of the disc ({-ratio / fair:.0%} of it)"
                                if fair > 0 else f"; host {h} claims the most of the disc")
                 giving -= ends
-                taken = new(PlanStep, (new(Decision, (step.snapshot, True, reason)), -ratio > fair, freed))
-                if paused:
-                    paused = False
-                    gc.enable()
-                yield taken
-                replace(heap, next(queued[h], None) or refill(h))
-            elif kind == unresolved:
-                if not paused and gc.isenabled():
-                    paused = True
-                    gc.disable()
-                h = entry[2]
-                ahead[h] = [host_deletion_order(hosts[h].snapshots, now=now, order=order, targets=targets), 1,
-                            claims[h], left[h]]
-                replace(heap, refill(h))
+                yield new(PlanStep, (new(Decision, (step.snapshot, True, reason)), -ratio > fair, freed))
             else:
-                # A host with nothing to give back stays in the heap: while it is the most over its
-                # share, what the disc lacks is its doing, and nobody else pays for it.
-                pop(heap)
+                # A host with nothing to give back comes in its place all the same: while it is the
+                # most over its share, what the disc lacks is its doing, and nobody else pays for it.
                 giving -= entry[3]
                 if not giving:
                     return                                # nothing left anywhere: exhausted
                 if -entry[0] > fair:
-                    if paused:
-                        paused = False
-                        gc.enable()
                     yield PlanStep(None, False, 0)       # the executor stops here
-    finally:
-        if paused:
-            gc.enable()
 
 
 def plan_listing(plan: PrunePlan, state: PruneState) -> List[Decision]:
     """Every snapshot with its place: the plan's deletions in order, then what is always kept.
 
     state is the one the plan was made from: its deletions are those very snapshot objects."""
-    listed = [s.decision for s in plan.steps if s.decision is not None]
+    listed = [s.decision for s in plan.steps.all() if s.decision is not None]
     gone = set(map(id, map(_DECISION_SNAPSHOT, listed)))
     for h in sorted(state.hosts):
         snaps = state.hosts[h].snapshots

@@ -265,6 +265,11 @@ def test_the_order_between_hosts_is_the_reference_order(hosts_drawn, free, targe
                                           order=order, targets=targets)]
     held = {h: byteback.snapshot_bytes(f.history) for h, f in facts.items()}
     assert fast == reference_fair_steps(facts, held, w, extra, room, means, free, order, targets)
+    # all(), what prune --list takes: every host's order at once, merged or sorted, the same steps
+    everything = byteback._fair_steps(state, views, lambda: w, extra, room, means, free, now=NOW,
+                                      order=order, targets=targets).all()
+    assert [(s.decision.snapshot, s.decision.reason, s.over_share, s.estimate) if s.decision else (None, False, 0)
+            for s in everything] == fast
 
 
 def reference_table(listing, now) -> str:
