@@ -2190,9 +2190,33 @@ _LAST_PLAN: List[Optional[tuple]] = [None]
 _TARGETS = ServerConfig._fields.index("targets")     # read by the order within a host only
 
 
+def _pause_collector() -> bool:
+    """Pause the cyclic garbage collector if it runs: whether it did (the caller enables it again).
+
+    The plan makes no cycles, but a store just read holds a few containers a snapshot, and
+    the plan's own allocations set off collections that walk them all."""
+    if gc.isenabled():
+        gc.disable()
+        return True
+    return False
+
+
 def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", order: Optional[str] = None,
                force: bool = False) -> PrunePlan:
-    """Everything prune decides, from plain values.  force: an administrator accepts every excess."""
+    """Everything prune decides, from plain values.  force: an administrator accepts every excess.
+
+    The collector waits meanwhile (_pause_collector): at 1,000 hosts the views' allocations set
+    off ~18 collections a plan, now and then a full one."""
+    paused = _pause_collector()
+    try:
+        return _plan_prune(state, now=now, config=config, order=order, force=force)
+    finally:
+        if paused:
+            gc.enable()
+
+
+def _plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", order: Optional[str],
+                force: bool) -> PrunePlan:
     order = order or config.order
     if order not in ("importance", "age"):
         raise ValueError(f"unknown prune order {order!r}")
@@ -2434,35 +2458,20 @@ class _FairOrder:
         heap = [(-c / self.w[h], unresolved, h) for h, c in self.claims.items()]
         heapq.heapify(heap)
         replace, pop = heapq.heapreplace, heapq.heappop
-        # The cyclic garbage collector waits while the hosts that tie are resolved, never across
-        # a yield (so never while anyone else runs): a store just read holds a few containers a
-        # snapshot, and the resolution's own allocations made the collector walk all of them
-        # (one first deletion in three of the benchmark's: 0.04 s more at either size).
-        paused = False
-        try:
-            while heap:
-                entry = heap[0]
-                kind = entry[1]
-                if kind == unresolved:
-                    if not paused and gc.isenabled():
-                        paused = True
-                        gc.disable()
-                    h = entry[2]
-                    ahead[h] = [self._order_of(h), 1, self.claims[h], self.left[h]]
-                    replace(heap, refill(h))
-                    continue
-                if paused:
-                    paused = False
-                    gc.enable()
-                yield entry
-                if kind == resolved:
-                    h = entry[-4]
-                    replace(heap, next(queued[h], None) or refill(h))
-                else:
-                    pop(heap)
-        finally:
-            if paused:
-                gc.enable()
+        while heap:
+            entry = heap[0]
+            kind = entry[1]
+            if kind == unresolved:
+                h = entry[2]
+                ahead[h] = [self._order_of(h), 1, self.claims[h], self.left[h]]
+                replace(heap, refill(h))
+                continue
+            yield entry
+            if kind == resolved:
+                h = entry[-4]
+                replace(heap, next(queued[h], None) or refill(h))
+            else:
+                pop(heap)
 
     def everything(self) -> Iterable[tuple]:
         """The entries in order, every host's whole order worked out at once: the merge of
@@ -2484,25 +2493,40 @@ class _FairOrder:
         fair, several, new = self.fair, len(self.hosts) > 1, tuple.__new__
         giving = sum(n >= 2 for n in self.left.values())
         resolved = self.RESOLVED
-        for entry in (self.lazily() if lazily else self.everything()):
-            if entry[1] == resolved:
-                ratio = entry[0]
-                h, step, freed, ends = entry[-4:]
-                explain, values = step.reason
-                reason = explain(*values)
-                if several:
-                    reason += (f"; host {h} is the most over its share of the disc ({-ratio / fair:.0%} of it)"
-                               if fair > 0 else f"; host {h} claims the most of the disc")
-                giving -= ends
-                yield new(PlanStep, (new(Decision, (step.snapshot, True, reason)), -ratio > fair, freed))
-            else:
-                # A host with nothing to give back comes in its place all the same: while it is the
-                # most over its share, what the disc lacks is its doing, and nobody else pays for it.
-                giving -= entry[3]
-                if not giving:
-                    return                                # nothing left anywhere: exhausted
-                if -entry[0] > fair:
-                    yield PlanStep(None, False, 0)       # the executor stops here
+        # The cyclic garbage collector waits while a step is worked out, never across a yield
+        # (so never while anyone else runs): a store just read holds a few containers a
+        # snapshot, and the resolution of the hosts that tie made the collector walk all of
+        # them (one first deletion in three of the benchmark's: 0.04 s more at either size).
+        paused = _pause_collector()
+        try:
+            for entry in (self.lazily() if lazily else self.everything()):
+                if entry[1] == resolved:
+                    ratio = entry[0]
+                    h, step, freed, ends = entry[-4:]
+                    explain, values = step.reason
+                    reason = explain(*values)
+                    if several:
+                        reason += (f"; host {h} is the most over its share of the disc ({-ratio / fair:.0%} of it)"
+                                   if fair > 0 else f"; host {h} claims the most of the disc")
+                    giving -= ends
+                    taken = new(PlanStep, (new(Decision, (step.snapshot, True, reason)), -ratio > fair, freed))
+                else:
+                    # A host with nothing to give back comes in its place all the same: while it is the
+                    # most over its share, what the disc lacks is its doing, and nobody else pays for it.
+                    giving -= entry[3]
+                    if not giving:
+                        return                                # nothing left anywhere: exhausted
+                    if -entry[0] <= fair:
+                        continue
+                    taken = PlanStep(None, False, 0)        # the executor stops here
+                if paused:
+                    paused = False
+                    gc.enable()
+                yield taken
+                paused = _pause_collector()
+        finally:
+            if paused:
+                gc.enable()
 
 
 def plan_listing(plan: PrunePlan, state: PruneState) -> List[Decision]:
@@ -5137,8 +5161,7 @@ def list_plan(state: PruneState, config: ServerConfig, *, now: dt.datetime,
     The cyclic garbage collector waits meanwhile: the listing keeps a line for
     every snapshot and makes no cycles, and the collector walked the growing
     listing again and again (a fifth of the time at 100,000 snapshots)."""
-    paused = gc.isenabled()
-    gc.disable()
+    paused = _pause_collector()
     try:
         plan = plan_prune(state, now=now, config=config, order=order)
         table = plan_table(plan_listing(plan, state), now)
