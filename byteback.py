@@ -1628,7 +1628,8 @@ def suspicion_floor_bytes(backups: Sequence[dict], *, fraction: float, history: 
     The smallest, so that one backup of a huge sparse file (its apparent size
     costs the client nothing) does not lift the floor for the next ones.
     """
-    sizes = [_history_int(b, "size") for b in list(backups)[-history:] if "size" in b and not b.get("baseline")]
+    recent = backups[-history:] if type(backups) in (tuple, list) else list(backups)[-history:]
+    sizes = [_num(b, "size") for b in recent if "size" in b and not b.get("baseline")]
     return fraction * min(sizes) if sizes else 0.0
 
 
@@ -1650,9 +1651,9 @@ def history_entry(backups: Sequence[dict], record: dict, *, name: str, now: dt.d
     # The host's normal backup for its share of the disc, kept in the entry so that
     # plan_prune reads it instead of walking the history every time (normal_backup).
     if prior or counted_sizes([entry]):              # a full copy alone has no normal yet
-        normal, share = _normal_backups(list(backups) + [entry], history=config.history,
-                                        floor=config.suspicion_floor / 4,
-                                        keys=(("normal", config.normal_growth), ("share", config.share_growth)))
+        normal, share = _normal_backups(backups, history=config.history, floor=config.suspicion_floor / 4,
+                                        keys=(("normal", config.normal_growth), ("share", config.share_growth)),
+                                        then=entry, counted=prior)
         entry["normal"], entry["share"] = int(normal), int(share)
     return entry
 
@@ -1718,12 +1719,27 @@ def _recorded_at(backups: Sequence[dict], key: str) -> Optional[int]:
 
 
 def _normal_backups(backups: Sequence[dict], *, history: int, floor: float,
-                    keys: Sequence[tuple]) -> List[float]:
+                    keys: Sequence[tuple], then: Optional[dict] = None,
+                    counted: Optional[Sequence[int]] = None) -> List[float]:
     """normal_backup for each (key, growth) of keys, in one walk where they resume from the
-    same entry (history_entry records both in every entry)."""
-    resume = [_recorded_at(backups, key) for key, _ in keys]
-    if len(set(resume)) > 1:
-        return [_normal_backups(backups, history=history, floor=floor, keys=(k,))[0] for k in keys]
+    same entry (history_entry records both in every entry).
+
+    then: one more entry after backups (history_entry's new one); counted:
+    counted_sizes(backups, last=history), which history_entry has.  When the
+    newest of backups has every normal recorded, they resume from it with
+    counted as the sizes before it: one step, whatever the history's length."""
+    if then is not None:
+        b = backups[-1] if backups else None
+        if (b is None or counted is None or (counted and min(counted) < 0)
+                or any(type(b.get(key)) is not int for key, _ in keys)):
+            # counted_sizes keeps a negative size that the walk reads as 0, and an
+            # entry without every normal resumes further back: the whole walk decides.
+            return _normal_backups(list(backups) + [then], history=history, floor=floor, keys=keys)
+        resume = [len(backups) - 1]
+    else:
+        resume = [_recorded_at(backups, key) for key, _ in keys]
+        if len(set(resume)) > 1:
+            return [_normal_backups(backups, history=history, floor=floor, keys=(k,))[0] for k in keys]
     window: List[int] = []
     total = 0
     normals: List[Optional[float]] = [None] * len(keys)
@@ -1736,17 +1752,20 @@ def _normal_backups(backups: Sequence[dict], *, history: int, floor: float,
         b = backups[i]
         normals = [float(b[key]) for key, _ in keys]
         last, start = _entry_time(b.get("time")), i + 1
-        # The last `history` counted sizes up to it, from it back (not the whole history).
-        for j in range(i, -1, -1):
-            if len(window) >= history:
-                break
-            e = backups[j]
-            if not e.get("first") and (not e.get("suspicious") or e.get("accepted")):
-                window.append(_num(e, "added"))
-        window.reverse()
+        if then is not None:
+            window = list(counted)       # the same sizes as the walk below, all >= 0 (checked above)
+        else:
+            # The last `history` counted sizes up to it, from it back (not the whole history).
+            for j in range(i, -1, -1):
+                if len(window) >= history:
+                    break
+                e = backups[j]
+                if not e.get("first") and (not e.get("suspicious") or e.get("accepted")):
+                    window.append(_num(e, "added"))
+            window.reverse()
         total = sum(window)
     sizes = [_num(e, "size") for e in backups[max(0, start - history):start] if not e.get("baseline")]
-    for b in backups[start:]:
+    for b in (then,) if then is not None else backups[start:]:
         if not b.get("baseline"):
             sizes.append(_num(b, "size"))
             if len(sizes) > history:

@@ -102,8 +102,7 @@ class HostState:
         self.taken: List[int] = []                     # their minutes
         self.kept: List[int] = []                      # k of the kept ones, ascending
         self.kept_snaps: List[byteback.Snapshot] = []  # the same, as Snapshot values
-        self.history: Tuple[dict, ...] = ()             # as snapshot_host records it (byteback.history_entry):
-        #                                                 a new tuple at every change, so byteback remembers by identity
+        self._history: Tuple[dict, ...] = ()            # history (below)
         self.moments: List[int] = []                   # minutes of every backup that should have made a snapshot
         self.failed = 0                                # ... and did not (on its own, or for lack of space)
         self.ledger = Ledger()
@@ -115,11 +114,31 @@ class HostState:
         self.cold = 0.0                                # cold bytes at the newest snapshot
         self.growth = 0.0                              # pending: cold bytes added
         self.pending_lumps: List[Tuple[float, int]] = []
-        self.partial = 0.0                             # bytes in current from failed attempts
+        self._partial = 0.0                            # partial (below)
         self.first_lost: Optional[Tuple[int, int]] = None   # (minute, other snapshots left)
         self.cause = "normal"                          # what made its newest backup big, for the counts
         self._facts: Optional[byteback.HostFacts] = None
         self._snaps_same = False                       # kept_snaps unchanged since _facts was made
+        self._same = False                             # ... and history and partial too
+
+    @property
+    def history(self) -> Tuple[dict, ...]:
+        """As snapshot_host records it (byteback.history_entry): a new tuple at every change,
+        so byteback remembers what it worked out from it by identity."""
+        return self._history
+
+    @history.setter
+    def history(self, value: Tuple[dict, ...]) -> None:
+        self._history, self._same = value, False
+
+    @property
+    def partial(self) -> float:
+        """Bytes in current from failed attempts."""
+        return self._partial
+
+    @partial.setter
+    def partial(self, value: float) -> None:
+        self._partial, self._same = value, False
 
     def counted(self, last: int) -> List[int]:
         """The last `last` sizes that count for the mean (byteback.counted_sizes)."""
@@ -130,12 +149,16 @@ class HostState:
 
         The same tuples as last time while nothing changed (a cheap comparison:
         the same objects), so that byteback remembers what it worked out from
-        them: most plans differ from the one before in one host only.
+        them: most plans differ from the one before in one host only.  Nothing is
+        looked at while nothing was set (a plan asks every host twice a prune).
         """
+        if self._same:
+            return self._facts
         if type(self.history) is not tuple:            # set from outside as a list (a test)
             self.history = tuple(self.history)
         pending = int(self.partial) if self.partial > 0 else None
         last = self._facts
+        self._same = True
         if last is not None and self._snaps_same and self.history is last.history and pending == last.pending:
             return last
         snaps = last.snapshots if last is not None and self._snaps_same else tuple(self.kept_snaps)
@@ -145,7 +168,7 @@ class HostState:
 
     def snapshots_changed(self) -> None:
         """kept_snaps changed: the next facts() makes a new tuple of them."""
-        self._snaps_same = False
+        self._snaps_same = self._same = False
 
     def newest(self) -> Optional[byteback.Snapshot]:
         return self.kept_snaps[-1] if self.kept_snaps else None

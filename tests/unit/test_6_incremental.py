@@ -122,6 +122,36 @@ def test_the_usual_step_reads_only_the_new_entry():
     assert entries.held["s99"] == 5 and entries.held["s100"] == 5   # s99 frees no more than s100 rewrote
 
 
+# a backup as snapshot_host records it, or an entry from elsewhere (an old history, a
+# hand-edited file) with no normals recorded and odd numbers
+RECORD = st.one_of(st.tuples(st.just("backup"), st.integers(0, 10 ** 6), st.integers(0, 10 ** 7)),
+                   st.tuples(st.just("odd"), st.one_of(st.integers(-5, 10 ** 6), st.just("12"), st.just(2.5)),
+                             st.one_of(st.integers(-5, 10 ** 7), st.just(True))))
+
+
+@settings(deadline=None, database=None)
+@given(st.lists(RECORD, max_size=40), st.sampled_from([1, 3, 10]))
+def test_history_entry_resumes_its_normals_as_the_whole_walk_does(records, history_length):
+    # history_entry resumes from the newest entry's normals with the counted sizes it has;
+    # the reference walks the history with the new entry appended, as normal_backup does
+    config = byteback.ServerConfig()._replace(history=history_length)
+    keys = (("normal", config.normal_growth), ("share", config.share_growth))
+    history: tuple = ()
+    for i, (kind, added, size) in enumerate(records):
+        when = NOW + dt.timedelta(hours=7 * i)
+        if kind == "odd":
+            history = (history + ({"snapshot": f"s{i}", "time": when.isoformat(), "added": added, "size": size},))[-30:]
+            continue
+        entry = byteback.history_entry(history, {"size": size, "added": added}, name=f"s{i}", now=when,
+                                       first=not history, config=config)
+        bare = {k: v for k, v in entry.items() if k not in ("normal", "share")}
+        expected = byteback._normal_backups(list(history) + [bare], history=config.history,
+                                            floor=config.suspicion_floor / 4, keys=keys)
+        if "normal" in entry:
+            assert (entry["normal"], entry["share"]) == tuple(map(int, expected))
+        history = (history + (entry,))[-30:]
+
+
 def _state(histories: Dict[str, tuple], sizes: Dict[str, int]) -> byteback.PruneState:
     hosts = {}
     for h, history in histories.items():
