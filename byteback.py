@@ -1381,7 +1381,7 @@ def _importance_step(youngest_first: Sequence[Snapshot], ages: Sequence[float],
     # one before is empty; within a class ties go to the younger, as a scan
     # from the young end would.
     unclaimed = [(gap_score(ages[i - 1], ages[i], ages[i + 1], interval), ages[i], i)
-                 for i in range(1, last) if i not in claims]
+                 for i in range(1, last) if i not in claims] if len(claims) <= last else None
     if unclaimed:
         relative, age, best = min(unclaimed)
         return best, HostStep((0, relative, age), youngest_first[best],
@@ -1480,16 +1480,21 @@ def host_deletion_order(snaps: Iterable[Snapshot], *, now: dt.datetime, order: s
     claims = claim_targets(ages, ordered_targets)
     # One interval for every step: each step's scores are those of the store as given.
     interval = backup_interval(ages)
-    yield from _thinning_steps(youngest_first, ages, claims, interval)
-    # Every snapshot left holds a target, or is the newest or the oldest: at
-    # most len(targets) + 2 of them, so each step may start afresh.
-    kept = sorted({0, len(ages) - 1, *claims})
-    young, ages = [youngest_first[i] for i in kept], [ages[i] for i in kept]
-    # The thinning changed no claim (see _thinning_steps): the first step's claims are the
-    # ones above, at the kept snapshots' new places (simulate's schedule of a hundred targets
-    # claims every snapshot, and would work them out twice for every host it deletes from).
-    place = {i: p for p, i in enumerate(kept)}
-    known: Optional[Dict[int, int]] = {place[i]: k for i, k in claims.items()}
+    known: Optional[Dict[int, int]] = claims
+    young = youngest_first
+    if len(claims) < len(ages):
+        # Some snapshot holds no target (simulate's schedule of a hundred targets has every one
+        # held, and nothing to thin or to move).
+        yield from _thinning_steps(youngest_first, ages, claims, interval)
+        # Every snapshot left holds a target, or is the newest or the oldest: at
+        # most len(targets) + 2 of them, so each step may start afresh.
+        kept = sorted({0, len(ages) - 1, *claims})
+        young, ages = [youngest_first[i] for i in kept], [ages[i] for i in kept]
+        # The thinning changed no claim (see _thinning_steps): the first step's claims are the
+        # ones above, at the kept snapshots' new places (the schedule's would otherwise be
+        # worked out twice for every host it deletes from).
+        place = {i: p for p, i in enumerate(kept)}
+        known = {place[i]: k for i, k in claims.items()}
     while len(young) > 1:
         i, step = _importance_step(young, ages, ordered_targets, interval, known)
         known = None

@@ -63,8 +63,10 @@ def original_code_targets(now: dt.datetime, oldest: Optional[dt.datetime]) -> Tu
     since_noon = (now - now.replace(hour=12, minute=0, second=0, microsecond=0)).total_seconds()
     # moments are distinct whole days apart and ascending, and only midday today can be
     # in the future (since_noon is within half a day): already sorted, nothing to merge.
-    day = byteback.DAY
-    ages = tuple([max(0.0, (since_noon + moments[0]) / day)] + [(since_noon + m) / day for m in moments[1:]])
+    # (since_noon + m) / day for each m, in the interpreter's own loops (the same floats)
+    ages = tuple(map(byteback.DAY.__rtruediv__, map(since_noon.__add__, moments)))
+    if ages and ages[0] <= 0.0:            # a target still in the future (max(0.0, age))
+        ages = (0.0,) + ages[1:]
     _LAST_SCHEDULE[:] = [(now, now.tzinfo, oldest), ages]
     return ages
 
