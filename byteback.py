@@ -1965,27 +1965,56 @@ class HistoryEntries:
     by_name: {snapshot name: its entries}; unaccepted: the suspicious entries not
     accepted; held: snapshot_bytes; all in history order.  A host's next history is
     usually the last one with an entry appended (and the oldest trimmed), so
-    _history_entries works it out from the last one in O(entries changed) when it can.
+    _history_entries works it out from the last one in O(entries changed) when it can:
+    the next one takes this one's tables over and changes them in place, and this one,
+    should anything read it again (an older plan's lazy steps), works its own out afresh
+    from its history.
     """
-    __slots__ = ("history", "by_name", "unaccepted", "names", "numbers", "freed", "held", "unique")
+    __slots__ = ("history", "_by_name", "unaccepted", "_names", "_numbers", "_freed", "_held", "unique")
 
     def __init__(self, history: tuple, by_name: dict, unaccepted: list, names: list,
                  numbers: list, freed: list, held: Optional[dict] = None) -> None:
         self.history = history            # kept alive: the answer belongs to these very entries
-        self.by_name = by_name
+        self._by_name = by_name
         self.unaccepted = unaccepted
-        self.names = names                # per entry: its "snapshot"
-        self.numbers = numbers            # per entry: (added, size)
-        self.freed = freed                # per entry: _entry_bytes
+        self._names = names               # per entry: its "snapshot"
+        self._numbers = numbers           # per entry: (added, size)
+        self._freed = freed               # per entry: _entry_bytes
         if held is not None:              # worked out from the last one (unique names only)
-            self.held, self.unique = held, True
+            self._held, self.unique = held, True
         elif set(map(type, names)) <= {str}:
             # the oldest entry of a name wins, as snapshot_bytes's walk from the newest back has it
-            self.held = dict(zip(reversed(names), reversed(freed)))
-            self.unique = len(self.held) == len(names)     # every entry names a snapshot of its own
+            self._held = dict(zip(reversed(names), reversed(freed)))
+            self.unique = len(self._held) == len(names)     # every entry names a snapshot of its own
         else:
-            self.held = {n: v for n, v in zip(reversed(names), reversed(freed)) if isinstance(n, str)}
+            self._held = {n: v for n, v in zip(reversed(names), reversed(freed)) if isinstance(n, str)}
             self.unique = False
+
+    @property
+    def held(self) -> dict:
+        if self._held is None:
+            self._rescan()
+        return self._held
+
+    @property
+    def by_name(self) -> dict:
+        if self._held is None:
+            self._rescan()
+        return self._by_name
+
+    def _rescan(self) -> None:
+        """Its tables were handed to the next history's (_take): worked out afresh."""
+        fresh = _scan_history(self.history)
+        self._by_name, self._names, self._numbers = fresh._by_name, fresh._names, fresh._numbers
+        self._freed, self._held = fresh._freed, fresh._held
+
+    def _take(self) -> tuple:
+        """(by_name, names, numbers, freed, held), for the next history's entries to change."""
+        if self._held is None:
+            self._rescan()
+        tables = self._by_name, self._names, self._numbers, self._freed, self._held
+        self._by_name = self._names = self._numbers = self._freed = self._held = None
+        return tables
 
 
 def _scan_history(history: tuple) -> HistoryEntries:
@@ -2016,14 +2045,15 @@ def _history_entries(history: Sequence[dict], previous: Optional[HistoryEntries]
     if old is history:
         return previous
     first = history[0] if history else None
-    dropped = next((d for d in range(min(len(old), 4)) if old[d] is first), None)
+    dropped = 0 if old[0] is first else next((d for d in range(1, min(len(old), 4)) if old[d] is first), None)
     if dropped is None:
         return _scan_history(history)
     common = len(old) - dropped
     if common > len(history) or not all(map(operator.is_, old[dropped:], history[:common])):
         return _scan_history(history)
     gone, added = old[:dropped], history[common:]
-    by_name = dict(previous.by_name)
+    unique = previous.unique
+    by_name, names, numbers, freed, held = previous._take()
     for b in gone:                   # each is the first of its name's entries (history order)
         name = b.get("snapshot")
         rest = by_name[name][1:]
@@ -2034,17 +2064,18 @@ def _history_entries(history: Sequence[dict], previous: Optional[HistoryEntries]
     added_names = [b.get("snapshot") for b in added]
     for name, b in zip(added_names, added):
         by_name[name] = by_name.get(name, []) + [b]
-    unaccepted = previous.unaccepted[sum(1 for b in gone if _unaccepted(b)):]
+    unaccepted = previous.unaccepted[sum(1 for b in gone if _unaccepted(b)):] if gone else previous.unaccepted
     unaccepted = unaccepted + [b for b in added if _unaccepted(b)] if added else unaccepted
-    numbers = previous.numbers[dropped:] + [_entry_numbers(b) for b in added]
-    freed = previous.freed[dropped:]
-    names = previous.names[dropped:] + added_names
-    held: Optional[dict] = None
-    if previous.unique:
+    del numbers[:dropped], freed[:dropped]
+    numbers += [_entry_numbers(b) for b in added]
+    if unique:
         # Every name its own entry's: only the names that came, went, or lost their newest place change.
-        held = dict(previous.held)
-        for name in previous.names[:dropped]:
+        for name in names[:dropped]:
             del held[name]
+    else:
+        held = None
+    del names[:dropped]
+    names += added_names
     if added:
         # the old newest has an entry after it now; the new ones are worked out afresh
         tail = numbers[common - 1:]

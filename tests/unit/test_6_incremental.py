@@ -122,6 +122,19 @@ def test_the_usual_step_reads_only_the_new_entry():
     assert entries.held["s99"] == 5 and entries.held["s100"] == 5   # s99 frees no more than s100 rewrote
 
 
+def test_entries_read_again_after_the_next_took_their_tables_are_their_own():
+    # the next history's entries change the last one's tables in place; an older plan's
+    # lazy steps that read the last one again get its own history's numbers, not the next's
+    history = tuple({"snapshot": f"s{i}", "added": 10 + i, "size": 1000 + i} for i in range(5))
+    last = byteback._history_entries(history)
+    following = history[1:] + ({"snapshot": "s5", "added": 3, "size": 1200},)
+    entries = byteback._history_entries(following, last)
+    assert entries.held == reference_snapshot_bytes(following)
+    assert last.held == reference_snapshot_bytes(history) and "s0" in last.held and "s5" not in last.held
+    assert last.by_name == reference_entries(history)[0]
+    assert entries.held == reference_snapshot_bytes(following)    # and the next's stay its own
+
+
 # a backup as snapshot_host records it, or an entry from elsewhere (an old history, a
 # hand-edited file) with no normals recorded and odd numbers
 RECORD = st.one_of(st.tuples(st.just("backup"), st.integers(0, 10 ** 6), st.integers(0, 10 ** 7)),
