@@ -33,7 +33,7 @@ import byteback
 
 from . import metrics
 from .model import (DAY_MINUTES, MINUTE, Backup, Params, Workload, data_factor, disk_bytes,
-                    minute_to_datetime)
+                    minute_to_datetime, moment)
 from .policies import Policy
 
 EPOCH_SPAN = 300.0          # nats: exp(300) is far below a float's limit
@@ -236,6 +236,7 @@ class Simulation:
         self.fixed_config = None if policy.schedule is not None else self.config._replace(
             targets=tuple(policy.targets))
         self.by_name = {h.name: h for h in self.hosts}
+        self._moments = workload.moments or {}    # minute -> (datetime, snapshot name), made once
         self._scheduled: Optional[byteback.ServerConfig] = None   # a schedule's config, last made
         self._settled: Optional[tuple] = None    # (used, disc, facts) after a prune that left nothing to do
 
@@ -385,9 +386,10 @@ class Simulation:
         self.stats.failed_by_host[host.name] = host.failed
 
     def backup(self, b: Backup) -> None:
+        now, name = self._moments.get(b.minute) or moment(b.minute)
         if b.kind == "prune":
             self.stats.cron_prunes += 1
-            self.prune(minute_to_datetime(b.minute), b.minute)
+            self.prune(now, b.minute)
             return
         self.stats.backups += 1
         host = self.hosts[b.host]
@@ -407,7 +409,6 @@ class Simulation:
             self.stats.failed += 1
             self._failed(host, b.minute)
             return
-        now = minute_to_datetime(b.minute)
         if byteback.interval_refusal(host.newest(), now, self.params.min_interval * MINUTE):
             self.stats.interval_refused += 1
             return
@@ -466,7 +467,7 @@ class Simulation:
         # excess (junk deleted before the backup completed) is freed.
         self.used += needed - host.partial
         host.partial = 0.0
-        snap = byteback.Snapshot(host.name, byteback.format_snapshot_name(now), now)
+        snap = byteback.Snapshot(host.name, name, now)
         host.snaps.append(snap)
         host.taken.append(b.minute)
         host.moments.append(b.minute)

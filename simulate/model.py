@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import math
 import random
-from typing import List, NamedTuple, Optional, Tuple
+from typing import Dict, List, NamedTuple, Optional, Tuple
 
 import byteback
 
@@ -119,6 +119,9 @@ class Workload(NamedTuple):
     hosts: List[Host]
     backups: List[Backup]       # in time order
     end_minute: int             # the moment the final measures are taken
+    # minute -> (that moment, a snapshot's name then) for every backup: worked out once for
+    # every policy (a forked worker inherits them); the engine works out any other itself
+    moments: Optional[Dict[int, Tuple[dt.datetime, str]]] = None
 
 
 def data_factor(params: Params, minute: float) -> float:
@@ -191,7 +194,7 @@ def make_workload(params: Params) -> Workload:
             minute += params.min_interval
     backups.sort(key=lambda b: (b.minute, b.host))
     end = (params.steps - 1) * params.interval + (hosts[-1].offset if hosts else 0) + 1
-    return Workload(hosts, backups, end)
+    return Workload(hosts, backups, end, {b.minute: moment(b.minute) for b in backups})
 
 
 def disk_bytes(params: Params, hosts: List[Host], minute: Optional[int] = None) -> int:
@@ -215,3 +218,9 @@ def disk_bytes(params: Params, hosts: List[Host], minute: Optional[int] = None) 
 
 def minute_to_datetime(minute: int) -> dt.datetime:
     return START + dt.timedelta(minutes=minute)
+
+
+def moment(minute: int) -> Tuple[dt.datetime, str]:
+    """(minute_to_datetime, the name of a snapshot taken then)."""
+    when = minute_to_datetime(minute)
+    return when, byteback.format_snapshot_name(when)
