@@ -1723,6 +1723,13 @@ def _recorded_at(backups: Sequence[dict], key: str) -> Optional[int]:
     return None
 
 
+@functools.lru_cache(maxsize=64)
+def _growth_rates(growths: tuple) -> List[float]:
+    """Each growth per 30 days as a rate per second (what _normal_backups caps by): the same
+    few for every entry of a run."""
+    return [math.log1p(growth) / (SHARE_WINDOW_DAYS * DAY) for growth in growths]
+
+
 def _normal_backups(backups: Sequence[dict], *, history: int, floor: float,
                     keys: Sequence[tuple], then: Optional[dict] = None,
                     counted: Optional[Sequence[int]] = None) -> List[float]:
@@ -1749,7 +1756,7 @@ def _normal_backups(backups: Sequence[dict], *, history: int, floor: float,
     total = 0
     normals: List[Optional[float]] = [None] * len(keys)
     last = None
-    per_second = [math.log1p(growth) / (SHARE_WINDOW_DAYS * DAY) for _, growth in keys]
+    per_second = _growth_rates(tuple(growth for _, growth in keys))
     start = 0
     # Resume from the newest entry that has its normal recorded (history_entry writes it).
     i = resume[0]
