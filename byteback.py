@@ -1178,13 +1178,15 @@ def age_days(snap: Snapshot, now: dt.datetime) -> float:
 
 
 _DAYS_TEXT: Dict[int, str] = {}     # whole hours -> format_duration's text for them ('3d 4h')
+_HOURS_TEXT: Dict[int, str] = {}    # whole minutes under a day -> format_duration's text for them ('5h 3m')
 
 
 def _describe_age(days: float) -> str:
     """An age in days as a person reads it: format_duration's text, or 'under an hour'.
 
     prune --list writes two or three of these a line for every snapshot: past
-    a day the text depends on the whole hours only, so each is formatted once."""
+    a day the text depends on the whole hours only, under it (from an hour) on
+    the whole minutes, so each is formatted once."""
     if days >= 1.0:                              # the usual case first: the text of its hour, known
         text = _DAYS_TEXT.get(int(days * DAY) // 3600)
         if text is not None:
@@ -1193,7 +1195,10 @@ def _describe_age(days: float) -> str:
         return "under an hour"
     seconds = int(max(0, days * DAY))
     if seconds < 86400:
-        return format_duration(seconds)
+        text = _HOURS_TEXT.get(seconds // 60)
+        if text is None:
+            text = _HOURS_TEXT[seconds // 60] = format_duration(seconds)
+        return text
     text = _DAYS_TEXT.get(seconds // 3600)
     if text is None:
         if len(_DAYS_TEXT) > 1 << 17:
@@ -1289,8 +1294,14 @@ def _gap_reason(younger: float, older: float, interval: float, score: float) -> 
     if older - moment <= 0:
         return (f"importance: nearest to no target age; without it no backup is further than "
                 f"the backup interval ({_describe_age(interval)}) from the snapshot before it")
-    return (f"importance: nearest to no target age; without it the backup of {_describe_age(moment)} "
-            f"ago is {_describe_age(older - moment)} after the snapshot before it ({score:.2f} of its age)")
+    # _describe_age's usual case (a day or more, its hour's text known) looked up here: prune
+    # --list writes this for nearly every snapshot (a key of no such hour finds nothing).
+    gap = older - moment
+    known = _DAYS_TEXT.get
+    return (f"importance: nearest to no target age; without it the backup of "
+            f"{known(int(moment * DAY) // 3600) or _describe_age(moment)} ago is "
+            f"{known(int(gap * DAY) // 3600) or _describe_age(gap)} after the snapshot before it "
+            f"({score:.2f} of its age)")
 
 
 def _target_reason(target: float, k: int, count: int) -> str:
@@ -2596,13 +2607,15 @@ def plan_listing(plan: PrunePlan, state: PruneState) -> List[Decision]:
 
     state is the one the plan was made from: its deletions are those very snapshot objects."""
     listed = [s.decision for s in plan.steps.all() if s.decision is not None]
-    gone = set(map(id, map(_DECISION_SNAPSHOT, listed)))
+    gone = set(map(id, map(_DECISION_SNAPSHOT, listed))).__contains__
+    not_ = operator.not_
     for h in sorted(state.hosts):
         snaps = state.hosts[h].snapshots
-        for snap in snaps:
-            if id(snap) not in gone:
-                why = "oldest" if snap == snaps[0] and snap != snaps[-1] else "newest"
-                listed.append(Decision(snap, False, f"kept: the {why} snapshot of host {h}"))
+        # Those the plan does not delete (two a host, mostly), found by the interpreter's own
+        # loops: a Python one for each of a big server's 100,000 snapshots took 0.04 s.
+        for snap in itertools.compress(snaps, map(not_, map(gone, map(id, snaps)))):
+            why = "oldest" if snap == snaps[0] and snap != snaps[-1] else "newest"
+            listed.append(Decision(snap, False, f"kept: the {why} snapshot of host {h}"))
     return listed
 
 

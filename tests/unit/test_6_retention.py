@@ -523,9 +523,28 @@ def test_ages_are_described_as_one_by_one_with_the_known_hours_looked_up(ages, f
     # emptied): the same text as _describe_age's rule gives, whole hours and edges included.
     if forget:
         byteback._DAYS_TEXT.clear()
+        byteback._HOURS_TEXT.clear()
     assert byteback._describe_ages(ages) == [_described_afresh(a) for a in ages]
     assert [byteback._describe_age(a) for a in ages] == [_described_afresh(a) for a in ages]
     assert byteback._describe_ages(ages) == [_described_afresh(a) for a in ages]
+
+
+@settings(deadline=None, database=None)
+@given(st.floats(0, 400, allow_nan=False), st.floats(-2, 400, allow_nan=False), st.floats(0, 3, allow_nan=False),
+       st.floats(-1, 5, allow_nan=False), st.booleans())
+def test_a_gap_reason_describes_its_moments_as_describe_age_does(younger, older, interval, score, forget):
+    # _gap_reason looks the usual text up itself (prune --list writes one for nearly every
+    # snapshot): the sentence is the one _describe_age's rule gives, known hours or not.
+    if forget:
+        byteback._DAYS_TEXT.clear()
+        byteback._HOURS_TEXT.clear()
+    moment = younger + interval
+    expected = (f"importance: nearest to no target age; without it no backup is further than the backup "
+                f"interval ({_described_afresh(interval)}) from the snapshot before it" if older - moment <= 0 else
+                f"importance: nearest to no target age; without it the backup of {_described_afresh(moment)} ago is "
+                f"{_described_afresh(older - moment)} after the snapshot before it ({score:.2f} of its age)")
+    assert byteback._gap_reason(younger, older, interval, score) == expected
+    assert byteback._gap_reason(younger, older, interval, score) == expected
 
 
 # -- plan_prune: containment per host, fairness by bytes, acceptance by budget --
