@@ -1348,7 +1348,7 @@ def backup_interval(ages: Sequence[float]) -> float:
     the median passes over a failed night or an extra backup by hand.
     """
     young = ages[:BACKUP_INTERVAL_SPAN]
-    spacing = sorted(o - y for y, o in zip(young, young[1:]))
+    spacing = sorted(map(operator.sub, young[1:], young))      # each older less the younger
     return spacing[len(spacing) // 2] if spacing else 0.0
 
 
