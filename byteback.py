@@ -2680,6 +2680,7 @@ LETTERS = {
     "W": Letter(True,  False),   # --whole-file
     "I": Letter(True,  False),   # --ignore-times
     "u": Letter(True,  False),   # --update
+    "d": Letter(True,  False),   # --dirs: what --files-from implies (a named pass, NAMED_WORD)
 }
 PUSH_LETTERS = frozenset(letter for letter, row in LETTERS.items() if row.push)
 SEND_LETTERS = frozenset(letter for letter, row in LETTERS.items() if row.send)
@@ -2724,6 +2725,7 @@ LONG_OPTIONS = {
     "--log-format":      LongOption(_ITEMIZE,  True,  True,  True),   # only what --itemize-changes sends
     "--modify-window":   LongOption(r"-1",     True,  False, True),   # nanosecond mtimes (sent as -@-1)
     "--no-implied-dirs": LongOption(_NONE,     False, True,  True),   # restore keeps existing directories
+    "--no-r":            LongOption(_NONE,     True,  False, True),   # a named pass: only the names sent
 }
 # Refused by name so the refusal says why.  Everything not in LONG_OPTIONS is
 # refused anyway; these are the ones an attacker would reach for.
@@ -2783,6 +2785,7 @@ class Request(NamedTuple):
     paths: tuple = ()           # restore: paths below the host directory; list: patterns
     any_snapshot: str = ""      # an original client's restore from '*': "newest" or "every"
     again: bool = False         # push: the client runs rsync once more when complete says 'again:'
+    named: bool = False         # push: the pass after 'again:' that sends only the names it listed
     completes: bool = False     # push: the client asks the push to take the snapshot too
 
 
@@ -2795,6 +2798,11 @@ class Request(NamedTuple):
 # server's guard refuses words it does not know.
 AGAIN_WORD = "--byteback-again"
 PONG_CAN = "can: again"
+# The word of the pass after an 'again:' that listed its names (again_message): the
+# client sends only those (--files-from), and the push gives only the names root
+# recorded an inode of their own, not every hard-linked name (unshare_current).
+# A client learns that the server knows it from the listing itself.
+NAMED_WORD = "--byteback-named"
 
 
 NEWEST_SNAPSHOT = "newest"   # a restore path's first component: the host's newest snapshot
@@ -2821,10 +2829,11 @@ def _check_restore_path(path: str) -> str:
 def _check_rsync_words(words: List[str]) -> Request:
     """The rsync server command line, option by option, against the tables above."""
     options = list(words)
-    again = False
-    # From --rsync-path "rsync --fake-super [--byteback-again]".
-    while options and options[0] in ("--fake-super", AGAIN_WORD):
-        again = options.pop(0) == AGAIN_WORD or again
+    again = named = False
+    # From --rsync-path "rsync --fake-super [--byteback-again [--byteback-named]]".
+    while options and options[0] in ("--fake-super", AGAIN_WORD, NAMED_WORD):
+        word = options.pop(0)
+        again, named = again or word == AGAIN_WORD, named or word == NAMED_WORD
     if not options or options[0] != "--server":
         # Without --server rsync would act as a client: any transfer anywhere.
         raise Refused("rsync without --server")
@@ -2832,8 +2841,8 @@ def _check_rsync_words(words: List[str]) -> Request:
     sender = bool(options) and options[0] == "--sender"
     if sender:
         options.pop(0)
-        if again:
-            raise Refused(f"{AGAIN_WORD} goes with a backup, not a restore")
+        if again or named:
+            raise Refused(f"{AGAIN_WORD if again else NAMED_WORD} goes with a backup, not a restore")
     letters, capabilities, kept = "", "", []
     while options and options[0] != ".":
         word = options.pop(0)
@@ -2887,7 +2896,7 @@ def _check_rsync_words(words: List[str]) -> Request:
         # ignore it entirely are asked `complete` after the push).
         if len(paths) != 1:
             raise Refused("a backup names exactly one destination")
-        return Request("push", letters, capabilities, tuple(kept), again=again,
+        return Request("push", letters, capabilities, tuple(kept), again=again, named=named,
                        completes=paths[0] == PUSH_THEN_COMPLETE)
     if not paths:
         raise Refused("a restore names at least one path")
@@ -3566,6 +3575,100 @@ def _give_own_inode(path: str, st: os.stat_result, reflink: bool, as_root: bool)
     os.unlink(path)
 
 
+def _directory_below(dirs: Dict[bytes, Optional[int]], path: bytes, dev: int) -> Optional[int]:
+    """A descriptor of directory `path` below dirs[b""] (cached in dirs), each step opened
+    with O_NOFOLLOW and on filesystem `dev`; None where a step is gone.  OSError where a
+    step is a symlink, not a directory or on another filesystem (a planted subvolume)."""
+    done = path
+    while done not in dirs:
+        done = done.rpartition(b"/")[0]
+    for part in path[len(done):].lstrip(b"/").split(b"/") if path != done else ():
+        fd = dirs[done]
+        done = done + b"/" + part if done else part
+        if fd is None:
+            dirs[done] = None
+            continue
+        try:
+            inner = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except FileNotFoundError:
+            dirs[done] = None
+            continue
+        dirs[done] = inner
+        if os.fstat(inner).st_dev != dev:
+            raise OSError(errno.EXDEV, "another filesystem on the way", done)
+    return dirs[path]
+
+
+def _clone_at(dir_fd: int, name: bytes, st: os.stat_result, as_root: bool) -> None:
+    """Replace file `name` in dir_fd, found as st, by a reflinked copy of it with its owner,
+    xattrs, mode and times (_give_own_inode's, by descriptor); where the copy fails, drop
+    the name (rsync sends the file again).  OSError where it is no longer that file."""
+    src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
+    tmp = b".byteback-own-%d" % os.getpid()
+    try:
+        if (os.fstat(src).st_ino, os.fstat(src).st_dev) != (st.st_ino, st.st_dev):
+            raise OSError(errno.EAGAIN, "replaced while it was given an inode of its own", name)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=dir_fd)
+        try:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                          dir_fd=dir_fd)
+            try:
+                fcntl.ioctl(dst, FICLONE, src)
+                if as_root:
+                    os.fchown(dst, st.st_uid, st.st_gid)     # first: a chown drops capabilities
+                for attr in os.listxattr(src):
+                    os.setxattr(dst, attr, os.getxattr(src, attr))
+                os.fchmod(dst, stat.S_IMODE(st.st_mode))
+                os.utime(dst, ns=(st.st_atime_ns, st.st_mtime_ns))
+            finally:
+                os.close(dst)
+            os.rename(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=dir_fd)
+            os.unlink(name, dir_fd=dir_fd)
+    finally:
+        os.close(src)
+
+
+def give_names_own_inodes(root: Path, names: Sequence[bytes], as_root: bool) -> int:
+    """Give each of `names` (paths below root) that shares its inode an inode of its own
+    (_clone_at); returns how many.  Each is reached from root's descriptor through real
+    directories on root's filesystem only: the names are a client's, and the backup
+    user or the host's account can have swapped a directory on the way for a symlink
+    to anywhere it can write.  A name that is gone is passed over (rsync sends it).
+    OSError at anything else unexpected: a step that is a symlink or on another
+    filesystem, a name that is not a regular file."""
+    top = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    dirs: Dict[bytes, Optional[int]] = {b"": top}
+    found = []
+    try:
+        dev = os.fstat(top).st_dev
+        for name in names:
+            parent, _, base = name.rpartition(b"/")
+            fd = _directory_below(dirs, parent, dev)
+            try:
+                st = os.stat(base, dir_fd=fd, follow_symlinks=False) if fd is not None else None
+            except FileNotFoundError:
+                st = None
+            if st is None:
+                continue
+            if not stat.S_ISREG(st.st_mode) or st.st_dev != dev:
+                raise OSError(errno.EINVAL, "not a regular file", name)
+            if st.st_nlink > 1:
+                found.append((fd, base, st))
+        # Every name, the last of an inode's too: one left on the old inode would be
+        # linked back to it by rsync -H, and the old inode would count as changed.
+        for fd, base, st in found:
+            _clone_at(fd, base, st, as_root)
+    finally:
+        for fd in dirs.values():
+            if fd is not None:
+                os.close(fd)
+    return len(found)
+
+
 def _make_writable_and_retry(func, path, exc_info) -> None:
     """shutil.rmtree onerror: a read-only directory in a snapshot blocks deletion as non-root.
 
@@ -3620,6 +3723,52 @@ def unshare_walk_needed(backups: Sequence[dict], resumed: bool, again: bool) -> 
     linked = last.get("linked") if isinstance(last, dict) else None
     measured = isinstance(linked, int) and not isinstance(linked, bool)
     return resumed or not measured or (linked != 0 and not again)
+
+
+# -- The names an 'again:' lists (issue 14) ------------------------------------
+#
+# The pass after an 'again:' need not copy the whole tree: only the names of the
+# inodes the snapshot found changed can hold another name's data.  The snapshot
+# lists them (again_message) and records them (AGAIN_RECORD); a client that reads
+# them sends only those (--files-from) and says so (NAMED_WORD), and its push gives
+# only those an inode of their own.  Nothing here is trusted: the snapshot after
+# the pass checks every shared inode the run wrote, as after any push.
+AGAIN_NAMES_MAX = 1000                  # past it the pass copies everything, as before
+AGAIN_RECORD = ".byteback-again"        # in <host>/, root's
+AGAIN_NAMES_MARK = "; only these names need it: "
+AGAIN_RECORD_BYTES = AGAIN_NAMES_MAX * 3 * 4096 + 4096     # every name at PATH_MAX, encoded
+
+
+def quote_names(names: Sequence[bytes]) -> List[str]:
+    """Names as percent-encoded text: one word each, any byte (pure)."""
+    from urllib.parse import quote_from_bytes
+    return [quote_from_bytes(n, safe="/") for n in names]
+
+
+def check_names(words: Sequence[object]) -> Optional[List[bytes]]:
+    """The names quote_names made, decoded, or None if any is not a plain relative path
+    (empty, absolute, '.', '..', a NUL) or there are more than AGAIN_NAMES_MAX (pure)."""
+    from urllib.parse import unquote_to_bytes
+    if len(words) > AGAIN_NAMES_MAX or not all(isinstance(w, str) and w and w.isascii() for w in words):
+        return None
+    names = [unquote_to_bytes(w) for w in words]
+    for name in names:
+        if b"\0" in name or any(part in (b"", b".", b"..") for part in name.split(b"/")):
+            return None
+    return names
+
+
+def again_message(count: int, names: Optional[Sequence[bytes]]) -> str:
+    """An 'again:' refusal's words after 'again: ' (pure): with the names, where listed."""
+    text = (f"{count} hard-linked files in current were changed by this backup; rsync must copy "
+            "once more, each name on an inode of its own (the next backup does that by itself)")
+    return text + (AGAIN_NAMES_MARK + " ".join(quote_names(names)) if names else "")
+
+
+def again_names(line: str) -> Optional[List[bytes]]:
+    """The names an 'again:' line lists (again_message), or None (pure)."""
+    _, mark, words = line.partition(AGAIN_NAMES_MARK)
+    return check_names(words.split(" ")) if mark else None
 
 
 # --- 7b. Reading btrfs through the kernel (binary tree searches, no tool's text) ---
@@ -3874,6 +4023,50 @@ def read_inode(fd: int, inode: int) -> Optional[SharedInode]:
     search_tree(fd, reader.take, first=(inode, BTRFS_INODE_ITEM, 0), last=(inode, BTRFS_EXTENT_DATA, _U64_MAX),
                 buffer=64 * 1024)
     return reader.inode
+
+
+_INODE_REF_HEAD = struct.Struct("<QH")       # btrfs_inode_ref: index, name_len; the name follows
+_INODE_EXTREF_HEAD = struct.Struct("<QQH")   # btrfs_inode_extref: parent, index, name_len; the name
+
+
+def _inode_refs(buf, kind: int, offset: int, item: int, length: int) -> Iterator[tuple]:
+    """(parent directory, name) of each name in one INODE_REF or INODE_EXTREF item (pure).
+    A name that claims more bytes than its item holds ends the item."""
+    pos, end = item, item + length
+    head = _INODE_REF_HEAD if kind == BTRFS_INODE_REF else _INODE_EXTREF_HEAD
+    while pos + head.size <= end:
+        fields = head.unpack_from(buf, pos)
+        parent, name_len = (offset, fields[1]) if kind == BTRFS_INODE_REF else (fields[0], fields[2])
+        pos += head.size
+        if pos + name_len > end:
+            return
+        yield parent, bytes(buf[pos:pos + name_len])
+        pos += name_len
+
+
+def inode_names(fd: int, inode: int, limit: int) -> Optional[List[bytes]]:
+    """Every name of file `inode` in the subvolume holding fd, as a path below its root
+    (its back references; each parent's path from BTRFS_IOC_INO_LOOKUP), or None past
+    `limit` names.  The kernel's items, never a walk.  Root only.  Raises OSError."""
+    refs: List[tuple] = []
+
+    def take(buf, count: int) -> Optional[tuple]:
+        last = None
+        for objectid, kind, offset, item, length in _search_records(buf, count):
+            last = objectid, kind, offset
+            if objectid == inode and kind in (BTRFS_INODE_REF, BTRFS_INODE_EXTREF):
+                refs.extend(_inode_refs(buf, kind, offset, item, length))
+        return last
+
+    search_tree(fd, take, first=(inode, BTRFS_INODE_REF, 0), last=(inode, BTRFS_INODE_EXTREF, _U64_MAX),
+                buffer=64 * 1024)
+    if len(refs) > limit:
+        return None
+    tree, paths = subvolume_info(fd).id, {}
+    for parent, _ in refs:
+        if parent not in paths:
+            paths[parent] = _directory_path(fd, tree, parent)
+    return [paths[parent] + name for parent, name in refs]
 
 
 # A run that changed no regular file needs no walk of current's whole tree to
@@ -4504,12 +4697,14 @@ class Store:
                 os.chown(current, *owner)
         return current
 
-    def unshare_current(self, host: str, resumed: bool = True, again: bool = False) -> int:
+    def unshare_current(self, host: str, resumed: bool = True, again: bool = False, named: bool = False) -> int:
         """Make sure rsync cannot change anything outside current through a shared inode.
 
         resumed: current may hold an unfinished run's files (its dirty marker
         was there before this run began).  again: the client copies once more
-        when the snapshot says 'again:' (unshare_walk_needed).
+        when the snapshot says 'again:' (unshare_walk_needed).  named: this is
+        the pass after an 'again:' that listed its names, and sends only those
+        (NAMED_WORD): only they are given an inode of their own (_unshare_named).
 
         A file in current with more than one link may share its inode with a
         snapshot (hardlink backend: an interrupted run leaves --link-dest
@@ -4523,6 +4718,10 @@ class Store:
         if not _is_real_dir(current):
             return 0
         reflink = is_btrfs_subvolume(current)
+        if reflink and named and resumed:
+            count = self._unshare_named(host, current)
+            if count is not None:
+                return count
         if reflink:
             # btrfs (also where the backup user sees a HardlinkStore): a
             # snapshot never shares an inode with current, and the snapshot
@@ -4545,6 +4744,32 @@ class Store:
         count = len(linked)
         if count:
             log.info("host %s: gave %d hard-linked files in current an inode of their own", host, count)
+        return count
+
+    def _unshare_named(self, host: str, current: Path) -> Optional[int]:
+        """give_names_own_inodes for the names root recorded at the last 'again:'
+        (AGAIN_RECORD, <host>/), where they answer the newest snapshot; None where
+        they do not, or something about them is unexpected: then the tree is walked.
+
+        Enough for the named pass: it sends only those names, and the snapshot
+        refused was root's check of every shared inode written since the newest
+        snapshot, whose names these are; what the pass itself links is its own
+        (unshare_walk_needed).  A client that sends other names under the word
+        can mix up only its own backup, as it can by sending wrong data."""
+        record = read_untrusted_json(self.host_dir(host) / AGAIN_RECORD, AGAIN_RECORD_BYTES)
+        words = record.get("names") if isinstance(record, dict) else None
+        names = check_names(words) if isinstance(words, list) else None
+        snaps = self.snapshots(host)
+        if names is None or not snaps or record.get("snapshot") != snaps[-1].name:
+            log.info("host %s: no names recorded for this pass; walking current", host)
+            return None
+        try:
+            count = give_names_own_inodes(current, names, self.as_root)
+        except OSError as e:
+            log.warning("host %s: a hard-linked name to copy again is not what it was (%s: %s); "
+                        "walking current", host, os.fsdecode(e.filename or b"?"), e.strerror)
+            return None
+        log.info("host %s: gave %d of the %d names to copy again an inode of their own", host, count, len(names))
         return count
 
     def pending_bytes(self, host: str) -> int:
@@ -4724,10 +4949,15 @@ class BtrfsStore(Store):
             # run's push did not walk current to give each such name an inode
             # of its own first (unshare_current: only a resumed run does);
             # the next push is resumed and does, and its rsync then puts
-            # right every name that differs from the client.
-            raise AnotherPass(f"{changed} hard-linked files in current were changed by this "
-                              "backup; rsync must copy once more, each name on an inode of its own "
-                              "(the next backup does that by itself)")
+            # right every name that differs from the client.  The names of
+            # those inodes are listed, and recorded here, so that a client's
+            # next pass sends only them and its push gives only them an inode
+            # of their own (NAMED_WORD), not the whole tree and every
+            # hard-linked name; whatever the pass does, this check is made
+            # again at its snapshot.
+            names = self._record_again(host, current, changed)
+            raise AnotherPass(again_message(len(changed), names))
+        self._forget_again(host)
         host_dir = self.host_dir(host)
         tmp = host_dir / f".incomplete-{name}"
         if tmp.exists():
@@ -4786,24 +5016,63 @@ class BtrfsStore(Store):
         generation = max(usage.generation, _history_int(previous, "generation"))
         return usage._replace(size=size, linked=linked, generation=generation), added
 
-    def _shared_changed(self, host: str, shared: Sequence[SharedInode]) -> int:
-        """How many of the shared inodes a run wrote changed more than their names, against
-        the same inodes in the newest snapshot (shared_inode_changed); all where it cannot tell."""
+    def _shared_changed(self, host: str, shared: Sequence[SharedInode]) -> List[int]:
+        """The shared inodes a run wrote that changed more than their names, against the
+        same inodes in the newest snapshot (shared_inode_changed); all where it cannot tell."""
+        everything = [s.inode for s in shared]
         snaps = self.snapshots(host) if shared else []
         if not snaps or not is_btrfs_subvolume(self.snapshot_path(snaps[-1])):
-            return len(shared)
+            return everything
         try:
             fd = os.open(self.snapshot_path(snaps[-1]), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
         except OSError:
-            return len(shared)
+            return everything
         try:
-            return sum(shared_inode_changed(now, read_inode(fd, now.inode)) for now in shared)
+            return [now.inode for now in shared if shared_inode_changed(now, read_inode(fd, now.inode))]
         except OSError as e:
             log.warning("host %s: cannot read snapshot %s's tree (%s): every hard-linked file this "
                         "backup wrote counts as changed", host, snaps[-1].name, e.strerror)
-            return len(shared)
+            return everything
         finally:
             os.close(fd)
+
+    def _record_again(self, host: str, current: Path, inodes: Sequence[int]) -> Optional[List[bytes]]:
+        """Every name in current of the inodes an 'again:' is for (inode_names), recorded in
+        <host>/AGAIN_RECORD for the next push (unshare_current) and returned; None, and no
+        record, where there are more than AGAIN_NAMES_MAX or they cannot be read as root.
+
+        Only root writes the record, into <host>/, which is root's: the backup user and
+        the host's account can neither write nor replace it.  The names are the
+        client's own (bytes, any but NUL and '/'), percent-encoded."""
+        self._forget_again(host)
+        snaps = self.snapshots(host)
+        if os.geteuid() != 0 or not snaps or os.lstat(self.host_dir(host)).st_uid != 0:
+            return None
+        names: List[bytes] = []
+        try:
+            fd = os.open(current, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError:
+            return None
+        try:
+            for inode in inodes:
+                found = inode_names(fd, inode, AGAIN_NAMES_MAX - len(names))
+                if found is None:
+                    return None
+                names += found
+        except OSError as e:
+            log.info("host %s: the names of the hard-linked files to copy again are not listed: %s",
+                     host, e.strerror)
+            return None
+        finally:
+            os.close(fd)
+        write_file_atomically(self.host_dir(host) / AGAIN_RECORD,
+                              json.dumps({"snapshot": snaps[-1].name, "names": quote_names(names)}))
+        return names
+
+    def _forget_again(self, host: str) -> None:
+        """The last 'again:' is answered (a snapshot was taken) or another replaces it."""
+        with contextlib.suppress(FileNotFoundError, PermissionError):
+            os.unlink(self.host_dir(host) / AGAIN_RECORD)
 
     def is_read_only(self, path: Path) -> bool:
         return subvolume_info_at(path).read_only
@@ -6217,7 +6486,7 @@ def _serve_rsync(r: Receive, request: Request, writes: bool) -> NoReturn:
     if writes:
         resumed = r.store.dirty_since(r.host) is not None
         r.store.mark_dirty(r.host, now_local())
-        r.store.unshare_current(r.host, resumed, again=request.again)
+        r.store.unshare_current(r.host, resumed, again=request.again, named=request.named)
     _exec_rsync(r, argv, lock)
 
 
@@ -8412,11 +8681,28 @@ def ssh_argv(config_dir: str, port: Optional[int], *, control: Optional[str] = N
     return argv
 
 
-def rsync_over_ssh(ssh: Sequence[str], again: bool = False) -> List[str]:
+def rsync_over_ssh(ssh: Sequence[str], again: bool = False, named: bool = False) -> List[str]:
     """The rsync options of a transfer to or from a byteback server over this ssh.
 
-    again: a push that tells the server its client copies once more on 'again:'."""
-    return ["--rsh", shlex.join(ssh), "--rsync-path", "rsync --fake-super" + (f" {AGAIN_WORD}" if again else "")]
+    again: a push that tells the server its client copies once more on 'again:'.
+    named: the pass after an 'again:' that sends only the names it listed."""
+    words = (f" {AGAIN_WORD}" if again else "") + (f" {NAMED_WORD}" if named else "")
+    return ["--rsh", shlex.join(ssh), "--rsync-path", "rsync --fake-super" + words]
+
+
+def names_under_sources(names: Sequence[bytes], sources: Sequence[str]) -> bool:
+    """Whether every name an 'again:' listed (a path below current, which --relative
+    makes the client's own path) lies below one of the backup's sources (pure).  A
+    server could list any path: the named pass must send nothing the backup would not."""
+    roots = [os.fsencode(s).rstrip(b"/") for s in sources]
+    return all(any(not r or (b"/" + n).startswith(r + b"/") for r in roots) for n in names)
+
+
+def named_pass_argv(argv: Sequence[str], files_from: str) -> List[str]:
+    """A push's rsync command line made to send only the names in files_from (NUL-separated,
+    each below /) instead of its sources (pure).  rsync's filters still apply to them."""
+    split = list(argv).index("--")
+    return [*argv[:split], f"--files-from={files_from}", "--from0", "--", "/", argv[-1]]
 
 
 PR_SET_PDEATHSIG = 1   # prctl: the signal a child gets when its parent dies
@@ -8672,10 +8958,26 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
                             transport=rsync_over_ssh(session.argv(), again=again),
                             auto_excludes=auto, progress=args.progress, dry_run=args.dry_run)
     show = args.verbose > 0 or args.progress or args.dry_run
+    private: List[str] = []          # the named pass's list, in a directory of this run's own
+    try:
+        return _push_and_complete(session, plan, args, not_kept, argv, show, again, auto, private)
+    finally:
+        for path in private:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _push_and_complete(session: SshSession, plan: BackupPlan, args: argparse.Namespace,
+                       not_kept: NotKeptLines, argv: List[str], show: bool, again: bool,
+                       auto: Sequence[str], private: List[str]) -> Optional[int]:
+    """The push, its snapshot, and the one more pass an 'again:' asks for (only the
+    names it lists, where it lists them)."""
+    state_dir, where = client_state_dir(), f"{_login(plan.destination)}:{plan.destination.port or 22}"
+    stats = None
     for attempt in (1, 2):
         rc, output = rsync_with_retries(argv, retries=plan.retries, delay=plan.retry_delay, show=show,
                                         sleep=args.context.sleep, before_try=session.ensure,
                                         not_kept=not_kept)
+        stats = output if stats is None else stats     # the whole tree's, not a named pass's
         if args.dry_run:
             break
         completed = completed_by_push(output)
@@ -8692,7 +8994,21 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
         if proc.returncode != 0 and said and attempt == 1:
             # The server found this run's writes mixed up in hard-linked files
             # (BtrfsStore.take_snapshot): the next push, resumed, puts them right.
-            log.info("server: %s: copying once more", said[-1][len("byteback: "):])
+            # Where it listed their names, only those are sent again.
+            log.info("server: %s: copying once more", said[-1][len("byteback: "):].partition(AGAIN_NAMES_MARK)[0])
+            names = again_names(said[-1])
+            if names and names_under_sources(names, plan.sources):
+                # one gone since is not named (rsync would fail on it); the pass still unshares it
+                names = [n for n in names if os.path.lexists(b"/" + n)]
+                import tempfile
+                private.append(tempfile.mkdtemp(prefix="byteback-"))
+                files_from = os.path.join(private[-1], "again-names")
+                with open(files_from, "wb") as f:
+                    f.write(b"".join(n + b"\0" for n in names))
+                named = build_rsync_argv(plan, argv[-1], transport=rsync_over_ssh(session.argv(), again, named=True),
+                                         auto_excludes=auto, progress=args.progress)
+                argv = named_pass_argv(named, files_from)
+                log.info("copying only the %d names the server listed", len(names))
             continue
         if proc.returncode != 0:
             raise ByteBackError(f"the files were copied, but the server took no snapshot: {_server_said(proc)}")
@@ -8700,7 +9016,7 @@ def _backup_over(session: SshSession, plan: BackupPlan, args: argparse.Namespace
         if not_kept.result().total:
             log.warning("WARNING: %s", not_kept_text(not_kept.result()))
         break
-    return parse_rsync_stats(output)
+    return parse_rsync_stats(stats)
 
 
 def _client_config_files(plan: BackupPlan) -> List[str]:

@@ -188,3 +188,87 @@ def test_a_file_split_off_with_only_a_new_mode_asks_for_the_second_pass(remote, 
     assert _stat_xattr(stored(snap, src) / "b-link") == old_mode
     assert _stat_xattr(stored(snap, src) / "b") != old_mode
     assert _stat_xattr(stored(linked, src) / "b") == old_mode
+
+
+# -- The named pass: only the names an 'again:' lists are copied again ---------
+
+def _ino(path: Path) -> int:
+    return os.lstat(path).st_ino
+
+
+def _linked_tree(src: Path) -> None:
+    src.mkdir()
+    (src / "b").write_bytes(b"shared, old\n")
+    os.link(src / "b", src / "b-link")
+    (src / "sub").mkdir()
+    (src / "sub" / "c").write_bytes(b"another group\n")
+    os.link(src / "sub" / "c", src / "sub" / "c-link")
+    (src / "d").write_bytes(b"alone\n")
+
+
+OLD_TREE = {"b": b"shared, old\n", "b-link": b"shared, old\n", "d": b"alone\n",
+            "sub/c": b"another group\n", "sub/c-link": b"another group\n"}
+
+
+def test_a_group_edited_in_place_is_copied_again_by_its_names_alone(remote, tmp_path):
+    """The snapshot lists the names of the inode it found changed: the client sends only
+    those once more, and its push gives only those an inode of their own, no walk."""
+    src = tmp_path / "src"
+    _linked_tree(src)
+    backup(remote, src).check()
+    first = remote.host_dir / remote.snapshots()[-1]
+    current = stored(remote.host_dir / "current", src)
+    other = _ino(current / "sub" / "c")
+
+    with open(src / "b", "r+b") as f:               # in place: both names change
+        f.write(b"SHARED")
+    before = remote.snapshots()
+    result = backup(remote, src).check()
+    assert "again: 1 hard-linked files in current were changed" in result.stderr, result.stderr
+    assert "copying only the 2 names the server listed" in result.stderr, result.stderr
+    snap = new_snapshot(remote, before)
+    assert contents(stored(snap, src)) == contents(src)
+    assert _ino(stored(snap, src) / "b") == _ino(stored(snap, src) / "b-link")
+    assert _ino(current / "sub" / "c") == _ino(current / "sub" / "c-link") == other   # not walked
+    assert contents(stored(first, src)) == OLD_TREE
+    assert not (remote.host_dir / ".byteback-again").exists()     # answered
+
+
+def test_a_file_split_off_its_group_is_put_right_by_the_named_pass(remote, tmp_path):
+    """rsync wrote b's new data into the inode b-link shares: the named pass gives each an
+    inode of its own and copies both from the client."""
+    src = tmp_path / "src"
+    _linked_tree(src)
+    backup(remote, src).check()
+    first = remote.host_dir / remote.snapshots()[-1]
+    (src / "b").unlink()
+    (src / "b").write_bytes(b"b on its own, and longer\n")
+    before = remote.snapshots()
+    result = backup(remote, src).check()
+    assert "copying only the 2 names the server listed" in result.stderr, result.stderr
+    snap = new_snapshot(remote, before)
+    assert contents(stored(snap, src)) == contents(src)
+    assert _ino(stored(snap, src) / "b") != _ino(stored(snap, src) / "b-link")
+    assert contents(stored(first, src)) == OLD_TREE
+
+
+def test_a_name_linked_outside_the_sources_makes_the_pass_copy_everything(remote, tmp_path):
+    """A shell as the receiving account linked a name of the group outside the client's
+    sources: the listing names it, the client sends no path it does not back up, and copies
+    the whole tree once more (the walk) instead; history is as it was."""
+    src = tmp_path / "src"
+    _linked_tree(src)
+    backup(remote, src).check()
+    first = remote.host_dir / remote.snapshots()[-1]
+    current = remote.host_dir / "current"
+    os.link(stored(current, src) / "b", current / "planted")        # rsync never deletes it there
+    with open(src / "b", "r+b") as f:
+        f.write(b"SHARED")
+    before = remote.snapshots()
+    result = backup(remote, src).check()
+    assert "again: 1 hard-linked files" in result.stderr, result.stderr
+    assert "copying only" not in result.stderr, result.stderr
+    snap = new_snapshot(remote, before)
+    assert contents(stored(snap, src)) == contents(src)
+    assert contents(stored(first, src)) == OLD_TREE
+    assert not os.path.lexists(first / "planted")

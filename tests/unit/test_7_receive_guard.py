@@ -438,6 +438,28 @@ def test_the_again_word_goes_only_before_a_push(command):
         byteback.check_receive_command(command)
 
 
+def test_the_named_pass_after_again_is_a_push_of_its_own_word():
+    """rsync --files-from sends -d and --no-r to its server (the named pass, NAMED_WORD)."""
+    request = byteback.check_receive_command(
+        "rsync --fake-super --byteback-again --byteback-named --server -ldHogDtpXRe.LsfxCIvu --no-r "
+        "--delete-during --delete-excluded -@-1 --numeric-ids --inplace . current/+complete")
+    assert (request.verb, request.again, request.named, request.completes) == ("push", True, True, True)
+    assert "--no-r" in request.options and "d" in request.letters
+    assert not byteback.check_receive_command(f"rsync --fake-super --server -vlogDtpr{CAPS} . current/").named
+
+
+@pytest.mark.parametrize("command", [
+    f"rsync --byteback-named --server --sender -vlogDtpr{CAPS} . {SNAP}/etc",
+    f"rsync --server --byteback-named -vlogDtpr{CAPS} . current/",
+    f"rsync --server --sender -vlogDtpr{CAPS} --no-r . {SNAP}/etc",
+    f"rsync --server --sender -vlogDtpdr{CAPS} . {SNAP}/etc",
+    "complete --byteback-named",
+])
+def test_the_named_word_and_its_options_go_only_with_a_push(command):
+    with pytest.raises(byteback.Refused):
+        byteback.check_receive_command(command)
+
+
 def test_a_push_keeps_the_options_that_matter_and_drops_the_rest():
     request = byteback.check_receive_command(
         f"rsync --fake-super --server -vvlHogDtpXrRz{CAPS} --timeout=300 --inplace --fake-super "

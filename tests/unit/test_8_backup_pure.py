@@ -555,3 +555,48 @@ def test_ping_is_asked_unless_the_servers_hint_says_the_interval_has_passed(tmp_
 def test_a_garbled_hint_file_means_ping(tmp_path):
     (tmp_path / byteback.SERVER_HINT_FILE).write_text("{not json")
     assert byteback.ping_wanted(tmp_path, "b@s:22", 100.0) is True
+
+
+# -- The names an 'again:' lists, and the named pass (issue 14) ---------------
+
+@pytest.mark.parametrize("names", [
+    [b"tmp/a b/x", b"tmp/\xff\n%", b"etc/passwd"], [b"one"], [b"a/b/c/" + bytes(range(1, 47))],
+])
+def test_the_names_an_again_lists_come_back_byte_for_byte(names):
+    line = "byteback: again: " + byteback.again_message(1, names)
+    assert line.startswith("byteback: again: 1 hard-linked files in current were changed")
+    assert "\n" not in line and byteback.again_names(line) == names
+
+
+@pytest.mark.parametrize("words", [
+    ["/etc/passwd"], ["a/../../etc"], ["a//b"], ["./a"], ["a/"], ["a%00b"], [""], ["caf\u00e9"],
+    ["x"] * (byteback.AGAIN_NAMES_MAX + 1), [7],
+])
+def test_a_listing_that_is_not_plain_relative_names_is_refused_whole(words):
+    """A server could list anything: one bad name and the pass copies everything instead."""
+    assert byteback.check_names(words) is None
+
+
+def test_an_again_without_names_is_a_whole_pass():
+    assert byteback.again_names("byteback: again: " + byteback.again_message(3, None)) is None
+    assert byteback.again_names("byteback: again: " + byteback.again_message(3, [])) is None
+
+
+@pytest.mark.parametrize("names,sources,under", [
+    ([b"srv/a", b"srv/b/c"], ["/srv"], True),
+    ([b"srv/a", b"etc/shadow"], ["/srv"], False),            # a server naming what is not backed up
+    ([b"srvx/a"], ["/srv"], False),
+    ([b"etc/shadow"], ["/"], True),
+    ([b"home/u/x", b"srv/y"], ["/srv/", "/home/u"], True),
+])
+def test_the_named_pass_sends_only_names_below_the_sources(names, sources, under):
+    assert byteback.names_under_sources(names, sources) is under
+
+
+def test_the_named_pass_argv_sends_the_list_instead_of_the_sources():
+    argv = ["rsync", "--archive", "--hard-links", "--exclude=/x", "--", "/srv", "/home", "h:current/+complete"]
+    assert byteback.named_pass_argv(argv, "/tmp/l") == [
+        "rsync", "--archive", "--hard-links", "--exclude=/x", "--files-from=/tmp/l", "--from0",
+        "--", "/", "h:current/+complete"]
+    ssh = byteback.rsync_over_ssh(["ssh"], again=True, named=True)
+    assert ssh[-1] == "rsync --fake-super --byteback-again --byteback-named"
