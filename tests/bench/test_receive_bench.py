@@ -174,7 +174,7 @@ class Bench:
         self.tree_rss = []       # its largest process (rsync, ssh or itself)
         self.raw_rss = []
         self.space = []
-        self.second_passes = []  # per 1 % round: did the backup copy twice (the `again:` pass)?
+        self.second_passes = []  # per 1 % round: "" (one pass), "named" or "whole" (the `again:` pass)
         self.linked_changed = []  # per 1 % round: hard-linked files among those changed
 
     def raw(self, flags: str, dest: str) -> float:
@@ -203,18 +203,20 @@ class Bench:
             self.note("byteback", run, self.backup())
             self.space.append((disc_used(self.remote.store) - before) / (1 << 20))
         elif run == "changed":
-            # The `again:` pass walks current, which gives every hard-linked name there
-            # a new inode: a name's inode before and after tells whether it ran.
-            probe = self._linked_in_current()
-            before = os.lstat(probe).st_ino if probe else None
+            # The `again:` pass gives hard-linked names in current new inodes: every one
+            # where it walks current, only the names it listed where it sends only those
+            # (the named pass).  The names' inodes before and after tell which ran.
+            before = self._linked_in_current()
             self.note("byteback", run, self.backup())
-            self.second_passes.append(bool(probe) and os.lstat(probe).st_ino != before)
+            after = self._linked_in_current()
+            moved = sum(after.get(p) != ino for p, ino in before.items())
+            self.second_passes.append("" if not moved else "whole" if moved == len(before) else "named")
         else:
             self.note("byteback", run, self.backup())
 
-    def _linked_in_current(self):
+    def _linked_in_current(self) -> dict:
         current = self.remote.host_dir / "current" / str(self.tree).lstrip("/")
-        return next((p for p in current.rglob("*.link")), None)
+        return {p: os.lstat(p).st_ino for p in current.rglob("*.link")}
 
     def restore_round(self, rel: str) -> None:
         out_raw, out_bb = self.work / "raw-out", self.work / "bb-out"
@@ -260,10 +262,10 @@ def report(bench: Bench, figures: dict) -> str:
         ahx = m("aHX", run) if ("aHX", run) in bench.times else None
         lines.append(f"  {run:<14}{a:>9.2f}s{(f'{ahx:.2f}s' if ahx else '-'):>12}{bb:>9.2f}s"
                      f"{bb / a:>7.2f}x{(f'{bb / ahx:.2f}x' if ahx else '-'):>8}")
-    rounds = ", ".join(f"{t:.2f}s ({'2 passes' if twice else '1 pass'}, {n} hard-linked changed)"
+    rounds = ", ".join(f"{t:.2f}s ({f'2 passes, {twice}' if twice else '1 pass'}, {n} hard-linked changed)"
                        for t, twice, n in zip(bench.times[("byteback", "changed")], bench.second_passes,
                                               bench.linked_changed))
-    lines.append(f"  1 % rounds with a second rsync pass (again:): {sum(bench.second_passes)} of "
+    lines.append(f"  1 % rounds with a second rsync pass (again:): {sum(map(bool, bench.second_passes))} of "
                  f"{len(bench.second_passes)}: {rounds}")
     lines.append(f"  server space per no-change backup: {figures['space']:.2f} MiB "
                  f"(runs: {', '.join(f'{s:.2f}' for s in bench.space)})")
