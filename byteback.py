@@ -3919,6 +3919,17 @@ class SubvolumeTally:
                 self._inode, self._inode_changed, self._this_shared = objectid, False, None
             elif self._this_shared is not None and kind in (BTRFS_EXTENT_DATA, BTRFS_XATTR_ITEM):
                 self._this_shared.add(kind, offset, buf, item, length, since)
+            if transid < since:
+                # A leaf last written before `since` (the header's transid is its
+                # leaf's generation): none of its items is, so only their sizes
+                # count.  Most of a full measure's leaves (issue 14: ~40 % of its time).
+                if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
+                    _made, _written, isize, _nbytes, _bg, nlink, _uid, _gid, mode = inode_item(buf, item)
+                    if mode & 0o170000 == 0o100000 and nlink:
+                        self.size += isize
+                        if nlink > 1:
+                            self.linked += nlink
+                continue
             changed = False
             if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
                 made, written, isize, _nbytes, _bg, nlink, _uid, _gid, mode = inode_item(buf, item)
