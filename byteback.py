@@ -3736,7 +3736,8 @@ def unshare_walk_needed(backups: Sequence[dict], resumed: bool, again: bool) -> 
 AGAIN_NAMES_MAX = 1000                  # past it the pass copies everything, as before
 AGAIN_RECORD = ".byteback-again"        # in <host>/, root's
 AGAIN_NAMES_MARK = "; only these names need it: "
-AGAIN_RECORD_BYTES = AGAIN_NAMES_MAX * 3 * 4096 + 4096     # every name at PATH_MAX, encoded
+AGAIN_LIST_BYTES = 256 * 1024           # the listing's encoded names: one stderr line, and the record
+AGAIN_RECORD_BYTES = AGAIN_LIST_BYTES + 4096
 
 
 def quote_names(names: Sequence[bytes]) -> List[str]:
@@ -5050,7 +5051,8 @@ class BtrfsStore(Store):
     def _record_again(self, host: str, current: Path, inodes: Sequence[int]) -> Optional[List[bytes]]:
         """Every name in current of the inodes an 'again:' is for (inode_names), recorded in
         <host>/AGAIN_RECORD for the next push (unshare_current) and returned; None, and no
-        record, where there are more than AGAIN_NAMES_MAX or they cannot be read as root.
+        record, where there are more than AGAIN_NAMES_MAX, they take more than
+        AGAIN_LIST_BYTES encoded, or they cannot be read as root.
 
         Only root writes the record, into <host>/, which is root's: the backup user and
         the host's account can neither write nor replace it.  The names are the
@@ -5076,8 +5078,11 @@ class BtrfsStore(Store):
             return None
         finally:
             os.close(fd)
+        words = quote_names(names)
+        if sum(len(w) + 1 for w in words) > AGAIN_LIST_BYTES:
+            return None
         write_file_atomically(self.host_dir(host) / AGAIN_RECORD,
-                              json.dumps({"snapshot": snaps[-1].name, "names": quote_names(names)}))
+                              json.dumps({"snapshot": snaps[-1].name, "names": words}))
         return names
 
     def _forget_again(self, host: str) -> None:
