@@ -812,16 +812,26 @@ def new_snapshot_name(now: dt.datetime, latest: Optional[dt.datetime], taken: Co
 
 
 def parse_snapshot_name(name: str) -> Optional[dt.datetime]:
-    """The aware datetime a snapshot name stands for, or None if it is not one."""
+    """The aware datetime a snapshot name stands for, or None if it is not one.
+
+    What strptime with SNAPSHOT_FORMAT or SNAPSHOT_FORMAT_SECONDS reads, read from
+    the places SNAPSHOT_NAME_RE fixes: the first strptime of a process costs ~3 ms
+    (it compiles the locale's patterns), and every server command lists snapshots."""
     if not SNAPSHOT_NAME_RE.match(name):
         return None
-    text = name[:-1] + "+0000" if name.endswith("Z") else name
-    for fmt in (SNAPSHOT_FORMAT, SNAPSHOT_FORMAT_SECONDS):
-        try:
-            return dt.datetime.strptime(text, fmt)
-        except ValueError:
-            continue
-    return None
+    seconds = name[16] == ":"
+    zone = name[19:] if seconds else name[16:]
+    try:
+        offset = dt.timedelta(0)
+        if zone != "Z":
+            minutes = int(zone[-2:])
+            if minutes > 59:        # strptime's %z takes minutes 00-59 only
+                return None
+            offset = (-1 if zone[0] == "-" else 1) * dt.timedelta(hours=int(zone[1:3]), minutes=minutes)
+        return dt.datetime(int(name[0:4]), int(name[5:7]), int(name[8:10]), int(name[11:13]),
+                           int(name[14:16]), int(name[17:19]) if seconds else 0, tzinfo=dt.timezone(offset))
+    except ValueError:          # no such day or time, or an offset of a day or more
+        return None
 
 
 class Snapshot(NamedTuple):

@@ -161,6 +161,34 @@ def test_parse_snapshot_name_rejects_what_is_not_a_snapshot(name):
     assert byteback.parse_snapshot_name(name) is None
 
 
+def _strptime_reading(name):
+    """What parse_snapshot_name read before it read the fields itself: strptime."""
+    if not byteback.SNAPSHOT_NAME_RE.match(name):
+        return None
+    text = name[:-1] + "+0000" if name.endswith("Z") else name
+    for fmt in (byteback.SNAPSHOT_FORMAT, byteback.SNAPSHOT_FORMAT_SECONDS):
+        try:
+            return dt.datetime.strptime(text, fmt)
+        except ValueError:
+            continue
+    return None
+
+
+@pytest.mark.parametrize("zone", ["Z", "+0000", "-0000", "+00:00", "+0130", "-05:00", "+2359", "-2359",
+                                  "+2400", "-2400", "+9999", "+0060", "+1299", "+12:99", "+12:60"])
+def test_parse_snapshot_name_reads_what_strptime_read(zone):
+    """Field by field, the same moment and offset as strptime, and None wherever it refused
+    (no such day, hour 24, minute or second 60, an offset of a day, offset minutes past 59)."""
+    for date in ("0000-01-01", "0001-01-01", "2026-02-28", "2026-02-29", "2024-02-29", "2026-04-31",
+                 "2026-13-01", "2026-00-10", "9999-12-31"):
+        for clock in ("00:00", "23:59", "24:00", "12:60", "09:05:07", "12:00:59", "12:00:60", "12:00:61"):
+            name = f"{date}T{clock}{zone}"
+            parsed, expected = byteback.parse_snapshot_name(name), _strptime_reading(name)
+            assert parsed == expected, name
+            if expected is not None:
+                assert parsed.utcoffset() == expected.utcoffset(), name
+
+
 # -- destinations --
 
 @pytest.mark.parametrize("text,user,host,path", [
