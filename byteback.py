@@ -6236,12 +6236,13 @@ def enter_user_namespace(uid_map: Union[int, tuple], gid_map: Union[int, tuple])
         try:
             os.close(ready_w)
             if os.read(ready_r, 1) == b"x":      # nothing: the parent could not unshare
-                code = 0
-                for mapper, extents in zip(ID_MAPPERS, maps):
-                    # stdout is rsync's protocol channel: the mappers' words go to stderr only
-                    code = code or Runner().run([mapper, str(me), *(str(n) for e in extents for n in e)],
-                                                check=False, capture=False,
-                                                stdin=subprocess.DEVNULL, stdout=2).returncode
+                # Both at once: each is a set-id program's start, in the way of rsync's (issue 14).
+                # stdout is rsync's protocol channel: the mappers' words go to stderr only.
+                mappers = [Runner().start([mapper, str(me), *(str(n) for e in extents for n in e)],
+                                          stdin=subprocess.DEVNULL, stdout=2)
+                           for mapper, extents in zip(ID_MAPPERS, maps)]
+                codes = [proc.wait() for proc in mappers]
+                code = next((c for c in codes if c), 0)
         finally:
             os._exit(code)
     os.close(ready_r)
@@ -6543,8 +6544,12 @@ def _dismiss_root_run(proc: Optional[subprocess.Popen]) -> None:
 
 def _serve_rsync(r: Receive, request: Request, writes: bool) -> NoReturn:
     """Become rsync's server half, in this host's session."""
+    # Asked first and read after: its start overlaps the user namespace's (issue 14).
+    asked = Runner().start([RSYNC_PROGRAM, "--version"], parsed=True, stdin=subprocess.DEVNULL,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True,
+                           errors="replace")
     lock = _enter_session(r)
-    version = _server_rsync_version()
+    version = _server_rsync_version(asked)
     if request.any_snapshot:
         request = resolve_any_snapshot(request, [s.name for s in r.store.snapshots(r.host)],
                                        lambda snap, path: os.path.lexists(f"{r.host_dir}/{snap}{path}"))
@@ -6578,9 +6583,13 @@ RECEIVE_VERBS: Dict[str, Callable[[Receive, Request], int]] = {
 }
 
 
-def _server_rsync_version() -> tuple:
-    """This server's rsync version; refused (a ByteBackError) below MIN_RSYNC."""
-    version = rsync_version(Runner().run([RSYNC_PROGRAM, "--version"], destructive=False).stdout)
+def _server_rsync_version(asked: subprocess.Popen) -> tuple:
+    """This server's rsync version, from the `rsync --version` started as `asked`; refused
+    (a ByteBackError) below MIN_RSYNC."""
+    out, err = asked.communicate()
+    if asked.returncode != 0:
+        raise CommandFailed([RSYNC_PROGRAM, "--version"], asked.returncode, err)
+    version = rsync_version(out)
     if version < MIN_RSYNC:
         raise ByteBackError(f"this server's rsync {'.'.join(map(str, version))} is older than 3.4.0 "
                             "and has known holes (CVE-2024-12084); upgrade rsync on the server")

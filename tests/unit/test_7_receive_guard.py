@@ -835,3 +835,29 @@ def test_property_a_parsed_key_is_two_plain_words(text):
 def test_a_list_pattern_past_the_complexity_limits_is_refused(pattern):
     with pytest.raises(byteback.Refused, match="too complex"):
         byteback.check_receive_command(f"list --snapshot=current {shlex.quote(pattern)}")
+
+
+# -- the server's rsync version, asked before the session and read after it --
+
+def _asked(text: str, code: int = 0) -> subprocess.Popen:
+    """A started process that says `text` and exits `code`, as _serve_rsync starts rsync --version."""
+    return subprocess.Popen([sys.executable, "-c", f"import sys; print({text!r}); sys.exit({code})"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+
+
+@pytest.mark.parametrize("text,version", [
+    ("rsync  version 3.4.1  protocol version 32", (3, 4, 1)),
+    ("rsync  version v3.5.0  protocol version 32", (3, 5, 0)),
+])
+def test_server_rsync_version_reads_what_the_started_rsync_said(text, version):
+    assert byteback._server_rsync_version(_asked(text)) == version
+
+
+def test_server_rsync_version_refuses_an_rsync_with_known_holes():
+    with pytest.raises(byteback.ByteBackError, match="older than 3.4.0"):
+        byteback._server_rsync_version(_asked("rsync  version 3.2.7  protocol version 31"))
+
+
+def test_server_rsync_version_of_an_rsync_that_failed_is_an_error():
+    with pytest.raises(byteback.CommandFailed, match="exit code 3"):
+        byteback._server_rsync_version(_asked("", 3))
