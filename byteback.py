@@ -677,6 +677,29 @@ def write_json_atomically(path: Path, data: object) -> None:
     write_file_atomically(path, json.dumps(data, indent=1, sort_keys=True) + "\n")
 
 
+def write_new_json(path: Path, data: object, mode: int = 0o644) -> None:
+    """Write data as JSON into a new file at path, on disc before this returns.  Where
+    anything is at path already (a symlink, say), write_json_atomically replaces it.
+
+    One fsync, no rename: for a file whose absence means the same as a half-written
+    one (a reader takes either as no file), which write_file_atomically's second
+    fsync, of the directory, would only make slower.  The fsync of a new file makes
+    its name durable too on btrfs (the log records a new inode's name) and on
+    journalling filesystems (the create is in the same transaction)."""
+    text = json.dumps(data, indent=1, sort_keys=True) + "\n"
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+    except FileExistsError:
+        write_file_atomically(path, text, mode)
+        return
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+        os.fchmod(f.fileno(), mode)
+
+
 def remove_hostile_entry(path: Path, rule: str) -> None:
     """Remove what was planted at path (a file, a link, a FIFO, a whole directory), saying so.
 
@@ -4648,7 +4671,10 @@ class Store:
         if os.path.lexists(path) and not os.path.islink(path) and not path.is_file():
             remove_hostile_entry(path, "the in-progress marker is a small file")
         if not path.exists():
-            write_json_atomically(path, {"since": when.isoformat()})
+            # Before rsync writes anything (issue 14: this was two fsyncs on the push's
+            # critical path): a crash that leaves no marker, or half of one, which
+            # dirty_since reads as none, left current as the last snapshot had it.
+            write_new_json(path, {"since": when.isoformat()})
 
     def dirty_since(self, host: str) -> Optional[dt.datetime]:
         """When the unfinished backup in current began, or None.  run/ is untrusted input:

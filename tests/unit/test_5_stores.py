@@ -166,6 +166,26 @@ def test_dirty_marker_is_kept_from_the_first_write(tiny):
     store.clear_dirty("web1")                                # twice is fine
 
 
+def test_a_dirty_marker_replaces_a_planted_dangling_symlink(tiny, tmp_path):
+    """mark_dirty writes a new file without a rename (one fsync); a name the backup user
+    planted at its path, which it does not follow, is still replaced by the marker."""
+    store = tiny.store
+    path = store.dirty_path("web1")
+    path.parent.mkdir(parents=True)
+    target = tmp_path / "elsewhere"
+    path.symlink_to(target)
+    store.mark_dirty("web1", at(2026, 1, 1, 3, 0))
+    assert not path.is_symlink() and path.is_file() and not target.exists()
+    assert store.dirty_since("web1") == at(2026, 1, 1, 3, 0)
+
+
+def test_write_new_json_writes_a_file_that_was_not_there(tmp_path):
+    path = tmp_path / "run" / "marker"
+    byteback.write_new_json(path, {"since": "x"}, mode=0o640)
+    assert json.loads(path.read_text()) == {"since": "x"}
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
 @pytest.mark.parametrize("content", ["", "{", "[]", '{"since": 5}', '{"since": "yesterday"}', '{"x": 1}'])
 def test_a_garbled_dirty_marker_reads_as_none(tiny, content):
     path = tiny.store.dirty_path("web1")
