@@ -34,6 +34,34 @@ def test_top_level_help_lists_the_commands(capsys):
         assert command in out
 
 
+@pytest.mark.parametrize("argv", [
+    ["backup", "--host", "web1", "--source", "/srv", "-v"],
+    ["--config-dir", "/tmp/c", "receive", "--host", "web1"],
+    ["--config-dir=/tmp/c", "snapshot", "--host", "web1", "--when-told"],
+    ["prune", "--list", "--order", "age"],
+])
+def test_the_named_command_alone_parses_as_the_whole_parser(argv):
+    """main builds only the named command's subparser (build_parser(only=...))."""
+    whole = vars(byteback.build_parser().parse_args(argv))
+    alone = vars(byteback.build_parser(argv[byteback._command_index(argv)]).parse_args(argv))
+    assert alone == whole
+
+
+@pytest.mark.parametrize("argv", [["backup", "--help"], ["backup", "--no-such-option"], ["-h", "backup"],
+                                  ["--help", "backup"], ["backup", "--retry-number", "x"]])
+def test_help_and_usage_errors_read_as_with_the_whole_parser(argv, capsys):
+    codes, said = [], []
+    for parser in (byteback.build_parser(), None):
+        if parser is None:
+            codes.append(byteback.main(list(argv)))
+        else:
+            with pytest.raises(SystemExit) as e:
+                parser.parse_args(argv)
+            codes.append(e.value.code)
+        said.append(capsys.readouterr())
+    assert codes[0] == codes[1] and said[0] == said[1]
+
+
 def test_version(capsys):
     assert byteback.main(["--version"]) == 0
     assert capsys.readouterr().out == f"byteback {byteback.VERSION}\n"
