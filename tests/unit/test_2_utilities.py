@@ -453,6 +453,18 @@ def test_write_file_atomically_never_chmods_through_a_symlink_swapped_in_for_its
     assert victim.read_text() == "root's file\n"
 
 
+@pytest.mark.parametrize("durable,fsyncs", [(True, 2), (False, 0)])
+def test_write_file_atomically_fsyncs_file_and_directory_unless_told_not_to(tmp_path, monkeypatch,
+                                                                             durable, fsyncs):
+    calls = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(byteback.os, "fsync", lambda fd: (calls.append(fd), real_fsync(fd)))
+    (tmp_path / "hint.json").write_text("old\n")
+    byteback.write_json_atomically(tmp_path / "hint.json", {"a": 1}, durable=durable)
+    assert json.loads((tmp_path / "hint.json").read_text()) == {"a": 1}
+    assert len(calls) == fsyncs and os.listdir(tmp_path) == ["hint.json"]
+
+
 # -- time_limit: a client's snapshot or prune ends (issue 8, class 3) --
 
 def test_a_time_limit_stops_the_run_with_a_one_line_error():
