@@ -110,6 +110,11 @@ RSYNC_OK_CODES = frozenset({0, 24})
 # root for; for a push that outlasts it a fresh run takes the snapshot
 # (_push_then_complete).
 GO_WORD = "go"
+# How often a waiting run has the store write out what the push has written so far
+# (write_out_store): the snapshot must have every byte on disc before it is taken,
+# and a full backup's 1.4 GiB took 1.7 s to write after rsync, while the client
+# waited; while rsync runs the disc is otherwise idle.
+WRITE_OUT_EVERY = 1.0
 # Root's own directory of the waiting runs' locks (one waiting run per host):
 # /run is root's alone, so nobody else can make it or plant anything in it.
 WHEN_TOLD_LOCK_DIR = Path("/run/byteback")
@@ -5514,10 +5519,25 @@ def _told_to_go(args: argparse.Namespace, host: str) -> bool:
         return False
     try:
         with Lock(_when_told_lock_dir() / f"{host}.lock", f"waiting snapshot of host {host}"):
-            return wait_for_word(sys.stdin.fileno(), config.rsync_timeout)
+            return wait_for_word(sys.stdin.fileno(), config.rsync_timeout, idle=write_out_store(root))
     except LockBusy as e:
         log.warning("snapshot --when-told: %s; nothing done", e, extra={"syslog_only": True})
         return False
+
+
+def write_out_store(root: str) -> Callable[[], None]:
+    """What a waiting run does while rsync writes: the store's filesystem writes out its
+    dirty data and commits (BTRFS_IOC_SYNC), which the snapshot's measurement would
+    otherwise do all at once after rsync.  Nothing on another filesystem (the call
+    fails there) or where the store cannot be opened: the snapshot then writes it all."""
+    def write_out() -> None:
+        with contextlib.suppress(OSError):
+            fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                fcntl.ioctl(fd, BTRFS_IOC_SYNC)
+            finally:
+                os.close(fd)
+    return write_out
 
 
 def _when_told_lock_dir() -> Path:
@@ -5533,18 +5553,27 @@ def _when_told_lock_dir() -> Path:
     return path
 
 
-def wait_for_word(fd: int, timeout: float, clock: Callable[[], float] = time.monotonic) -> bool:
+def wait_for_word(fd: int, timeout: float, clock: Callable[[], float] = time.monotonic, *,
+                  idle: Optional[Callable[[], None]] = None, every: float = WRITE_OUT_EVERY) -> bool:
     """Whether exactly GO_WORD and a newline arrive on fd within timeout seconds.
 
     Reads at most that many bytes: whatever else arrives (another word, a
-    flood without a newline), the end of input, or the deadline is a no."""
+    flood without a newline), the end of input, or the deadline is a no.
+    idle: called each `every` seconds without input while it waits."""
     want = (GO_WORD + "\n").encode()
     deadline = clock() + timeout
+    next_idle = clock() + every
     got = b""
     while len(got) < len(want) and want.startswith(got):
-        left = deadline - clock()
-        if left <= 0 or not select.select([fd], [], [], left)[0]:
+        now = clock()
+        left = deadline - now
+        if left <= 0:
             return False
+        if not select.select([fd], [], [], max(0.0, min(left, next_idle - now)) if idle else left)[0]:
+            if idle is not None and clock() >= next_idle:
+                idle()
+                next_idle = clock() + every
+            continue
         chunk = os.read(fd, len(want) - len(got))
         if not chunk:
             return False

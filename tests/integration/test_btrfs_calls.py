@@ -84,3 +84,22 @@ def test_set_read_only_refuses_a_directory_that_is_no_subvolume(btrfs_store):
         byteback.set_read_only(source / "dir")
     assert _ro(source) == "ro=false"
     (source / "dir" / "still").write_bytes(b"writable")
+
+
+def _data_on_disc(path: Path) -> int:
+    """Bytes of data extents in the subvolume's tree: what has been written out (no sync)."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        return byteback.search_subvolume(fd, byteback.SubvolumeTally(0), 0).data
+    finally:
+        os.close(fd)
+
+
+def test_write_out_store_puts_a_push_s_data_on_disc_before_the_snapshot(btrfs_store):
+    """What a waiting snapshot run does each WRITE_OUT_EVERY seconds while rsync writes."""
+    current = _subvolume(btrfs_store, "src4")
+    with open(current / "big", "wb") as f:
+        f.write(os.urandom(8 << 20))
+    before = _data_on_disc(current)
+    byteback.write_out_store(str(btrfs_store))()
+    assert before < 8 << 20 <= _data_on_disc(current)

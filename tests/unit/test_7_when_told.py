@@ -73,6 +73,39 @@ def test_the_end_of_input_is_a_no_at_once(pipe):
     assert time.monotonic() - start < 3
 
 
+def test_while_it_waits_it_has_the_store_written_out_every_interval(pipe):
+    """idle (write_out_store: the push's data on disc while rsync runs) each `every` seconds
+    without input, and the word still ends the wait at once."""
+    r, w = pipe
+    calls = []
+    threading.Timer(0.55, os.write, (w, b"go\n")).start()
+    start = time.monotonic()
+    assert byteback.wait_for_word(r, 5, idle=lambda: calls.append(time.monotonic() - start), every=0.1) is True
+    assert time.monotonic() - start < 2
+    assert 3 <= len(calls) <= 6 and all(b - a >= 0.09 for a, b in zip(calls, calls[1:]))
+
+
+def test_a_word_before_the_first_interval_writes_nothing_out(pipe):
+    r, w = pipe
+    calls = []
+    os.write(w, b"go\n")
+    assert byteback.wait_for_word(r, 5, idle=lambda: calls.append(1), every=0.2) is True
+    assert calls == []
+
+
+def test_the_deadline_holds_while_it_writes_out(pipe):
+    r, _ = pipe
+    calls = []
+    start = time.monotonic()
+    assert byteback.wait_for_word(r, 0.35, idle=lambda: calls.append(1), every=0.1) is False
+    assert 0.35 <= time.monotonic() - start < 3 and 2 <= len(calls) <= 4
+
+
+def test_write_out_store_is_harmless_where_there_is_no_btrfs(tmp_path):
+    byteback.write_out_store(str(tmp_path))()                # ENOTTY on tmpfs/ext4: nothing
+    byteback.write_out_store(str(tmp_path / "missing"))()    # no store there: nothing
+
+
 @pytest.fixture
 def server(tmp_path, monkeypatch, pipe):
     """A config dir whose store has host h1, the lock directory in tmp_path, stdin a pipe."""
