@@ -705,11 +705,19 @@ def write_new_json(path: Path, data: object, mode: int = 0o644) -> None:
     except FileExistsError:
         write_file_atomically(path, text, mode)
         return
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-        os.fchmod(f.fileno(), mode)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+            os.fchmod(f.fileno(), mode)
+    except BaseException:
+        # A full disc, say: what was created goes, or it would stand, empty, for the
+        # file (a reader takes it as none, and a writer that only writes where nothing
+        # is would never write it again).
+        with contextlib.suppress(OSError):
+            os.unlink(path)
+        raise
 
 
 def remove_hostile_entry(path: Path, rule: str) -> None:
@@ -4682,10 +4690,12 @@ class Store:
         path = self.dirty_path(host)
         if os.path.lexists(path) and not os.path.islink(path) and not path.is_file():
             remove_hostile_entry(path, "the in-progress marker is a small file")
-        if not path.exists():
+        if self.dirty_since(host) is None:
             # Before rsync writes anything (issue 14: this was two fsyncs on the push's
             # critical path): a crash that leaves no marker, or half of one, which
             # dirty_since reads as none, left current as the last snapshot had it.
+            # One that cannot be read (half written, or garbled) is written anew, so
+            # that this run, if it is cut, is known as unfinished to the next one.
             write_new_json(path, {"since": when.isoformat()})
 
     def dirty_since(self, host: str) -> Optional[dt.datetime]:

@@ -1,6 +1,7 @@
 """Section 5: /proc/mounts parsing, and the hardlink store on real directories in tmp_path."""
 from __future__ import annotations
 
+import errno
 import json
 import os
 import stat
@@ -192,6 +193,29 @@ def test_a_garbled_dirty_marker_reads_as_none(tiny, content):
     path.parent.mkdir(parents=True)
     path.write_text(content)
     assert tiny.store.dirty_since("web1") is None
+
+
+@pytest.mark.parametrize("content", ["", "{", '{"since": "yesterday"}'])
+def test_a_garbled_dirty_marker_is_written_anew(tiny, content):
+    """A marker half written (a crash, a full disc) or garbled would otherwise stand, read
+    as none, through a push that is then cut: the next one would not know it resumes."""
+    path = tiny.store.dirty_path("web1")
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    tiny.store.mark_dirty("web1", at(2026, 1, 1, 3, 0))
+    assert tiny.store.dirty_since("web1") == at(2026, 1, 1, 3, 0)
+
+
+def test_write_new_json_leaves_nothing_when_it_cannot_write(tmp_path, monkeypatch):
+    """A full disc: the new file goes again, not left empty where a reader takes it as none."""
+    path = tmp_path / "run" / "marker"
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(byteback.os, "fsync", full)
+    with pytest.raises(OSError):
+        byteback.write_new_json(path, {"since": "x"})
+    assert not os.path.lexists(path)
 
 
 def test_prepare_host_creates_host_and_current_and_refuses_a_symlinked_current(tiny, tmp_path):
