@@ -4357,7 +4357,7 @@ def create_snapshot(source: Path, parent: Path, name: str) -> None:
     (BTRFS_IOC_SNAP_CREATE_V2, which commits it).  Neither path is followed through a
     symlink.  Root only.  Raises OSError."""
     encoded = os.fsencode(name)
-    if not encoded or b"/" in encoded or encoded in (b".", b"..") or len(encoded) >= 4040:
+    if not encoded or b"/" in encoded or b"\0" in encoded or encoded in (b".", b"..") or len(encoded) >= 4040:
         raise OSError(errno.EINVAL, f"{name!r} is not a name in one directory")
     flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
     src = os.open(source, flags)
@@ -5577,10 +5577,13 @@ def wait_for_word(fd: int, timeout: float, clock: Callable[[], float] = time.mon
     while len(got) < len(want) and want.startswith(got):
         now = clock()
         left = deadline - now
-        if left <= 0:
-            return False
-        if not select.select([fd], [], [], max(0.0, min(left, next_idle - now)) if idle else left)[0]:
-            if idle is not None and clock() >= next_idle:
+        # Past the deadline, only what is there already is read: a word that came
+        # while idle ran (a sync can block) is still a go.
+        wait = 0.0 if left <= 0 else max(0.0, min(left, next_idle - now)) if idle else left
+        if not select.select([fd], [], [], wait)[0]:
+            if left <= 0:
+                return False
+            if idle is not None and clock() >= next_idle and deadline - clock() > every:
                 idle()
                 next_idle = clock() + every
             continue
@@ -8333,12 +8336,6 @@ def btrfs_subvolume_of(path: str, mounts: Sequence[tuple]) -> Optional[str]:
     return path if os.stat(path).st_ino == BTRFS_SUBVOLUME_INO else None
 
 
-# BTRFS_IOC_SNAP_CREATE_V2 (linux/btrfs.h): _IOW(0x94, 23, struct btrfs_ioctl_vol_args_v2),
-# a 4096-byte struct: fd, transid, flags, 32 unused bytes, then the name.
-BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417
-BTRFS_SUBVOL_RDONLY = 1 << 1
-
-
 def btrfs_snapshot_readonly(subvolume: str, place: str) -> None:
     """A read-only snapshot of subvolume at place, by the ioctl itself.
 
@@ -8354,7 +8351,7 @@ def btrfs_snapshot_readonly(subvolume: str, place: str) -> None:
         dst = os.open(os.path.dirname(place), os.O_RDONLY | os.O_DIRECTORY)
         try:
             # A mutable buffer: fcntl copies an immutable one only up to 1024 bytes.
-            args = bytearray(struct.pack("=qQQ32s4040s", src, 0, BTRFS_SUBVOL_RDONLY, b"", name))
+            args = bytearray(_VOL_ARGS_V2.pack(src, 0, BTRFS_SUBVOL_RDONLY, name))
             fcntl.ioctl(dst, BTRFS_IOC_SNAP_CREATE_V2, args, True)
         except OSError as e:
             raise ByteBackError(f"cannot snapshot {subvolume} to {place}: {e.strerror}") from None

@@ -51,7 +51,7 @@ def test_create_snapshot_makes_a_writable_copy_that_set_read_only_closes(btrfs_s
     assert not (source / "written").exists()        # a copy: the source is untouched
 
 
-@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "x" * 4040])
+@pytest.mark.parametrize("name", ["", ".", "..", "a/b", "a\0b", "x" * 4040])
 def test_create_snapshot_takes_one_name_in_one_directory(btrfs_store, name):
     source = btrfs_store / "src1" if (btrfs_store / "src1").exists() else _subvolume(btrfs_store, "src1")
     before = sorted(os.listdir(btrfs_store))

@@ -101,6 +101,23 @@ def test_the_deadline_holds_while_it_writes_out(pipe):
     assert 0.35 <= time.monotonic() - start < 3 and 2 <= len(calls) <= 4
 
 
+def test_a_word_that_came_while_it_wrote_out_is_a_go_past_the_deadline(pipe):
+    """A sync can block past the deadline: the word the client sent meanwhile still counts."""
+    r, w = pipe
+
+    def slow_write_out():
+        time.sleep(0.3)
+        os.write(w, b"go\n")
+    assert byteback.wait_for_word(r, 0.25, idle=slow_write_out, every=0.1) is True
+
+
+def test_it_does_not_write_out_when_less_than_an_interval_is_left(pipe):
+    r, _ = pipe
+    calls = []
+    assert byteback.wait_for_word(r, 0.15, idle=lambda: calls.append(1), every=0.1) is False
+    assert calls == []
+
+
 def test_write_out_store_is_harmless_where_there_is_no_btrfs(tmp_path):
     byteback.write_out_store(str(tmp_path))()                # ENOTTY on tmpfs/ext4: nothing
     byteback.write_out_store(str(tmp_path / "missing"))()    # no store there: nothing
