@@ -8849,6 +8849,32 @@ def names_under_sources(names: Sequence[bytes], sources: Sequence[str]) -> bool:
     return all(any(not r or (b"/" + n).startswith(r + b"/") for r in roots) for n in names)
 
 
+def names_to_send(names: Sequence[bytes]) -> Optional[List[bytes]]:
+    """Of the names an 'again:' listed (below /), those the named pass sends: each a
+    regular file reached through real directories only; one gone since is left out
+    (rsync would fail on it; the pass still unshares it).  None, for a whole pass, as
+    soon as one is anything else.  rsync's sender follows a symlink on a --files-from
+    entry's way, which a whole pass never does, and the names come from current,
+    which the shared backup user can write (fakesuper): a name planted below a
+    client's symlink would send what it points at, outside the sources."""
+    sent = []
+    for name in names:
+        path = b"/" + name
+        parent = os.path.dirname(path)
+        try:
+            if os.path.realpath(parent) != parent:
+                return None
+            st = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        except OSError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            return None
+        sent.append(name)
+    return sent
+
+
 def named_pass_argv(argv: Sequence[str], files_from: str) -> List[str]:
     """A push's rsync command line made to send only the names in files_from (NUL-separated,
     each below /) instead of its sources (pure).  rsync's filters still apply to them."""
@@ -9150,9 +9176,8 @@ def _push_and_complete(session: SshSession, plan: BackupPlan, args: argparse.Nam
             # Where it listed their names, only those are sent again.
             log.info("server: %s: copying once more", said[-1][len("byteback: "):].partition(AGAIN_NAMES_MARK)[0])
             names = again_names(said[-1])
-            if names and names_under_sources(names, plan.sources):
-                # one gone since is not named (rsync would fail on it); the pass still unshares it
-                names = [n for n in names if os.path.lexists(b"/" + n)]
+            names = names_to_send(names) if names and names_under_sources(names, plan.sources) else None
+            if names is not None:
                 import tempfile
                 private.append(tempfile.mkdtemp(prefix="byteback-"))
                 files_from = os.path.join(private[-1], "again-names")

@@ -272,3 +272,70 @@ def test_a_name_linked_outside_the_sources_makes_the_pass_copy_everything(remote
     assert contents(stored(snap, src)) == contents(src)
     assert contents(stored(first, src)) == OLD_TREE
     assert not os.path.lexists(first / "planted")
+
+
+# Run as the shared backup user while the client's first pass goes on: once rsync has
+# reached z/ (after lnk, in the file list's order), it writes into an old hard-linked
+# inode of current (so the snapshot refuses with 'again:' and lists that inode's names)
+# and gives the inode a new name below lnk, which is a symlink on the client.
+_PLANT_BELOW_A_SYMLINK = r'''
+import os, sys, time
+current, base = sys.argv[1], os.path.join(sys.argv[1], sys.argv[2])
+mark = os.path.join(base, "z", "f0")
+before = os.lstat(mark).st_mtime_ns
+print("watching", flush=True)
+deadline = time.time() + 60
+while time.time() < deadline:
+    if os.lstat(mark).st_mtime_ns != before:
+        with open(os.path.join(base, "a", "g1"), "r+b") as f:
+            f.write(b"WRITTEN")
+        planted = os.path.join(current, ".planted")
+        os.mkdir(planted)
+        os.link(os.path.join(base, "a", "g1"), os.path.join(planted, "key"))
+        os.rename(os.path.join(base, "lnk"), os.path.join(current, ".lnk-was"))
+        os.rename(planted, os.path.join(base, "lnk"))
+        print("planted", flush=True)
+        break
+    time.sleep(0.001)
+'''
+
+
+def test_a_name_planted_below_a_client_symlink_makes_the_pass_copy_everything(remote, tmp_path):
+    """fakesuper: the shared backup user can write current, so the names an 'again:' lists
+    are its to choose.  rsync's sender follows a symlink on a --files-from entry's way
+    (a whole pass never does): a name planted below one of the client's symlinks would
+    send what that points at, outside the sources.  The client copies everything instead."""
+    secret = tmp_path / "not-backed-up"
+    secret.mkdir()
+    (secret / "key").write_bytes(b"CLIENT SECRET\n")
+    src = tmp_path / "src"
+    (src / "a").mkdir(parents=True)
+    (src / "a" / "g1").write_bytes(b"group\n")
+    os.link(src / "a" / "g1", src / "a" / "g2")
+    os.symlink(secret, src / "lnk")
+    (src / "z").mkdir()
+    for i in range(3000):                            # work for the pass after lnk
+        (src / "z" / f"f{i}").write_bytes(os.urandom(2000))
+    backup(remote, src).check()
+    first = remote.host_dir / remote.snapshots()[-1]
+    for i in range(3000):
+        (src / "z" / f"f{i}").write_bytes(os.urandom(2000))
+    watcher = subprocess.Popen(
+        ["sudo", "-u", remote.env.user.name, "/usr/bin/python3", "-c", _PLANT_BELOW_A_SYMLINK,
+         str(remote.host_dir / "current"), str(src).lstrip("/")], stdout=subprocess.PIPE, universal_newlines=True)
+    try:
+        assert watcher.stdout.readline().strip() == "watching"
+        before = remote.snapshots()
+        result = backup(remote, src)
+        said = watcher.communicate(timeout=90)[0]
+    finally:
+        watcher.kill()
+    assert "planted" in said, "the backup user's plant did not happen: the test proves nothing"
+    assert "again: " in result.stderr and "copying only" not in result.stderr, result.stderr
+    result.check()
+    snap = new_snapshot(remote, before)
+    assert os.path.islink(stored(snap, src) / "lnk") or (stored(snap, src) / "lnk").is_file()
+    found = subprocess.run(["grep", "-rl", "CLIENT SECRET", str(remote.host_dir)],
+                           stdout=subprocess.PIPE, universal_newlines=True).stdout
+    assert found == ""
+    assert (stored(first, src) / "a" / "g1").read_bytes() == b"group\n"

@@ -593,6 +593,24 @@ def test_the_named_pass_sends_only_names_below_the_sources(names, sources, under
     assert byteback.names_under_sources(names, sources) is under
 
 
+def test_the_named_pass_sends_only_regular_files_reached_through_real_directories(tmp_path):
+    """rsync's sender follows a symlink on a --files-from entry's way: a name the shared
+    backup user planted below a client's symlink would send what it points at."""
+    root = os.fsencode(os.path.realpath(tmp_path)).lstrip(b"/")
+    (tmp_path / "src" / "a").mkdir(parents=True)
+    (tmp_path / "src" / "a" / "g1").write_bytes(b"g")
+    (tmp_path / "secret").mkdir()
+    (tmp_path / "secret" / "key").write_bytes(b"k")
+    os.symlink(tmp_path / "secret", tmp_path / "src" / "lnk")
+    os.symlink(tmp_path / "src" / "a" / "g1", tmp_path / "src" / "a" / "to-g1")
+    name = lambda rel: root + b"/" + rel
+    assert byteback.names_to_send([name(b"src/a/g1"), name(b"src/a/gone")]) == [name(b"src/a/g1")]
+    assert byteback.names_to_send([name(b"src/a/g1"), name(b"src/lnk/key")]) is None   # through a symlink
+    assert byteback.names_to_send([name(b"src/a/to-g1")]) is None                      # a symlink itself
+    assert byteback.names_to_send([name(b"src/a")]) is None                            # a directory
+    assert byteback.names_to_send([name(b"src/a/../a/g1")]) is None                    # not its own path
+
+
 def test_the_named_pass_argv_sends_the_list_instead_of_the_sources():
     argv = ["rsync", "--archive", "--hard-links", "--exclude=/x", "--", "/srv", "/home", "h:current/+complete"]
     assert byteback.named_pass_argv(argv, "/tmp/l") == [
