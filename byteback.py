@@ -5067,7 +5067,12 @@ class BtrfsStore(Store):
             # hard-linked name; whatever the pass does, this check is made
             # again at its snapshot.
             names = self._record_again(host, current, changed)
-            raise AnotherPass(again_message(len(changed), names))
+            if names:
+                # The names are the client's to choose, up to AGAIN_LIST_BYTES: the
+                # client reads them; the system log, on every such push, only their count.
+                log.warning("host %s: again: %s; %d names listed to the client", host,
+                            again_message(len(changed), None), len(names), extra={"syslog_only": True})
+            raise AnotherPass(again_message(len(changed), names), logged=bool(names))
         self._forget_again(host)
         host_dir = self.host_dir(host)
         tmp = host_dir / f".incomplete-{name}"
@@ -5262,8 +5267,8 @@ class AnotherPass(ByteBackError):
 
     Its message begins 'again: ', which the client looks for."""
 
-    def __init__(self, message: str):
-        super().__init__(f"again: {message}")
+    def __init__(self, message: str, *, logged: bool = False):
+        super().__init__(f"again: {message}", logged=logged)
 
 
 @contextlib.contextmanager

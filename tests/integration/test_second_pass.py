@@ -226,6 +226,8 @@ def test_a_group_edited_in_place_is_copied_again_by_its_names_alone(remote, tmp_
     result = backup(remote, src).check()
     assert "again: 1 hard-linked files in current were changed" in result.stderr, result.stderr
     assert "copying only the 2 names the server listed" in result.stderr, result.stderr
+    # The names go to the client alone (the system log has only their count, syslog_only).
+    assert result.stderr.count("names listed to the client") == 0, result.stderr
     snap = new_snapshot(remote, before)
     assert contents(stored(snap, src)) == contents(src)
     assert _ino(stored(snap, src) / "b") == _ino(stored(snap, src) / "b-link")
