@@ -6398,9 +6398,10 @@ def read_not_kept(store: Store, host: str, newest: Optional[Snapshot], now: dt.d
     return gaps if gaps.total and fresh else None
 
 
-# Debian's own secure_path: a server whose Python 3.8+ is in /usr/local/bin (built from
-# source beside an older system python3) keeps finding it under sudo.
-SUDOERS_SECURE_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+# Debian's own PATH for root's jobs, sudo's secure_path and the cron lines byteback
+# writes: a server whose Python 3.8+ is in /usr/local/bin (built from source beside an
+# older system python3) keeps finding it under sudo and from cron.
+SYSTEM_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
 def _sudoers_text(user: str, program: str, config_args: Sequence[str],
@@ -6410,11 +6411,11 @@ def _sudoers_text(user: str, program: str, config_args: Sequence[str],
     """The /etc/sudoers.d file that lets user run exactly these byteback commands as root (pure).
 
     secure_path: the zipapp's #! line looks python3 up on PATH, and sudo keeps the caller's
-    PATH where sudoers sets none (SUDOERS_SECURE_PATH)."""
+    PATH where sudoers sets none (SYSTEM_PATH)."""
     prefix = " ".join([program, *config_args])
     return (f"# Written by byteback {by}.  {user} may run exactly these as root:\n# {what}.\n"
             f"Defaults:{user} !requiretty\n"
-            f'Defaults:{user} secure_path="{SUDOERS_SECURE_PATH}"\n'
+            f'Defaults:{user} secure_path="{SYSTEM_PATH}"\n'
             + "".join(f"{user} ALL = (root) NOPASSWD: {prefix} {words}\n" for words in commands))
 
 
@@ -7087,7 +7088,7 @@ def cron_text(job: Job, minute: int, hour: int) -> str:
     return (f"# byteback: the {'hourly' if job.hourly else 'daily'} {job.what}; its time was drawn at "
             f"random so that many machines\n# do not run at once.  {JOB_MARK} "
             f"({'setup-server' if job.what == 'prune' else 'install-cron'}); re-runs keep the time.\n"
-            "SHELL=/bin/sh\nPATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin\n"
+            f"SHELL=/bin/sh\nPATH={SYSTEM_PATH}\n"
             f"{when} root {shlex.join(job.argv)}\n")
 
 

@@ -32,6 +32,12 @@ how many hard-linked files were among those changed.  Each run starts after
 a sync, untimed (timed): none pays for writing out another's files.  The
 targets (TARGETS below) are checked at the end; the test fails past any of
 them and prints every figure either way.
+
+byteback's client runs with the PATH its cron job sets (byteback.SYSTEM_PATH,
+which install-cron writes), as a nightly backup does: the python3 it finds is
+the system's, not whatever an interactive shell puts first (on the machine of
+this project's figures, pyenv's shim of shell scripts, ~50 ms a start).  Raw
+rsync and ssh are /usr/bin's either way.
 """
 from __future__ import annotations
 
@@ -49,8 +55,9 @@ from pathlib import Path
 import pytest
 
 HERE = Path(__file__).resolve().parent
-sys.path[:0] = [str(HERE.parent / "integration")]
+sys.path[:0] = [str(HERE.parent / "integration"), str(HERE.parent.parent)]
 from remote_env import RemoteByteback, remote_byteback  # noqa: E402
+import byteback  # noqa: E402
 from sshd_env import _sigterm_as_interrupt, _skip_or_check  # noqa: E402
 
 FILES = int(os.environ.get("BENCH_FILES", "30000"))
@@ -168,7 +175,7 @@ class Bench:
         self.rsh = env.rsync_rsh(env.admin_key)
         self.login = f"{env.user.name}@{env.host}"
         self.raw_env = {k: v for k, v in os.environ.items() if k != "SSH_AUTH_SOCK"}
-        self.client_env = dict(self.raw_env, BYTEBACK_STATE_DIR=str(remote.client_state))
+        self.client_env = dict(self.raw_env, BYTEBACK_STATE_DIR=str(remote.client_state), PATH=byteback.SYSTEM_PATH)
         self.times = {}          # (system, run) -> [seconds]
         self.rss = []            # byteback's own process
         self.tree_rss = []       # its largest process (rsync, ssh or itself)

@@ -141,7 +141,7 @@ def test_a_host_accounts_sudo_lines_name_only_its_host():
                                    for l in text.splitlines())
     assert "." not in byteback.host_sudoers_path("byteback-h.x").name
     # sudo keeps the caller's PATH where sudoers sets no secure_path; the zipapp's #! looks on PATH
-    assert f'Defaults:byteback-web1 secure_path="{byteback.SUDOERS_SECURE_PATH}"' in text.splitlines()
+    assert f'Defaults:byteback-web1 secure_path="{byteback.SYSTEM_PATH}"' in text.splitlines()
 
 
 CAPS = "e.iLsfxCIvu"
