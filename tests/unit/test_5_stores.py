@@ -558,6 +558,50 @@ def test_a_shared_inode_remembers_its_items_across_buffers():
     assert shared.items != _before((108, _extent(4, 1 << 20, 4096), 0), (108, _extent(20, 2 << 20, 4096), 0)).items
 
 
+# A full measure passes over the items of leaves written before `since` (the search
+# header's transid is the leaf's generation): in such a leaf only sizes and linked names
+# count, and a shared inode read just before it still takes its items into its digest.
+# The same items in a leaf written since must give the same tally.
+OLD_LEAF, NEW_LEAF, SINCE = 5, 20, 10
+LEAVES = [
+    (OLD_LEAF, 256, 1, _inode(4, 6, mode=0o040755), 0),          # a directory with a size: never counted
+    (OLD_LEAF, 257, 1, _linked_inode(2, 4, 3), 0),               # a linked file, untouched: 3 names
+    (OLD_LEAF, 258, 1, _inode(4, 100), 0),
+    (OLD_LEAF, 258, 108, _extent(4, 5 << 20, 4096), 0),
+    (NEW_LEAF, 300, 1, _linked_inode(3, 20, 2), 0),              # an old shared inode written (chmod) ...
+    (OLD_LEAF, 300, 24, _name_item(4, b"user.rsync.%stat", b"100644 0,0 0:0"), 77),   # ... whose xattr
+    (OLD_LEAF, 300, 108, _extent(4, 1 << 20, 4096), 0),          # and extents sit in old leaves
+    (OLD_LEAF, 300, 108, _extent(4, 2 << 20, 4096), 4096),
+    (NEW_LEAF, 301, 1, _inode(20, 50), 0),
+    (NEW_LEAF, 301, 108, _extent(20, 3 << 20, 4096), 0),
+    (OLD_LEAF, 302, 1, _linked_inode(2, 4, 2), 0),               # another linked file, after a new leaf
+]
+
+
+def _leaves(leaves, as_new=False):
+    return [_record(NEW_LEAF if as_new else leaf, objectid, kind, item, offset)
+            for leaf, objectid, kind, item, offset in leaves]
+
+
+def _shared_view(usage):
+    return [(s.inode, s.made, s.nlink, s.stat, s.items, s.written) for s in usage.shared]
+
+
+def test_a_full_measure_passes_over_old_leaves_and_counts_the_same():
+    skipping, _ = _tally(_leaves(LEAVES), since=SINCE)
+    reading, _ = _tally(_leaves(LEAVES, as_new=True), since=SINCE)     # no leaf is old: every item read
+    assert skipping.size == reading.size == 100 + 7 + 7 + 50 + 7        # regular files only
+    assert skipping.linked == reading.linked == 3 + 2 + 2
+    assert (skipping.data, skipping.metadata, skipping.generation) == (
+        reading.data, reading.metadata, reading.generation)
+    assert [s.inode for s in skipping.shared] == [300]
+    assert _shared_view(skipping) == _shared_view(reading)
+    assert skipping.shared[0].items == _before(*[(kind, item, offset) for _, objectid, kind, item, offset in LEAVES
+                                                 if objectid == 300 and kind != 1]).items
+    first, _ = _tally(_leaves(LEAVES), since=0)                         # nothing old: no leaf passed over
+    assert (first.size, first.linked) == (skipping.size, skipping.linked)
+
+
 def test_unshare_gives_every_name_of_a_shared_inode_its_own(tiny):
     """All names, the last one left on the old inode too: rsync may link the others back to it."""
     current = tiny.store.prepare_host("web1")
