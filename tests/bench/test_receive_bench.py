@@ -35,9 +35,8 @@ them and prints every figure either way.
 
 byteback's client runs with the PATH its cron job sets (byteback.SYSTEM_PATH,
 which install-cron writes), as a nightly backup does: the python3 it finds is
-the system's, not whatever an interactive shell puts first (on the machine of
-this project's figures, pyenv's shim of shell scripts, ~50 ms a start).  Raw
-rsync and ssh are /usr/bin's either way.
+the system's, not whatever the shell that started the benchmark puts first.
+Raw rsync and ssh are /usr/bin's either way.
 """
 from __future__ import annotations
 
