@@ -1788,10 +1788,10 @@ def _recorded_at(backups: Sequence[dict], key: str) -> Optional[int]:
 
 
 @functools.lru_cache(maxsize=64)
-def _growth_rates(growths: tuple) -> List[float]:
+def _growth_rates(growths: tuple) -> tuple:
     """Each growth per 30 days as a rate per second (what _normal_backups caps by): the same
     few for every entry of a run."""
-    return [math.log1p(growth) / (SHARE_WINDOW_DAYS * DAY) for growth in growths]
+    return tuple(math.log1p(growth) / (SHARE_WINDOW_DAYS * DAY) for growth in growths)
 
 
 def _normal_backups(backups: Sequence[dict], *, history: int, floor: float,
@@ -1963,7 +1963,7 @@ class PrunePlan(NamedTuple):
     contained: Dict[str, int]              # host -> excess bytes not pruned for
     rollbacks: List[str]
     notes: List[str]                       # WARNING lines for the log and status
-    steps: Iterator[PlanStep]              # (of _fair_steps: its all() takes every one at once)
+    steps: Iterator[PlanStep]              # a _FairSteps (section 5d): its all() takes every one at once
     # The clock played no part (no growth budget was asked, nor force): with the same
     # histories and pending uploads, and only snapshots deleted, a later plan accepts,
     # contains and rolls back nothing either, and has the same goal.
@@ -2509,7 +2509,7 @@ class _FairOrder:
 
     A host's entries start with -claim / weight and what the entry is.  A host's own
     entries come out of its host_deletion_order in a doubling batch at a time (the first
-    batch is one step), made at once: a host's claim, hence its ratio at each of its steps,
+    batch is one step; everything(), for prune --list, takes each whole order in one), made at once: a host's claim, hence its ratio at each of its steps,
     changes with its own deletions only.  Working through one host's order for a while,
     instead of one step of each host in turn, keeps its data in the processor's cache, and
     a prune that stops early has worked out at most twice the steps it took.  A step's entry

@@ -21,6 +21,7 @@ YEAR_DAYS = 365.25
 START = dt.datetime(2023, 1, 2, 1, 0, tzinfo=dt.timezone.utc)
 
 HOSTILE_KINDS = ("none", "flood", "huge", "fill")
+MOMENTS_KEPT = 500_000               # backups whose moments a workload keeps made (see make_workload)
 
 
 class DiskSpec(NamedTuple):
@@ -194,7 +195,10 @@ def make_workload(params: Params) -> Workload:
             minute += params.min_interval
     backups.sort(key=lambda b: (b.minute, b.host))
     end = (params.steps - 1) * params.interval + (hosts[-1].offset if hosts else 0) + 1
-    return Workload(hosts, backups, end, {b.minute: moment(b.minute) for b in backups})
+    # Each backup's moment and snapshot name, made once for every policy: ~260 bytes a
+    # backup, so only up to MOMENTS_KEPT of them (the engine makes any other as it goes).
+    moments = {b.minute: moment(b.minute) for b in backups} if len(backups) <= MOMENTS_KEPT else None
+    return Workload(hosts, backups, end, moments)
 
 
 def disk_bytes(params: Params, hosts: List[Host], minute: Optional[int] = None) -> int:

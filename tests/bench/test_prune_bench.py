@@ -10,11 +10,11 @@ and reading them (store.snapshots(), a directory walk) is not counted: only
 the pure retention code is.  Every run is timed as a prune process runs it:
 it gets a state of its own, new objects as a prune reads them from the
 store, and plan_prune's memory of the facts it saw last (simulate's cache)
-is emptied before it, so the run neither is served from it nor frees the
+and of age texts is emptied before it, so the run neither is served from it nor frees the
 run before's store there (a prune process knows no earlier store); what the
 run returns (the plan, and its first step or the table) is freed after its
 time is taken: a prune holds its plan until its last deletion, and prune
---list prints the table and ends through end_process, which frees nothing.
+--list frees its plan only after the table is printed.
 
 Run it with:   python3 -m pytest -m bench tests/bench/test_prune_bench.py -s
 or directly:   python3 tests/bench/test_prune_bench.py
@@ -48,10 +48,13 @@ def build_state(hosts: int, per_host: int, seed: int = 1):
 
 
 def fresh_process() -> None:
-    """plan_prune's memory of the last facts (simulate's cache) emptied, as in a new prune process."""
+    """plan_prune's memory of the last facts (simulate's cache) and the age texts emptied, as in a
+    new prune process."""
     import byteback
     byteback._HOST_VIEWS.clear()
     byteback._LAST_PLAN[0] = None
+    byteback._DAYS_TEXT.clear()
+    byteback._HOURS_TEXT.clear()
 
 
 def best_of(runs: int, hosts: int, per_host: int, call) -> float:

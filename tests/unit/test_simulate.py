@@ -173,6 +173,18 @@ def test_the_same_seed_gives_the_same_run_and_another_seed_another():
     assert run(4) != run(5)
 
 
+def test_a_workload_past_the_moments_it_keeps_runs_the_same(monkeypatch):
+    """The moments a workload makes once are ~260 bytes a backup: past MOMENTS_KEPT the
+    engine makes each as it goes, to the same run."""
+    params = model.Params(hosts=2, years=0.3, seed=3)
+    kept = model.make_workload(params)
+    monkeypatch.setattr(model, "MOMENTS_KEPT", len(kept.backups) - 1)
+    made = model.make_workload(params)
+    assert kept.moments and made.moments is None
+    a, b = (engine.run_policy(params, w, policies.policy_named("week")) for w in (kept, made))
+    assert (a.kept, a.stats.as_dict(), a.final) == (b.kept, b.stats.as_dict(), b.final)
+
+
 def test_workload_draws_do_not_depend_on_the_probabilities():
     a = model.make_workload(model.Params(hosts=2, years=0.2, seed=9, fail=0.0))
     b = model.make_workload(model.Params(hosts=2, years=0.2, seed=9, fail=0.5))
