@@ -3606,25 +3606,24 @@ def _give_own_inode(path: str, st: os.stat_result, reflink: bool, as_root: bool)
     """Replace path by a file of the same content and attributes that shares no inode.
 
     On btrfs a reflinked copy costs no data blocks and keeps --inplace's delta
-    basis.  Elsewhere, or when that fails, dropping the name is safe too:
-    rsync sends the file again, or --link-dest links it again if unchanged.
+    basis (_clone_at, in path's directory).  Elsewhere, or when that fails, dropping
+    the name is safe too: rsync sends the file again, or --link-dest links it again
+    if unchanged.
     """
     if reflink and stat.S_ISREG(st.st_mode):
-        tmp = f"{path}.byteback-unshare"
+        head, tail = os.path.split(path)
         try:
-            with open(path, "rb") as src, open(tmp, "xb") as dst:
-                fcntl.ioctl(dst.fileno(), FICLONE, src.fileno())
-            for name in os.listxattr(path, follow_symlinks=False):
-                os.setxattr(tmp, name, os.getxattr(path, name, follow_symlinks=False), follow_symlinks=False)
-            if as_root:
-                os.chown(tmp, st.st_uid, st.st_gid)
-            os.chmod(tmp, stat.S_IMODE(st.st_mode))
-            os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
-            os.rename(tmp, path)
-            return
+            fd = os.open(head or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         except OSError:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
+            pass
+        else:
+            try:
+                _clone_at(fd, os.fsencode(tail), st, as_root)
+                return
+            except OSError:
+                pass                 # no longer that file: its name goes
+            finally:
+                os.close(fd)
     os.unlink(path)
 
 
