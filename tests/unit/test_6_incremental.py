@@ -162,6 +162,8 @@ def test_history_entry_resumes_its_normals_as_the_whole_walk_does(records, histo
                                             floor=config.suspicion_floor / 4, keys=keys)
         if "normal" in entry:
             assert (entry["normal"], entry["share"]) == tuple(map(int, expected))
+        else:                                    # only where nothing counts yet: a full copy alone
+            assert not byteback.counted_sizes(list(history) + [bare])
         history = (history + (entry,))[-30:]
 
 
