@@ -3658,7 +3658,8 @@ def _clone_at(dir_fd: int, name: bytes, st: os.stat_result, as_root: bool) -> No
     src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     tmp = b".byteback-own-%d" % os.getpid()
     try:
-        if (os.fstat(src).st_ino, os.fstat(src).st_dev) != (st.st_ino, st.st_dev):
+        found = os.fstat(src)
+        if (found.st_ino, found.st_dev) != (st.st_ino, st.st_dev):
             raise OSError(errno.EAGAIN, "replaced while it was given an inode of its own", name)
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp, dir_fd=dir_fd)
@@ -4351,10 +4352,10 @@ BTRFS_SUBVOL_RDONLY = 2                  # the flag these two calls take (not th
 _VOL_ARGS_V2 = struct.Struct("<qQQ32x4040s")
 
 
-def create_snapshot(source: Path, parent: Path, name: str) -> None:
-    """A writable snapshot of the subvolume at `source`, as `name` in directory `parent`
-    (BTRFS_IOC_SNAP_CREATE_V2, which commits it).  Neither path is followed through a
-    symlink.  Root only.  Raises OSError."""
+def create_snapshot(source: Path, parent: Path, name: str, *, read_only: bool = False) -> None:
+    """A snapshot of the subvolume at `source`, as `name` in directory `parent`, writable
+    unless read_only (BTRFS_IOC_SNAP_CREATE_V2, which commits it).  Neither path is
+    followed through a symlink.  Root only.  Raises OSError."""
     encoded = os.fsencode(name)
     if not encoded or b"/" in encoded or b"\0" in encoded or encoded in (b".", b"..") or len(encoded) >= 4040:
         raise OSError(errno.EINVAL, f"{name!r} is not a name in one directory")
@@ -4363,7 +4364,9 @@ def create_snapshot(source: Path, parent: Path, name: str) -> None:
     try:
         dst = os.open(parent, flags)
         try:
-            fcntl.ioctl(dst, BTRFS_IOC_SNAP_CREATE_V2, bytearray(_VOL_ARGS_V2.pack(src, 0, 0, encoded)))
+            # A mutable buffer: fcntl copies an immutable one only up to 1024 bytes.
+            args = _VOL_ARGS_V2.pack(src, 0, BTRFS_SUBVOL_RDONLY if read_only else 0, encoded)
+            fcntl.ioctl(dst, BTRFS_IOC_SNAP_CREATE_V2, bytearray(args))
         finally:
             os.close(dst)
     finally:
@@ -8342,28 +8345,16 @@ def btrfs_subvolume_of(path: str, mounts: Sequence[tuple]) -> Optional[str]:
 
 
 def btrfs_snapshot_readonly(subvolume: str, place: str) -> None:
-    """A read-only snapshot of subvolume at place, by the ioctl itself.
+    """A read-only snapshot of subvolume at place, by the ioctl itself (create_snapshot).
 
     Not through `btrfs subvolume snapshot`: starting a program while the
     database's writers wait would add its start-up time to their wait.
     """
     log.debug("btrfs snapshot -r %s %s", subvolume, place)
-    name = os.fsencode(os.path.basename(place))
-    if len(name) > 4039:
-        raise ByteBackError(f"snapshot name too long: {place}")
-    src = os.open(subvolume, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        dst = os.open(os.path.dirname(place), os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            # A mutable buffer: fcntl copies an immutable one only up to 1024 bytes.
-            args = bytearray(_VOL_ARGS_V2.pack(src, 0, BTRFS_SUBVOL_RDONLY, name))
-            fcntl.ioctl(dst, BTRFS_IOC_SNAP_CREATE_V2, args, True)
-        except OSError as e:
-            raise ByteBackError(f"cannot snapshot {subvolume} to {place}: {e.strerror}") from None
-        finally:
-            os.close(dst)
-    finally:
-        os.close(src)
+        create_snapshot(Path(subvolume), Path(os.path.dirname(place)), os.path.basename(place), read_only=True)
+    except OSError as e:
+        raise ByteBackError(f"cannot snapshot {subvolume} to {place}: {e.strerror}") from None
 
 
 def sync_filesystem(path: str) -> None:
@@ -8850,8 +8841,7 @@ def names_under_sources(names: Sequence[bytes], sources: Sequence[str]) -> bool:
     """Whether every name an 'again:' listed (a path below current, which --relative
     makes the client's own path) lies below one of the backup's sources (pure).  A
     server could list any path: the named pass must send nothing the backup would not."""
-    roots = [os.fsencode(s).rstrip(b"/") for s in sources]
-    return all(any(not r or (b"/" + n).startswith(r + b"/") for r in roots) for n in names)
+    return all(any(_is_within(os.fsdecode(b"/" + n), s) for s in sources) for n in names)
 
 
 def names_to_send(names: Sequence[bytes]) -> Optional[List[bytes]]:
