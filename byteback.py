@@ -10175,7 +10175,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
 
     only: that command's subparser alone, for a command line that names it (main):
     it parses that line as the whole parser does, and the other subparsers cost
-    each start ~2 ms, three starts a backup (issue 14)."""
+    each start ~2 ms, three starts a backup (issue 14).  A name that is no command
+    gets the whole parser, whose error lists the commands."""
     parser = argparse.ArgumentParser(
         prog="byteback", description="Maintenance-free client/server backups: rsync over "
         "OpenSSH into read-only snapshots that are pruned automatically.",
@@ -10185,9 +10186,8 @@ def build_parser(only: Optional[str] = None) -> argparse.ArgumentParser:
                         help="configuration directory (default: $BYTEBACK_CONFIG_DIR or /etc/byteback)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
-    for command in commands():
-        if only is not None and command.name != only:
-            continue
+    every = commands()
+    for command in [c for c in every if c.name == only] or every:
         p = sub.add_parser(command.name, help=command.help, description=command.description,
                            add_help=command.add_help)
         if command.verbose:
@@ -10244,7 +10244,7 @@ def main(argv: Optional[Sequence[str]] = None, context: Optional[Context] = None
     command_at = _command_index(argv)
     # The whole parser wherever its help or its list of commands may be shown.
     named = argv[command_at] if command_at is not None and not set(argv[:command_at]) & set(GLOBAL_FLAGS) else None
-    parser = build_parser(named if named in {c.name for c in commands()} else None)
+    parser = build_parser(named)
     if command_at is not None and argv[command_at] == "simulate":
         # Its own parser sees its words untouched (argparse's REMAINDER would
         # drop a leading --help).  Loaded only here: cron's backup never needs it.

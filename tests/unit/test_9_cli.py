@@ -48,7 +48,8 @@ def test_the_named_command_alone_parses_as_the_whole_parser(argv):
 
 
 @pytest.mark.parametrize("argv", [["backup", "--help"], ["backup", "--no-such-option"], ["-h", "backup"],
-                                  ["--help", "backup"], ["backup", "--retry-number", "x"]])
+                                  ["--help", "backup"], ["backup", "--retry-number", "x"],
+                                  ["no-such-command"], ["no-such-command", "--help"]])
 def test_help_and_usage_errors_read_as_with_the_whole_parser(argv, capsys):
     codes, said = [], []
     for parser in (byteback.build_parser(), None):
