@@ -664,12 +664,7 @@ def write_file_atomically(path: Path, text: str, mode: int = 0o644, *, durable: 
         os.unlink(tmp)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            if durable:
-                os.fsync(f.fileno())
-            os.fchmod(f.fileno(), mode)     # the file itself: its name may be another's by now
+        _write_to_new_file(fd, text, mode, durable)
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -682,6 +677,18 @@ def write_file_atomically(path: Path, text: str, mode: int = 0o644, *, durable: 
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def _write_to_new_file(fd: int, text: str, mode: int, durable: bool) -> None:
+    """Write text into the file just created at fd, and close it: its data on disc
+    first where durable, then its mode set on the file itself (its name may be
+    another's by now)."""
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        if durable:
+            os.fsync(f.fileno())
+        os.fchmod(f.fileno(), mode)
 
 
 def write_json_atomically(path: Path, data: object, *, durable: bool = True) -> None:
@@ -706,11 +713,7 @@ def write_new_json(path: Path, data: object, mode: int = 0o644) -> None:
         write_file_atomically(path, text, mode)
         return
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-            os.fchmod(f.fileno(), mode)
+        _write_to_new_file(fd, text, mode, durable=True)
     except BaseException:
         # A full disc, say: what was created goes, or it would stand, empty, for the
         # file (a reader takes it as none, and a writer that only writes where nothing
