@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import treeutil  # noqa: E402
 from remote_env import Result, byteback_remote  # noqa: E402,F401,F811 (fixture)
 from sshd_env import btrfs_mount  # noqa: E402
+from test_local_backup import _btrfs_skip_reason  # noqa: E402
 from treeutil import IS_ROOT, assert_same, generate_tree, scan  # noqa: E402
 
 pytestmark = pytest.mark.integration
@@ -143,16 +144,6 @@ class RemoteSide(Side):
 
     def server_status(self, *args: str) -> Result:
         return self.remote.server("status", "--store", str(self.store), *args)
-
-
-def _btrfs_skip_reason() -> Optional[str]:
-    if not IS_ROOT:
-        return "needs root: a btrfs loop mount and read-only snapshots need root"
-    if shutil.which("mkfs.btrfs") is None or shutil.which("btrfs") is None:
-        return "needs btrfs-progs (mkfs.btrfs, btrfs): apt-get install btrfs-progs"
-    if not os.path.exists("/dev/loop-control"):
-        return "needs loop devices (/dev/loop-control) to mount a btrfs file"
-    return None
 
 
 @pytest.fixture(scope="module", params=["hardlink", "btrfs", "remote"])
