@@ -61,7 +61,7 @@ import sys
 import time
 from pathlib import Path
 from typing import (Callable, Container, Dict, Iterable, Iterator, List, NamedTuple, NoReturn, Optional, Sequence,
-                    Union)
+                    Set, Union)
 
 # Every command starts Python afresh, the server's several times a backup (issue 14):
 # modules only some commands need (ctypes, hashlib, logging.handlers, socket,
@@ -554,6 +554,17 @@ def _libc_call(name: str, *args) -> None:
     if func(*args) != 0:
         err = ctypes.get_errno()
         raise OSError(err, f"{name}: {os.strerror(err)}")
+
+
+def sync_filesystem(path: str) -> None:
+    """Write out the dirty data of the filesystem holding path (syncfs(2))."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        _libc_call("syncfs", fd)
+    except OSError as e:
+        log.info("syncfs %s: %s", path, e)
+    finally:
+        os.close(fd)
 
 
 # --- 2c. Locks and files -----------------------------------------------------
@@ -4713,6 +4724,12 @@ class Store:
             return None
         return since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
 
+    def unfinished_hosts(self, hosts: Iterable[str]) -> Set[str]:
+        """The hosts whose current may hold an unfinished upload: here, those whose in-progress
+        marker says so (the hardlink backend has nothing else to go by: the backup user owns
+        every file of current and of its snapshots alike)."""
+        return {h for h in hosts if self.dirty_since(h) is not None}
+
     def clear_dirty(self, host: str) -> None:
         """The backup is finished.  Whatever sits at the marker's path goes, a planted directory too."""
         path = self.dirty_path(host)
@@ -5032,6 +5049,44 @@ class BtrfsStore(Store):
         since = written_since(last_measured(self.read_history(host)))
         planted = sum(size for _, _, size in planted_subvolumes(current))
         return measure_subvolume(current, since, full=False)[1] + planted
+
+    def unfinished_hosts(self, hosts: Iterable[str]) -> Set[str]:
+        """Those whose marker says so, and those whose current the filesystem says was written
+        since its newest snapshot was taken from it.
+
+        The marker is in run/ (or sessions/<host>), which the upload's own writer owns: a
+        shell as the backup user fills current with junk and removes or garbles the marker,
+        and prune, seeing no unfinished upload, deleted every other host's history for the
+        space.  A snapshot leaves current's generation at the snapshot's own; any later write
+        raises it once committed, hence root's one sync first (for every host at once).  The
+        backup user's look (prune_would_act, at every push) is a hint and spares the wait:
+        root's own prune after the snapshot settles first."""
+        hosts = list(hosts)
+        found = Store.unfinished_hosts(self, hosts)
+        if self.as_root and len(found) < len(hosts):
+            sync_filesystem(str(self.root))
+        for h in hosts:
+            if h not in found and self._written_since_snapshot(h):
+                log.info("host %s: current was written since its newest snapshot and has no in-progress "
+                         "marker: measured as an unfinished upload", h)
+                found.add(h)
+        return found
+
+    def _written_since_snapshot(self, host: str) -> bool:
+        current = self.current(host)
+        snaps = self.snapshots(host)
+        if not snaps or not is_btrfs_subvolume(current):
+            return False
+        try:
+            info = subvolume_info_at(current)
+            newest = self.snapshot_path(snaps[-1])
+            # A current made after the newest (a roll-back's writable snapshot of it) counts
+            # from its own making; a newest that is no subvolume (hardlink-made) tells nothing.
+            since = max(info.created, subvolume_info_at(newest).created if is_btrfs_subvolume(newest) else 0)
+        except ByteBackError as e:
+            log.warning("host %s: %s; its current counts as holding an unfinished upload", host, e)
+            return True
+        return info.generation > since
 
     def remove_planted(self, path: Path) -> tuple:
         """Delete, as root and by id, every subvolume inside the subvolume at path, deepest
@@ -5396,8 +5451,10 @@ def read_prune_state(store: Store, now: Optional[dt.datetime] = None,
     (session_state): its upload is rolled back like any abandoned one."""
     hosts = {}
     clock = now.timestamp() if now is not None else time.time()
-    for h in store.hosts():
-        pending = store.pending_bytes(h) if store.dirty_since(h) is not None else None
+    names = store.hosts()
+    unfinished = store.unfinished_hosts(names)
+    for h in names:
+        pending = store.pending_bytes(h) if h in unfinished else None
         running = pending is not None and session_state(store.session_lock_path(h), clock, timeout)[0] == "running"
         hosts[h] = HostFacts(tuple(store.snapshots(h)), tuple(store.read_history(h)), pending, running)
     return PruneState(hosts, store.free_bytes(), store.total_bytes(), store.unaccounted_bytes())
@@ -5631,8 +5688,7 @@ def prune_would_act(store: Store, config: ServerConfig, now: dt.datetime) -> boo
     push's own prune (prepare_backup) would roll back, accept or delete
     nothing: the last snapshot's prune, or the scheduled one, did it already.
     """
-    hosts = store.hosts()
-    if any(store.dirty_since(h) is not None for h in hosts):
+    if store.unfinished_hosts(store.hosts()):
         return True
     plan = plan_prune(read_prune_state(store, now, config.rsync_timeout), now=now, config=config)
     return bool(plan.rollbacks or plan.accepted or plan.short(plan.free))
@@ -8358,17 +8414,6 @@ def btrfs_snapshot_readonly(subvolume: str, place: str) -> None:
         create_snapshot(Path(subvolume), Path(os.path.dirname(place)), os.path.basename(place), read_only=True)
     except OSError as e:
         raise ByteBackError(f"cannot snapshot {subvolume} to {place}: {e.strerror}") from None
-
-
-def sync_filesystem(path: str) -> None:
-    """Write out the dirty data of the filesystem holding path (syncfs(2))."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        _libc_call("syncfs", fd)
-    except OSError as e:
-        log.info("syncfs %s: %s", path, e)
-    finally:
-        os.close(fd)
 
 
 def _dirs_within(datadir: str, depth: int = 2) -> Iterator[str]:
