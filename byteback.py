@@ -4302,7 +4302,15 @@ def nested_subvolumes(fd: int) -> List[tuple]:
     while todo:
         parent, prefix = todo.pop()
         for child, dirid, name in _child_subvolumes(fd, parent):
-            path = prefix + _directory_path(fd, parent, dirid) + name
+            try:
+                below = _directory_path(fd, parent, dirid)
+            except OSError as e:
+                if e.errno != errno.ENAMETOOLONG:
+                    raise
+                # Deeper than INO_LOOKUP's 4080 bytes (a shell's doing, never rsync's): named by
+                # its directory's inode, so that it is still found, counted and logged.
+                below = b"<directory inode %d>/" % dirid
+            path = prefix + below + name
             found.append((child, path))
             todo.append((child, path + b"/"))
     return found
@@ -4573,12 +4581,17 @@ def take_session(store: Store, host: str, timeout: float,
                      if user != 0 and _process_uid(pid) == user)
     log.warning("host %s: ending a stuck session (process %s, no data for %s)", host,
                 ", ".join(map(str, holders)), format_duration(quiet or 0))
-    for pid in holders:
-        with contextlib.suppress(OSError):     # only the backup user's own processes can be ended
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + 5
-    while lock_holders(store.session_lock_path(host)) and time.monotonic() < deadline:
-        sleep(0.1)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        # Asked first; one that ignores it (a shell's, holding the lock to keep its junk
+        # from a roll-back) is killed after the grace.
+        for pid in holders:
+            with contextlib.suppress(OSError):     # only the backup user's own processes can be ended
+                os.kill(pid, sig)
+        deadline = time.monotonic() + 5
+        while lock_holders(path) and time.monotonic() < deadline:
+            sleep(0.1)
+        if not lock_holders(path):
+            break
     return store.session_lock(host).__enter__()
 
 
@@ -5083,10 +5096,15 @@ class BtrfsStore(Store):
             # A current made after the newest (a roll-back's writable snapshot of it) counts
             # from its own making; a newest that is no subvolume (hardlink-made) tells nothing.
             since = max(info.created, subvolume_info_at(newest).created if is_btrfs_subvolume(newest) else 0)
+            if info.generation > since:
+                return True
+            # A subvolume planted in current (between take_snapshot's remove_planted and the
+            # snapshot itself) takes writes that never move current's own generation; rsync
+            # never makes one, so one there is an unfinished upload too.  Root only reads them.
+            return self.as_root and bool(planted_subvolumes(current))
         except ByteBackError as e:
             log.warning("host %s: %s; its current counts as holding an unfinished upload", host, e)
             return True
-        return info.generation > since
 
     def remove_planted(self, path: Path) -> tuple:
         """Delete, as root and by id, every subvolume inside the subvolume at path, deepest
@@ -5500,8 +5518,18 @@ def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: 
     if not dry_run:
         for host in sorted({a.host for a in plan.accepted if a.snapshot}):
             store.write_history(host, record_acceptances(store.read_history(host), plan.accepted, now))
-        for host in plan.rollbacks:
-            store.roll_back(host, config.rsync_timeout)
+        refused = [host for host in plan.rollbacks if not store.roll_back(host, config.rsync_timeout)]
+        if refused:
+            # Its upload is still on the disc (a session that would not end, a subvolume that
+            # cannot be deleted): planned again as one in progress, contained, or the deletions
+            # below would make room for it with every other host's history.
+            hosts = dict(state.hosts)
+            for host in refused:
+                hosts[host] = hosts[host]._replace(running=True)
+                log.warning("prune: host %s: its unfinished upload stays (not rolled back): contained, "
+                            "not pruned for", host)
+            state = state._replace(hosts=hosts, free=store.free_bytes())
+            plan = plan_prune(state, now=now, config=config, order=order, force=force)
     free = store.free_bytes() if plan.rollbacks and not dry_run else plan.free
     if not plan.short(free):
         log.info("prune: %s free, goal %s (target %s): nothing to delete", format_size(free),

@@ -10,6 +10,7 @@ store, the real sshd, forced command and cron prune.
 """
 from __future__ import annotations
 
+import datetime as dt
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[2]))
 import byteback  # noqa: E402
 from remote_env import remote_byteback  # noqa: E402
+from sshd_env import _skip_or_check, btrfs_mount  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20
@@ -83,3 +85,106 @@ def test_junk_in_current_without_its_marker_is_rolled_back_and_no_history_goes(r
     assert not (current / "junk").exists(), result.stderr            # rolled back
     assert _free(remote.store) > 300 * MIB
     assert {h: _names(remote, h) for h in kept} == kept               # no history went for it
+
+
+# --- The same attack by other ways around the marker, on the store's own calls (the review's
+# proofs of concept): root's side in this process, the backup user a uid of its own.
+
+NOBODY = 65534
+T0 = dt.datetime(2026, 11, 1, 3, 0, tzinfo=dt.timezone.utc)
+CONFIG = byteback.ServerConfig(min_interval=1, accept_budget=0.0, shares="equal", headroom=300, rsync_timeout=2)
+
+
+def _as_user(*argv: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
+                          capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture
+def store():
+    """A btrfs store of two hosts, four ordinary backups each (marker, the user's write, root's snapshot)."""
+    _skip_or_check()
+    with btrfs_mount("512M") as root:
+        store = byteback.open_store(root)
+        assert isinstance(store, byteback.BtrfsStore)
+        for place in (store.state_dir, store.state_dir / "history", store.run_dir):
+            place.mkdir(mode=0o755, exist_ok=True)
+        os.chown(store.run_dir, NOBODY, NOBODY)
+        for n in range(4):
+            for host in ("client1", "client2"):
+                current = store.prepare_host(host, owner=(NOBODY, NOBODY))
+                store.mark_dirty(host, T0)
+                os.chown(store.dirty_path(host), NOBODY, NOBODY)
+                _as_user("sh", "-c", f"head -c 262144 /dev/urandom > {current}/f{n}").check_returncode()
+                byteback.snapshot_host(store, host, CONFIG, now=T0 + dt.timedelta(hours=n), force=True)
+        yield store
+
+
+def _kept(store):
+    return {h: [s.name for s in store.snapshots(h)] for h in ("client1", "client2")}
+
+
+def _fill(store, path: Path) -> None:
+    _as_user("dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={(_free(store.root) - 60 * MIB) // MIB}",
+             "status=none").check_returncode()
+
+
+def test_junk_in_a_subvolume_planted_before_the_snapshot_is_found(store, monkeypatch):
+    # The race the shell runs (`btrfs subvolume create current/x` in a loop) won for certain:
+    # x made again after take_snapshot's remove_planted, before the snapshot.
+    current = store.current("client2")
+    remove_planted = store.remove_planted
+
+    def then_plant(path):
+        done = remove_planted(path)
+        _as_user("btrfs", "subvolume", "create", f"{path}/x").check_returncode()
+        return done
+    monkeypatch.setattr(store, "remove_planted", then_plant)
+    byteback.snapshot_host(store, "client2", CONFIG, now=T0 + dt.timedelta(hours=9), force=True)
+    monkeypatch.undo()
+    kept = _kept(store)
+    _fill(store, current / "x" / "junk")          # current's own generation never moves
+    assert store.dirty_since("client2") is None
+    assert store.unfinished_hosts(["client1", "client2"]) == {"client2"}
+    byteback.prune_store(store, CONFIG, now=T0 + dt.timedelta(hours=10))
+    assert not (current / "x" / "junk").exists()        # rolled back (x is the snapshot's empty place)
+    assert _kept(store) == kept
+
+
+def test_a_session_that_ignores_sigterm_is_killed_and_its_junk_rolled_back(store):
+    current, lock = store.current("client2"), store.session_lock_path("client2")
+    kept = _kept(store)
+    _fill(store, current / "junk")
+    _as_user("sh", "-c", f"touch {lock}; chmod 600 {lock}").check_returncode()
+    holder = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "flock", "-n",
+                               str(lock), "sh", "-c", "trap '' TERM; exec sleep 120"], stdin=subprocess.DEVNULL,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        time.sleep(3)         # idle past the I/O timeout (2 s here): stuck, not running
+        assert byteback.session_state(lock, time.time(), CONFIG.rsync_timeout)[0] == "stuck"
+        byteback.prune_store(store, CONFIG, now=byteback.now_local())    # the clock the session's idle time is on
+        assert not byteback.lock_holders(lock)         # the sleep that ignored SIGTERM was killed
+        assert not (current / "junk").exists()
+        assert _kept(store) == kept
+    finally:
+        if holder.poll() is None:
+            os.killpg(holder.pid, 9)
+            holder.wait()
+
+
+def test_a_roll_back_that_fails_leaves_the_upload_contained_not_paid_for(store):
+    # A subvolume deeper than the kernel's path lookup reaches (4080 bytes) cannot be deleted by
+    # id, so current cannot be rolled back: prune must still run, and delete nobody's history for it.
+    current = store.current("client2")
+    count = (_free(store.root) - 60 * MIB) // MIB
+    script = ("import os, subprocess\n"
+              f"os.chdir({str(current)!r})\n"
+              "for _ in range(20):\n    os.mkdir('d' * 250); os.chdir('d' * 250)\n"
+              "subprocess.run(['btrfs', 'subvolume', 'create', 'x'], check=True, stdout=subprocess.DEVNULL)\n"
+              f"subprocess.run(['dd', 'if=/dev/urandom', 'of=x/junk', 'bs=1M', 'count={count}', 'status=none'], "
+              "check=True)\n")
+    _as_user("python3", "-c", script).check_returncode()
+    kept = _kept(store)
+    assert store.unfinished_hosts(["client1", "client2"]) == {"client2"}
+    byteback.prune_store(store, CONFIG, now=T0 + dt.timedelta(hours=10))
+    assert _kept(store) == kept
