@@ -4737,6 +4737,32 @@ class Store:
             return None
         return since if since.tzinfo else since.replace(tzinfo=dt.timezone.utc)
 
+    def last_plan_path(self) -> Path:
+        return self.state_dir / "last-plan.json"
+
+    def note_plan(self, plan: "PrunePlan", hosts: Iterable[str]) -> None:
+        """Keep what root's prune just planned, for the backup user's prune_would_act: whether
+        it was settled (timeless: nothing contained, accepted or rolled back) and its goal."""
+        if self.as_root:
+            write_json_atomically(self.last_plan_path(), {"hosts": sorted(hosts), "goal": plan.goal,
+                                                          "settled": bool(plan.timeless)}, durable=False)
+
+    def last_plan_settled(self, hosts: Sequence[str]) -> bool:
+        """Whether root's last plan, made for these very hosts, was settled and the disc still
+        has its goal free: a prune now would do nothing that one did not.  Only a file of
+        root's counts (it is in root's directory; a store without sudo has no such file)."""
+        path = self.last_plan_path()
+        try:
+            if os.lstat(path).st_uid != 0:
+                return False
+        except OSError:
+            return False
+        data = read_untrusted_json(path, 1 << 20)
+        if not isinstance(data, dict) or data.get("settled") is not True or data.get("hosts") != sorted(hosts):
+            return False
+        goal = data.get("goal")
+        return type(goal) is int and self.free_bytes() >= goal
+
     def unfinished_hosts(self, hosts: Iterable[str]) -> Set[str]:
         """The hosts whose current may hold an unfinished upload: here, those whose in-progress
         marker says so (the hardlink backend has nothing else to go by: the backup user owns
@@ -5531,6 +5557,8 @@ def prune_store(store: Store, config: ServerConfig, *, now: dt.datetime, order: 
             state = state._replace(hosts=hosts, free=store.free_bytes())
             plan = plan_prune(state, now=now, config=config, order=order, force=force)
     free = store.free_bytes() if plan.rollbacks and not dry_run else plan.free
+    if not dry_run:
+        store.note_plan(plan, state.hosts)
     if not plan.short(free):
         log.info("prune: %s free, goal %s (target %s): nothing to delete", format_size(free),
                  format_size(plan.goal), format_size(plan.target))
@@ -5716,9 +5744,17 @@ def prune_would_act(store: Store, config: ServerConfig, now: dt.datetime) -> boo
     push's own prune (prepare_backup) would roll back, accept or delete
     nothing: the last snapshot's prune, or the scheduled one, did it already.
     """
-    if store.unfinished_hosts(store.hosts()):
+    hosts = store.hosts()
+    if store.unfinished_hosts(hosts):
         return True
-    plan = plan_prune(read_prune_state(store, now, config.rsync_timeout), now=now, config=config)
+    try:
+        state = read_prune_state(store, now, config.rsync_timeout)
+    except PermissionError:
+        # Hosts with accounts of their own (receiver = userns) cannot list each other's
+        # snapshots: root's last plan answers for them (every snapshot's prune writes it).
+        # Without it, every push of a store of several such hosts ran a root prune first.
+        return not store.last_plan_settled(hosts)
+    plan = plan_prune(state, now=now, config=config)
     return bool(plan.rollbacks or plan.accepted or plan.short(plan.free))
 
 

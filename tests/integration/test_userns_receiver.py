@@ -563,3 +563,34 @@ def test_a_push_whose_waiting_snapshot_was_refused_gets_its_snapshot_from_a_fres
         other.stdin.close()
         assert other.wait(timeout=30) == NOT_TOLD
     assert len(one.snapshots()) == len(before) + 1          # told nothing, it took none
+
+
+def _prune_would_act_as(host: "Host") -> str:
+    """prune_would_act as the forced command asks it at a push: as the host's own account."""
+    remote = host.remote
+    code = (f"import sys; sys.path.insert(0, {str(remote.program)!r}); import byteback; "
+            f"print(byteback.prune_would_act(byteback.open_store({str(remote.store)!r}), "
+            "byteback.ServerConfig(), byteback.now_local()))")
+    result = run_as(host.account, ["python3", "-c", code], cwd="/")
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_a_push_asks_root_s_last_plan_where_other_hosts_are_closed_to_it(userns):
+    # client1's account cannot list client2's snapshots (<host>/ is 0750 root:<its group>):
+    # the plan could not be read, and every push of a store of several such hosts ran a root
+    # prune first (sudo, a second start of the program as root, every host's state read).
+    remote, one, two = userns
+    assert run_as(one.account, ["ls", str(two.dir)]).returncode != 0
+    assert _prune_would_act_as(one) == "False"        # the snapshots' prunes left it settled
+    plan = remote.store / ".byteback" / "last-plan.json"
+    saved = plan.read_bytes()
+    try:
+        plan.unlink()
+        assert _prune_would_act_as(one) == "True"     # nothing of root's to go by: ask root
+        plan.write_bytes(saved)
+        os.chown(plan, pwd.getpwnam(one.account).pw_uid, -1)
+        assert _prune_would_act_as(one) == "True"     # not root's: not believed
+    finally:
+        plan.write_bytes(saved)
+        os.chown(plan, 0, 0)
