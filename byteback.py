@@ -4743,9 +4743,17 @@ class Store:
     def note_plan(self, plan: "PrunePlan", hosts: Iterable[str]) -> None:
         """Keep what root's prune just planned, for the backup user's prune_would_act: whether
         it was settled (timeless: nothing contained, accepted or rolled back) and its goal."""
-        if self.as_root:
-            write_json_atomically(self.last_plan_path(), {"hosts": sorted(hosts), "goal": plan.goal,
-                                                          "settled": bool(plan.timeless)}, durable=False)
+        if not self.as_root:
+            return
+        path = self.last_plan_path()
+        try:
+            write_json_atomically(path, {"hosts": sorted(hosts), "goal": plan.goal,
+                                         "settled": bool(plan.timeless)}, durable=False)
+        except (ByteBackError, OSError) as e:
+            # A full disc must not stop the prune that makes room; an old plan must not stand.
+            log.info("prune: %s not written (%s): pushes ask root's prune first", path, e)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
 
     def last_plan_settled(self, hosts: Sequence[str]) -> bool:
         """Whether root's last plan, made for these very hosts, was settled and the disc still

@@ -7,10 +7,12 @@ check which snapshots were deleted (real directories are removed).
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import json
 import os
 import stat
 import time
+from pathlib import Path
 
 import pytest
 from freezegun import freeze_time
@@ -218,6 +220,30 @@ def test_prune_deletes_one_at_a_time_until_the_target(tiny, order, gone):
     assert gone not in tiny.names("web1") and len(tiny.names("web1")) == 4
     assert (result.free, result.target) == (310, 150)
     assert sorted(os.listdir(tiny.root / "web1")) == sorted(tiny.names("web1") + ["current"])
+
+
+def test_a_prune_that_cannot_note_its_plan_still_prunes_and_leaves_no_old_note(tiny, monkeypatch):
+    # What a push asks where it cannot read every host (last_plan_settled): a full disc that
+    # refuses the note must not stop the prune that makes room, nor leave the last one standing.
+    _week(tiny)
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)
+    tiny.store.as_root = True
+    path = tiny.store.last_plan_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"settled": true, "goal": 0, "hosts": ["web1"]}')
+    real = byteback.write_json_atomically
+
+    def full(target, data, **kwargs):
+        if Path(target) == path:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(target, data, **kwargs)
+    monkeypatch.setattr(byteback, "write_json_atomically", full)
+    result = byteback.prune_store(tiny.store, CONFIG, now=NOW)
+    assert len(result.deleted) == 1
+    assert not path.exists()
+    monkeypatch.undo()
+    byteback.prune_store(tiny.store, CONFIG, now=NOW)           # written when it can be
+    assert json.loads(path.read_text())["hosts"] == ["web1"]
 
 
 def test_prune_takes_its_order_from_the_config(tiny):
