@@ -2330,7 +2330,7 @@ _LAST_PLAN: List[Optional[tuple]] = [None]
 _TARGETS = ServerConfig._fields.index("targets")     # read by the order within a host only
 
 
-def _pause_collector() -> bool:
+def pause_collector() -> bool:
     """Pause the cyclic garbage collector if it runs: whether it did (the caller enables it again).
 
     The plan makes no cycles, but a store just read holds a few containers a snapshot, and
@@ -2345,9 +2345,9 @@ def plan_prune(state: PruneState, *, now: dt.datetime, config: "ServerConfig", o
                force: bool = False) -> PrunePlan:
     """Everything prune decides, from plain values.  force: an administrator accepts every excess.
 
-    The collector waits meanwhile (_pause_collector): at 1,000 hosts the views' allocations set
+    The collector waits meanwhile (pause_collector): at 1,000 hosts the views' allocations set
     off ~18 collections a plan, now and then a full one."""
-    paused = _pause_collector()
+    paused = pause_collector()
     try:
         return _plan_prune(state, now=now, config=config, order=order, force=force)
     finally:
@@ -2637,7 +2637,7 @@ class _FairOrder:
         # (so never while anyone else runs): a store just read holds a few containers a
         # snapshot, and the resolution of the hosts that tie made the collector walk all of
         # them (one first deletion in three of the benchmark's: 0.04 s more at either size).
-        paused = _pause_collector()
+        paused = pause_collector()
         try:
             for entry in (self.lazily() if lazily else self.everything()):
                 if entry[1] == resolved:
@@ -2663,7 +2663,7 @@ class _FairOrder:
                     paused = False
                     gc.enable()
                 yield taken
-                paused = _pause_collector()
+                paused = pause_collector()
         finally:
             if paused:
                 gc.enable()
@@ -5791,7 +5791,7 @@ def list_plan(state: PruneState, config: ServerConfig, *, now: dt.datetime,
     The cyclic garbage collector waits meanwhile: the listing keeps a line for
     every snapshot and makes no cycles, and the collector walked the growing
     listing again and again (a fifth of the time at 100,000 snapshots)."""
-    paused = _pause_collector()
+    paused = pause_collector()
     try:
         plan = plan_prune(state, now=now, config=config, order=order)
         table = plan_table(plan_listing(plan, state), now)

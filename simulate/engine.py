@@ -549,9 +549,8 @@ def run_policy(params: Params, workload: Workload, policy: Policy) -> RunResult:
 
     The cyclic garbage collector waits meanwhile: the run makes no cycles that matter (the
     same peak RSS without it, 85 MiB for `week` over 10 years of 10 hosts), and its walks of
-    the workload and the histories were 5 % of the time."""
-    paused = gc.isenabled()
-    gc.disable()
+    the workload and the histories were 3 to 5 % of the time."""
+    paused = byteback.pause_collector()
     try:
         return Simulation(params, workload, policy).run()
     finally:

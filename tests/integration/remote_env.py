@@ -119,10 +119,10 @@ class RemoteByteback:
                  "--server-config-dir", str(self.server_config),
                  env={"SSH_AUTH_SOCK": str(self.env.agent.sock)}, config_dir=config).check()
 
-    def snapshots(self) -> List[str]:
-        """Names of the finished snapshots of the client, oldest first."""
-        names = [p.name for p in self.host_dir.iterdir() if p.name[:1].isdigit()]
-        return sorted(names)
+    def snapshots(self, host: Optional[str] = None) -> List[str]:
+        """Names of the finished snapshots of the client (or of `host`), oldest first."""
+        host_dir = self.host_dir if host is None else self.env.store / host
+        return sorted(p.name for p in host_dir.iterdir() if p.name[:1].isdigit())
 
     def client_key(self) -> Path:
         return self.client_config / "key"

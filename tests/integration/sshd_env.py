@@ -215,6 +215,13 @@ def loop_devices_of(image: Union[str, Path]) -> List[str]:
     return [line.split(":", 1)[0] for line in out.splitlines() if line.strip()]
 
 
+def free_bytes(path: Union[str, Path]) -> int:
+    """The free space of the btrfs holding path, once what was written is on disc."""
+    run(["btrfs", "filesystem", "sync", str(path)])
+    st = os.statvfs(path)
+    return st.f_bavail * st.f_frsize
+
+
 @contextlib.contextmanager
 def btrfs_mount(size: Union[str, int] = "512M", *, mkfs_args: Sequence[str] = (),
                 mount_options: str = "") -> Iterator[Path]:

@@ -53,10 +53,6 @@ def _backup(remote, source: Path, host: str, config=None):
                       config_dir=config)
 
 
-def _names(remote, host):
-    return sorted(p.name for p in (remote.store / host).iterdir() if p.name[:1].isdigit())
-
-
 def _history(remote, host):
     path = remote.store / ".byteback" / "history" / f"{host}.json"
     return json.loads(path.read_text())["backups"]
@@ -99,15 +95,15 @@ def test_one_hosts_suspicious_backup_does_not_stop_another_hosts_pruning(remote,
     _backup(remote, one, "client1").check()
     last = _history(remote, "client1")[-1]
     assert last["suspicious"] is True and last["added"] >= 100 * MIB
-    kept_one = _names(remote, "client1")
+    kept_one = remote.snapshots("client1")
     for n in range(10):
         _write(two / f"g{n}", 20 * MIB, 1)
         _backup(remote, two, "client2", second).check()
     # client2 kept backing up, and the prunes after its snapshots deleted its own history
     assert len(_history(remote, "client2")) == 10
-    assert len(_names(remote, "client2")) < 10
+    assert len(remote.snapshots("client2")) < 10
     # client1 keeps its history: the shortage is client2's, and client1's excess is not pruned for
-    assert _names(remote, "client1") == kept_one
+    assert remote.snapshots("client1") == kept_one
     status = remote.server("status", "--store", str(remote.store))
     assert "WARNING: host client1: backup" in status.stdout and "contained" in status.stdout
     assert status.returncode == 1, status.stdout                        # Nagios WARNING

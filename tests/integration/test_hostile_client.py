@@ -46,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 import sshd_env  # noqa: E402
 import treeutil  # noqa: E402
 from remote_env import RemoteByteback, byteback_remote  # noqa: E402,F401  (fixture)
-from sshd_env import (_client_env, pids_of_uid, run, ssh_argv, stop_process,  # noqa: E402
+from sshd_env import (_client_env, free_bytes, pids_of_uid, run, ssh_argv, stop_process,  # noqa: E402
                       wait_for)
 
 SNAPSHOT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2})?(?:[+-]\d{2}:?\d{2}|Z)\Z")
@@ -1257,12 +1257,6 @@ def _dirty(w: World, host: str) -> None:
     assert proc.returncode == 0, proc
 
 
-def _free(store: Path) -> int:
-    run(["btrfs", "filesystem", "sync", str(store)])
-    st = os.statvfs(store)
-    return st.f_bavail * st.f_frsize
-
-
 def test_an_upload_hidden_in_planted_subvolumes_is_rolled_back(world, attacker):
     """An unfinished upload whose bytes sit in subvolumes planted in current was invisible to
     prune (pending 0) and, once seen, current's deletion failed on them."""
@@ -1271,14 +1265,14 @@ def test_an_upload_hidden_in_planted_subvolumes_is_rolled_back(world, attacker):
     _small_backups(world, attacker, "before-hidden-upload")
     _plant_subvolumes(world, current, 120)
     _dirty(world, attacker.host)
-    free = _free(world.store)
+    free = free_bytes(world.store)
     with server_conf(world, min_interval="1h", accept_budget="0%"):
         prune = world.remote.server("prune")
     assert prune.returncode == 0, f"{prune}\n{world.log()}"
     listing = world.remote.server("prune", "--list")
     assert "rolled back" in prune.stderr, prune.stderr + listing.stdout
     assert _nested_ids(current) == [] and not (current / "hidden").exists(), os.listdir(current)
-    assert _free(world.store) > free + (80 << 20), "the hidden upload's space did not come back"
+    assert free_bytes(world.store) > free + (80 << 20), "the hidden upload's space did not come back"
     assert os.lstat(current).st_uid == world.env.user.uid
 
 

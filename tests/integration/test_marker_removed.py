@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import pwd
 import subprocess
 import sys
 import time
@@ -23,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 sys.path.insert(0, str(Path(__file__).parents[2]))
 import byteback  # noqa: E402
 from remote_env import remote_byteback  # noqa: E402
-from sshd_env import _skip_or_check, btrfs_mount  # noqa: E402
+from sshd_env import _skip_or_check, btrfs_mount, free_bytes, run_as  # noqa: E402
 
 pytestmark = pytest.mark.integration
 MIB = 1 << 20
@@ -33,16 +34,6 @@ MIB = 1 << 20
 def remote():
     with remote_byteback() as r:
         yield r
-
-
-def _free(path: Path) -> int:
-    subprocess.run(["btrfs", "filesystem", "sync", str(path)], check=True, stdout=subprocess.DEVNULL)
-    st = os.statvfs(path)
-    return st.f_bavail * st.f_frsize
-
-
-def _names(remote, host):
-    return sorted(p.name for p in (remote.store / host).iterdir() if p.name[:1].isdigit())
 
 
 @pytest.mark.parametrize("marker", ["removed", "garbled"])
@@ -63,11 +54,11 @@ def test_junk_in_current_without_its_marker_is_rolled_back_and_no_history_goes(r
     store = byteback.open_store(remote.store)
     # After ordinary backups nothing looks unfinished: no push pays for a root prune it needs not.
     assert store.unfinished_hosts(["client1", "client2"]) == set()
-    kept = {h: _names(remote, h) for h in ("client1", "client2")}
+    kept = {h: remote.snapshots(h) for h in ("client1", "client2")}
 
     # The shell: junk in client2's current until the disc is short of its goal, the marker gone.
     current = remote.store / "client2" / "current"
-    junk = (_free(remote.store) - 60 * MIB) // MIB
+    junk = (free_bytes(remote.store) - 60 * MIB) // MIB
     user = remote.env.user
     user.run(["dd", "if=/dev/urandom", f"of={current}/junk", "bs=1M", f"count={junk}", "status=none"]
              ).check_returncode()
@@ -77,27 +68,27 @@ def test_junk_in_current_without_its_marker_is_rolled_back_and_no_history_goes(r
         assert store.dirty_since("client2") is None           # what root reads of it
     else:
         user.run(["rm", "-f", str(path)]).check_returncode()
-    assert _free(remote.store) < 100 * MIB
+    assert free_bytes(remote.store) < 100 * MIB
     assert store.unfinished_hosts(["client1", "client2"]) == {"client2"}
 
     result = remote.server("prune")                  # what cron runs, as root
     result.check()
     assert not (current / "junk").exists(), result.stderr            # rolled back
-    assert _free(remote.store) > 300 * MIB
-    assert {h: _names(remote, h) for h in kept} == kept               # no history went for it
+    assert free_bytes(remote.store) > 300 * MIB
+    assert {h: remote.snapshots(h) for h in kept} == kept               # no history went for it
 
 
 # --- The same attack by other ways around the marker, on the store's own calls (the review's
 # proofs of concept): root's side in this process, the backup user a uid of its own.
 
-NOBODY = 65534
+NOBODY = pwd.getpwnam("nobody").pw_uid       # the backup user of these tests, by runuser -u nobody
+NOGROUP = pwd.getpwnam("nobody").pw_gid
 T0 = dt.datetime(2026, 11, 1, 3, 0, tzinfo=dt.timezone.utc)
 CONFIG = byteback.ServerConfig(min_interval=1, accept_budget=0.0, shares="equal", headroom=300, rsync_timeout=2)
 
 
-def _as_user(*argv: str, **kwargs) -> subprocess.CompletedProcess:
-    return subprocess.run(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv],
-                          capture_output=True, text=True, **kwargs)
+def _as_user(*argv: str) -> subprocess.CompletedProcess:
+    return run_as("nobody", argv)
 
 
 @pytest.fixture
@@ -109,12 +100,12 @@ def store():
         assert isinstance(store, byteback.BtrfsStore)
         for place in (store.state_dir, store.state_dir / "history", store.run_dir):
             place.mkdir(mode=0o755, exist_ok=True)
-        os.chown(store.run_dir, NOBODY, NOBODY)
+        os.chown(store.run_dir, NOBODY, NOGROUP)
         for n in range(4):
             for host in ("client1", "client2"):
-                current = store.prepare_host(host, owner=(NOBODY, NOBODY))
+                current = store.prepare_host(host, owner=(NOBODY, NOGROUP))
                 store.mark_dirty(host, T0)
-                os.chown(store.dirty_path(host), NOBODY, NOBODY)
+                os.chown(store.dirty_path(host), NOBODY, NOGROUP)
                 _as_user("sh", "-c", f"head -c 262144 /dev/urandom > {current}/f{n}").check_returncode()
                 byteback.snapshot_host(store, host, CONFIG, now=T0 + dt.timedelta(hours=n), force=True)
         yield store
@@ -125,7 +116,7 @@ def _kept(store):
 
 
 def _fill(store, path: Path) -> None:
-    _as_user("dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={(_free(store.root) - 60 * MIB) // MIB}",
+    _as_user("dd", "if=/dev/urandom", f"of={path}", "bs=1M", f"count={(free_bytes(store.root) - 60 * MIB) // MIB}",
              "status=none").check_returncode()
 
 
@@ -156,7 +147,7 @@ def test_a_session_that_ignores_sigterm_is_killed_and_its_junk_rolled_back(store
     kept = _kept(store)
     _fill(store, current / "junk")
     _as_user("sh", "-c", f"touch {lock}; chmod 600 {lock}").check_returncode()
-    holder = subprocess.Popen(["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", "flock", "-n",
+    holder = subprocess.Popen(["runuser", "-u", "nobody", "--", "flock", "-n",
                                str(lock), "sh", "-c", "trap '' TERM; exec sleep 120"], stdin=subprocess.DEVNULL,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
@@ -176,7 +167,7 @@ def test_a_roll_back_that_fails_leaves_the_upload_contained_not_paid_for(store):
     # A subvolume deeper than the kernel's path lookup reaches (4080 bytes) cannot be deleted by
     # id, so current cannot be rolled back: prune must still run, and delete nobody's history for it.
     current = store.current("client2")
-    count = (_free(store.root) - 60 * MIB) // MIB
+    count = (free_bytes(store.root) - 60 * MIB) // MIB
     script = ("import os, subprocess\n"
               f"os.chdir({str(current)!r})\n"
               "for _ in range(20):\n    os.mkdir('d' * 250); os.chdir('d' * 250)\n"
