@@ -770,15 +770,17 @@ def read_json(path: Path, default: object) -> object:
         raise ByteBackError(f"cannot read {path}: {e.strerror}") from None
 
 
-def read_untrusted_json(path: Path, limit: int) -> object:
+def read_untrusted_json(path: Path, limit: int, owner: Optional[int] = None) -> object:
     """The JSON in a regular file that someone else may have written, or None: never through
-    a symlink, never blocking on a FIFO, at most `limit` bytes read, nothing raised."""
+    a symlink, never blocking on a FIFO, at most `limit` bytes read, nothing raised.
+    owner: None too unless the file opened belongs to this uid."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or owner is not None and st.st_uid != owner:
             return None
         return json.loads(os.read(fd, limit).decode("utf-8"))
     except (OSError, ValueError, RecursionError):       # RecursionError: '[' nested thousands deep
@@ -4759,13 +4761,7 @@ class Store:
         """Whether root's last plan, made for these very hosts, was settled and the disc still
         has its goal free: a prune now would do nothing that one did not.  Only a file of
         root's counts (it is in root's directory; a store without sudo has no such file)."""
-        path = self.last_plan_path()
-        try:
-            if os.lstat(path).st_uid != 0:
-                return False
-        except OSError:
-            return False
-        data = read_untrusted_json(path, 1 << 20)
+        data = read_untrusted_json(self.last_plan_path(), 1 << 20, owner=0)
         if not isinstance(data, dict) or data.get("settled") is not True or data.get("hosts") != sorted(hosts):
             return False
         goal = data.get("goal")
