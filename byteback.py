@@ -4150,46 +4150,85 @@ def inode_names(fd: int, inode: int, limit: int) -> Optional[List[bytes]]:
     return [paths[parent] + name for parent, name in refs]
 
 
-# A run that changed no regular file needs no walk of current's whole tree to
-# size it (issue 14: the walk was most of a no-change snapshot's time): its
-# size and linked names are its last snapshot's.  A bound: comparing each changed
-# directory costs more than the walk past about 300 of them (measured on a tree
-# of 30,000 files in 1,000 directories: 63 ms for 334 against a 67 ms walk).
+# A run that changed no file's names needs no walk of current's whole tree to
+# size it (issue 14: the walk was most of a snapshot's time): its linked names
+# are its last snapshot's, and its size that one's plus what each regular file
+# it wrote in place grew or shrank by (the same inode, read in the snapshot).
+# Bounds: comparing each changed directory costs more than the walk past about
+# 300 of them (measured on a tree of 30,000 files in 1,000 directories: 63 ms
+# for 334 against a 67 ms walk); files rewritten in place past about 600 of the
+# same tree (tests/bench/test_measure_bench.py: 106 ms for 600 against a 110 ms
+# walk; 300, 1 % of it, took 72 ms).  Fixed, not a share of the tree, whose
+# size in files no record holds: in a small tree many files rewritten cost up
+# to that bound's ~0.1 s more than its walk.
 QUIET_DIRECTORIES = 300
+QUIET_FILES = 600
 
 
 class QuietTally(SubvolumeTally):
     """A tally of the leaves written since `since` that also tells whether the run changed
-    no regular file: no inode but directories written, no data extent written, and at
-    most QUIET_DIRECTORIES directories (pure: the kernel's buffers only).
+    no file's names: of the inodes written, only directories (at most QUIET_DIRECTORIES)
+    and regular files that existed before `since` (at most QUIET_FILES), and data written
+    into those files alone (pure: the kernel's buffers only).
 
     quiet turns False, and the search stops, at the first item that says otherwise.
     Every change btrfs makes to an inode writes its inode item with the
     transaction's id (its transid), and every name added or removed writes its
-    directory's inode item: so where only directories were written, current's
-    regular files are the last snapshot's once each of those directories holds
-    the names it held there (BtrfsStore._measure_quiet compares them).
+    directory's inode item: so where those directories hold the names they held in
+    the last snapshot, current's regular files are that snapshot's, inode for
+    inode, the ones in `files` rewritten in place (BtrfsStore._measure_quiet
+    compares both).
     """
 
-    def __init__(self, since: int, limit: int = QUIET_DIRECTORIES):
+    def __init__(self, since: int, limit: int = QUIET_DIRECTORIES, file_limit: int = QUIET_FILES):
         super().__init__(since)
-        self.limit, self.quiet, self.directories = limit, True, []
+        self.limit, self.file_limit, self.quiet, self.directories = limit, file_limit, True, []
+        self.files: Dict[int, tuple] = {}     # inode -> (made, size, links) of a regular file written
 
     def add(self, buf, count: int) -> Optional[tuple]:
         last = super().add(buf, count)
         for objectid, kind, _offset, item, length in _search_records(buf, count):
             if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
-                _made, written, _size, _nbytes, _bg, _nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(buf, item)
+                made, written, size, _nbytes, _bg, nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(buf, item)
                 if written < self.since:
                     continue
-                if mode & 0o170000 != 0o040000 or len(self.directories) >= self.limit:
+                if mode & 0o170000 == 0o040000 and len(self.directories) < self.limit:
+                    self.directories.append(objectid)
+                elif mode & 0o170000 == 0o100000 and made < self.since and nlink and len(self.files) < self.file_limit:
+                    self.files[objectid] = made, size, nlink
+                else:
                     self.quiet = False
                     return None
-                self.directories.append(objectid)
-            elif kind == BTRFS_EXTENT_DATA and length >= 8 and struct.unpack_from("<Q", buf, item)[0] >= self.since:
-                self.quiet = False
+            elif (kind == BTRFS_EXTENT_DATA and length >= 8 and objectid not in self.files
+                  and struct.unpack_from("<Q", buf, item)[0] >= self.since):
+                self.quiet = False      # data of a file whose inode was not written: never rsync's
                 return None
         return last
+
+
+def read_file_item(fd: int, inode: int) -> Optional[tuple]:
+    """(made, size, links, mode) of `inode`'s inode item in the subvolume holding fd; None
+    where there is none.  Root only.  Raises OSError."""
+    found: List[tuple] = []
+
+    def take(buf, count: int) -> None:          # one item at most: no second call
+        for objectid, kind, _offset, item, length in _search_records(buf, count):
+            if objectid == inode and kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
+                made, _written, size, _nbytes, _bg, nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(buf, item)
+                found.append((made, size, nlink, mode))
+
+    search_tree(fd, take, first=(inode, BTRFS_INODE_ITEM, 0), last=(inode, BTRFS_INODE_ITEM, _U64_MAX),
+                buffer=4096)
+    return found[0] if found else None
+
+
+def read_written_inode(fd: int, inode: int, since: int) -> Optional[SharedInode]:
+    """The SharedInode a full measure makes of `inode` (every item of it, whichever leaf
+    holds it), or None where it makes none.  Root only.  Raises OSError."""
+    tally = SubvolumeTally(since)
+    search_tree(fd, tally.add, first=(inode, BTRFS_INODE_ITEM, 0), last=(inode, BTRFS_EXTENT_DATA, _U64_MAX),
+                buffer=64 * 1024)
+    return next(iter(tally.usage().shared), None)
 
 
 def directory_digest(fd: int, inode: int) -> str:
@@ -5216,9 +5255,12 @@ class BtrfsStore(Store):
 
     def _measure_quiet(self, host: str, current: Path, previous: Optional[dict]) -> Optional[tuple]:
         """measure_subvolume(full=True)'s (usage, added) from the leaves this run wrote alone,
-        where it changed no regular file (QuietTally) and each directory it wrote holds the
-        names it held in the newest snapshot, which `previous` measured: that one's size and
-        linked names are current's.  None where it cannot tell: then the whole tree is walked."""
+        where it changed no file's names (QuietTally): each directory it wrote holds the
+        names it held in the newest snapshot, which `previous` measured, and each regular
+        file it wrote is there too, the same inode with as many names.  Then that
+        snapshot's linked names are current's, and its size is current's but for what
+        those files grew or shrank by.  None where it cannot tell: then the whole tree
+        is walked."""
         size, linked = (previous or {}).get("size"), (previous or {}).get("linked")
         if (previous is None or previous.get("baseline") or previous.get("unsettled")
                 or type(size) is not int or type(linked) is not int or size < 0 or linked < 0):
@@ -5231,20 +5273,31 @@ class BtrfsStore(Store):
         tally = QuietTally(since)
         usage, added = measure_subvolume(current, since, full=False, tally=tally)
         if not tally.quiet or tally.generation > usage.generation or not is_btrfs_subvolume(newest):
-            return None     # a regular file changed, or something was written after the commit
+            return None     # a name changed, or something was written after the commit
         fds: List[int] = []
         try:
             for path in (current, newest):
                 fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
             if any(directory_digest(fds[0], d) != directory_digest(fds[1], d) for d in tally.directories):
                 return None
+            for inode, (made, now_size, links) in tally.files.items():
+                before = read_file_item(fds[1], inode)
+                if before is None or before[0] != made or before[2] != links or before[3] & 0o170000 != 0o100000:
+                    return None
+                size += now_size - before[1]
+            # The search read only the leaves written since: a shared inode's items in
+            # older ones are missing from its digest, which is compared with the
+            # snapshot's whole one (take_snapshot's check); read each whole.
+            shared = tuple(read_written_inode(fds[0], s.inode, since) for s in usage.shared)
         except OSError:
             return None
         finally:
             for fd in fds:
                 os.close(fd)
+        if size < 0 or None in shared:
+            return None
         generation = max(usage.generation, _history_int(previous, "generation"))
-        return usage._replace(size=size, linked=linked, generation=generation), added
+        return usage._replace(size=size, linked=linked, generation=generation, shared=shared), added
 
     def _shared_changed(self, host: str, shared: Sequence[SharedInode]) -> List[int]:
         """The shared inodes a run wrote that changed more than their names, against the

@@ -724,15 +724,35 @@ def test_a_change_within_the_same_second_is_backed_up(env):
     assert_same(scan(src), scan_snapshot(env, "alpha", env.snapshots("alpha")[-1], src))
 
 
-def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path):
-    """A run that wrote only directories is sized without a walk of the whole tree (issue 14),
-    with the size and linked names the walk gives; a deleted file, which writes only its
-    directory, is still seen (its directory's names differ from the last snapshot's)."""
+@contextlib.contextmanager
+def _btrfs_env(tmp_path) -> Iterator[tuple]:
+    """(byteback, an Env on a fresh btrfs store) for tests that call its measures directly."""
     _require_rsync()
     sys.path.insert(0, str(REPO))
     import byteback
     with store_for("btrfs", tmp_path) as store:
-        env = Env("btrfs", store, Path(os.path.realpath(tmp_path)))
+        yield byteback, Env("btrfs", store, Path(os.path.realpath(tmp_path)))
+
+
+def _sizings(byteback, bb_store, host: str) -> tuple:
+    """Two ways to size host's current now: take_snapshot's quiet one (None where it would
+    walk) and the walk of the whole tree."""
+    current = bb_store.current(host)
+
+    def quiet():
+        return bb_store._measure_quiet(host, current, byteback.last_measured(bb_store.read_history(host)))
+
+    def walked():
+        since = byteback.written_since(byteback.last_measured(bb_store.read_history(host)))
+        return byteback.measure_subvolume(current, since, full=True)
+    return quiet, walked
+
+
+def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path):
+    """A run that wrote only directories is sized without a walk of the whole tree (issue 14),
+    with the size and linked names the walk gives; a deleted file, which writes only its
+    directory, is still seen (its directory's names differ from the last snapshot's)."""
+    with _btrfs_env(tmp_path) as (byteback, env):
         src = env.work / "src"
         generate_tree(src, small_files=20, big_files=(), odd=False)
         (src / "sub").mkdir()
@@ -740,16 +760,10 @@ def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path)
         os.link(src / "sub" / "gone", src / "linked")
         (src / "sub" / "single").write_bytes(b"y" * 3000)
         env.backup("h", src)
-        bb_store = byteback.open_store(store)
+        bb_store = byteback.open_store(env.store)
         current = bb_store.current("h")
         copy = current / str(src).lstrip("/")     # the source's path below current
-
-        def quiet():
-            return bb_store._measure_quiet("h", current, byteback.last_measured(bb_store.read_history("h")))
-
-        def walked():
-            since = byteback.written_since(byteback.last_measured(bb_store.read_history("h")))
-            return byteback.measure_subvolume(current, since, full=True)
+        quiet, walked = _sizings(byteback, bb_store, "h")
 
         os.utime(src / "sub", (1, 1))            # a directory's times alone
         env.backup("h", src)
@@ -772,6 +786,68 @@ def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path)
         (src / "sub" / "single").unlink()
         env.backup("h", src)
         assert env.history("h")[-1]["size"] == second["size"] - 3000
+
+
+def test_btrfs_sizes_a_run_that_rewrote_files_in_place_from_its_last_snapshot(tmp_path):
+    """rsync --inplace rewriting files keeps their inodes and every directory's names: such
+    a run is sized from its last snapshot and the files' own growth, with no walk of the
+    whole tree (issue 14: the walk was most of a 1 %-changed snapshot's time), and says
+    what the walk says: size, linked names, and each shared inode as take_snapshot
+    compares it.  A file made, or a link added, is a name changed: then it walks."""
+    with _btrfs_env(tmp_path) as (byteback, env):
+        src = env.work / "src"
+        generate_tree(src, small_files=40, big_files=(), odd=False)
+        (src / "sub").mkdir()
+        (src / "sub" / "grows").write_bytes(os.urandom(300_000))    # several extent items
+        (src / "sub" / "pair").write_bytes(b"p" * 9000)
+        os.link(src / "sub" / "pair", src / "pair-link")
+        env.backup("h", src)
+        bb_store = byteback.open_store(env.store)
+        current = bb_store.current("h")
+        copy = current / str(src).lstrip("/")
+        quiet, walked = _sizings(byteback, bb_store, "h")
+
+        def view(usage):
+            return (usage.size, usage.linked, [(s.inode, s.made, s.nlink, s.stat, s.items, s.written)
+                                               for s in usage.shared])
+
+        with open(copy / "sub" / "grows", "r+b") as f:      # in place, as rsync --inplace writes
+            f.seek(100_000)
+            f.write(os.urandom(4096))
+            f.seek(0, os.SEEK_END)
+            f.write(os.urandom(50_000))
+        with open(copy / "sub" / "pair", "r+b") as f:       # a shared inode, written in place
+            f.write(b"q" * 100)
+        found = quiet()
+        assert found is not None
+        full = walked()
+        assert view(found[0]) == view(full[0])
+        assert found[0].size == env.history("h")[-1]["size"] + 50_000
+        assert len(found[0].shared) == 1 and found[0].shared[0].written
+        assert found[1] == full[1]                          # the bytes added: the same leaves
+
+        os.truncate(copy / "sub" / "grows", 1000)           # shrinks
+        assert view(quiet()[0]) == view(walked()[0])
+        (copy / "sub" / "new").write_bytes(b"n")            # a name made: its directory's differ
+        assert quiet() is None
+        os.unlink(copy / "sub" / "new")
+        os.link(copy / "sub" / "grows", copy / "grows-link")   # a link: the inode's count and names
+        assert quiet() is None
+
+        # The real runs: a client's files rewritten in place, sized as the walk sizes them.
+        for name in ("grows", "pair"):
+            with open(src / "sub" / name, "r+b") as f:
+                f.write(os.urandom(64))
+        with open(src / "sub" / "grows", "ab") as f:
+            f.write(os.urandom(7000))
+        env.backup("h", src)        # puts right what the writes above did to current
+        for name in ("grows", "pair"):
+            with open(src / "sub" / name, "r+b") as f:
+                f.write(os.urandom(64))
+        env.backup("h", src)
+        newest = bb_store.snapshot_path(bb_store.snapshots("h")[-1])
+        assert env.history("h")[-1]["size"] == byteback.measure_subvolume(newest, 0, full=True)[0].size
+        assert_same(scan(src), scan_snapshot(env, "h", env.snapshots("h")[-1], src))
 
 
 @pytest.mark.parametrize("quiet", [True, False], ids=["quiet-run", "walked-run"])
