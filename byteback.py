@@ -4125,10 +4125,9 @@ def _inode_refs(buf, kind: int, offset: int, item: int, length: int) -> Iterator
         pos += name_len
 
 
-def inode_names(fd: int, inode: int, limit: int) -> Optional[List[bytes]]:
-    """Every name of file `inode` in the subvolume holding fd, as a path below its root
-    (its back references; each parent's path from BTRFS_IOC_INO_LOOKUP), or None past
-    `limit` names.  The kernel's items, never a walk.  Root only.  Raises OSError."""
+def back_references(fd: int, inode: int, tree: int = 0) -> List[tuple]:
+    """(parent directory, name) of every name of file `inode` in subvolume `tree` (0: the one
+    holding fd): its INODE_REF and INODE_EXTREF items.  Root only.  Raises OSError."""
     refs: List[tuple] = []
 
     def take(buf, count: int) -> Optional[tuple]:
@@ -4139,8 +4138,16 @@ def inode_names(fd: int, inode: int, limit: int) -> Optional[List[bytes]]:
                 refs.extend(_inode_refs(buf, kind, offset, item, length))
         return last
 
-    search_tree(fd, take, first=(inode, BTRFS_INODE_REF, 0), last=(inode, BTRFS_INODE_EXTREF, _U64_MAX),
-                buffer=64 * 1024)
+    search_tree(fd, take, tree=tree, first=(inode, BTRFS_INODE_REF, 0),
+                last=(inode, BTRFS_INODE_EXTREF, _U64_MAX), buffer=64 * 1024)
+    return refs
+
+
+def inode_names(fd: int, inode: int, limit: int) -> Optional[List[bytes]]:
+    """Every name of file `inode` in the subvolume holding fd, as a path below its root
+    (its back references; each parent's path from BTRFS_IOC_INO_LOOKUP), or None past
+    `limit` names.  The kernel's items, never a walk.  Root only.  Raises OSError."""
+    refs = back_references(fd, inode)
     if len(refs) > limit:
         return None
     tree, paths = subvolume_info(fd).id, {}
@@ -4335,10 +4342,20 @@ def subvolume_info_at(path: Path) -> SubvolumeInfo:
         os.close(fd)
 
 
-def nested_subvolumes(fd: int) -> List[tuple]:
-    """(id, path below it) of every subvolume inside the subvolume holding fd, at any depth,
-    parents before their children.  From the kernel's own items; root only.  Raises OSError."""
-    found: List[tuple] = []
+class NestedSubvolume(NamedTuple):
+    """A subvolume inside another, as its ROOT_REF links it: what reaches it one name at a
+    time (delete_nested_subvolume), and a path for log lines."""
+    id: int
+    parent: int        # the id of the subvolume it is linked in
+    dirid: int         # the inode, in the parent's tree, of the directory that holds it
+    name: bytes
+    path: bytes        # below the outer subvolume, for log lines only
+
+
+def nested_subvolumes(fd: int) -> List[NestedSubvolume]:
+    """Every subvolume inside the subvolume holding fd, at any depth, parents before their
+    children.  From the kernel's own items; root only.  Raises OSError."""
+    found: List[NestedSubvolume] = []
     todo = [(subvolume_info(fd).id, b"")]
     while todo:
         parent, prefix = todo.pop()
@@ -4349,10 +4366,10 @@ def nested_subvolumes(fd: int) -> List[tuple]:
                 if e.errno != errno.ENAMETOOLONG:
                     raise
                 # Deeper than INO_LOOKUP's 4080 bytes (a shell's doing, never rsync's): named by
-                # its directory's inode, so that it is still found, counted and logged.
+                # its directory's inode in the log; deletion reaches it by descriptors.
                 below = b"<directory inode %d>/" % dirid
             path = prefix + below + name
-            found.append((child, path))
+            found.append(NestedSubvolume(child, parent, dirid, name, path))
             todo.append((child, path + b"/"))
     return found
 
@@ -4384,7 +4401,7 @@ def disc_bytes(usage: SubvolumeUsage, copies: tuple) -> int:
 
 
 def planted_subvolumes(path: Path) -> List[tuple]:
-    """(id, path below `path`, bytes on disc) of every subvolume inside the subvolume at path,
+    """(NestedSubvolume, bytes on disc) of every subvolume inside the subvolume at path,
     parents before their children.  Root only (the kernel's root tree)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
@@ -4396,13 +4413,108 @@ def planted_subvolumes(path: Path) -> List[tuple]:
             return []
         fcntl.ioctl(fd, BTRFS_IOC_SYNC)      # their data in the page cache has no extent yet
         copies = profile_copies(_space_info(fd))
-        return [(tree, below, disc_bytes(search_subvolume(fd, SubvolumeTally(0), tree=tree), copies))
-                for tree, below in nested]
+        return [(sub, disc_bytes(search_subvolume(fd, SubvolumeTally(0), tree=sub.id), copies)) for sub in nested]
     except OSError as e:
         raise ByteBackError(f"cannot read the subvolumes inside {path}: {e.strerror} "
                             "(byteback reads them as root on btrfs)") from None
     finally:
         os.close(fd)
+
+
+# Deleting a nested subvolume one name at a time, from descriptors.  By id
+# (btrfs-progs' --subvolid, BTRFS_IOC_SNAP_DESTROY_V2) the kernel builds the
+# subvolume's whole path in a PATH_MAX buffer, and a shell can plant one
+# deeper than that: ENAMETOOLONG, and current could never be rolled back.
+BTRFS_IOC_SNAP_DESTROY = 0x5000940F      # _IOW(0x94, 15, btrfs_ioctl_vol_args: 4096 bytes)
+_VOL_ARGS = struct.Struct("<q4088s")     # btrfs_ioctl_vol_args: fd (s64, unused here), name[4088]
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _directory_chain(fd: int, tree: int, inode: int) -> List[tuple]:
+    """(name, inode) of each directory from the root of subvolume `tree` down to directory
+    `inode`, walked up by their INODE_REF items (a directory has exactly one name).
+    Root only.  Raises OSError."""
+    chain: List[tuple] = []
+    seen = {inode}
+    while inode != BTRFS_FIRST_FREE_OBJECTID:
+        refs = back_references(fd, inode, tree)
+        if len(refs) != 1:
+            raise OSError(errno.ESTALE, f"directory inode {inode} of subvolume {tree} has {len(refs)} names")
+        parent, name = refs[0]
+        # Items read one search at a time while a shell renames can, in between, say a loop.
+        if parent in seen:
+            raise OSError(errno.ESTALE, f"directory inode {inode} of subvolume {tree} is inside itself")
+        chain.append((name, inode))
+        seen.add(parent)
+        inode = parent
+    chain.reverse()
+    return chain
+
+
+def _walk_down(root: int, chain: Sequence[tuple]) -> int:
+    """A new descriptor of the last directory of chain (from _directory_chain), opened one
+    name at a time from the subvolume root `root`, never through a symlink, each the inode
+    the chain says in root's subvolume.  Raises OSError (ESTALE: something was moved)."""
+    device = os.fstat(root).st_dev       # btrfs gives each subvolume a device of its own
+    here = os.dup(root)
+    try:
+        for name, inode in chain:
+            below = os.open(name, _DIRECTORY_FLAGS, dir_fd=here)
+            os.close(here)
+            here = below
+            st = os.fstat(here)
+            if (st.st_dev, st.st_ino) != (device, inode):
+                raise OSError(errno.ESTALE, f"{os.fsdecode(name)!r} is no longer directory inode {inode}")
+    except BaseException:
+        os.close(here)
+        raise
+    return here
+
+
+def _reach_subvolume(fd: int, sub: NestedSubvolume, nested: Dict[int, NestedSubvolume]) -> tuple:
+    """(a descriptor of the directory holding sub, one of sub's root), reached from fd (the
+    root of the outer subvolume) one name at a time: a subvolume nested in a nested one
+    through its parent first.  nested: every nested subvolume by id.  Raises OSError."""
+    parent = nested.get(sub.parent)
+    if parent is None:                   # linked in the outer subvolume itself
+        if subvolume_info(fd).id != sub.parent:
+            raise OSError(errno.ESTALE, f"the subvolume opened is not subvolume {sub.parent}")
+        start = os.dup(fd)
+    else:
+        holder, start = _reach_subvolume(fd, parent, nested)
+        os.close(holder)
+    try:
+        holder = _walk_down(start, _directory_chain(start, sub.parent, sub.dirid))
+    finally:
+        os.close(start)
+    try:
+        root = os.open(sub.name, _DIRECTORY_FLAGS, dir_fd=holder)
+        try:
+            if os.fstat(root).st_ino != BTRFS_FIRST_FREE_OBJECTID or subvolume_info(root).id != sub.id:
+                raise OSError(errno.ESTALE, f"{os.fsdecode(sub.name)!r} is no longer subvolume {sub.id}")
+        except BaseException:
+            os.close(root)
+            raise
+    except BaseException:
+        os.close(holder)
+        raise
+    return holder, root
+
+
+def delete_nested_subvolume(fd: int, sub: NestedSubvolume, nested: Dict[int, NestedSubvolume]) -> None:
+    """Delete subvolume sub (it holds none) by its name in the directory that holds it,
+    reached from fd, the outer subvolume's root, with no path longer than one name
+    (BTRFS_IOC_SNAP_DESTROY, uncommitted).  Root only.  Raises OSError."""
+    holder, root = _reach_subvolume(fd, sub, nested)
+    os.close(root)
+    try:
+        # The name could be swapped for another subvolume between the check above and this
+        # call.  Harmless: all that is reachable below the outer subvolume is its own tree
+        # and the subvolumes planted in it (a rename across subvolumes is EXDEV; other
+        # hosts' snapshots are read-only and outside it), and all of those go anyway.
+        fcntl.ioctl(holder, BTRFS_IOC_SNAP_DESTROY, bytearray(_VOL_ARGS.pack(0, sub.name)))
+    finally:
+        os.close(holder)
 
 
 # Making a snapshot and setting its read-only flag, by the kernel's own calls: two
@@ -5129,7 +5241,7 @@ class BtrfsStore(Store):
         if not is_btrfs_subvolume(current):
             return Store.pending_bytes(self, host)
         since = written_since(last_measured(self.read_history(host)))
-        planted = sum(size for _, _, size in planted_subvolumes(current))
+        planted = sum(size for _, size in planted_subvolumes(current))
         return measure_subvolume(current, since, full=False)[1] + planted
 
     def unfinished_hosts(self, hosts: Iterable[str]) -> Set[str]:
@@ -5176,22 +5288,39 @@ class BtrfsStore(Store):
             return True
 
     def remove_planted(self, path: Path) -> tuple:
-        """Delete, as root and by id, every subvolume inside the subvolume at path, deepest
-        first, each with a log line: (how many, the bytes they held).
+        """Delete, as root, every subvolume inside the subvolume at path, deepest first, each
+        with a log line: (how many, the bytes they held).
 
         rsync never makes a subvolume, so one in current is tampering by a shell
         as the backup user: a snapshot would hold an empty directory in its
         place while its data stayed in current, counted in no backup, and the
-        deletion of current (a roll-back) would fail on it.  By id, never by
-        name: the shell could swap a directory on the way for a symlink.
+        deletion of current (a roll-back) would fail on it.  Reached one name at
+        a time from descriptors, each directory checked to be the inode the kernel's
+        items name, never by a path: the shell could swap a directory on the way
+        for a symlink, or plant one deeper than any path reaches.
         """
         planted = planted_subvolumes(path)
-        for tree, below, size in reversed(planted):
-            log.warning("removed the subvolume %s/%s (id %d, %s): a shell as the backup user made it "
-                        "(rsync never does); its data was in no backup", path,
-                        below.decode("utf-8", "surrogateescape"), tree, format_size(size))
-            self._btrfs("subvolume", "delete", "--subvolid", str(tree), str(self.root))
-        return len(planted), sum(size for _, _, size in planted)
+        if not planted:
+            return 0, 0
+        nested = {sub.id: sub for sub, _ in planted}
+        try:
+            fd = os.open(path, _DIRECTORY_FLAGS)
+        except OSError as e:
+            raise ByteBackError(f"cannot open {path}: {e.strerror}") from None
+        try:
+            for sub, size in reversed(planted):
+                below = f"{path}/{sub.path.decode('utf-8', 'surrogateescape')}"
+                try:
+                    delete_nested_subvolume(fd, sub, nested)
+                except OSError as e:
+                    raise ByteBackError(f"cannot remove the subvolume {below} (id {sub.id}) planted in {path}: "
+                                        f"{e.strerror}; the next prune tries again (if it keeps failing, stop the "
+                                        "backup user's shells and delete that subvolume as root)") from None
+                log.warning("removed the subvolume %s (id %d, %s): a shell as the backup user made it "
+                            "(rsync never does); its data was in no backup", below, sub.id, format_size(size))
+        finally:
+            os.close(fd)
+        return len(planted), sum(size for _, size in planted)
 
     def take_snapshot(self, host: str, name: str, previous: Optional[dict]) -> dict:
         current = self.current(host)

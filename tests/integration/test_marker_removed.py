@@ -163,19 +163,100 @@ def test_a_session_that_ignores_sigterm_is_killed_and_its_junk_rolled_back(store
             holder.wait()
 
 
-def test_a_roll_back_that_fails_leaves_the_upload_contained_not_paid_for(store):
-    # A subvolume deeper than the kernel's path lookup reaches (4080 bytes) cannot be deleted by
-    # id, so current cannot be rolled back: prune must still run, and delete nobody's history for it.
-    current = store.current("client2")
-    count = (free_bytes(store.root) - 60 * MIB) // MIB
+DEEP = "d" * 250           # 20 of them: a path past PATH_MAX (4096) and INO_LOOKUP's 4080 bytes
+
+
+def _plant_deep(at: Path, subvolume: str, junk_bytes: int) -> None:
+    """As the backup user: subvolume `subvolume` 20 directories of 250 bytes below `at`, junk in it."""
     script = ("import os, subprocess\n"
-              f"os.chdir({str(current)!r})\n"
-              "for _ in range(20):\n    os.mkdir('d' * 250); os.chdir('d' * 250)\n"
-              "subprocess.run(['btrfs', 'subvolume', 'create', 'x'], check=True, stdout=subprocess.DEVNULL)\n"
-              f"subprocess.run(['dd', 'if=/dev/urandom', 'of=x/junk', 'bs=1M', 'count={count}', 'status=none'], "
-              "check=True)\n")
+              f"os.chdir({str(at)!r})\n"
+              f"for _ in range(20):\n    os.mkdir({DEEP!r}); os.chdir({DEEP!r})\n"
+              f"subprocess.run(['btrfs', 'subvolume', 'create', {subvolume!r}], check=True, stdout=subprocess.DEVNULL)\n"
+              f"subprocess.run(['dd', 'if=/dev/urandom', 'of={subvolume}/junk', 'bs=1M', "
+              f"'count={junk_bytes // MIB}', 'status=none'], check=True)\n")
     _as_user("python3", "-c", script).check_returncode()
+
+
+def test_a_subvolume_planted_past_path_max_is_removed_and_the_upload_rolled_back(store):
+    # Deletion by id builds the whole path in the kernel (PATH_MAX): ENAMETOOLONG, and this
+    # host's current could never be rolled back.  Reached one name at a time, it is.
+    current = store.current("client2")
+    _plant_deep(current, "x", free_bytes(store.root) - 60 * MIB)
     kept = _kept(store)
     assert store.unfinished_hosts(["client1", "client2"]) == {"client2"}
     byteback.prune_store(store, CONFIG, now=T0 + dt.timedelta(hours=10))
+    assert not (current / DEEP).exists(), os.listdir(current)      # x and its junk went with it
+    assert byteback.planted_subvolumes(current) == []
+    # Nothing of the upload is left to measure.  (unfinished_hosts still names client2 until its
+    # next snapshot, after any roll-back: the chown of current's root moves its generation on.)
+    assert store.pending_bytes("client2") < MIB
+    assert free_bytes(store.root) > 300 * MIB
+    assert _kept(store) == kept
+
+
+def test_a_deep_subvolume_inside_a_planted_subvolume_is_removed(store):
+    # The inner one is reached through the outer one's own tree, itself reached from current's.
+    current = store.current("client2")
+    _as_user("mkdir", str(current / "o")).check_returncode()
+    _as_user("btrfs", "subvolume", "create", str(current / "o" / "p")).check_returncode()
+    _plant_deep(current / "o" / "p", "x", 20 * MIB)
+    planted = byteback.planted_subvolumes(current)
+    assert len(planted) == 2
+    assert store.remove_planted(current) == (2, sum(found[-1] for found in planted))
+    assert byteback.planted_subvolumes(current) == []
+    assert not (current / "o" / "p").exists()          # the outer subvolume's place: gone with it
+    assert (current / "o").is_dir()                    # current's own directory stays (rsync's to put right)
+
+
+@pytest.mark.parametrize("swap", ["symlink", "directory"])
+def test_a_directory_swapped_on_the_way_is_not_followed(store, monkeypatch, swap):
+    # The shell renames a directory on the way between the kernel's items being read and the
+    # walk down, and puts a symlink to a subvolume elsewhere (or another directory) in its place.
+    current = store.current("client2")
+    _as_user("mkdir", "-p", str(current / "a" / "b")).check_returncode()
+    _as_user("btrfs", "subvolume", "create", str(current / "a" / "b" / "x")).check_returncode()
+    outside = store.root / "outside"
+    (outside / "b").mkdir(parents=True)
+    subprocess.run(["btrfs", "subvolume", "create", str(outside / "b" / "x")], check=True, stdout=subprocess.DEVNULL)
+    chain = byteback._directory_chain
+    swapped = []
+
+    def then_swap(*args):
+        found = chain(*args)
+        if not swapped:
+            swapped.append(True)
+            _as_user("mv", str(current / "a"), str(current / "a.moved")).check_returncode()
+            if swap == "symlink":
+                _as_user("ln", "-s", str(outside), str(current / "a")).check_returncode()
+            else:
+                _as_user("mkdir", "-p", str(current / "a" / "b")).check_returncode()
+        return found
+    monkeypatch.setattr(byteback, "_directory_chain", then_swap)
+    with pytest.raises(byteback.ByteBackError, match=r"cannot remove the subvolume .*/a/b/x \(id \d+\) planted in"):
+        store.remove_planted(current)
+    assert swapped
+    assert byteback.is_btrfs_subvolume(outside / "b" / "x")             # nothing outside current deleted
+    assert byteback.is_btrfs_subvolume(current / "a.moved" / "b" / "x")  # nor, silently, the planted one
+    monkeypatch.undo()
+    assert store.remove_planted(current)[0] == 1          # found again where it now is: the shell only delays
+    assert not (current / "a.moved" / "b" / "x").exists()
+    assert byteback.is_btrfs_subvolume(outside / "b" / "x")
+
+
+def test_a_roll_back_that_fails_leaves_the_upload_contained_not_paid_for(store):
+    # A subvolume planted in one the shell then made read-only (its owner may): the kernel refuses
+    # to delete the inner one (EROFS), so current cannot be rolled back.  Prune must still run,
+    # and delete nobody's history for it.
+    current = store.current("client2")
+    _as_user("btrfs", "subvolume", "create", str(current / "p")).check_returncode()
+    _as_user("btrfs", "subvolume", "create", str(current / "p" / "x")).check_returncode()
+    _fill(store, current / "p" / "x" / "junk")
+    _as_user("btrfs", "property", "set", "-ts", str(current / "p"), "ro", "true").check_returncode()
+    kept = _kept(store)
+    assert store.unfinished_hosts(["client1", "client2"]) == {"client2"}
+    with pytest.raises(byteback.ByteBackError, match="Read-only file system"):
+        store.remove_planted(current)                 # really fails, and says so
+    byteback.prune_store(store, CONFIG, now=T0 + dt.timedelta(hours=10))
+    assert (current / "p" / "x" / "junk").exists()      # not rolled back
+    assert store.unfinished_hosts(["client1", "client2"]) == {"client2"}
     assert _kept(store) == kept
