@@ -5314,8 +5314,8 @@ class BtrfsStore(Store):
                     delete_nested_subvolume(fd, sub, nested)
                 except OSError as e:
                     raise ByteBackError(f"cannot remove the subvolume {below} (id {sub.id}) planted in {path}: "
-                                        f"{e.strerror}; the next prune tries again (if it keeps failing, stop the "
-                                        "backup user's shells and delete that subvolume as root)") from None
+                                        f"{e.strerror}; the next snapshot or prune tries again (if it keeps failing, "
+                                        "stop the backup user's shells and delete that subvolume as root)") from None
                 log.warning("removed the subvolume %s (id %d, %s): a shell as the backup user made it "
                             "(rsync never does); its data was in no backup", below, sub.id, format_size(size))
         finally:

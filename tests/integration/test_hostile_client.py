@@ -1215,7 +1215,7 @@ def _plant_subvolumes(w: World, current: Path, junk_mib: int) -> None:
 
 def test_subvolumes_planted_in_current_are_removed_at_the_snapshot_and_shown(world, attacker):
     """A subvolume in current was an empty directory in the snapshot while its data stayed in
-    current, counted in no backup: the snapshot removes it (as root, by id), counts it, warns."""
+    current, counted in no backup: the snapshot removes it (as root, by descriptors), counts it, warns."""
     world.allowed_new = [f"{attacker.host}/"]
     current = world.store / attacker.host / "current"
     src = _small_tree(world, "beside-planted")
