@@ -3867,6 +3867,8 @@ BTRFS_ITEM_OVERHEAD = 25    # struct btrfs_item: the key and place of every item
 # btrfs_inode_item: generation, transid, size, nbytes, block_group, nlink, uid, gid, mode
 _INODE_ITEM = struct.Struct("<QQQQQIIII")
 _DIR_ITEM_TRANSID = struct.Struct("<17xQ")          # btrfs_dir_item: location key, then transid
+# btrfs_dir_item whole: location key (objectid, type, offset), transid, data_len, name_len, type
+_DIR_ITEM = struct.Struct("<QBQQHHB")
 _EXTENT_ITEM = struct.Struct("<Q12xBQQ")            # generation, (ram_bytes..), type, disk_bytenr, disk_num_bytes
 BTRFS_FILE_EXTENT_INLINE = 0
 _NAME_ITEMS = frozenset({BTRFS_XATTR_ITEM, BTRFS_DIR_ITEM, BTRFS_DIR_INDEX})   # all a btrfs_dir_item
@@ -3964,6 +3966,8 @@ class SubvolumeTally:
         self._extents: set = set()
         self._shared: List[SharedInode] = []
         self._this_shared: Optional[SharedInode] = None     # the inode being read, if one of them
+        # Told of each inode written since (its mode) and each data extent (None); False ends the search.
+        self.watch: Optional[Callable[[int, Optional[int]], bool]] = None
 
     def add(self, buf, count: int) -> Optional[tuple]:
         """Take `count` records of a search buffer; return the last key (objectid, type, offset).
@@ -3971,7 +3975,7 @@ class SubvolumeTally:
         A record that claims more bytes than the buffer holds ends the buffer
         (the kernel never writes one).
         """
-        since, end, pos, last = self.since, len(buf), 0, None
+        since, end, pos, last, watch = self.since, len(buf), 0, None, self.watch
         header, inode_item, name_transid, extent = (_SEARCH_HEADER.unpack_from, _INODE_ITEM.unpack_from,
                                                     _DIR_ITEM_TRANSID.unpack_from, _EXTENT_ITEM.unpack_from)
         for _ in range(count):
@@ -4009,6 +4013,8 @@ class SubvolumeTally:
                     if nlink > 1:
                         self.linked += nlink
                 changed = self._inode_changed = written >= since
+                if changed and watch is not None and not watch(objectid, mode):
+                    return None
                 if changed and nlink > 1 and made < since and mode & 0o170000 != 0o040000:
                     # An inode the names of an older backup share, written by this one:
                     # see BtrfsStore.take_snapshot.
@@ -4016,6 +4022,8 @@ class SubvolumeTally:
                     self._shared.append(self._this_shared)
             elif kind == BTRFS_EXTENT_DATA and length >= 21:
                 changed = struct.unpack_from("<Q", buf, item)[0] >= since
+                if changed and watch is not None and not watch(objectid, None):
+                    return None
                 if changed and length >= _EXTENT_ITEM.size:
                     _gen, form, bytenr, disc_bytes = extent(buf, item)
                     # bytenr 0 is a hole; an inline extent's bytes are the item's own.
@@ -4157,76 +4165,80 @@ def inode_names(fd: int, inode: int, limit: int) -> Optional[List[bytes]]:
     return [paths[parent] + name for parent, name in refs]
 
 
-# A run that changed no file's names needs no walk of current's whole tree to
-# size it (issue 14: the walk was most of a snapshot's time): its linked names
-# are its last snapshot's, and its size that one's plus what each regular file
-# it wrote in place grew or shrank by (the same inode, read in the snapshot).
-# Bounds: comparing each changed directory costs more than the walk past about
-# 300 of them (measured on a tree of 30,000 files in 1,000 directories: 63 ms
-# for 334 against a 67 ms walk); files rewritten in place past about 600 of the
-# same tree (tests/bench/test_measure_bench.py: 106 ms for 600 against a 110 ms
-# walk; 300, 1 % of it, took 72 ms).  Fixed, not a share of the tree, whose
-# size in files no record holds: in a small tree many files rewritten cost up
-# to that bound's ~0.1 s more than its walk.
+# A run's snapshot is sized without a walk of current's whole tree (issue 14:
+# the walk was most of a snapshot's time, and it grows with the tree, not with
+# the run): only an inode the run wrote, or one a name it removed pointed to,
+# can count differently in current than in its last snapshot, so current's
+# size and linked names are that snapshot's, plus what each such inode counts
+# now, less what it counted there (the same inode number, read in both trees).
+# Bounds, near where the walk costs as much (tests/bench/test_measure_bench.py,
+# a tree of 30,000 files in directories of 100): about 300 directories written
+# and about 600 other inodes (600 files rewritten in place took 0.7-1.1 of the
+# walk's time from run to run, 300 of them 0.4-0.8).  Fixed, not a share of
+# the tree, whose count of files no record holds: in a small tree a run that
+# writes many files costs up to ~0.1 s more than its walk.
 QUIET_DIRECTORIES = 300
 QUIET_FILES = 600
 
 
 class QuietTally(SubvolumeTally):
-    """A tally of the leaves written since `since` that also tells whether the run changed
-    no file's names: of the inodes written, only directories (at most QUIET_DIRECTORIES)
-    and regular files that existed before `since` (at most QUIET_FILES), and data written
-    into those files alone (pure: the kernel's buffers only).
+    """A tally of the leaves written since `since` that also lists the inodes written:
+    directories (at most QUIET_DIRECTORIES) and the others (at most QUIET_FILES), and
+    checks that no data was written but into those (pure: the kernel's buffers only).
 
-    quiet turns False, and the search stops, at the first item that says otherwise.
-    Every change btrfs makes to an inode writes its inode item with the
-    transaction's id (its transid), and every name added or removed writes its
-    directory's inode item: so where those directories hold the names they held in
-    the last snapshot, current's regular files are that snapshot's, inode for
-    inode, the ones in `files` rewritten in place (BtrfsStore._measure_quiet
-    compares both).
+    quiet turns False, and the search stops, at the first item past a bound or of data
+    whose inode was not written.  Every change btrfs makes to an inode writes its
+    inode item with the transaction's id (its transid), and every name added or
+    removed writes its directory's inode item: BtrfsStore._measure_quiet compares
+    the names of those directories, and the inodes, with the last snapshot's.
     """
 
     def __init__(self, since: int, limit: int = QUIET_DIRECTORIES, file_limit: int = QUIET_FILES):
         super().__init__(since)
         self.limit, self.file_limit, self.quiet, self.directories = limit, file_limit, True, []
-        self.files: Dict[int, tuple] = {}     # inode -> (made, size, links) of a regular file written
+        self.files: Set[int] = set()         # the other inodes written
+        self.watch = self._written
 
-    def add(self, buf, count: int) -> Optional[tuple]:
-        last = super().add(buf, count)
-        for objectid, kind, _offset, item, length in _search_records(buf, count):
-            if kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
-                made, written, size, _nbytes, _bg, nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(buf, item)
-                if written < self.since:
-                    continue
-                if mode & 0o170000 == 0o040000 and len(self.directories) < self.limit:
-                    self.directories.append(objectid)
-                elif mode & 0o170000 == 0o100000 and made < self.since and nlink and len(self.files) < self.file_limit:
-                    self.files[objectid] = made, size, nlink
-                else:
-                    self.quiet = False
-                    return None
-            elif (kind == BTRFS_EXTENT_DATA and length >= 8 and objectid not in self.files
-                  and struct.unpack_from("<Q", buf, item)[0] >= self.since):
-                self.quiet = False      # data of a file whose inode was not written: never rsync's
-                return None
-        return last
+    def _written(self, inode: int, mode: Optional[int]) -> bool:
+        if mode is None:                     # data: of a file whose inode was written, as rsync's is
+            if inode in self.files:
+                return True
+        elif mode & 0o170000 == 0o040000:
+            if len(self.directories) < self.limit:
+                self.directories.append(inode)
+                return True
+        elif len(self.files) < self.file_limit:
+            self.files.add(inode)
+            return True
+        self.quiet = False
+        return False
 
 
-def read_file_item(fd: int, inode: int) -> Optional[tuple]:
-    """(made, size, links, mode) of `inode`'s inode item in the subvolume holding fd; None
-    where there is none.  Root only.  Raises OSError."""
+BTRFS_FT_DIR = 2                                    # btrfs_dir_item's type of a directory
+
+
+def read_inode_item(fd: int, inode: int) -> Optional[tuple]:
+    """(size, names, mode) of `inode` in the subvolume holding fd, from its inode item; None
+    where it has none.  Root only.  Raises OSError."""
     found: List[tuple] = []
 
     def take(buf, count: int) -> None:          # one item at most: no second call
         for objectid, kind, _offset, item, length in _search_records(buf, count):
             if objectid == inode and kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
-                made, _written, size, _nbytes, _bg, nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(buf, item)
-                found.append((made, size, nlink, mode))
+                _made, _written, size, _nbytes, _bg, nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(buf, item)
+                found.append((size, nlink, mode))
 
     search_tree(fd, take, first=(inode, BTRFS_INODE_ITEM, 0), last=(inode, BTRFS_INODE_ITEM, _U64_MAX),
                 buffer=4096)
     return found[0] if found else None
+
+
+def inode_counts(item: Optional[tuple]) -> tuple:
+    """What an inode (read_inode_item) adds to a measure's (size, linked), as SubvolumeTally
+    counts them: a regular file with a name its size, with several names their count (pure)."""
+    if item is None or item[2] & 0o170000 != 0o100000 or not item[1]:
+        return 0, 0
+    return item[0], item[1] if item[1] > 1 else 0
 
 
 def read_written_inode(fd: int, inode: int, since: int) -> Optional[SharedInode]:
@@ -4238,23 +4250,49 @@ def read_written_inode(fd: int, inode: int, since: int) -> Optional[SharedInode]
     return next(iter(tally.usage().shared), None)
 
 
-def directory_digest(fd: int, inode: int) -> str:
-    """A digest of directory `inode`'s names (its DIR_INDEX items, whole: index, the inode
-    each names, name) in the subvolume holding fd.  Root only.  Raises OSError."""
-    import hashlib
-    digest = hashlib.sha256()
+def directory_entries(fd: int, inode: int) -> Dict[int, bytes]:
+    """Directory `inode`'s names in the subvolume holding fd: index -> its DIR_INDEX item
+    (a btrfs_dir_item, whole: dir_entry reads one).  Root only.  Raises OSError."""
+    entries: Dict[int, bytes] = {}
+    header, header_size = _SEARCH_HEADER.unpack_from, _SEARCH_HEADER.size
 
     def take(buf, count: int) -> Optional[tuple]:
-        last = None
-        for objectid, kind, offset, item, length in _search_records(buf, count):
+        pos, end, last = 0, len(buf), None
+        for _ in range(count):          # _search_records, inline: a directory has thousands
+            if pos + header_size > end:
+                break
+            _transid, objectid, offset, kind, length = header(buf, pos)
+            item, pos = pos + header_size, pos + header_size + length
+            if pos > end:
+                break
             last = objectid, kind, offset
-            digest.update(struct.pack("<QI", offset, length))
-            digest.update(buf[item:item + length])
+            if objectid == inode and kind == BTRFS_DIR_INDEX:
+                entries[offset] = bytes(buf[item:pos])
         return last
 
     search_tree(fd, take, first=(inode, BTRFS_DIR_INDEX, 0), last=(inode, BTRFS_DIR_INDEX, _U64_MAX),
                 buffer=64 * 1024)
-    return digest.hexdigest()
+    return entries
+
+
+def changed_names(now: Dict[int, bytes], before: Dict[int, bytes]) -> Iterator[tuple]:
+    """(whether it is now's, the item) of each of a directory's names (directory_entries) that
+    one side has and the other has not, the same (pure)."""
+    if now == before:
+        return
+    for mine, theirs, side in ((now, before, True), (before, now, False)):
+        for index, item in mine.items():
+            if theirs.get(index) != item:
+                yield side, item
+
+
+def dir_entry(item: bytes) -> Optional[tuple]:
+    """(what it names: objectid, key type; its file type) of a btrfs_dir_item, or None if it
+    is too short to be one (pure)."""
+    if len(item) < _DIR_ITEM.size:
+        return None
+    child, child_kind, _offset, _transid, _data_len, _name_len, file_type = _DIR_ITEM.unpack_from(item)
+    return child, child_kind, file_type
 
 
 def search_subvolume(fd: int, tally: SubvolumeTally, min_transid: int = 0, tree: int = 0) -> SubvolumeUsage:
@@ -5383,13 +5421,13 @@ class BtrfsStore(Store):
         return record
 
     def _measure_quiet(self, host: str, current: Path, previous: Optional[dict]) -> Optional[tuple]:
-        """measure_subvolume(full=True)'s (usage, added) from the leaves this run wrote alone,
-        where it changed no file's names (QuietTally): each directory it wrote holds the
-        names it held in the newest snapshot, which `previous` measured, and each regular
-        file it wrote is there too, the same inode with as many names.  Then that
-        snapshot's linked names are current's, and its size is current's but for what
-        those files grew or shrank by.  None where it cannot tell: then the whole tree
-        is walked."""
+        """measure_subvolume(full=True)'s (usage, added) from the leaves this run wrote alone
+        (QuietTally), against the newest snapshot, which `previous` measured: its size and
+        linked names, plus what each inode the run wrote or unnamed counts in current less
+        what it counted there (inode_counts).  Those are the inodes QuietTally lists and
+        those that the names which the run removed from the directories it wrote pointed
+        to.  None where it cannot tell (a directory removed: the names in it are gone
+        unseen; a subvolume named): then the whole tree is walked."""
         size, linked = (previous or {}).get("size"), (previous or {}).get("linked")
         if (previous is None or previous.get("baseline") or previous.get("unsettled")
                 or type(size) is not int or type(linked) is not int or size < 0 or linked < 0):
@@ -5402,18 +5440,30 @@ class BtrfsStore(Store):
         tally = QuietTally(since)
         usage, added = measure_subvolume(current, since, full=False, tally=tally)
         if not tally.quiet or tally.generation > usage.generation or not is_btrfs_subvolume(newest):
-            return None     # a name changed, or something was written after the commit
+            return None     # past a bound, or something was written after the commit
         fds: List[int] = []
         try:
             for path in (current, newest):
                 fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
-            if any(directory_digest(fds[0], d) != directory_digest(fds[1], d) for d in tally.directories):
+            touched = set(tally.files)
+            for directory in tally.directories:
+                now, before = directory_entries(fds[0], directory), directory_entries(fds[1], directory)
+                for in_current, item in changed_names(now, before):
+                    entry = dir_entry(item)
+                    if entry is None or entry[1] != BTRFS_INODE_ITEM:
+                        return None             # a subvolume (remove_planted took those away)
+                    child, _kind, file_type = entry
+                    if file_type != BTRFS_FT_DIR:
+                        touched.add(child)
+                    elif not in_current and read_inode_item(fds[0], child) is None:
+                        return None             # a directory removed, and unseen, all in it
+            if len(touched) > QUIET_FILES:
                 return None
-            for inode, (made, now_size, links) in tally.files.items():
-                before = read_file_item(fds[1], inode)
-                if before is None or before[0] != made or before[2] != links or before[3] & 0o170000 != 0o100000:
-                    return None
-                size += now_size - before[1]
+            for inode in touched:
+                now_size, now_linked = inode_counts(read_inode_item(fds[0], inode))
+                old_size, old_linked = inode_counts(read_inode_item(fds[1], inode))
+                size += now_size - old_size
+                linked += now_linked - old_linked
             # The search read only the leaves written since: a shared inode's items in
             # older ones are missing from its digest, which is compared with the
             # snapshot's whole one (take_snapshot's check); read each whole.
@@ -5423,7 +5473,7 @@ class BtrfsStore(Store):
         finally:
             for fd in fds:
                 os.close(fd)
-        if size < 0 or None in shared:
+        if size < 0 or linked < 0 or None in shared:
             return None
         generation = max(usage.generation, _history_int(previous, "generation"))
         return usage._replace(size=size, linked=linked, generation=generation, shared=shared), added

@@ -1,25 +1,28 @@
-"""Benchmark: sizing a snapshot whose run rewrote files in place, without a walk (issue 14).
+"""Benchmark: sizing a snapshot from what its run wrote, without a walk of the tree (issue 14).
 
 Run it with:   python3 -m pytest -m bench tests/bench/test_measure_bench.py -s
 or directly:   python3 tests/bench/test_measure_bench.py
 
 It needs root (a btrfs loop file).  A host's current of BENCH_FILES files
 (default 30,000, in directories of 100) is snapshotted as byteback does it;
-then 1 % of its files, and then QUIET_FILES of them, are rewritten in place
-(4 KiB each, as rsync --inplace writes a changed block; none of the tree's
-hard-linked files, whose rewrite asks for another pass), and current is sized
-both ways, each after the same sync:
+then, before each snapshot, 1 % of its files, and then QUIET_FILES of them,
+are rewritten in place (4 KiB each, as rsync --inplace writes a changed block;
+none of the tree's hard-linked files, whose rewrite asks for another pass); in
+the last rounds 0.5 % are unlinked and as many made beside them instead; and
+current is sized both ways, each after the same sync:
 
-  quiet   BtrfsStore._measure_quiet: the leaves written since, each changed
-          directory's names and each rewritten file's inode in the snapshot
+  quiet   BtrfsStore._measure_quiet: the leaves written since, each written
+          directory's names and each inode written or unnamed, in both trees
   walk    measure_subvolume(full=True): every item of current's tree
 
 Both must give the same size, linked names and shared inodes.  Targets: at 1 %
-the quiet way takes at most 0.75 of the walk's time, and at QUIET_FILES files
-(the bound past which take_snapshot walks instead) no more than 1.1 of it: that
-bound is where the quiet way stops paying.  Both ways cost most in reading the
-leaves the run wrote, which at 1 % of files spread over the tree are most of
-them.  BENCH_CHANGED="150 300 600" measures those counts instead (no targets).
+rewritten the quiet way takes at most 0.75 of the walk's time; at 0.5 %
+unlinked and made, and at QUIET_FILES rewritten (the bound past which
+take_snapshot walks instead), no more than 1.1 of it: that bound is where the
+quiet way stops paying.  The quiet way costs most in reading the leaves the run
+wrote, and changes spread at random over the tree, as here, write the most
+leaves: names made and unlinked write their directories' leaves too.  The walk
+grows with the tree, the quiet way with the run.  BENCH_CHANGED="150 300 600" measures those counts instead (no targets).
 Median of BENCH_REPEAT (default 5).
 """
 from __future__ import annotations
@@ -68,12 +71,21 @@ def _rewrite(paths: list, rng: random.Random) -> None:
             f.write(os.urandom(4096))
 
 
+def _make_and_unlink(paths: list, chosen: list) -> None:
+    """A file made beside each chosen one, and each chosen one unlinked (paths follows)."""
+    for path in chosen:
+        made = path.with_name(path.name + "n")
+        made.write_bytes(os.urandom(FILE_BYTES))
+        path.unlink()
+        paths[paths.index(path)] = made
+
+
 def _view(usage) -> tuple:
     return usage.size, usage.linked, [(s.inode, s.made, s.nlink, s.stat, s.items, s.written) for s in usage.shared]
 
 
 def measure(files: int = FILES, repeat: int = REPEAT) -> dict:
-    """{changed files: (quiet seconds, walk seconds)}, each a median; asserts both agree."""
+    """{(how, files changed): (quiet seconds, walk seconds)}, each a median; asserts both agree."""
     found = {}
     with btrfs_mount("4G") as root:
         store, config = byteback.open_store(root, create=True), byteback.ServerConfig()
@@ -82,10 +94,16 @@ def measure(files: int = FILES, repeat: int = REPEAT) -> dict:
         when = dt.datetime(2026, 12, 1, tzinfo=dt.timezone.utc)
         byteback.snapshot_host(store, "h", config, now=when, force=True)
         rng = random.Random(5)
-        for changed in [int(c) for c in os.environ.get("BENCH_CHANGED", "").split()] or (max(1, files // 100), byteback.QUIET_FILES):
+        counts = [int(c) for c in os.environ.get("BENCH_CHANGED", "").split()] or (
+            max(1, files // 100), byteback.QUIET_FILES)
+        for kind, changed in [("rewritten", c) for c in counts] + [("made", max(1, files // 100))]:
             quiet_times, walk_times = [], []
             for _ in range(repeat):
-                _rewrite(rng.sample(paths, changed), rng)
+                chosen = rng.sample(paths, changed if kind == "rewritten" else changed // 2)
+                if kind == "rewritten":
+                    _rewrite(chosen, rng)
+                else:
+                    _make_and_unlink(paths, chosen)
                 previous = byteback.last_measured(store.read_history("h"))
                 since = byteback.written_since(previous)
                 os.sync()
@@ -96,24 +114,28 @@ def measure(files: int = FILES, repeat: int = REPEAT) -> dict:
                 start = time.perf_counter()
                 walked = byteback.measure_subvolume(current, since, full=True)
                 walk_times.append(time.perf_counter() - start)
-                assert quiet is not None, f"{changed} files rewritten in place were walked"
+                assert quiet is not None, f"{changed} files {kind} were walked"
                 assert _view(quiet[0]) == _view(walked[0]) and quiet[1] == walked[1]
                 when += dt.timedelta(hours=7)
                 byteback.snapshot_host(store, "h", config, now=when, force=True)
-            found[changed] = statistics.median(quiet_times), statistics.median(walk_times)
+            found[kind, changed] = statistics.median(quiet_times), statistics.median(walk_times)
     return found
 
 
 def report(found: dict, files: int = FILES) -> list:
     """The lines printed, and the targets missed."""
-    lines = [f"sizing current of {files:,} files after files rewritten in place (median of {REPEAT})",
-             "  changed      quiet      walk   quiet/walk"]
-    for changed, (quiet, walk) in found.items():
-        lines.append(f"  {changed:7,}  {quiet * 1000:7.1f} ms {walk * 1000:7.1f} ms   {quiet / walk:6.2f}")
-    one, bound = found.get(max(1, files // 100)), found.get(byteback.QUIET_FILES)
+    lines = [f"sizing current of {files:,} files after a run changed some (median of {REPEAT})",
+             "  files changed                 quiet       walk   quiet/walk"]
+    for (kind, changed), (quiet, walk) in found.items():
+        what = f"{changed:,} rewritten" if kind == "rewritten" else f"{changed // 2:,} made, {changed // 2:,} unlinked"
+        lines.append(f"  {what:26} {quiet * 1000:7.1f} ms {walk * 1000:7.1f} ms   {quiet / walk:6.2f}")
+    one, bound = found.get(("rewritten", max(1, files // 100))), found.get(("rewritten", byteback.QUIET_FILES))
+    made = found.get(("made", max(1, files // 100)))
     missed = []
     if one and one[0] > one[1] * 0.75:
         missed.append(f"1 %: the quiet way {one[0] / one[1]:.2f} of the walk (target <= 0.75)")
+    if made and made[0] > made[1] * 1.1:
+        missed.append(f"1 % made and unlinked: the quiet way {made[0] / made[1]:.2f} of the walk (target <= 1.1)")
     if bound and bound[0] > bound[1] * 1.1:
         missed.append(f"{byteback.QUIET_FILES:,} files: the quiet way {bound[0] / bound[1]:.2f} of the walk "
                       "(target <= 1.1: lower QUIET_FILES)")

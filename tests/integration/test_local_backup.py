@@ -751,7 +751,7 @@ def _sizings(byteback, bb_store, host: str) -> tuple:
 def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path):
     """A run that wrote only directories is sized without a walk of the whole tree (issue 14),
     with the size and linked names the walk gives; a deleted file, which writes only its
-    directory, is still seen (its directory's names differ from the last snapshot's)."""
+    directory, is still seen (the name its directory lost names it)."""
     with _btrfs_env(tmp_path) as (byteback, env):
         src = env.work / "src"
         generate_tree(src, small_files=20, big_files=(), odd=False)
@@ -771,8 +771,8 @@ def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path)
         assert (second["size"], second["linked"]) == (first["size"], first["linked"])
         assert second["linked"] == 2
 
-        (copy / "newdir").mkdir()                 # a directory written, its parent's names changed
-        assert quiet() is None
+        (copy / "newdir").mkdir()                 # a directory made: its parent's names changed
+        assert quiet()[0][:2] == walked()[0][:2]
         os.rmdir(copy / "newdir")
         usage, added = walked()
         os.utime(copy / "sub", (2, 2))            # only a directory written: no walk, same answer
@@ -780,20 +780,22 @@ def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path)
         assert found is not None
         assert found[0][:2] == walked()[0][:2] and found[0].linked == walked()[0].linked
 
-        os.unlink(copy / "sub" / "single")        # writes only sub's inode: its names differ
-        assert quiet() is None
+        os.unlink(copy / "sub" / "single")        # writes only sub's inode: the name gone is seen
+        assert quiet()[0][:2] == walked()[0][:2]
         assert walked()[0].size == usage.size - 3000
         (src / "sub" / "single").unlink()
         env.backup("h", src)
         assert env.history("h")[-1]["size"] == second["size"] - 3000
 
 
-def test_btrfs_sizes_a_run_that_rewrote_files_in_place_from_its_last_snapshot(tmp_path):
-    """rsync --inplace rewriting files keeps their inodes and every directory's names: such
-    a run is sized from its last snapshot and the files' own growth, with no walk of the
-    whole tree (issue 14: the walk was most of a 1 %-changed snapshot's time), and says
-    what the walk says: size, linked names, and each shared inode as take_snapshot
-    compares it.  A file made, or a link added, is a name changed: then it walks."""
+def test_btrfs_sizes_a_run_from_its_last_snapshot_and_what_it_wrote(tmp_path):
+    """A run that rewrote files in place, made, linked, unlinked and renamed files and made
+    and renamed directories is sized from its last snapshot and the inodes it wrote or
+    unnamed, with no walk of the whole tree (issue 14: the walk was most of a 1 %-changed
+    snapshot's time), and says what the walk says: size, linked names, the bytes added,
+    and each shared inode as take_snapshot compares it.  Each change is checked as it
+    comes, on top of those before it.  A directory removed (the names in it go unseen)
+    is walked."""
     with _btrfs_env(tmp_path) as (byteback, env):
         src = env.work / "src"
         generate_tree(src, small_files=40, big_files=(), odd=False)
@@ -801,52 +803,70 @@ def test_btrfs_sizes_a_run_that_rewrote_files_in_place_from_its_last_snapshot(tm
         (src / "sub" / "grows").write_bytes(os.urandom(300_000))    # several extent items
         (src / "sub" / "pair").write_bytes(b"p" * 9000)
         os.link(src / "sub" / "pair", src / "pair-link")
+        for name in ("a", "b", "c", "d"):
+            (src / "sub" / name).write_bytes(name.encode() * 1000)
+        (src / "gone").mkdir()
+        (src / "gone" / "inside").write_bytes(b"i" * 4000)
         env.backup("h", src)
         bb_store = byteback.open_store(env.store)
-        current = bb_store.current("h")
-        copy = current / str(src).lstrip("/")
+        copy = bb_store.current("h") / str(src).lstrip("/")
         quiet, walked = _sizings(byteback, bb_store, "h")
+        size = env.history("h")[-1]["size"]
 
-        def view(usage):
-            return (usage.size, usage.linked, [(s.inode, s.made, s.nlink, s.stat, s.items, s.written)
-                                               for s in usage.shared])
+        def view(measured):
+            usage, added = measured
+            return (usage.size, usage.linked, added, [(s.inode, s.made, s.nlink, s.stat, s.items, s.written)
+                                                      for s in usage.shared])
 
-        with open(copy / "sub" / "grows", "r+b") as f:      # in place, as rsync --inplace writes
-            f.seek(100_000)
-            f.write(os.urandom(4096))
-            f.seek(0, os.SEEK_END)
-            f.write(os.urandom(50_000))
-        with open(copy / "sub" / "pair", "r+b") as f:       # a shared inode, written in place
-            f.write(b"q" * 100)
-        found = quiet()
-        assert found is not None
-        full = walked()
-        assert view(found[0]) == view(full[0])
-        assert found[0].size == env.history("h")[-1]["size"] + 50_000
-        assert len(found[0].shared) == 1 and found[0].shared[0].written
-        assert found[1] == full[1]                          # the bytes added: the same leaves
+        def rewrite(name, at, data):
+            with open(copy / "sub" / name, "r+b") as f:     # in place, as rsync --inplace writes
+                f.seek(at)
+                f.write(data)
 
-        os.truncate(copy / "sub" / "grows", 1000)           # shrinks
-        assert view(quiet()[0]) == view(walked()[0])
-        (copy / "sub" / "new").write_bytes(b"n")            # a name made: its directory's differ
+        changes = [
+            ("a file grows in place", lambda: rewrite("grows", 300_000, os.urandom(50_000)), 50_000),
+            ("a shared inode written in place", lambda: rewrite("pair", 0, b"q" * 100), 0),
+            ("a file shrinks", lambda: os.truncate(copy / "sub" / "grows", 1000), -349_000),
+            ("a file made", lambda: (copy / "sub" / "new").write_bytes(b"n" * 777), 777),
+            ("a file unlinked", lambda: os.unlink(copy / "sub" / "a"), -1000),
+            ("a link added", lambda: os.link(copy / "sub" / "b", copy / "b-link"), 0),
+            ("one name of a pair unlinked", lambda: os.unlink(copy / "pair-link"), 0),
+            ("a file renamed into another directory", lambda: os.rename(copy / "sub" / "c", copy / "c"), 0),
+            ("a file renamed over another", lambda: os.rename(copy / "sub" / "d", copy / "sub" / "new"), -777),
+            ("a directory made, with a file", lambda: (os.mkdir(copy / "made"),
+                                                      (copy / "made" / "f").write_bytes(b"f" * 500)), 500),
+            ("a directory renamed", lambda: os.rename(copy / "made", copy / "sub" / "moved"), 0),
+            ("a symlink made", lambda: os.symlink("sub/moved/f", copy / "to-f"), 0),
+        ]
+        for what, change, grew in changes:
+            change()
+            found = quiet()
+            assert found is not None, what
+            assert view(found) == view(walked()), what
+            size += grew
+            assert found[0].size == size, what
+        assert quiet()[0].linked == env.history("h")[-1]["linked"] - 2 + 2    # pair's 2 gone, b's 2 come
+        # pair has one name left; b, linked, is shared, its data not written (take_snapshot: no again:)
+        assert [(s.inode, s.written) for s in quiet()[0].shared] == [(os.lstat(copy / "sub" / "b").st_ino, False)]
+
+        os.unlink(copy / "gone" / "inside")
+        os.rmdir(copy / "gone")                  # a directory removed: what was in it is unseen
         assert quiet() is None
-        os.unlink(copy / "sub" / "new")
-        os.link(copy / "sub" / "grows", copy / "grows-link")   # a link: the inode's count and names
-        assert quiet() is None
 
-        # The real runs: a client's files rewritten in place, sized as the walk sizes them.
-        for name in ("grows", "pair"):
+        # The real runs: a client's files rewritten, made and removed, sized as the walk sizes them.
+        for name in ("grows", "b"):
             with open(src / "sub" / name, "r+b") as f:
                 f.write(os.urandom(64))
         with open(src / "sub" / "grows", "ab") as f:
             f.write(os.urandom(7000))
-        env.backup("h", src)        # puts right what the writes above did to current
-        for name in ("grows", "pair"):
-            with open(src / "sub" / name, "r+b") as f:
-                f.write(os.urandom(64))
+        env.backup("h", src)        # puts right what the changes above did to current
+        (src / "sub" / "b").unlink()
+        (src / "sub" / "later").write_bytes(b"l" * 3333)
+        os.link(src / "sub" / "later", src / "later-link")
         env.backup("h", src)
         newest = bb_store.snapshot_path(bb_store.snapshots("h")[-1])
-        assert env.history("h")[-1]["size"] == byteback.measure_subvolume(newest, 0, full=True)[0].size
+        full = byteback.measure_subvolume(newest, 0, full=True)[0]
+        assert (env.history("h")[-1]["size"], env.history("h")[-1]["linked"]) == (full.size, full.linked)
         assert_same(scan(src), scan_snapshot(env, "h", env.snapshots("h")[-1], src))
 
 

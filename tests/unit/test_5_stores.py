@@ -630,38 +630,39 @@ def _made_inode(made, transid, size, mode=0o100644, nlink=1):
     return struct.pack("<QQQQQIIII", made, transid, size, size, 0, nlink, 0, 0, mode) + bytes(104)
 
 
-def test_a_quiet_tally_lists_the_regular_files_a_run_rewrote_in_place():
-    # rsync --inplace rewriting a file: its inode item and its extents written, nothing else.
+def test_a_quiet_tally_lists_the_inodes_a_run_wrote():
+    # rsync --inplace rewriting a file (its inode item and an extent written), a file made,
+    # a symlink made, one left with no name: each listed; an inode not written is not.
     tally = byteback.QuietTally(10)
     records = [_record(20, 256, 1, _dir_inode(20)), _record(20, 300, 1, _made_inode(3, 20, 4096)),
                _record(20, 300, 108, _extent(20, 1 << 20, 4096)), _record(20, 301, 1, _made_inode(3, 20, 50, nlink=2)),
-               _record(20, 302, 1, _made_inode(3, 5, 70))]                 # not written: not listed
-    assert tally.add(b"".join(records), len(records)) == (302, 1, 0)
+               _record(20, 302, 1, _made_inode(3, 5, 70)), _record(20, 303, 1, _made_inode(12, 20, 9)),
+               _record(20, 304, 1, _inode(20, 0, mode=0o120777)), _record(20, 305, 1, _made_inode(3, 20, 1, nlink=0))]
+    assert tally.add(b"".join(records), len(records)) == (305, 1, 0)
     assert tally.quiet and tally.directories == [256]
-    assert tally.files == {300: (3, 4096, 1), 301: (3, 50, 2)}
+    assert tally.files == {300, 301, 303, 304, 305}
     assert tally.usage().data == 4096
 
 
-@pytest.mark.parametrize("record", [
-    _record(20, 300, 1, _made_inode(12, 20, 100)),                 # a regular file made by this run
-    _record(20, 300, 1, _made_inode(3, 20, 100, nlink=0)),         # one with no name left
-    _record(20, 300, 1, _inode(20, 0, mode=0o120777)),             # a symlink written
-    _record(20, 300, 108, _extent(20, 4096, 4096)),                # data of an inode not written
-], ids=["new file", "unlinked", "symlink", "data alone"])
-def test_a_quiet_tally_stops_at_the_first_change_to_anything_but_a_directory_or_a_file_in_place(record):
+def test_a_quiet_tally_stops_at_data_of_an_inode_it_did_not_see_written():
     tally = byteback.QuietTally(10)
-    records = [_record(20, 256, 1, _dir_inode(20)), record, _record(20, 400, 1, _dir_inode(20))]
+    records = [_record(20, 256, 1, _dir_inode(20)), _record(20, 300, 108, _extent(20, 4096, 4096)),
+               _record(20, 400, 1, _dir_inode(20))]
     assert tally.add(b"".join(records), len(records)) is None      # the search ends there
     assert not tally.quiet and tally.directories == [256]
 
 
-def test_a_quiet_tally_gives_up_past_its_limit_of_files():
-    tally = byteback.QuietTally(10, file_limit=2)
-    records = [_record(20, 300 + i, 1, _made_inode(3, 20, 10)) for i in range(3)]
+@pytest.mark.parametrize("inode, n", [(_made_inode(3, 20, 10), 2), (_dir_inode(20), 2)], ids=["files", "directories"])
+def test_a_quiet_tally_gives_up_past_its_limits(inode, n):
+    tally = byteback.QuietTally(10, limit=n, file_limit=n)
+    records = [_record(20, 300 + i, 1, inode) for i in range(n + 1)]
     assert tally.add(b"".join(records), len(records)) is None and not tally.quiet
 
 
-def test_a_quiet_tally_gives_up_past_its_limit_of_directories():
-    tally = byteback.QuietTally(10, limit=2)
-    records = [_record(20, 256 + i, 1, _dir_inode(20)) for i in range(3)]
-    assert tally.add(b"".join(records), len(records)) is None and not tally.quiet
+def test_an_inode_counts_as_a_measure_counts_it():
+    assert byteback.inode_counts((100, 1, 0o100644)) == (100, 0)
+    assert byteback.inode_counts((100, 3, 0o100644)) == (100, 3)
+    assert byteback.inode_counts((100, 0, 0o100644)) == (0, 0)          # open, unlinked
+    assert byteback.inode_counts((7, 1, 0o120777)) == byteback.inode_counts(None) == (0, 0)
+
+
