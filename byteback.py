@@ -4233,6 +4233,10 @@ def read_inode_item(fd: int, inode: int) -> Optional[tuple]:
     return found[0] if found else None
 
 
+def _is_directory(item: Optional[tuple]) -> bool:
+    return item is not None and item[2] & 0o170000 == 0o040000
+
+
 def inode_counts(item: Optional[tuple]) -> tuple:
     """What an inode (read_inode_item) adds to a measure's (size, linked), as SubvolumeTally
     counts them: a regular file with a name its size, with several names their count (pure)."""
@@ -5455,8 +5459,10 @@ class BtrfsStore(Store):
                     child, _kind, file_type = entry
                     if file_type != BTRFS_FT_DIR:
                         touched.add(child)
-                    elif not in_current and read_inode_item(fds[0], child) is None:
-                        return None             # a directory removed, and unseen, all in it
+                    elif not in_current and not _is_directory(read_inode_item(fds[0], child)):
+                        # A directory removed, all in it unseen (or its number is now a new
+                        # file's: btrfs hands out the highest numbers again after a mount).
+                        return None
             if len(touched) > QUIET_FILES:
                 return None
             for inode in touched:

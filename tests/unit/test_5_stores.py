@@ -666,3 +666,17 @@ def test_an_inode_counts_as_a_measure_counts_it():
     assert byteback.inode_counts((7, 1, 0o120777)) == byteback.inode_counts(None) == (0, 0)
 
 
+
+
+def test_a_directory_s_changed_names_are_those_one_side_has_and_the_other_has_not():
+    before = {2: b"kept", 3: b"removed", 4: b"old item"}
+    now = {2: b"kept", 4: b"new item", 5: b"added"}
+    assert sorted(byteback.changed_names(now, before)) == [
+        (False, b"old item"), (False, b"removed"), (True, b"added"), (True, b"new item")]
+    assert list(byteback.changed_names(before, dict(before))) == []
+
+
+def test_a_dir_item_says_what_it_names():
+    item = struct.pack("<QBQQHHB", 300, 1, 0, 20, 0, 4, 1) + b"name"
+    assert byteback.dir_entry(item) == (300, 1, 1)
+    assert byteback.dir_entry(item[:20]) is None          # too short to be one
