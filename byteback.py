@@ -4543,6 +4543,54 @@ def _reach_subvolume(fd: int, sub: NestedSubvolume, nested: Dict[int, NestedSubv
     return holder, root
 
 
+# A subvolume's owner may set its read-only flag, and the kernel then refuses to
+# delete any subvolume linked inside it (EROFS): a shell as the backup user made
+# current, or a subvolume it planted there, read-only, and current could never
+# be rolled back.  Root clears the flag and takes the root inode, so that the
+# shell can no longer set it again.
+BTRFS_IOC_SUBVOL_GETFLAGS = 0x80089419   # _IOR(0x94, 25, __u64)
+BTRFS_IOC_SUBVOL_SETFLAGS = 0x4008941A   # _IOW(0x94, 26, __u64)
+BTRFS_SUBVOL_RDONLY = 2                  # the flag these and SNAP_CREATE_V2 take (not the root item's)
+
+
+def _flagged_read_only(fd: int) -> bool:
+    flags = bytearray(8)
+    fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_GETFLAGS, flags, True)
+    return bool(struct.unpack("<Q", flags)[0] & BTRFS_SUBVOL_RDONLY)
+
+
+def take_read_only_subvolume(fd: int) -> bool:
+    """If the subvolume whose root directory fd is has its read-only flag set, clear it and
+    give that root inode to root, so its owner cannot set the flag again.  Returns whether
+    the flag was set.  Root only.  Raises OSError (EROFS: the flag stayed set)."""
+    if not _flagged_read_only(fd):
+        return False
+    # Twice at most: until the chown the owner can set the flag again (the chown then fails,
+    # EROFS), even in a call that lands after it; the second round clears it as the only owner.
+    for _ in range(2):
+        fcntl.ioctl(fd, BTRFS_IOC_SUBVOL_SETFLAGS, bytearray(8))
+        try:
+            os.fchown(fd, 0, 0)
+        except OSError as e:
+            if e.errno != errno.EROFS:
+                raise
+            continue
+        if not _flagged_read_only(fd):
+            return True
+    raise OSError(errno.EROFS, "its read-only flag was set again each time it was cleared")
+
+
+def take_read_only_nested(fd: int, sub: NestedSubvolume, nested: Dict[int, NestedSubvolume]) -> bool:
+    """take_read_only_subvolume of sub, reached from fd, the outer subvolume's root, as
+    delete_nested_subvolume reaches it.  Raises OSError."""
+    holder, root = _reach_subvolume(fd, sub, nested)
+    os.close(holder)
+    try:
+        return take_read_only_subvolume(root)
+    finally:
+        os.close(root)
+
+
 def delete_nested_subvolume(fd: int, sub: NestedSubvolume, nested: Dict[int, NestedSubvolume]) -> None:
     """Delete subvolume sub (it holds none) by its name in the directory that holds it,
     reached from fd, the outer subvolume's root, with no path longer than one name
@@ -4563,8 +4611,6 @@ def delete_nested_subvolume(fd: int, sub: NestedSubvolume, nested: Dict[int, Nes
 # runs of btrfs-progs were ~5-25 ms each (a start, and a path that `btrfs` opens
 # following symlinks) after rsync, while the client waited (issue 14).
 BTRFS_IOC_SNAP_CREATE_V2 = 0x50009417    # _IOW(0x94, 23, btrfs_ioctl_vol_args_v2: 4096 bytes)
-BTRFS_IOC_SUBVOL_SETFLAGS = 0x4008941A   # _IOW(0x94, 26, __u64)
-BTRFS_SUBVOL_RDONLY = 2                  # the flag these two calls take (not the root item's)
 # btrfs_ioctl_vol_args_v2: fd (s64), transid, flags, 32 bytes of union, name[4040]
 _VOL_ARGS_V2 = struct.Struct("<qQQ32x4040s")
 
@@ -5329,9 +5375,10 @@ class BtrfsStore(Store):
             log.warning("host %s: %s; its current counts as holding an unfinished upload", host, e)
             return True
 
-    def remove_planted(self, path: Path) -> tuple:
+    def remove_planted(self, path: Path, *, deleting: bool = False) -> tuple:
         """Delete, as root, every subvolume inside the subvolume at path, deepest first, each
-        with a log line: (how many, the bytes they held).
+        with a log line: (how many, the bytes they held).  deleting: path itself goes next,
+        so it too is made writable and root's if it is read-only and holds one.
 
         rsync never makes a subvolume, so one in current is tampering by a shell
         as the backup user: a snapshot would hold an empty directory in its
@@ -5350,6 +5397,7 @@ class BtrfsStore(Store):
         except OSError as e:
             raise ByteBackError(f"cannot open {path}: {e.strerror}") from None
         try:
+            self._take_read_only_holders(path, fd, planted, nested, deleting)
             for sub, size in reversed(planted):
                 below = f"{path}/{sub.path.decode('utf-8', 'surrogateescape')}"
                 try:
@@ -5363,6 +5411,33 @@ class BtrfsStore(Store):
         finally:
             os.close(fd)
         return len(planted), sum(size for _, size in planted)
+
+    @staticmethod
+    def _take_read_only_holders(path: Path, fd: int, planted: Sequence[tuple], nested: Dict[int, NestedSubvolume],
+                                deleting: bool) -> None:
+        """Make writable, and root's, each read-only subvolume that holds a planted one (the
+        kernel refuses to delete a subvolume linked in a read-only one), parents first.  path
+        itself only when deleting: current stays its writer's after a snapshot."""
+        holders = {sub.parent for sub, _ in planted}
+        try:
+            if deleting and subvolume_info(fd).id in holders and take_read_only_subvolume(fd):
+                log.warning("made %s writable and root's: a shell as the backup user set it read-only, "
+                            "which stopped the deletion of the subvolumes planted in it", path)
+        except OSError as e:
+            raise ByteBackError(f"cannot make {path} writable to delete the subvolumes planted in it: "
+                                f"{e.strerror}") from None
+        for sub, _ in planted:
+            if sub.id not in holders:
+                continue
+            below = f"{path}/{sub.path.decode('utf-8', 'surrogateescape')}"
+            try:
+                taken = take_read_only_nested(fd, sub, nested)
+            except OSError as e:
+                raise ByteBackError(f"cannot make the subvolume {below} (id {sub.id}) planted in {path} writable "
+                                    f"to delete the ones inside it: {e.strerror}") from None
+            if taken:
+                log.warning("made the subvolume %s (id %d) writable and root's: a shell as the backup user set "
+                            "it read-only, which stopped the deletion of the subvolumes inside it", below, sub.id)
 
     def take_snapshot(self, host: str, name: str, previous: Optional[dict]) -> dict:
         current = self.current(host)
@@ -5604,7 +5679,7 @@ class BtrfsStore(Store):
 
     def _delete_subvolume(self, path: Path) -> None:
         """Delete the subvolume at path, the subvolumes planted inside it first (they stop it)."""
-        self.remove_planted(path)
+        self.remove_planted(path, deleting=True)
         self._btrfs("subvolume", "delete", "--commit-each", str(path))
 
 
