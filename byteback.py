@@ -5065,11 +5065,7 @@ class Store:
             return False
         try:
             with take_session(self, host, timeout), uninterrupted():   # never left without current
-                owner = os.lstat(current)
-                self._reset_current(current, self.snapshot_path(snaps[-1]))
-                if self.as_root:
-                    os.chown(current, owner.st_uid, owner.st_gid)
-                os.chmod(current, stat.S_IMODE(owner.st_mode))
+                self._reset_current(current, self.snapshot_path(snaps[-1]), os.lstat(current))
                 self.clear_dirty(host)
         except RunStopped:
             raise
@@ -5080,10 +5076,17 @@ class Store:
                     "in it was far over the host's normal size and its growth budget", host, snaps[-1].name)
         return True
 
-    def _reset_current(self, current: Path, newest: Path) -> None:
+    def _reset_current(self, current: Path, newest: Path, owner: os.stat_result) -> None:
+        """Make current anew, with the old one's owner (root's store) and mode."""
         # hardlink: the next run links unchanged files from the newest snapshot again
         self._remove_tree(current)
         self._create_current(current)
+        self._give_as_before(current, owner)
+
+    def _give_as_before(self, path: Path, owner: os.stat_result) -> None:
+        if self.as_root:
+            os.chown(path, owner.st_uid, owner.st_gid)
+        os.chmod(path, stat.S_IMODE(owner.st_mode))
 
     # -- writing --
     def prepare_host(self, host: str, owner: Optional[tuple] = None, group: Optional[int] = None) -> Path:
@@ -5362,7 +5365,7 @@ class BtrfsStore(Store):
         try:
             info = subvolume_info_at(current)
             newest = self.snapshot_path(snaps[-1])
-            # A current made after the newest (a roll-back's writable snapshot of it) counts
+            # A current made after the newest (a roll-back's, from a copy of it) counts
             # from its own making; a newest that is no subvolume (hardlink-made) tells nothing.
             since = max(info.created, subvolume_info_at(newest).created if is_btrfs_subvolume(newest) else 0)
             if info.generation > since:
@@ -5655,13 +5658,31 @@ class BtrfsStore(Store):
             return {}
         return {"generation": subvolume_info_at(path).created}
 
-    def _reset_current(self, current: Path, newest: Path) -> None:
+    def _reset_current(self, current: Path, newest: Path, owner: os.stat_result) -> None:
         if not is_btrfs_subvolume(current):
-            Store._reset_current(self, current, newest)
+            Store._reset_current(self, current, newest, owner)
             return
         self._delete_subvolume(current)
         # A writable snapshot of the newest: --inplace then resumes from it, as after a snapshot.
-        self._btrfs("subvolume", "snapshot", str(newest), str(current))
+        # A snapshot's root is its source's (root's, and its mode), and a chown of current's
+        # root would move current's generation past its making: an unfinished upload
+        # (_written_since_snapshot) until the next snapshot, measured at every prune.  So the
+        # owner and mode go to a first snapshot, and current is a snapshot of that one.
+        staging = current.with_name(".incomplete-current")       # clean_leftovers' after a crash
+        if _is_real_dir(staging):
+            self._remove_tree(staging)
+        # Root-only while staging is writable: what the shell wrote there would be in current
+        # from its making, never counted as written since.
+        with _closed_while_writable(current.parent):
+            try:
+                create_snapshot(newest, current.parent, staging.name)
+                self._give_as_before(staging, owner)
+                create_snapshot(staging, current.parent, current.name)
+            except OSError as e:
+                raise ByteBackError(f"cannot make {current} again from {newest}: {e.strerror}") from None
+            finally:
+                if _is_real_dir(staging):
+                    self._delete_subvolume(staging)
         self._btrfs("subvolume", "sync", str(self.root))
 
     def _remove_tree(self, path: Path) -> None:

@@ -76,6 +76,7 @@ def test_junk_in_current_without_its_marker_is_rolled_back_and_no_history_goes(r
     assert not (current / "junk").exists(), result.stderr            # rolled back
     assert free_bytes(remote.store) > 300 * MIB
     assert {h: remote.snapshots(h) for h in kept} == kept               # no history went for it
+    assert store.unfinished_hosts(["client1", "client2"]) == set()
 
 
 # --- The same attack by other ways around the marker, on the store's own calls (the review's
@@ -187,9 +188,8 @@ def test_a_subvolume_planted_past_path_max_is_removed_and_the_upload_rolled_back
     byteback.prune_store(store, CONFIG, now=T0 + dt.timedelta(hours=10))
     assert not (current / DEEP).exists(), os.listdir(current)      # x and its junk went with it
     assert byteback.planted_subvolumes(current) == []
-    # Nothing of the upload is left to measure.  (unfinished_hosts still names client2 until its
-    # next snapshot, after any roll-back: the chown of current's root moves its generation on.)
-    assert store.pending_bytes("client2") < MIB
+    assert store.pending_bytes("client2") < MIB          # nothing of the upload is left to measure
+    assert store.unfinished_hosts(["client1", "client2"]) == set()
     assert free_bytes(store.root) > 300 * MIB
     assert _kept(store) == kept
 
@@ -264,6 +264,7 @@ def test_a_subvolume_made_read_only_does_not_stop_the_roll_back(store, read_only
     assert os.stat(current).st_uid == NOBODY                          # still its writer's
     assert free_bytes(store.root) > 300 * MIB
     assert _kept(store) == kept
+    assert store.unfinished_hosts(["client1", "client2"]) == set()
 
 
 def test_a_read_only_flag_set_again_while_root_clears_it_is_cleared_as_its_only_owner(store, monkeypatch):
@@ -284,6 +285,43 @@ def test_a_read_only_flag_set_again_while_root_clears_it_is_cleared_as_its_only_
     assert store.remove_planted(current)[0] == 2
     assert raced
     assert byteback.planted_subvolumes(current) == []
+
+
+def test_a_rolled_back_current_is_unfinished_again_only_once_written(store):
+    # The roll-back gives the new current its owner and mode: done on current itself, that
+    # moved its generation past its making, and every later prune measured the host as holding
+    # an unfinished upload until its next snapshot.
+    current = store.current("client2")
+    before = os.lstat(current)
+    _fill(store, current / "junk")
+    byteback.prune_store(store, CONFIG, now=T0 + dt.timedelta(hours=10))
+    assert not (current / "junk").exists()
+    after = os.lstat(current)
+    assert (after.st_uid, after.st_gid, after.st_mode) == (before.st_uid, before.st_gid, before.st_mode)
+    assert not (current.parent / ".incomplete-current").exists()
+    assert store.unfinished_hosts(["client1", "client2"]) == set()
+    _as_user("sh", "-c", f"printf x > {current}/one").check_returncode()
+    assert store.unfinished_hosts(["client1", "client2"]) == {"client2"}
+
+
+def test_the_new_current_cannot_be_written_before_it_is_made(store, monkeypatch):
+    # current is a snapshot of a writable one given the owner first: whatever the shell wrote
+    # into that one would be in current from its making, never counted as written since.
+    current = store.current("client2")
+    _fill(store, current / "junk")
+    create, tried = byteback.create_snapshot, []
+
+    def then_write(source, parent, name, **kwargs):
+        done = create(source, parent, name, **kwargs)
+        staging = parent / ".incomplete-current"
+        if staging.exists():
+            tried.append(_as_user("sh", "-c", f"printf junk > {staging}/planted").returncode)
+        return done
+    monkeypatch.setattr(byteback, "create_snapshot", then_write)
+    byteback.prune_store(store, CONFIG, now=T0 + dt.timedelta(hours=10))
+    assert tried and all(code != 0 for code in tried)
+    assert not (current / "planted").exists()
+    assert store.unfinished_hosts(["client1", "client2"]) == set()
 
 
 def test_a_roll_back_that_fails_leaves_the_upload_contained_not_paid_for(store, monkeypatch):
