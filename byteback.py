@@ -5194,6 +5194,11 @@ class Store:
         """New data in an unfinished current: files not shared with the newest snapshot."""
         return tree_size(self.current(host))[1] if _is_real_dir(self.current(host)) else 0
 
+    def unmarked_upload_bytes(self, host: str) -> int:
+        """Data written into host's current since its newest snapshot with no in-progress marker
+        (a shell as the backup user's doing); 0 where there is none, or no way to tell."""
+        return 0
+
     def rsync_options(self, host: str) -> List[str]:
         """Options the receiving rsync needs, decided by what current is.
 
@@ -5334,6 +5339,22 @@ class BtrfsStore(Store):
         since = written_since(last_measured(self.read_history(host)))
         planted = sum(size for _, size in planted_subvolumes(current))
         return measure_subvolume(current, since, full=False)[1] + planted
+
+    def unmarked_upload_bytes(self, host: str) -> int:
+        """Root, on btrfs, after a commit (unfinished_hosts' sync): the data and planted
+        subvolumes a current written since its newest snapshot holds, where its marker is
+        gone.  Data, not metadata: an access time that relatime writes (a shell's `ls`, a
+        nightly updatedb) writes an inode alone, and is no upload."""
+        if not self.as_root or self.dirty_since(host) is not None or not self._written_since_snapshot(host):
+            return 0
+        current = self.current(host)
+        try:
+            planted = sum(size for _, size in planted_subvolumes(current))
+            usage = measure_subvolume(current, written_since(last_measured(self.read_history(host))), full=False)[0]
+        except ByteBackError as e:
+            log.debug("host %s: %s", host, e)
+            return 0
+        return usage.data + planted
 
     def unfinished_hosts(self, hosts: Iterable[str]) -> Set[str]:
         """Those whose marker says so, and those whose current the filesystem says was written
@@ -10090,6 +10111,13 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
     plan = plan_prune(read_prune_state(store, now, config.rsync_timeout), now=now, config=config)
     for host, excess in plan.contained.items():
         hosts[host]["contained_bytes"] = excess
+    unmarked = []
+    for host in hosts:          # after the plan: its read of the store committed what was written
+        found = hosts[host]["unmarked_upload_bytes"] = store.unmarked_upload_bytes(host)
+        if found:
+            unmarked.append(f"host {host}: {format_size(found)} written into current since its newest snapshot "
+                            "with no backup running and no in-progress marker: a shell as the backup user wrote "
+                            "it (check who can log in as it); prune counts it as an unfinished upload")
     recent = now - dt.timedelta(days=SHARE_WINDOW_DAYS)
     accepted = [f"host {h}: {format_size(a)} of backup {b.get('snapshot')} past the suspicion line "
                 f"accepted at {when}" for h, bs in sorted(histories.items()) for b in bs
@@ -10098,7 +10126,7 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
             "total_bytes": store.total_bytes(),
             "target_bytes": plan.target, "goal_bytes": plan.goal, "hosts": hosts,
             "warnings": plan.notes + [a.reason for a in plan.accepted] + accepted
-            + planted_warnings(histories, since=recent)}
+            + planted_warnings(histories, since=recent) + unmarked}
 
 
 def planted_warnings(histories: Dict[str, List[dict]], since: dt.datetime) -> List[str]:

@@ -340,3 +340,25 @@ def test_a_roll_back_that_fails_leaves_the_upload_contained_not_paid_for(store, 
     assert (current / "junk").exists()      # not rolled back
     assert store.unfinished_hosts(["client1", "client2"]) == {"client2"}
     assert _kept(store) == kept
+
+
+def _unmarked_warnings(store):
+    report = byteback.server_status(store, CONFIG, T0 + dt.timedelta(hours=10))
+    return ({h: i["unmarked_upload_bytes"] for h, i in report["hosts"].items()},
+            [w for w in report["warnings"] if "no in-progress marker" in w])
+
+
+def test_status_warns_of_data_written_into_current_without_its_marker(store):
+    assert _unmarked_warnings(store) == ({"client1": 0, "client2": 0}, [])      # ordinary backups
+    current1, current2 = store.current("client1"), store.current("client2")
+    # An inode written alone, as relatime writes an access time: current is written since its
+    # snapshot (prune measures it), but it holds no data of an upload.
+    _as_user("chmod", "600", f"{current1}/f0").check_returncode()
+    assert store.unfinished_hosts(["client1"]) == {"client1"}
+    assert _unmarked_warnings(store) == ({"client1": 0, "client2": 0}, [])
+    _as_user("dd", "if=/dev/urandom", f"of={current2}/junk", "bs=1M", "count=3", "status=none").check_returncode()
+    found, warnings = _unmarked_warnings(store)
+    assert found["client1"] == 0 and 3 * MIB <= found["client2"] < 4 * MIB
+    assert len(warnings) == 1 and warnings[0].startswith("host client2: 3.0M written into current")
+    store.mark_dirty("client2", T0)       # a backup under way says so itself (incomplete_since)
+    assert _unmarked_warnings(store) == ({"client1": 0, "client2": 0}, [])
