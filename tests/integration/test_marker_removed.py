@@ -287,6 +287,32 @@ def test_a_read_only_flag_set_again_while_root_clears_it_is_cleared_as_its_only_
     assert byteback.planted_subvolumes(current) == []
 
 
+@pytest.mark.parametrize("times", [1, 2], ids=["once", "every-time"])
+def test_a_read_only_flag_set_again_after_root_took_the_subvolume(store, monkeypatch, times):
+    # A call of the shell's that passed its owner check before root's chown lands after it (here
+    # root sets the flag, as that call would): cleared once more; set again each time, refused.
+    current = store.current("client2")
+    _as_user("btrfs", "subvolume", "create", str(current / "p")).check_returncode()
+    _as_user("btrfs", "subvolume", "create", str(current / "p" / "x")).check_returncode()
+    _as_user("btrfs", "property", "set", "-ts", str(current / "p"), "ro", "true").check_returncode()
+    fchown, raced = os.fchown, []
+
+    def then_set_again(fd, uid, gid):
+        fchown(fd, uid, gid)
+        if len(raced) < times:
+            raced.append(True)
+            subprocess.run(["btrfs", "property", "set", "-ts", str(current / "p"), "ro", "true"], check=True)
+    monkeypatch.setattr(byteback.os, "fchown", then_set_again)
+    if times == 1:
+        assert store.remove_planted(current)[0] == 2
+        assert byteback.planted_subvolumes(current) == []
+    else:
+        with pytest.raises(byteback.ByteBackError, match="writable to delete the ones inside it"):
+            store.remove_planted(current)
+        assert len(byteback.planted_subvolumes(current)) == 2       # nothing deleted half-way
+    assert len(raced) == times
+
+
 def test_a_rolled_back_current_is_unfinished_again_only_once_written(store):
     # The roll-back gives the new current its owner and mode: done on current itself, that
     # moved its generation past its making, and every later prune measured the host as holding
