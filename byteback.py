@@ -4393,6 +4393,10 @@ class NestedSubvolume(NamedTuple):
     name: bytes
     path: bytes        # below the outer subvolume, for log lines only
 
+    def shown(self, outer: Path) -> str:
+        """Its path for a log line or an error, below the outer subvolume at `outer`."""
+        return f"{outer}/{self.path.decode('utf-8', 'surrogateescape')}"
+
 
 def nested_subvolumes(fd: int) -> List[NestedSubvolume]:
     """Every subvolume inside the subvolume holding fd, at any depth, parents before their
@@ -5336,9 +5340,16 @@ class BtrfsStore(Store):
         current = self.current(host)
         if not is_btrfs_subvolume(current):
             return Store.pending_bytes(self, host)
-        since = written_since(last_measured(self.read_history(host)))
+        _usage, added, planted = self._written_since_record(host)
+        return added + planted
+
+    def _written_since_record(self, host: str) -> tuple:
+        """(SubvolumeUsage, bytes added, bytes of planted subvolumes) of host's current since
+        the last measured snapshot, from the leaves written since.  Root only."""
+        current = self.current(host)
         planted = sum(size for _, size in planted_subvolumes(current))
-        return measure_subvolume(current, since, full=False)[1] + planted
+        usage, added = measure_subvolume(current, written_since(last_measured(self.read_history(host))), full=False)
+        return usage, added, planted
 
     def unmarked_upload_bytes(self, host: str) -> int:
         """Root, on btrfs, after a commit (unfinished_hosts' sync): the data and planted
@@ -5347,10 +5358,8 @@ class BtrfsStore(Store):
         nightly updatedb) writes an inode alone, and is no upload."""
         if not self.as_root or self.dirty_since(host) is not None or not self._written_since_snapshot(host):
             return 0
-        current = self.current(host)
         try:
-            planted = sum(size for _, size in planted_subvolumes(current))
-            usage = measure_subvolume(current, written_since(last_measured(self.read_history(host))), full=False)[0]
+            usage, _added, planted = self._written_since_record(host)
         except ByteBackError as e:
             log.debug("host %s: %s", host, e)
             return 0
@@ -5423,7 +5432,7 @@ class BtrfsStore(Store):
         try:
             self._take_read_only_holders(path, fd, planted, nested, deleting)
             for sub, size in reversed(planted):
-                below = f"{path}/{sub.path.decode('utf-8', 'surrogateescape')}"
+                below = sub.shown(path)
                 try:
                     delete_nested_subvolume(fd, sub, nested)
                 except OSError as e:
@@ -5453,7 +5462,7 @@ class BtrfsStore(Store):
         for sub, _ in planted:
             if sub.id not in holders:
                 continue
-            below = f"{path}/{sub.path.decode('utf-8', 'surrogateescape')}"
+            below = sub.shown(path)
             try:
                 taken = take_read_only_nested(fd, sub, nested)
             except OSError as e:
@@ -5554,7 +5563,7 @@ class BtrfsStore(Store):
                 for in_current, item in changed_names(now, before):
                     entry = dir_entry(item)
                     if entry is None or entry[1] != BTRFS_INODE_ITEM:
-                        return None             # a subvolume (remove_planted took those away)
+                        return None             # a subvolume (remove_planted took those), or no dir item
                     child, _kind, file_type = entry
                     if file_type != BTRFS_FT_DIR:
                         touched.add(child)
