@@ -3966,8 +3966,9 @@ class SubvolumeTally:
         self._extents: set = set()
         self._shared: List[SharedInode] = []
         self._this_shared: Optional[SharedInode] = None     # the inode being read, if one of them
-        # Told of each inode written since (its mode) and each data extent (None); False ends the search.
-        self.watch: Optional[Callable[[int, Optional[int]], bool]] = None
+        # Told of each inode written since (its mode) and each data extent (None), with the
+        # buffer and the item's place in it; False ends the search.
+        self.watch: Optional[Callable[[int, Optional[int], bytes, int], bool]] = None
 
     def add(self, buf, count: int) -> Optional[tuple]:
         """Take `count` records of a search buffer; return the last key (objectid, type, offset).
@@ -4013,7 +4014,7 @@ class SubvolumeTally:
                     if nlink > 1:
                         self.linked += nlink
                 changed = self._inode_changed = written >= since
-                if changed and watch is not None and not watch(objectid, mode):
+                if changed and watch is not None and not watch(objectid, mode, buf, item):
                     return None
                 if changed and nlink > 1 and made < since and mode & 0o170000 != 0o040000:
                     # An inode the names of an older backup share, written by this one:
@@ -4022,7 +4023,7 @@ class SubvolumeTally:
                     self._shared.append(self._this_shared)
             elif kind == BTRFS_EXTENT_DATA and length >= 21:
                 changed = struct.unpack_from("<Q", buf, item)[0] >= since
-                if changed and watch is not None and not watch(objectid, None):
+                if changed and watch is not None and not watch(objectid, None, buf, item):
                     return None
                 if changed and length >= _EXTENT_ITEM.size:
                     _gen, form, bytenr, disc_bytes = extent(buf, item)
@@ -4191,19 +4192,30 @@ class QuietTally(SubvolumeTally):
     inode item with the transaction's id (its transid), and every name added or
     removed writes its directory's inode item: BtrfsStore._measure_quiet compares
     the names of those directories, and the inodes, with the last snapshot's.
+
+    before(inode): that inode's item in the newest snapshot (bytes), None where it has
+    none.  A directory whose item differs from it in its access time alone is left out:
+    its names are the snapshot's (same_names_as_before).  On a store mounted without
+    noatime, rsync's reading of every directory writes each one's (relatime: once a
+    day), and each nightly backup of a tree past QUIET_DIRECTORIES was walked.
     """
 
-    def __init__(self, since: int, limit: int = QUIET_DIRECTORIES, file_limit: int = QUIET_FILES):
+    def __init__(self, since: int, limit: int = QUIET_DIRECTORIES, file_limit: int = QUIET_FILES,
+                 before: Optional[Callable[[int], Optional[bytes]]] = None):
         super().__init__(since)
         self.limit, self.file_limit, self.quiet, self.directories = limit, file_limit, True, []
         self.files: Set[int] = set()         # the other inodes written
+        self.before = before
         self.watch = self._written
 
-    def _written(self, inode: int, mode: Optional[int]) -> bool:
+    def _written(self, inode: int, mode: Optional[int], buf: bytes, item: int) -> bool:
         if mode is None:                     # data: of a file whose inode was written, as rsync's is
             if inode in self.files:
                 return True
         elif mode & 0o170000 == 0o040000:
+            if self.before is not None and same_names_as_before(buf[item:item + INODE_ITEM_BYTES],
+                                                               self.before(inode)):
+                return True
             if len(self.directories) < self.limit:
                 self.directories.append(inode)
                 return True
@@ -4217,20 +4229,51 @@ class QuietTally(SubvolumeTally):
 BTRFS_FT_DIR = 2                                    # btrfs_dir_item's type of a directory
 
 
-def read_inode_item(fd: int, inode: int) -> Optional[tuple]:
-    """(size, names, mode) of `inode` in the subvolume holding fd, from its inode item; None
-    where it has none.  Root only.  Raises OSError."""
-    found: List[tuple] = []
+INODE_ITEM_BYTES = 160                  # a whole btrfs_inode_item
+# in it: generation and transid (0-16), size to the reserved words (16-112), then
+# atime (112-124), ctime, mtime, otime (124-160); its sequence (@72) is the inode's
+# i_version, which each name added to, removed from or renamed in a directory raises
+
+
+def same_names_as_before(now: bytes, before: Optional[bytes]) -> bool:
+    """Whether a directory's inode item, written since `before` (the same directory's in the
+    newest snapshot), changed in nothing but its access time and transid: then no name
+    was added, removed or renamed in it (each raises its sequence).  Pure."""
+    return (before is not None and len(now) == len(before) == INODE_ITEM_BYTES
+            and now[:8] == before[:8] and now[16:112] == before[16:112] and now[124:] == before[124:])
+
+
+def inode_item_bytes(fd: int, inode: int) -> Optional[bytes]:
+    """The inode item of `inode` in the subvolume holding fd, whole; None where it has none.
+    Root only.  Raises OSError."""
+    found: List[bytes] = []
 
     def take(buf, count: int) -> None:          # one item at most: no second call
         for objectid, kind, _offset, item, length in _search_records(buf, count):
             if objectid == inode and kind == BTRFS_INODE_ITEM and length >= _INODE_ITEM.size:
-                _made, _written, size, _nbytes, _bg, nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(buf, item)
-                found.append((size, nlink, mode))
+                found.append(bytes(buf[item:item + length]))
 
     search_tree(fd, take, first=(inode, BTRFS_INODE_ITEM, 0), last=(inode, BTRFS_INODE_ITEM, _U64_MAX),
                 buffer=4096)
     return found[0] if found else None
+
+
+def _inode_item_or_none(fd: int, inode: int) -> Optional[bytes]:
+    """inode_item_bytes, None where it cannot be read (QuietTally then compares the names)."""
+    try:
+        return inode_item_bytes(fd, inode)
+    except OSError:
+        return None
+
+
+def read_inode_item(fd: int, inode: int) -> Optional[tuple]:
+    """(size, names, mode) of `inode` in the subvolume holding fd, from its inode item; None
+    where it has none.  Root only.  Raises OSError."""
+    raw = inode_item_bytes(fd, inode)
+    if raw is None:
+        return None
+    _made, _written, size, _nbytes, _bg, nlink, _uid, _gid, mode = _INODE_ITEM.unpack_from(raw)
+    return size, nlink, mode
 
 
 def _is_directory(item: Optional[tuple]) -> bool:
@@ -5548,15 +5591,17 @@ class BtrfsStore(Store):
         if not snaps or snaps[-1].name != previous.get("snapshot"):
             return None
         newest = self.snapshot_path(snaps[-1])
+        if not is_btrfs_subvolume(newest):
+            return None
         since = written_since(previous)
-        tally = QuietTally(since)
-        usage, added = measure_subvolume(current, since, full=False, tally=tally)
-        if not tally.quiet or tally.generation > usage.generation or not is_btrfs_subvolume(newest):
-            return None     # past a bound, or something was written after the commit
         fds: List[int] = []
         try:
             for path in (current, newest):
                 fds.append(os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC))
+            tally = QuietTally(since, before=functools.partial(_inode_item_or_none, fds[1]))
+            usage, added = measure_subvolume(current, since, full=False, tally=tally)
+            if not tally.quiet or tally.generation > usage.generation:
+                return None     # past a bound, or something was written after the commit
             touched = set(tally.files)
             for directory in tally.directories:
                 now, before = directory_entries(fds[0], directory), directory_entries(fds[1], directory)

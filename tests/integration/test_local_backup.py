@@ -788,6 +788,40 @@ def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path)
         assert env.history("h")[-1]["size"] == second["size"] - 3000
 
 
+def test_btrfs_sizes_a_run_that_read_every_directory_from_its_last_snapshot(tmp_path):
+    """On a store mounted without noatime, rsync's reading of every directory writes each
+    one's access time (relatime: again once a day), and a nightly backup of a tree of more
+    than QUIET_DIRECTORIES directories was walked whole.  A directory changed in its access
+    time alone keeps its names: it is left out, and the run is sized as the walk sizes it.
+    One that also lost a name is still seen."""
+    with _btrfs_env(tmp_path) as (byteback, env):
+        src = env.work / "src"
+        for n in range(byteback.QUIET_DIRECTORIES + 20):
+            place = src / f"d{n // 50}" / f"s{n}"
+            place.mkdir(parents=True)
+            (place / "f").write_bytes(b"f" * (100 + n))
+        env.backup("h", src)
+        bb_store = byteback.open_store(env.store)
+        copy = bb_store.current("h") / str(src).lstrip("/")
+        quiet, walked = _sizings(byteback, bb_store, "h")
+        # named from the client's tree: a walk of current's would read them first
+        directories = [copy] + [copy / p.relative_to(src) for p in src.rglob("*") if p.is_dir()]
+        atimes = {p: os.stat(p).st_atime_ns for p in directories}
+        for p in directories:
+            os.listdir(p)
+        read = [p for p in directories if os.stat(p).st_atime_ns != atimes[p]]
+        assert len(read) > byteback.QUIET_DIRECTORIES, "the store is mounted noatime: nothing to test"
+
+        found = quiet()
+        assert found is not None
+        assert found[:2] == walked()[:2] and found[0].size == env.history("h")[-1]["size"]
+
+        os.unlink(copy / "d0" / "s0" / "f")           # read, and a name gone: compared as before
+        found = quiet()
+        assert found is not None
+        assert found[0].size == walked()[0].size == env.history("h")[-1]["size"] - 100
+
+
 def test_btrfs_sizes_a_run_from_its_last_snapshot_and_what_it_wrote(tmp_path):
     """A run that rewrote files in place, made, linked, unlinked and renamed files and made
     and renamed directories is sized from its last snapshot and the inodes it wrote or

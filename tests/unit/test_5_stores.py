@@ -680,3 +680,31 @@ def test_a_dir_item_says_what_it_names():
     item = struct.pack("<QBQQHHB", 300, 1, 0, 20, 0, 4, 1) + b"name"
     assert byteback.dir_entry(item) == (300, 1, 1)
     assert byteback.dir_entry(item[:20]) is None          # too short to be one
+
+
+def test_a_directory_item_changed_in_its_access_time_alone_keeps_its_names():
+    """QuietTally leaves out a directory whose inode item differs from the newest snapshot's
+    in its access time (relatime's, at rsync's reading) and transid alone; any other field,
+    the sequence that each name added, removed or renamed raises above all, keeps it."""
+    import struct
+    before = bytearray(byteback.INODE_ITEM_BYTES)
+    struct.pack_into("<QQQQQIIIIQQQ", before, 0, 7, 40, 6, 0, 0, 1, 0, 0, 0o40755, 0, 0, 2)
+    for at in (124, 136, 148):
+        struct.pack_into("<QI", before, at, 1_796_346_201, 573_213_626)
+    before = bytes(before)
+
+    def changed(at: int, fmt: str, value) -> bytes:
+        now = bytearray(before)
+        struct.pack_into(fmt, now, at, value)
+        return bytes(now)
+    same = byteback.same_names_as_before
+    assert same(before, before)
+    assert same(changed(112, "<Q", 1_796_346_999), before)       # atime
+    assert same(changed(8, "<Q", 41), before)                    # transid
+    assert not same(changed(72, "<Q", 4), before)                # sequence: a name renamed
+    assert not same(changed(16, "<Q", 8), before)                # size: a name added
+    assert not same(changed(124, "<Q", 1_796_346_202), before)   # ctime
+    assert not same(changed(136, "<I", 1), before)               # mtime
+    assert not same(changed(0, "<Q", 8), before)                 # generation: another inode, same number
+    assert not same(before, None)
+    assert not same(before[:120], before[:120])                  # not a whole item
