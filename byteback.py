@@ -4231,14 +4231,17 @@ BTRFS_FT_DIR = 2                                    # btrfs_dir_item's type of a
 
 INODE_ITEM_BYTES = 160                  # a whole btrfs_inode_item
 # in it: generation and transid (0-16), size to the reserved words (16-112), then
-# atime (112-124), ctime, mtime, otime (124-160); its sequence (@72) is the inode's
-# i_version, which each name added to, removed from or renamed in a directory raises
+# atime (112-124), ctime, mtime, otime (124-160).  Its sequence (@72) is the inode's
+# i_version, which each name added to, removed from or renamed in a directory raises,
+# but for a snapshot made inside it (create_pending_snapshot), which raises its size:
+# both are compared, and neither is the caller's to set.
 
 
 def same_names_as_before(now: bytes, before: Optional[bytes]) -> bool:
     """Whether a directory's inode item, written since `before` (the same directory's in the
     newest snapshot), changed in nothing but its access time and transid: then no name
-    was added, removed or renamed in it (each raises its sequence).  Pure."""
+    was added, removed or renamed in it (each raises its sequence or its size; its
+    generation and otime tell a number used again).  Pure."""
     return (before is not None and len(now) == len(before) == INODE_ITEM_BYTES
             and now[:8] == before[:8] and now[16:112] == before[16:112] and now[124:] == before[124:])
 
