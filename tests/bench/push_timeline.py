@@ -76,23 +76,36 @@ def processes(perf_script: str) -> List[Process]:
     return [Process(pid, program, when, exits.get(pid)) for pid, (program, when) in first.items()]
 
 
-def _after(procs: List[Process], start: float, test) -> Process:
-    return next(p for p in procs if p.start >= start and test(p))
+def _missing(what: str) -> SystemExit:
+    return SystemExit(f"perf recorded no {what}: its events were lost (a busy machine); run it again")
+
+
+def _after(procs: List[Process], start: float, test, what: str) -> Process:
+    found = next((p for p in procs if p.start >= start and test(p)), None)
+    if found is None:
+        raise _missing(what)
+    return found
 
 
 def _receiver(procs: List[Process], start: float, client: Process) -> Process:
     """The receiving rsync: the longest-lived other rsync exec'd after `start` that ended
     before the client did (not `rsync --version`)."""
-    return max((p for p in procs if p.start >= start and p.program.endswith("/rsync") and p.end
-                and p.end <= client.end and p.pid != client.pid), key=lambda p: p.end - p.start)
+    if client.end is None:
+        raise _missing("exit of the client")
+    found = [p for p in procs if p.start >= start and p.program.endswith("/rsync") and p.end
+             and p.end <= client.end and p.pid != client.pid]
+    if not found:
+        raise _missing("receiving rsync")
+    return max(found, key=lambda p: p.end - p.start)
 
 
 def push_phases(procs: List[Process], client_pyz: str) -> Dict[str, float]:
     """Seconds of each of PUSH_PHASES in one recorded push."""
-    client = _after(procs, 0, lambda p: p.program == client_pyz)
-    ssh = _after(procs, client.start, lambda p: p.program.endswith("/ssh"))
-    rsync = _after(procs, ssh.start, lambda p: p.program.endswith("/rsync"))
-    forced = _after(procs, rsync.start, lambda p: p.program.endswith("byteback.pyz") and p.pid != client.pid)
+    client = _after(procs, 0, lambda p: p.program == client_pyz, "client")
+    ssh = _after(procs, client.start, lambda p: p.program.endswith("/ssh"), "ssh")
+    rsync = _after(procs, ssh.start, lambda p: p.program.endswith("/rsync"), "client rsync")
+    forced = _after(procs, rsync.start, lambda p: p.program.endswith("byteback.pyz") and p.pid != client.pid,
+                    "forced command")
     receiver = _receiver(procs, forced.start, client)
     marks = [client.start, ssh.start, rsync.start, forced.start, receiver.start, receiver.end, client.end]
     return dict(zip(PUSH_PHASES, (b - a for a, b in zip(marks, marks[1:]))))
@@ -100,8 +113,8 @@ def push_phases(procs: List[Process], client_pyz: str) -> Dict[str, float]:
 
 def raw_phases(procs: List[Process]) -> Dict[str, float]:
     """Seconds of each of RAW_PHASES in one recorded raw rsync."""
-    client = _after(procs, 0, lambda p: p.program.endswith("/rsync"))
-    ssh = _after(procs, client.start, lambda p: p.program.endswith("/ssh"))
+    client = _after(procs, 0, lambda p: p.program.endswith("/rsync"), "client rsync")
+    ssh = _after(procs, client.start, lambda p: p.program.endswith("/ssh"), "ssh")
     receiver = _receiver(procs, ssh.start, client)
     marks = [client.start, receiver.start, receiver.end, client.end]
     return dict(zip(RAW_PHASES, (b - a for a, b in zip(marks, marks[1:]))))
