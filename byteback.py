@@ -3968,7 +3968,7 @@ class SubvolumeTally:
         self._this_shared: Optional[SharedInode] = None     # the inode being read, if one of them
         # Told of each inode written since (its mode) and each data extent (None), with the
         # buffer and the item's place in it; False ends the search.
-        self.watch: Optional[Callable[[int, Optional[int], bytes, int], bool]] = None
+        self.watch: Optional[Callable[[int, Optional[int], bytes, int, int], bool]] = None
 
     def add(self, buf, count: int) -> Optional[tuple]:
         """Take `count` records of a search buffer; return the last key (objectid, type, offset).
@@ -4014,7 +4014,7 @@ class SubvolumeTally:
                     if nlink > 1:
                         self.linked += nlink
                 changed = self._inode_changed = written >= since
-                if changed and watch is not None and not watch(objectid, mode, buf, item):
+                if changed and watch is not None and not watch(objectid, mode, buf, item, length):
                     return None
                 if changed and nlink > 1 and made < since and mode & 0o170000 != 0o040000:
                     # An inode the names of an older backup share, written by this one:
@@ -4023,7 +4023,7 @@ class SubvolumeTally:
                     self._shared.append(self._this_shared)
             elif kind == BTRFS_EXTENT_DATA and length >= 21:
                 changed = struct.unpack_from("<Q", buf, item)[0] >= since
-                if changed and watch is not None and not watch(objectid, None, buf, item):
+                if changed and watch is not None and not watch(objectid, None, buf, item, length):
                     return None
                 if changed and length >= _EXTENT_ITEM.size:
                     _gen, form, bytenr, disc_bytes = extent(buf, item)
@@ -4208,13 +4208,17 @@ class QuietTally(SubvolumeTally):
         self.before = before
         self.watch = self._written
 
-    def _written(self, inode: int, mode: Optional[int], buf: bytes, item: int) -> bool:
+    def _written(self, inode: int, mode: Optional[int], buf: bytes, item: int, length: int) -> bool:
         if mode is None:                     # data: of a file whose inode was written, as rsync's is
             if inode in self.files:
                 return True
         elif mode & 0o170000 == 0o040000:
-            if self.before is not None and same_names_as_before(buf[item:item + INODE_ITEM_BYTES],
-                                                               self.before(inode)):
+            # The item as long as its record says (a short one is never whole), and looked
+            # up in the snapshot only if it was made before `since`: a directory this run
+            # made is in no snapshot (its number, if used again there, is another's).
+            now = buf[item:item + length]
+            if (self.before is not None and struct.unpack_from("<Q", now)[0] < self.since
+                    and same_names_as_before(now, self.before(inode))):
                 return True
             if len(self.directories) < self.limit:
                 self.directories.append(inode)

@@ -708,3 +708,41 @@ def test_a_directory_item_changed_in_its_access_time_alone_keeps_its_names():
     assert not same(changed(0, "<Q", 8), before)                 # generation: another inode, same number
     assert not same(before, None)
     assert not same(before[:120], before[:120])                  # not a whole item
+
+
+def _dir_item(made, transid, atime=0):
+    """A directory's whole inode item (INODE_ITEM_BYTES) made in transaction `made`."""
+    item = bytearray(_made_inode(made, transid, 6, mode=0o040755))
+    struct.pack_into("<Q", item, 112, atime)
+    return bytes(item)
+
+
+def test_a_quiet_tally_asks_the_snapshot_only_of_directories_older_than_the_run():
+    """A directory the run made (its generation since `since`) is in no snapshot: it is listed,
+    its number not looked up (one tree search each); an older one whose item changed in its
+    access time alone is left out."""
+    asked = []
+    snapshot = {256: _dir_item(3, 5), 257: _dir_item(3, 5)}
+
+    def before(inode):
+        asked.append(inode)
+        return snapshot.get(inode)
+    tally = byteback.QuietTally(10, before=before)
+    records = [_record(20, 256, 1, _dir_item(3, 20, atime=99)),     # read by rsync: atime alone
+               _record(20, 257, 1, _dir_item(12, 20)),              # made by this run, number reused
+               _record(20, 258, 1, _dir_item(20, 20))]              # made by this run
+    assert tally.add(b"".join(records), len(records)) == (258, 1, 0)
+    assert tally.quiet and tally.directories == [257, 258]
+    assert asked == [256]
+
+
+def test_a_quiet_tally_compares_a_directory_item_only_as_long_as_its_record():
+    """A directory item shorter than a whole one is never compared with the bytes that follow
+    it in the search buffer (the next record), however those read: it is listed."""
+    whole = _dir_item(3, 20, atime=99)
+    short = _record(20, 256, 1, whole[:100])
+    follows = _record(20, 300, 1, _made_inode(12, 20, 9))
+    snapshot = whole[:100] + follows[:byteback.INODE_ITEM_BYTES - 100]   # what a 160-byte slice would read
+    tally = byteback.QuietTally(10, before=lambda inode: snapshot if inode == 256 else None)
+    assert tally.add(short + follows, 2) == (300, 1, 0)
+    assert tally.quiet and tally.directories == [256] and tally.files == {300}
