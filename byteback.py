@@ -10018,7 +10018,8 @@ def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host
         sources = [f"{_login(source.destination)}:{snapshot}{anchor.rstrip('/')}/./{rel}"
                    for anchor, rel in pairs]
         transport = rsync_over_ssh(source.argv())
-    keep = restore_keeps_everything(host, default_host_name(), args.context.euid == 0, args.same_owner)
+    this_host = default_host_name()        # a name lookup (getfqdn): once
+    keep = restore_keeps_everything(host, this_host, args.context.euid == 0, args.same_owner)
     bases = host_id_bases(source, host) if isinstance(source, Store) else None
     if bases:
         # A userns host's owners are on disc, shifted by its range; a
@@ -10033,7 +10034,7 @@ def restore_entries(args: argparse.Namespace, source: "Store | SshSession", host
     if not keep:
         log.warning("restoring host %s's files on %s: owners, set-id bits, device and special files "
                     "and extended attributes are not restored (a hostile client's setuid-root program "
-                    "or device node stays harmless); use --same-owner to keep them", host, default_host_name())
+                    "or device node stays harmless); use --same-owner to keep them", host, this_host)
     target.mkdir(parents=True, exist_ok=True)
     # ACLs backed up (--acls in rsync_flags, as the original's restore read it) come back too.
     flags = split_rsync_flags(read_setting_text(args.config_dir, "rsync_flags"),
