@@ -1435,8 +1435,8 @@ def _importance_candidate(snaps: Sequence[Snapshot], now: dt.datetime,
     """The least important snapshot of one host (oldest first in snaps), or None for one snapshot.
 
     The newest is never a candidate.  Snapshots that hold no target age go
-    first, the one whose loss leaves the smallest gap relative to its age
-    (gap_score) first of all (this thins dense stretches into a spread that widens with
+    first, the one whose loss leaves the smallest gap relative to the age of the
+    backup it reaches (gap_score) first of all (this thins dense stretches into a spread that widens with
     age); then those holding targets, least important target first; the very
     oldest snapshot goes last of all.
     """
