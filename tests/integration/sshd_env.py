@@ -704,9 +704,9 @@ class ServerEnv:
 
     def ssh(self, command: Command, *, key: Optional[Union[SshKey, Path]] = None,
             known_hosts: Optional[Union[str, Path]] = None, use_agent: bool = False,
-            **kwargs) -> subprocess.CompletedProcess:
-        """ssh_run to this server as the server user (key, or the agent)."""
-        return ssh_run(command, port=self.port, user=self.user.name, host=self.host,
+            user: Optional[str] = None, **kwargs) -> subprocess.CompletedProcess:
+        """ssh_run to this server as the server user, or `user` (key, or the agent)."""
+        return ssh_run(command, port=self.port, user=user or self.user.name, host=self.host,
                        known_hosts=known_hosts or self.known_hosts, key=key,
                        agent=self.agent if use_agent else None, **kwargs)
 

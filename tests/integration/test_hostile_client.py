@@ -23,6 +23,14 @@ fixture compares a fingerprint of every snapshot of every host (every file's
 content, mode, owner, mtime, xattrs, the read-only flag, the subvolume), the
 other hosts' ``current``, authorized_keys, sudoers and the installed program
 before and after each test.  Known holes are ``xfail(strict=True)`` tests.
+
+The attacks a client makes with its own key (``BOTH_RECEIVERS``: the refusals,
+the rsync options, the paths, symlinks, modes and ``complete`` flooding) run
+twice: against the shared user's fake-super receiver, and against a server of
+userns receivers, where each host logs in as its own account and its rsync is
+root of a user namespace of its own uid range.  The attacks of a shell as the
+shared ``byteback`` user are the fake-super server's; test_userns_receiver.py
+has those of a host's own account.
 """
 from __future__ import annotations
 
@@ -38,16 +46,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 import sshd_env  # noqa: E402
 import treeutil  # noqa: E402
-from remote_env import RemoteByteback, byteback_remote  # noqa: E402,F401  (fixture)
-from sshd_env import (_client_env, free_bytes, pids_of_uid, run, ssh_argv, stop_process,  # noqa: E402
-                      wait_for)
+from remote_env import RemoteByteback, byteback_remote, remote_byteback  # noqa: E402,F401  (fixture)
+from sshd_env import (_client_env, _sigterm_as_interrupt, _skip_or_check, free_bytes, pids_of_uid, run,  # noqa: E402
+                      ssh_argv, stop_process, wait_for)
 
 SNAPSHOT_RE = re.compile(r"\d{4}-\d{2}-\d{2}T\d{2}:\d{2}(?::\d{2})?(?:[+-]\d{2}:?\d{2}|Z)\Z")
 MUNGED = b"/rsyncd-munged/"
@@ -64,6 +72,8 @@ class World:
     client2_config: Path
     client3_config: Path
     marker: Path                          # a file no attack may create
+    receiver: str = "fakesuper"           # setup-server's --receiver
+    login_user: str = ""                  # the account client1's key logs in as
     snapshot: str = ""                    # client1's newest snapshot
     client2_snapshot: str = ""
     stored_file: str = ""                 # a file in client1's snapshots, relative to one
@@ -82,14 +92,22 @@ class World:
         return self.remote.client_key()
 
     def login(self, path: str = "") -> str:
-        return f"{self.env.destination}{path}"
+        return f"{self.login_user}@{self.env.host}:{path}"
 
     def log(self) -> str:
         return self.env.sshd.log_tail(25)
 
     def ssh(self, command, key: Optional[Path] = None, **kwargs) -> subprocess.CompletedProcess:
         """ssh with the client's restricted key (or another); command is SSH_ORIGINAL_COMMAND."""
-        return self.env.ssh(command, key=key or self.key, **kwargs)
+        return self.env.ssh(command, key=key or self.key, user=self.login_of(key), **kwargs)
+
+    def login_of(self, key: Optional[Path]) -> str:
+        """The account a client's key logs in as: client1's for its own key or any other but
+        client2's and client3's (with userns each host has its own; else all share one)."""
+        for config in (self.client2_config, self.client3_config):
+            if key is not None and Path(key) == config / "key":
+                return (config / "destination").read_text().strip().partition("@")[0]
+        return self.login_user
 
     def rsync(self, *args: str, key: Optional[Path] = None, timeout: float = 60) -> subprocess.CompletedProcess:
         """The real rsync client over ssh with the restricted key."""
@@ -117,10 +135,37 @@ def _source_tree(root: Path, seed: int) -> Path:
     return root
 
 
+BOTH_RECEIVERS = pytest.mark.both_receivers    # the attack runs against each receiver's server
+
+
+def pytest_generate_tests(metafunc):
+    """Every test's world is the fake-super server's; those marked BOTH_RECEIVERS run again
+    against a server of userns receivers (each host its own account and uid range)."""
+    if "world" in metafunc.fixturenames:
+        both = metafunc.definition.get_closest_marker("both_receivers") is not None
+        metafunc.parametrize("world", ["fakesuper", "userns"] if both else ["fakesuper"],
+                             indirect=True, scope="module")
+
+
 @pytest.fixture(scope="module")
-def world(byteback_remote) -> World:  # noqa: F811  (the imported fixture)
-    """client1 with two snapshots, client2 with one, client3 set up but never backed up."""
-    remote = byteback_remote
+def world(request) -> Iterator[World]:
+    """client1 with two snapshots, client2 with one, client3 set up but never backed up, on a
+    server whose receiver is request.param."""
+    receiver = request.param
+    if receiver == "fakesuper":
+        yield from _world(request.getfixturevalue("byteback_remote"), receiver)
+        return
+    _skip_or_check()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+    import byteback
+    problem = byteback.userns_problem()
+    if problem:
+        pytest.skip(f"this machine cannot run userns receivers: {problem}")
+    with _sigterm_as_interrupt(), remote_byteback(receiver=receiver) as remote:
+        yield from _world(remote, receiver)
+
+
+def _world(remote: RemoteByteback, receiver: str) -> Iterator[World]:
     work = remote.env.workdir
     configs = []
     for name in ("client2", "client3"):
@@ -128,7 +173,9 @@ def world(byteback_remote) -> World:  # noqa: F811  (the imported fixture)
         path.mkdir(mode=0o700)
         _setup_client(remote, path, name)
         configs.append(path)
-    w = World(remote, configs[0], configs[1], Path(f"/tmp/bbtest-pwned-{secrets.token_hex(4)}"))
+    login_user = (remote.client_config / "destination").read_text().strip().partition("@")[0]
+    w = World(remote, configs[0], configs[1], Path(f"/tmp/bbtest-pwned-{secrets.token_hex(4)}"),
+              receiver, login_user)
     remote.set_server_conf(min_interval="0")
     src1 = _source_tree(work / "src1", seed=11)
     remote.backup("--source", str(src1)).check()
@@ -182,6 +229,9 @@ def fingerprint(w: World) -> Dict[str, object]:
                     treeutil.scan(entry))
             elif entry.name == "current" and host != "client1":
                 prints[f"{host}/current"] = treeutil.scan(entry)
+        keys = host_dir / ".ssh" / "authorized_keys"           # a userns host's own account
+        if keys.exists():
+            prints[f"{host}/.ssh/authorized_keys"] = keys.read_text()
     prints["authorized_keys"] = w.env.user.authorized_keys.read_text()
     prints["sudoers"] = _file_digest(Path("/etc/sudoers.d") / f"byteback-{w.env.user.name}")
     prints["program"] = _file_digest(w.remote.program)
@@ -265,6 +315,7 @@ SHELL_ATTACKS = [
 ]
 
 
+@BOTH_RECEIVERS
 @pytest.mark.parametrize("template", SHELL_ATTACKS)
 def test_shell_syntax_and_other_programs_are_refused(world, template):
     command = template.format(m=world.marker, store=world.store, program=world.remote.program,
@@ -272,6 +323,7 @@ def test_shell_syntax_and_other_programs_are_refused(world, template):
     assert_refused(world, world.ssh(command))
 
 
+@BOTH_RECEIVERS
 def test_a_refusal_is_exactly_one_line_on_stderr(world):
     """Issue 3: "refuse ... with one line on stderr, exit 1"."""
     proc = world.ssh(f"ping; touch {world.marker}")
@@ -280,6 +332,7 @@ def test_a_refusal_is_exactly_one_line_on_stderr(world):
         f"bug: the REFUSED syslog record is also printed to stderr: {proc.stderr!r}")
 
 
+@BOTH_RECEIVERS
 def test_the_legitimate_verbs_still_work(world):
     proc = world.ssh("ping")
     assert proc.returncode == 0 and proc.stdout.startswith("pong") and "host=client1" in proc.stdout, (
@@ -288,10 +341,11 @@ def test_the_legitimate_verbs_still_work(world):
     assert listed.returncode == 0 and world.stored_file in listed.stdout, f"{listed}\n{world.log()}"
 
 
+@BOTH_RECEIVERS
 def test_ssh_side_doors_are_shut(world):
     """restrict: no stdio/port forwarding, no subsystem that bypasses the forced command."""
     base = ssh_argv(port=world.env.port, known_hosts=world.env.known_hosts, key=world.key)
-    login = f"{world.env.user.name}@{world.env.host}"
+    login = f"{world.login_user}@{world.env.host}"
     forward = subprocess.run(base + ["-W", f"127.0.0.1:{world.env.port}", login],
                              stdin=subprocess.DEVNULL, capture_output=True, timeout=30, env=_client_env(None))
     assert forward.returncode != 0 and not forward.stdout.startswith(b"SSH-"), (
@@ -307,6 +361,7 @@ def test_ssh_side_doors_are_shut(world):
     assert proc.returncode == 0 and "host=client1" in proc.stdout, f"{proc}\n{world.log()}"
 
 
+@BOTH_RECEIVERS
 def test_list_patterns_that_climb_are_refused(world):
     for command in ("list /../../client2/**", "list ../client2/current", "list --snapshot=../client2 /",
                     f"list --snapshot=/{world.store}/client2/{world.client2_snapshot} /",
@@ -314,6 +369,7 @@ def test_list_patterns_that_climb_are_refused(world):
         assert_refused(world, world.ssh(command))
 
 
+@BOTH_RECEIVERS
 def test_a_bad_glob_is_refused_not_a_traceback(world):
     proc = world.ssh("list '/[z-a]'")
     assert "Traceback" not in proc.stderr, proc.stderr
@@ -370,6 +426,7 @@ PUSH_OPTION_ATTACKS = [
 ]
 
 
+@BOTH_RECEIVERS
 @pytest.mark.parametrize("args,word", PUSH_OPTION_ATTACKS, ids=[" ".join(a) for a, _ in PUSH_OPTION_ATTACKS])
 def test_dangerous_rsync_options_on_push_are_refused(world, args, word):
     src = _small_tree(world, "option")
@@ -393,6 +450,7 @@ RESTORE_OPTION_ATTACKS = [
 ]
 
 
+@BOTH_RECEIVERS
 @pytest.mark.parametrize("args,word", RESTORE_OPTION_ATTACKS, ids=[" ".join(a) for a, _ in RESTORE_OPTION_ATTACKS])
 def test_dangerous_rsync_options_on_restore_are_refused(world, args, word, tmp_path):
     args = [a.format(m=world.marker) for a in args]
@@ -401,6 +459,7 @@ def test_dangerous_rsync_options_on_restore_are_refused(world, args, word, tmp_p
     assert not any(tmp_path.iterdir()), list(tmp_path.iterdir())
 
 
+@BOTH_RECEIVERS
 def test_remove_source_files_cannot_empty_current(world, tmp_path):
     current_file = world.store / "client1" / "current" / world.stored_file
     assert current_file.exists()
@@ -433,6 +492,7 @@ def test_remove_source_files_cannot_empty_current(world, tmp_path):
     (f"{PUSH} .", "exactly one destination"),
     (f"{PUSH} -e.iLs . current/", "capability"),
 ])
+@BOTH_RECEIVERS
 def test_dangerous_rsync_options_spelt_out_are_refused(world, command, word):
     assert_refused(world, world.ssh(command), word)
 
@@ -444,6 +504,7 @@ def test_dangerous_rsync_options_spelt_out_are_refused(world, command, word):
     "../client2/{snap2}/", "/etc/", "/tmp/", ".ssh/", "../.ssh/", "../.byteback/history/",
     "current/../../client2/current/",
 ])
+@BOTH_RECEIVERS
 def test_a_push_lands_in_its_own_current_whatever_path_it_names(world, destination):
     destination = destination.format(store=world.store, snap=world.snapshot, snap2=world.client2_snapshot)
     src = _small_tree(world, "path")
@@ -464,6 +525,7 @@ def test_a_push_lands_in_its_own_current_whatever_path_it_names(world, destinati
     "../.ssh/authorized_keys", ".ssh/authorized_keys", "../.byteback/history/",
     ".byteback/", "*/", "../*/current/", ".incomplete-{snap}/",
 ])
+@BOTH_RECEIVERS
 def test_a_restore_cannot_read_another_host_or_the_server(world, source, tmp_path):
     source = source.format(store=world.store, snap=world.snapshot, snap2=world.client2_snapshot)
     proc = world.rsync("-a", world.login(source), f"{tmp_path}/")
@@ -475,6 +537,7 @@ def test_a_restore_cannot_read_another_host_or_the_server(world, source, tmp_pat
     "current/.\\./.\\./client2/current/", "current/[.][.]/[.][.]/client2/current/",
     "current/.*/.*/client2/current/", "current/*/../../client2/current/",
 ])
+@BOTH_RECEIVERS
 def test_escapes_and_globs_do_not_climb_out(world, path, tmp_path):
     """Backslashes and wildcards reach the server's rsync: they must not make a '..'."""
     got = world.rsync("-a", world.login(path), f"{tmp_path}/")
@@ -483,6 +546,7 @@ def test_escapes_and_globs_do_not_climb_out(world, path, tmp_path):
         assert not (p.is_file() and "tree 22" in p.read_text(errors="replace")), p
 
 
+@BOTH_RECEIVERS
 def test_a_restore_of_its_own_snapshot_works(world, tmp_path):
     """The control: the same door, used as the client does, gives the file back."""
     proc = world.rsync("-a", world.login(f"{world.snapshot}/{world.stored_file}"), f"{tmp_path}/")
@@ -492,6 +556,7 @@ def test_a_restore_of_its_own_snapshot_works(world, tmp_path):
 
 # === 4. Symlinks uploaded in current, then written through =========================
 
+@BOTH_RECEIVERS
 def test_symlinks_in_current_cannot_be_written_through(world):
     src = world.env.workdir / f"links-{secrets.token_hex(3)}"
     src.mkdir()
@@ -535,6 +600,7 @@ def test_symlinks_in_current_cannot_be_written_through(world):
     assert all(p.startswith(str(current) + "/") for p in found), found
 
 
+@BOTH_RECEIVERS
 def test_modes_a_client_uploads_do_not_open_its_backups_to_other_local_users(world):
     src = world.env.workdir / f"modes-{secrets.token_hex(3)}"
     (src / "open-dir").mkdir(parents=True)
@@ -554,6 +620,7 @@ def test_modes_a_client_uploads_do_not_open_its_backups_to_other_local_users(wor
 
 # === 5. complete flooding, and one session per host ================================
 
+@BOTH_RECEIVERS
 def test_complete_flooding_gives_at_most_one_snapshot_per_interval(world):
     """min_interval is 1h.  client1 has a fresh snapshot: none; client3 has none: exactly one."""
     world.allowed_new = ["client3/"]
@@ -566,7 +633,7 @@ def test_complete_flooding_gives_at_most_one_snapshot_per_interval(world):
     for proc in results[1:]:
         assert proc.returncode == 1 and "minimum interval" in proc.stderr, f"{proc}\n{world.log()}"
     procs = [subprocess.Popen(ssh_argv(port=world.env.port, known_hosts=world.env.known_hosts, key=key,
-                                       host=world.env.host, user=world.env.user.name) + ["--", "complete"],
+                                       host=world.env.host, user=world.login_of(key)) + ["--", "complete"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=_client_env(None))
              for key in [key3] * 4 + [world.key] * 4]
