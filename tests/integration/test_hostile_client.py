@@ -25,7 +25,8 @@ other hosts' ``current``, authorized_keys, sudoers and the installed program
 before and after each test.  Known holes are ``xfail(strict=True)`` tests.
 
 The attacks a client makes with its own key (``BOTH_RECEIVERS``: the refusals,
-the rsync options, the paths, symlinks, modes and ``complete`` flooding) run
+the rsync options, the paths, symlinks, modes, ``complete`` flooding and a
+second session) run
 twice: against the shared user's fake-super receiver, and against a server of
 userns receivers, where each host logs in as its own account and its rsync is
 root of a user namespace of its own uid range.  The attacks of a shell as the
@@ -647,9 +648,21 @@ def test_complete_flooding_gives_at_most_one_snapshot_per_interval(world):
     assert sorted(os.listdir(world.store / "client1")) == before1
 
 
+def _rsync_uid(w: World) -> int:
+    """The uid client1's receiving rsync runs as: the shared user's, or with userns the first
+    of its account's range (root of its namespace)."""
+    if w.receiver != "userns":
+        return w.env.user.uid
+    for line in Path("/etc/subuid").read_text().splitlines():
+        owner, first, count = line.split(":")
+        if owner == w.login_user and int(count) >= 65536:
+            return int(first)
+    raise AssertionError(f"{w.login_user} has no range in /etc/subuid")
+
+
 def _server_rsyncs(w: World) -> List[int]:
     pids = []
-    for pid in pids_of_uid(w.env.user.uid):
+    for pid in pids_of_uid(_rsync_uid(w)):
         with contextlib.suppress(OSError):
             argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
             if argv and argv[0].endswith(b"rsync") and b"--server" in argv:
@@ -663,7 +676,7 @@ def open_session(w: World, command: str, key: Optional[Path] = None):
     wait_for(lambda: not _server_rsyncs(w), 20, "earlier sessions to end")
     proc = subprocess.Popen(
         ssh_argv(port=w.env.port, known_hosts=w.env.known_hosts, key=key or w.key, host=w.env.host,
-                 user=w.env.user.name) + ["--", command],
+                 user=w.login_of(key)) + ["--", command],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_client_env(None))
     try:
         wait_for(lambda: _server_rsyncs(w) or proc.poll() is not None, 20, "the server's rsync")
@@ -676,6 +689,7 @@ def open_session(w: World, command: str, key: Optional[Path] = None):
         wait_for(lambda: not _server_rsyncs(w), 20, "the server's rsync to end with the session")
 
 
+@BOTH_RECEIVERS
 @pytest.mark.parametrize("held", ["push", "restore"])
 def test_a_second_session_for_the_same_host_is_refused(world, held, tmp_path):
     command = f"{PUSH} . current/" if held == "push" else f"{SEND} . {world.snapshot}/{world.stored_file}"
