@@ -3886,6 +3886,9 @@ class SubvolumeUsage(NamedTuple):
     linked: int        # names of regular files that share their inode (full walks only)
     shared: tuple = ()  # SharedInode: inodes of more than one name, made before `since`, written after it
     committed: int = 0  # the transaction on disc before the search: all of it up to here was read
+    # directories written after `since` whose access time is still written (UNTIMED_LIMIT at
+    # most; None past it): keep_directories_timeless
+    untimed: Optional[tuple] = ()
 
 
 # btrfs_inode_item past _INODE_ITEM: rdev, flags (@56), mtime (@136: seconds, nanoseconds)
@@ -3966,6 +3969,7 @@ class SubvolumeTally:
         self._extents: set = set()
         self._shared: List[SharedInode] = []
         self._this_shared: Optional[SharedInode] = None     # the inode being read, if one of them
+        self._untimed: Optional[List[int]] = []
         # Told of each inode written since (its mode) and each data extent (None), with the
         # buffer and the item's place in it; False ends the search.
         self.watch: Optional[Callable[[int, Optional[int], bytes, int, int], bool]] = None
@@ -4014,6 +4018,11 @@ class SubvolumeTally:
                     if nlink > 1:
                         self.linked += nlink
                 changed = self._inode_changed = written >= since
+                if (changed and mode & 0o170000 == 0o040000 and length >= INODE_ITEM_BYTES
+                        and self._untimed is not None and not inode_flags(buf, item) & BTRFS_INODE_NOATIME):
+                    self._untimed.append(objectid)
+                    if len(self._untimed) > UNTIMED_LIMIT:
+                        self._untimed = None
                 if changed and watch is not None and not watch(objectid, mode, buf, item, length):
                     return None
                 if changed and nlink > 1 and made < since and mode & 0o170000 != 0o040000:
@@ -4041,7 +4050,7 @@ class SubvolumeTally:
 
     def usage(self) -> SubvolumeUsage:
         return SubvolumeUsage(self.size, self.data, self.metadata, self.generation, self.linked,
-                              tuple(self._shared))
+                              tuple(self._shared), 0, None if self._untimed is None else tuple(self._untimed))
 
 
 def _next_key(objectid: int, kind: int, offset: int) -> Optional[tuple]:
@@ -4180,6 +4189,109 @@ def inode_names(fd: int, inode: int, limit: int) -> Optional[List[bytes]]:
 # writes many files costs up to ~0.1 s more than its walk.
 QUIET_DIRECTORIES = 300
 QUIET_FILES = 600
+
+
+# -- Directories that never take an access time ------------------------------
+#
+# rsync reads every directory of current (its --delete scan), and on a store
+# mounted without noatime that writes each one's access time: relatime does it
+# once a day, so every nightly backup copied the inode item of every directory
+# away from the snapshot before (8 MiB a night for the benchmark's 30,000
+# files, kept as long as that snapshot).  The inode flag FS_NOATIME_FL
+# (chattr +A) stops it for one directory whatever the mount says, and btrfs
+# does not pass it to the directories made in one: after each snapshot root
+# sets it on every directory of current whose inode item, written since the
+# run began, lacks it (a new one, or an older one whose access time was just
+# written), as the snapshot's measure read them in the leaves written since
+# (SubvolumeUsage.untimed: no walk, no second search); past UNTIMED_LIMIT of
+# them, by a walk of current's directories (a first backup, a store from
+# before).  rsync never copies inode flags, so no restore gets it.
+FS_IOC_GETFLAGS = 0x80086601            # _IOR('f', 1, long); the kernel reads and writes an int
+FS_IOC_SETFLAGS = 0x40086602            # _IOW('f', 2, long)
+FS_NOATIME_FL = 0x80
+BTRFS_INODE_NOATIME = 1 << 9            # the same, in a btrfs_inode_item's flags (@64)
+UNTIMED_LIMIT = 1000
+
+
+def inode_flags(buf, item: int) -> int:
+    """The flags of the btrfs_inode_item at `item` in buf (a whole one: INODE_ITEM_BYTES)."""
+    return struct.unpack_from("<Q", buf, item + 64)[0]
+
+
+def _set_no_atime(fd: int) -> bool:
+    """Set FS_NOATIME_FL on the directory (or file) open as fd, keeping its other flags:
+    whether it was not set yet.  Raises OSError."""
+    buf = bytearray(8)
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    flags = int.from_bytes(buf[:4], "little")
+    if flags & FS_NOATIME_FL:
+        return False
+    fcntl.ioctl(fd, FS_IOC_SETFLAGS, bytearray((flags | FS_NOATIME_FL).to_bytes(4, "little") + bytes(4)))
+    return True
+
+
+NO_ATIME_DEPTH = 256    # deeper directories keep their access times: only space, and a bound on descriptors
+
+
+def _no_atime_below(top: int) -> int:
+    """FS_NOATIME_FL on every directory below (and at) the directory open as top, in its
+    subvolume, NO_ATIME_DEPTH levels deep at most: each opened by name from its parent's
+    descriptor with O_NOATIME, never through a symlink or into another subvolume, with a
+    descriptor open for each level above it only.  Returns how many were set."""
+    device = os.fstat(top).st_dev
+
+    def subdirectories(fd: int) -> Iterator[str]:
+        with os.scandir(fd) as entries:
+            return iter([e.name for e in entries if e.is_dir(follow_symlinks=False)])
+    done = _set_no_atime(top)
+    path = [(os.dup(top), subdirectories(top))]
+    try:
+        while path:
+            fd, names = path[-1]
+            name = next(names, None)
+            if name is None:
+                os.close(path.pop()[0])
+                continue
+            try:
+                below = os.open(name, _DIRECTORY_FLAGS | os.O_NOATIME, dir_fd=fd)
+            except OSError:
+                continue                               # gone, or replaced meanwhile
+            try:
+                if os.fstat(below).st_dev != device:
+                    raise OSError(errno.EXDEV, "another subvolume")
+                done += _set_no_atime(below)
+                deeper = subdirectories(below) if len(path) < NO_ATIME_DEPTH else iter(())
+            except OSError:
+                os.close(below)
+                continue
+            path.append((below, deeper))
+    finally:
+        for fd, _ in path:
+            os.close(fd)
+    return done
+
+
+def keep_directories_timeless(path: Path, untimed: Optional[Sequence[int]]) -> int:
+    """FS_NOATIME_FL on each directory `untimed` names (inode numbers in the subvolume at path,
+    SubvolumeUsage.untimed), each reached by its names from the root (_directory_chain); on
+    every directory by a walk (_no_atime_below) where untimed is None (too many to name).
+    Returns how many were set.  Root only.  Raises OSError."""
+    top = os.open(path, _DIRECTORY_FLAGS | os.O_NOATIME)
+    try:
+        if untimed is None:
+            return _no_atime_below(top)
+        done = 0
+        for inode in untimed:
+            with contextlib.suppress(OSError):       # moved or gone since: the next run sees it
+                fd = (os.dup(top) if inode == BTRFS_FIRST_FREE_OBJECTID else
+                      _walk_down(top, _directory_chain(top, 0, inode)))
+                try:
+                    done += _set_no_atime(fd)
+                finally:
+                    os.close(fd)
+        return done
+    finally:
+        os.close(top)
 
 
 class QuietTally(SubvolumeTally):
@@ -5575,6 +5687,11 @@ class BtrfsStore(Store):
                 raise ByteBackError(f"cannot make the snapshot {tmp} read-only: {e.strerror}") from None
             # Only now, complete and read-only, does it take its final name (atomic).
             os.rename(tmp, host_dir / name)
+        if self.as_root and usage.untimed != ():
+            try:
+                keep_directories_timeless(current, usage.untimed)
+            except OSError as e:       # their access times are written as before: only space
+                log.info("host %s: cannot stop the access times of current's directories: %s", host, e)
         record = {"size": usage.size, "added": added, "generation": usage.generation, "linked": usage.linked}
         if planted:
             record.update(planted=planted, planted_bytes=planted_bytes)    # status warns of it
@@ -8030,12 +8147,14 @@ def atime_warning(store: str, mount_flags: int) -> Optional[str]:
     # Measured on the receive benchmark's tree (30,000 files in 300 directories,
     # relatime): the first no-change backup after a full one cost 8.5 MiB, all
     # of it directories' access times, the next ones 0.1 MiB.  relatime writes
-    # an access time again once it is a day old: a nightly backup pays it again.
-    return (f"NOTE: {store} is mounted without noatime: rsync reads every directory of a host's "
-            "current at each backup, and each access time written makes btrfs copy that part of "
-            "the tree's metadata away from the snapshots (relatime: again once a day has passed; "
-            "8.5 MiB a backup for 30,000 files in 300 directories, 0.1 MiB without). Mount the "
-            "store with noatime (or nodiratime) in /etc/fstab.")
+    # an access time again once it is a day old: a nightly backup paid it again,
+    # until each snapshot gave current's directories FS_NOATIME_FL
+    # (keep_directories_timeless); what is left is the files rsync reads.
+    return (f"NOTE: {store} is mounted without noatime. After each snapshot byteback marks the "
+            "directories of a host's current no-access-time (chattr +A), so rsync's reading of "
+            "them at every backup writes nothing; the files rsync reads still get an access time, "
+            "and btrfs copies that bit of metadata away from the snapshots. Mounting the store "
+            "with noatime in /etc/fstab spares it.")
 
 
 def _receiver_said(receiver: str, user: str, problem: Optional[str]) -> str:

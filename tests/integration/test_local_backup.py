@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import json
 import os
 import re
@@ -788,12 +789,102 @@ def test_btrfs_sizes_a_run_that_changed_no_file_from_its_last_snapshot(tmp_path)
         assert env.history("h")[-1]["size"] == second["size"] - 3000
 
 
+def _directories(root: Path) -> List[Path]:
+    return [root] + [p for p in root.rglob("*") if p.is_dir() and not p.is_symlink()]
+
+
+def _no_atime(byteback, path: Path, on: Optional[bool] = None) -> bool:
+    """Whether directory path has FS_NOATIME_FL (chattr +A); first set or cleared if `on` says."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, byteback.FS_IOC_GETFLAGS, buf)
+        flags = int.from_bytes(buf[:4], "little")
+        if on is not None:
+            flags = flags | byteback.FS_NOATIME_FL if on else flags & ~byteback.FS_NOATIME_FL
+            fcntl.ioctl(fd, byteback.FS_IOC_SETFLAGS, bytearray(flags.to_bytes(4, "little") + bytes(4)))
+        return bool(flags & byteback.FS_NOATIME_FL)
+    finally:
+        os.close(fd)
+
+
+def test_btrfs_current_s_directories_take_no_access_time(tmp_path):
+    """rsync reads every directory of current, and on a store mounted without noatime that
+    wrote each one's access time (relatime: once a day): every nightly backup copied every
+    directory's inode item away from its snapshot.  After each snapshot every directory of
+    current has FS_NOATIME_FL: after a first backup by a walk (more than UNTIMED_LIMIT
+    of them), after a later one the new ones and those that lost it by their names.
+    Reading them then writes nothing, whatever the mount says."""
+    with _btrfs_env(tmp_path) as (byteback, env):
+        src = env.work / "src"
+        for n in range(byteback.UNTIMED_LIMIT + 30):
+            (src / f"d{n // 40}" / f"s{n}").mkdir(parents=True)
+            (src / f"d{n // 40}" / f"s{n}" / "f").write_bytes(b"f" * 100)
+        env.backup("h", src)
+        current = byteback.open_store(env.store).current("h")
+        directories = _directories(current)
+        assert len(directories) > byteback.UNTIMED_LIMIT
+        assert all(_no_atime(byteback, p) for p in directories)
+
+        subprocess.run(["mount", "-o", "remount,strictatime", str(env.store)], check=True)
+        try:
+            atimes = {p: os.stat(p).st_atime_ns for p in directories}
+            for p in directories:
+                os.listdir(p)
+            assert [p for p in directories if os.stat(p).st_atime_ns != atimes[p]] == []
+            # Without the flag the mount writes it: the test can fail.
+            copy = current / str(src).lstrip("/")
+            _no_atime(byteback, copy / "d0", on=False)
+            before = os.stat(copy / "d0").st_atime_ns
+            time.sleep(0.01)
+            os.listdir(copy / "d0")
+            assert os.stat(copy / "d0").st_atime_ns != before
+        finally:
+            subprocess.run(["mount", "-o", "remount,relatime", str(env.store)], check=True)
+
+        (src / "d0" / "new" / "deeper").mkdir(parents=True)      # made by the next run's rsync
+        (src / "d0" / "new" / "deeper" / "f").write_bytes(b"n")
+        env.backup("h", src)
+        assert all(_no_atime(byteback, p) for p in _directories(current))    # d0 too, by its names
+        assert _no_atime(byteback, copy / "d0" / "new" / "deeper")
+
+
+def test_the_walk_that_stops_access_times_stays_in_current(tmp_path):
+    """keep_directories_timeless's walk (a first backup's) runs as root over a tree a hostile
+    client chose: it never follows a symlink out of current, nor descends past NO_ATIME_DEPTH
+    (a descriptor for each level), and sets each flag once."""
+    with _btrfs_env(tmp_path) as (byteback, env):
+        outside = env.work / "outside"
+        outside.mkdir()
+        bb_store = byteback.open_store(env.store, create=True)
+        current = bb_store.prepare_host("h")
+        (current / "link").symlink_to(outside)
+        deep = current
+        for level in range(6):
+            deep = deep / f"l{level}"
+            deep.mkdir()
+        (current / "shut").mkdir(mode=0)
+        old_depth = byteback.NO_ATIME_DEPTH
+        byteback.NO_ATIME_DEPTH = 3
+        try:
+            assert byteback.keep_directories_timeless(current, None) == 1 + 3 + 1     # current, l0-l2, shut
+        finally:
+            byteback.NO_ATIME_DEPTH = old_depth
+        assert not _no_atime(byteback, outside)
+        assert [_no_atime(byteback, p) for p in (current / "l0", current / "l0/l1/l2", current / "l0/l1/l2/l3")] == [
+            True, True, False]
+        assert _no_atime(byteback, current / "shut")        # root opens it whatever its mode
+        assert byteback.keep_directories_timeless(current, None) == 3              # l3 to l5, set once
+
+
 def test_btrfs_sizes_a_run_that_read_every_directory_from_its_last_snapshot(tmp_path):
     """On a store mounted without noatime, rsync's reading of every directory writes each
     one's access time (relatime: again once a day), and a nightly backup of a tree of more
     than QUIET_DIRECTORIES directories was walked whole.  A directory changed in its access
     time alone keeps its names: it is left out, and the run is sized as the walk sizes it.
-    One that also lost a name is still seen."""
+    One that also lost a name is still seen.  The directories are a store's from before
+    FS_NOATIME_FL (test_btrfs_current_s_directories_take_no_access_time): cleared, and a
+    snapshot taken that does not set it again."""
     with _btrfs_env(tmp_path) as (byteback, env):
         src = env.work / "src"
         for n in range(byteback.QUIET_DIRECTORIES + 20):
@@ -803,6 +894,15 @@ def test_btrfs_sizes_a_run_that_read_every_directory_from_its_last_snapshot(tmp_
         env.backup("h", src)
         bb_store = byteback.open_store(env.store)
         copy = bb_store.current("h") / str(src).lstrip("/")
+        for p in _directories(bb_store.current("h")):
+            _no_atime(byteback, p, on=False)
+        timeless = byteback.keep_directories_timeless
+        byteback.keep_directories_timeless = lambda path, since: 0
+        try:
+            byteback.snapshot_host(bb_store, "h", byteback.ServerConfig(),
+                                   now=byteback.now_local() + dt.timedelta(minutes=1), force=True)
+        finally:
+            byteback.keep_directories_timeless = timeless
         quiet, walked = _sizings(byteback, bb_store, "h")
         # named from the client's tree: a walk of current's would read them first
         directories = [copy] + [copy / p.relative_to(src) for p in src.rglob("*") if p.is_dir()]

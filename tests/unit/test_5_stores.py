@@ -746,3 +746,34 @@ def test_a_quiet_tally_compares_a_directory_item_only_as_long_as_its_record():
     tally = byteback.QuietTally(10, before=lambda inode: snapshot if inode == 256 else None)
     assert tally.add(short + follows, 2) == (300, 1, 0)
     assert tally.quiet and tally.directories == [256] and tally.files == {300}
+
+
+def _flagged_dir(flags):
+    item = bytearray(_dir_item(3, 20))
+    struct.pack_into("<Q", item, 64, flags)
+    return bytes(item)
+
+
+def test_a_tally_lists_the_directories_written_whose_access_time_is_still_written(monkeypatch):
+    """Directories written since `since` whose inode flags lack BTRFS_INODE_NOATIME, and
+    nothing else: not one not written since, not a file, not a directory that has it, not a
+    short item; None past UNTIMED_LIMIT (keep_directories_timeless then walks)."""
+    noatime = byteback.BTRFS_INODE_NOATIME
+
+    def directory(transid, flags):
+        item = bytearray(_dir_item(3, transid))
+        struct.pack_into("<Q", item, 64, flags)
+        return bytes(item)
+    records = [_record(20, 256, 1, directory(20, 0)), _record(20, 257, 1, directory(20, noatime)),
+               _record(20, 258, 1, directory(20, noatime >> 1 | noatime << 1)),     # other flags only
+               _record(20, 259, 1, directory(5, 0)),                                # not written since
+               _record(20, 260, 1, _made_inode(3, 20, 10)),                         # a file
+               _record(20, 261, 1, directory(20, 0)[:100])]                         # not a whole item
+    assert _tally(records, since=10)[0].untimed == (256, 258)
+    monkeypatch.setattr(byteback, "UNTIMED_LIMIT", 2)
+    assert _tally(records, since=10)[0].untimed == (256, 258)
+    quiet = byteback.QuietTally(10)             # the snapshot's quiet measure lists the same
+    quiet.add(b"".join(records), len(records))
+    assert quiet.usage().untimed == (256, 258)
+    monkeypatch.setattr(byteback, "UNTIMED_LIMIT", 1)
+    assert _tally(records, since=10)[0].untimed is None
