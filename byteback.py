@@ -4244,7 +4244,8 @@ def _no_atime_below(top: int) -> int:
         with os.scandir(fd) as entries:
             return iter([e.name for e in entries if e.is_dir(follow_symlinks=False)])
     done = _set_no_atime(top)
-    path = [(os.dup(top), subdirectories(top))]
+    names = subdirectories(top)
+    path = [(os.dup(top), names)]
     try:
         while path:
             fd, names = path[-1]
@@ -5687,7 +5688,7 @@ class BtrfsStore(Store):
                 raise ByteBackError(f"cannot make the snapshot {tmp} read-only: {e.strerror}") from None
             # Only now, complete and read-only, does it take its final name (atomic).
             os.rename(tmp, host_dir / name)
-        if self.as_root and usage.untimed != ():
+        if self.as_root and usage.untimed != ():       # "Directories that never take an access time"
             try:
                 keep_directories_timeless(current, usage.untimed)
             except OSError as e:       # their access times are written as before: only space
