@@ -28,9 +28,9 @@ The attacks a client makes with its own key (``BOTH_RECEIVERS``: the refusals,
 the rsync options, the paths, symlinks, modes, ``complete`` flooding and a
 second session) run twice: against the shared user's fake-super receiver, and
 against a server of userns receivers, where each host logs in as its own
-account and its rsync is root of a user namespace of its own uid range.  The attacks of a shell as the
-shared ``byteback`` user are the fake-super server's; test_userns_receiver.py
-has those of a host's own account.
+account and its rsync is root of a user namespace of its own uid range.  The
+attacks of a shell as the shared ``byteback`` user are the fake-super server's;
+test_userns_receiver.py has those of a host's own account.
 """
 from __future__ import annotations
 
