@@ -234,6 +234,8 @@ def fingerprint(w: World) -> Dict[str, object]:
             prints[f"{host}/.ssh/authorized_keys"] = keys.read_text()
     prints["authorized_keys"] = w.env.user.authorized_keys.read_text()
     prints["sudoers"] = _file_digest(Path("/etc/sudoers.d") / f"byteback-{w.env.user.name}")
+    for path in sorted(Path("/etc/sudoers.d").glob(f"byteback-host-{w.env.user.name}-*")):   # userns hosts'
+        prints[f"sudoers {path.name}"] = _file_digest(path)
     prints["program"] = _file_digest(w.remote.program)
     prints["history dir"] = sorted(os.listdir(store / ".byteback" / "history"))
     return prints
