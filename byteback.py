@@ -4215,44 +4215,64 @@ UNTIMED_LIMIT = 1000
 
 def inode_flags(buf, item: int) -> int:
     """The flags of the btrfs_inode_item at `item` in buf (a whole one: INODE_ITEM_BYTES)."""
-    return struct.unpack_from("<Q", buf, item + 64)[0]
+    return _INODE_REST.unpack_from(buf, item)[1]
+
+
+def file_flags(fd: int) -> int:
+    """The inode flags (chattr's, FS_IOC_GETFLAGS) of the file open as fd.  Raises OSError."""
+    buf = bytearray(8)          # the kernel writes an int where the ioctl's number says long
+    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+    return int.from_bytes(buf[:4], "little")
+
+
+def set_file_flags(fd: int, flags: int) -> None:
+    """Make flags the inode flags of the file open as fd (FS_IOC_SETFLAGS).  Raises OSError."""
+    fcntl.ioctl(fd, FS_IOC_SETFLAGS, bytearray(flags.to_bytes(4, "little") + bytes(4)))
 
 
 def _set_no_atime(fd: int) -> bool:
     """Set FS_NOATIME_FL on the directory (or file) open as fd, keeping its other flags:
     whether it was not set yet.  Raises OSError."""
-    buf = bytearray(8)
-    fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
-    flags = int.from_bytes(buf[:4], "little")
+    flags = file_flags(fd)
     if flags & FS_NOATIME_FL:
         return False
-    fcntl.ioctl(fd, FS_IOC_SETFLAGS, bytearray((flags | FS_NOATIME_FL).to_bytes(4, "little") + bytes(4)))
+    set_file_flags(fd, flags | FS_NOATIME_FL)
     return True
 
 
 NO_ATIME_DEPTH = 256    # deeper directories keep their access times: only space, and a bound on descriptors
+NO_ATIME_NAMES = 1 << 18    # names the walk holds at once (~25 MiB): the directories past it keep theirs too
 
 
 def _no_atime_below(top: int) -> int:
     """FS_NOATIME_FL on every directory below (and at) the directory open as top, in its
     subvolume, NO_ATIME_DEPTH levels deep at most: each opened by name from its parent's
     descriptor with O_NOATIME, never through a symlink or into another subvolume, with a
-    descriptor open for each level above it only.  Returns how many were set."""
+    descriptor open for each level above it only, and the names of the subdirectories
+    still to visit on each level (NO_ATIME_NAMES of them at most, all levels together:
+    a hostile client chooses how wide its directories are).  Returns how many were set."""
     device = os.fstat(top).st_dev
+    held = 0            # names in the lists along the path
 
-    def subdirectories(fd: int) -> Iterator[str]:
+    def subdirectories(fd: int) -> List[str]:
+        """The names to visit below fd, last first (taken with pop: a name visited is let go)."""
+        nonlocal held
         with os.scandir(fd) as entries:
-            return iter([e.name for e in entries if e.is_dir(follow_symlinks=False)])
+            names = list(itertools.islice((e.name for e in entries if e.is_dir(follow_symlinks=False)),
+                                          NO_ATIME_NAMES - held))
+        held += len(names)
+        names.reverse()
+        return names
     done = _set_no_atime(top)
-    names = subdirectories(top)
-    path = [(os.dup(top), names)]
+    path = [(os.dup(top), subdirectories(top))]
     try:
         while path:
             fd, names = path[-1]
-            name = next(names, None)
-            if name is None:
+            if not names:
                 os.close(path.pop()[0])
                 continue
+            name = names.pop()
+            held -= 1
             try:
                 below = os.open(name, _DIRECTORY_FLAGS | os.O_NOATIME, dir_fd=fd)
             except OSError:
@@ -4261,7 +4281,7 @@ def _no_atime_below(top: int) -> int:
                 if os.fstat(below).st_dev != device:
                     raise OSError(errno.EXDEV, "another subvolume")
                 done += _set_no_atime(below)
-                deeper = subdirectories(below) if len(path) < NO_ATIME_DEPTH else iter(())
+                deeper = subdirectories(below) if len(path) < NO_ATIME_DEPTH else []
             except OSError:
                 os.close(below)
                 continue

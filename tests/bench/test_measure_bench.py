@@ -34,8 +34,8 @@ Median of BENCH_REPEAT (default 5).
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
-import fcntl
 import os
 import random
 import statistics
@@ -43,6 +43,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
@@ -92,10 +93,7 @@ def _make_and_unlink(paths: list, chosen: list) -> None:
 def _clear_no_atime(directory: str) -> None:
     fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        buf = bytearray(8)
-        fcntl.ioctl(fd, byteback.FS_IOC_GETFLAGS, buf)
-        flags = int.from_bytes(buf[:4], "little") & ~byteback.FS_NOATIME_FL
-        fcntl.ioctl(fd, byteback.FS_IOC_SETFLAGS, bytearray(flags.to_bytes(4, "little") + bytes(4)))
+        byteback.set_file_flags(fd, byteback.file_flags(fd) & ~byteback.FS_NOATIME_FL)
     finally:
         os.close(fd)
 
@@ -107,7 +105,7 @@ def _view(usage) -> tuple:
 def measure(files: int = FILES, repeat: int = REPEAT) -> dict:
     """{(how, files changed): (quiet seconds, walk seconds)}, each a median; asserts both agree."""
     found = {}
-    with btrfs_mount("4G") as root:
+    with btrfs_mount("4G") as root, contextlib.ExitStack() as restore:
         store, config = byteback.open_store(root, create=True), byteback.ServerConfig()
         current = store.prepare_host("h")
         paths = _build(current, files)
@@ -127,7 +125,7 @@ def measure(files: int = FILES, repeat: int = REPEAT) -> dict:
                 subprocess.run(["mount", "-o", "remount,strictatime", str(root)], check=True)
                 # The directories of a store from before FS_NOATIME_FL, which every snapshot
                 # since sets: cleared, in the newest snapshot too, and not set again.
-                byteback.keep_directories_timeless = lambda path, since: 0
+                restore.enter_context(mock.patch.object(byteback, "keep_directories_timeless", lambda path, since: 0))
                 for directory, _dirs, _files in os.walk(current):
                     _clear_no_atime(directory)
                 when += dt.timedelta(hours=7)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
-import fcntl
 import json
 import os
 import re
@@ -797,12 +796,10 @@ def _no_atime(byteback, path: Path, on: Optional[bool] = None) -> bool:
     """Whether directory path has FS_NOATIME_FL (chattr +A); first set or cleared if `on` says."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        buf = bytearray(8)
-        fcntl.ioctl(fd, byteback.FS_IOC_GETFLAGS, buf)
-        flags = int.from_bytes(buf[:4], "little")
+        flags = byteback.file_flags(fd)
         if on is not None:
             flags = flags | byteback.FS_NOATIME_FL if on else flags & ~byteback.FS_NOATIME_FL
-            fcntl.ioctl(fd, byteback.FS_IOC_SETFLAGS, bytearray(flags.to_bytes(4, "little") + bytes(4)))
+            byteback.set_file_flags(fd, flags)
         return bool(flags & byteback.FS_NOATIME_FL)
     finally:
         os.close(fd)
@@ -849,10 +846,11 @@ def test_btrfs_current_s_directories_take_no_access_time(tmp_path):
         assert _no_atime(byteback, copy / "d0" / "new" / "deeper")
 
 
-def test_the_walk_that_stops_access_times_stays_in_current(tmp_path):
+def test_the_walk_that_stops_access_times_stays_in_current(tmp_path, monkeypatch):
     """keep_directories_timeless's walk (a first backup's) runs as root over a tree a hostile
     client chose: it never follows a symlink out of current, nor descends past NO_ATIME_DEPTH
-    (a descriptor for each level), and sets each flag once."""
+    (a descriptor for each level), nor holds more than NO_ATIME_NAMES names of directories
+    still to visit (a client chooses how wide they are), and sets each flag once."""
     with _btrfs_env(tmp_path) as (byteback, env):
         outside = env.work / "outside"
         outside.mkdir()
@@ -864,20 +862,28 @@ def test_the_walk_that_stops_access_times_stays_in_current(tmp_path):
             deep = deep / f"l{level}"
             deep.mkdir()
         (current / "shut").mkdir(mode=0)
-        old_depth = byteback.NO_ATIME_DEPTH
-        byteback.NO_ATIME_DEPTH = 3
-        try:
+        with monkeypatch.context() as m:
+            m.setattr(byteback, "NO_ATIME_DEPTH", 3)
             assert byteback.keep_directories_timeless(current, None) == 1 + 3 + 1     # current, l0-l2, shut
-        finally:
-            byteback.NO_ATIME_DEPTH = old_depth
         assert not _no_atime(byteback, outside)
         assert [_no_atime(byteback, p) for p in (current / "l0", current / "l0/l1/l2", current / "l0/l1/l2/l3")] == [
             True, True, False]
         assert _no_atime(byteback, current / "shut")        # root opens it whatever its mode
         assert byteback.keep_directories_timeless(current, None) == 3              # l3 to l5, set once
 
+        # A wide directory: the walk holds 4 names at once, those past them keep their access times.
+        wide = [current / "wide" / f"w{n}" for n in range(6)]
+        for p in wide:
+            (p / "below").mkdir(parents=True)
+        with monkeypatch.context() as m:
+            m.setattr(byteback, "NO_ATIME_NAMES", 4)
+            assert byteback.keep_directories_timeless(current / "wide", None) == 1 + 4 + 4
+        assert [_no_atime(byteback, p) for p in wide].count(True) == 4
+        assert [_no_atime(byteback, p / "below") for p in wide if _no_atime(byteback, p)] == [True] * 4
+        assert byteback.keep_directories_timeless(current / "wide", None) == 2 + 2   # unbounded: the other two, and theirs
 
-def test_btrfs_sizes_a_run_that_read_every_directory_from_its_last_snapshot(tmp_path):
+
+def test_btrfs_sizes_a_run_that_read_every_directory_from_its_last_snapshot(tmp_path, monkeypatch):
     """On a store mounted without noatime, rsync's reading of every directory writes each
     one's access time (relatime: again once a day), and a nightly backup of a tree of more
     than QUIET_DIRECTORIES directories was walked whole.  A directory changed in its access
@@ -896,13 +902,10 @@ def test_btrfs_sizes_a_run_that_read_every_directory_from_its_last_snapshot(tmp_
         copy = bb_store.current("h") / str(src).lstrip("/")
         for p in _directories(bb_store.current("h")):
             _no_atime(byteback, p, on=False)
-        timeless = byteback.keep_directories_timeless
-        byteback.keep_directories_timeless = lambda path, since: 0
-        try:
+        with monkeypatch.context() as m:
+            m.setattr(byteback, "keep_directories_timeless", lambda path, since: 0)
             byteback.snapshot_host(bb_store, "h", byteback.ServerConfig(),
                                    now=byteback.now_local() + dt.timedelta(minutes=1), force=True)
-        finally:
-            byteback.keep_directories_timeless = timeless
         quiet, walked = _sizings(byteback, bb_store, "h")
         # named from the client's tree: a walk of current's would read them first
         directories = [copy] + [copy / p.relative_to(src) for p in src.rglob("*") if p.is_dir()]
