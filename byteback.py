@@ -870,12 +870,16 @@ def new_snapshot_name(now: dt.datetime, latest: Optional[dt.datetime], taken: Co
     return None
 
 
+@functools.lru_cache(maxsize=1 << 17)
 def parse_snapshot_name(name: str) -> Optional[dt.datetime]:
     """The aware datetime a snapshot name stands for, or None if it is not one.
 
     What strptime with SNAPSHOT_FORMAT or SNAPSHOT_FORMAT_SECONDS reads, read from
     the places SNAPSHOT_NAME_RE fixes: the first strptime of a process costs ~3 ms
-    (it compiles the locale's patterns), and every server command lists snapshots."""
+    (it compiles the locale's patterns), and every server command lists snapshots.
+    Remembered for the names seen lately (a datetime is immutable): a prune, and the
+    backup user's look at every push (prune_would_act), list each host's snapshots two
+    or three times, 100,000 names on a server of 1,000 hosts."""
     if not SNAPSHOT_NAME_RE.match(name):
         return None
     seconds = name[16] == ":"
@@ -898,6 +902,9 @@ class Snapshot(NamedTuple):
     host: str
     name: str
     when: dt.datetime
+
+
+_SNAPSHOT_ORDER = operator.attrgetter("host", "when", "name")      # Store.snapshots' order
 
 
 class Destination(NamedTuple):
@@ -3615,6 +3622,15 @@ def _is_real_dir(path: Path) -> bool:
         return False
 
 
+def _is_real_dir_entry(entry: os.DirEntry) -> bool:
+    """_is_real_dir of a directory entry, from the type its directory gave (a stat only where
+    the filesystem gives none)."""
+    try:
+        return entry.is_dir(follow_symlinks=False)
+    except OSError:
+        return False
+
+
 FICLONE = 0x40049409   # ioctl: make a file share another's extents (btrfs reflink)
 
 
@@ -5089,24 +5105,30 @@ class Store:
     def hosts(self) -> List[str]:
         """Host directories in the store (real directories with a valid name)."""
         try:
-            names = sorted(os.listdir(self.root))
+            with os.scandir(self.root) as entries:
+                return sorted(e.name for e in entries if is_host_name(e.name) and _is_real_dir_entry(e))
         except OSError as e:
             raise ByteBackError(f"cannot read the store {self.root}: {e.strerror}") from None
-        return [n for n in names if is_host_name(n) and _is_real_dir(self.root / n)]
 
     def snapshots(self, host: Optional[str] = None) -> List[Snapshot]:
-        """Finished snapshots, oldest first, of one host or of all."""
+        """Finished snapshots, oldest first, of one host or of all.
+
+        Each directory read once, its entries' types from it (no stat of each): a
+        server of 1,000 hosts holds 100,000 snapshots, listed by every prune."""
         found = []
+        parse, is_dir, new = parse_snapshot_name, _is_real_dir_entry, tuple.__new__
         for h in ([check_host_name(host)] if host else self.hosts()):
             try:
-                names = os.listdir(self.host_dir(h))
+                entries = os.scandir(self.host_dir(h))
             except FileNotFoundError:
                 continue
-            for name in names:
-                when = parse_snapshot_name(name)
-                if when is not None and _is_real_dir(self.host_dir(h) / name):
-                    found.append(Snapshot(h, name, when))
-        return sorted(found, key=lambda s: (s.host, s.when, s.name))
+            with entries:
+                for entry in entries:
+                    name = entry.name
+                    when = parse(name)
+                    if when is not None and is_dir(entry):
+                        found.append(new(Snapshot, (h, name, when)))     # Snapshot's __new__, in C
+        return sorted(found, key=_SNAPSHOT_ORDER)
 
     def snapshot_path(self, snap: Snapshot) -> Path:
         if parse_snapshot_name(snap.name) is None:
@@ -5125,10 +5147,11 @@ class Store:
     def read_history(self, host: str) -> List[dict]:
         data = read_json(self.history_path(host), {"backups": []})
         backups = data.get("backups") if isinstance(data, dict) else None
+        # A whole number of bytes each, or none: a JSON number is an int or a float, and
+        # true and false are no int here (type, not isinstance: a prune reads 100,000 entries).
         if not isinstance(backups, list) or not all(
-                isinstance(b, dict) and all(isinstance(b.get(k, 0), int) and not isinstance(b.get(k, 0), bool)
-                                            and b.get(k, 0) >= 0 for k in ("added", "size"))
-                for b in backups):
+                type(b) is dict and type(b.get("added", 0)) is int and b.get("added", 0) >= 0
+                and type(b.get("size", 0)) is int and b.get("size", 0) >= 0 for b in backups):
             path = self.history_path(host)
             raise ByteBackError(f"{path} is not a byteback history; move it aside "
                                 f"(mv {path} {path}.bad) and byteback will start it afresh")
