@@ -10306,9 +10306,11 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
     """Per host: newest and oldest snapshot, count, sizes; for the store: free space and target."""
     hosts = {}
     histories = {}
-    for host in store.hosts():
-        snaps = store.snapshots(host)
-        backups = store.read_history(host)
+    # The store read once, for the hosts' lines and the plan alike (a monitoring system
+    # asks every few minutes; on a server of 1,000 hosts each read takes ~0.75 s).
+    state = read_prune_state(store, now, config.rsync_timeout)
+    for host, facts in state.hosts.items():
+        snaps, backups = facts.snapshots, facts.history
         histories[host] = backups
         sizes = counted_sizes(backups)[-config.history:]
         dirty = store.dirty_since(host)
@@ -10333,7 +10335,7 @@ def server_status(store: Store, config: ServerConfig, now: dt.datetime) -> dict:
         gaps = read_not_kept(store, host, snaps[-1] if snaps else None, now)
         hosts[host]["not_kept"] = not_kept_text(gaps) if gaps else None
     # What prune would contain, accept or roll back now, and why (the plan is pure: nothing changes).
-    plan = plan_prune(read_prune_state(store, now, config.rsync_timeout), now=now, config=config)
+    plan = plan_prune(state, now=now, config=config)
     for host, excess in plan.contained.items():
         hosts[host]["contained_bytes"] = excess
     unmarked = []
