@@ -5130,6 +5130,10 @@ class Store:
                         found.append(new(Snapshot, (h, name, when)))     # Snapshot's __new__, in C
         return sorted(found, key=_SNAPSHOT_ORDER)
 
+    def newest_snapshot(self, host: str) -> Optional[Snapshot]:
+        snaps = self.snapshots(host)
+        return snaps[-1] if snaps else None
+
     def snapshot_path(self, snap: Snapshot) -> Path:
         if parse_snapshot_name(snap.name) is None:
             raise ByteBackError(f"{snap.name!r} is not a snapshot name")
@@ -5216,10 +5220,12 @@ class Store:
         goal = data.get("goal")
         return type(goal) is int and self.free_bytes() >= goal
 
-    def unfinished_hosts(self, hosts: Iterable[str]) -> Set[str]:
+    def unfinished_hosts(self, hosts: Iterable[str],
+                         newest: Optional[Dict[str, Optional[Snapshot]]] = None) -> Set[str]:
         """The hosts whose current may hold an unfinished upload: here, those whose in-progress
         marker says so (the hardlink backend has nothing else to go by: the backup user owns
-        every file of current and of its snapshots alike)."""
+        every file of current and of its snapshots alike).  newest: each host's newest
+        snapshot (None for none), where the caller has listed them already."""
         return {h for h in hosts if self.dirty_since(h) is not None}
 
     def clear_dirty(self, host: str) -> None:
@@ -5562,7 +5568,8 @@ class BtrfsStore(Store):
         subvolumes a current written since its newest snapshot holds, where its marker is
         gone.  Data, not metadata: an access time that relatime writes (a shell's `ls`, a
         nightly updatedb) writes an inode alone, and is no upload."""
-        if not self.as_root or self.dirty_since(host) is not None or not self._written_since_snapshot(host):
+        if (not self.as_root or self.dirty_since(host) is not None
+                or not self._written_since_snapshot(host, self.newest_snapshot(host))):
             return 0
         try:
             usage, _added, planted = self._written_since_record(host)
@@ -5571,9 +5578,10 @@ class BtrfsStore(Store):
             return 0
         return usage.data + planted
 
-    def unfinished_hosts(self, hosts: Iterable[str]) -> Set[str]:
+    def unfinished_hosts(self, hosts: Iterable[str],
+                         newest: Optional[Dict[str, Optional[Snapshot]]] = None) -> Set[str]:
         """Those whose marker says so, and those whose current the filesystem says was written
-        since its newest snapshot was taken from it.
+        since its newest snapshot was taken from it (newest: as Store.unfinished_hosts).
 
         The marker is in run/ (or sessions/<host>), which the upload's own writer owns: a
         shell as the backup user fills current with junk and removes or garbles the marker,
@@ -5587,20 +5595,21 @@ class BtrfsStore(Store):
         if self.as_root and len(found) < len(hosts):
             sync_filesystem(str(self.root))
         for h in hosts:
-            if h not in found and self._written_since_snapshot(h):
+            if h not in found and self._written_since_snapshot(h, newest[h] if newest is not None else
+                                                               self.newest_snapshot(h)):
                 log.info("host %s: current was written since its newest snapshot and has no in-progress "
                          "marker: measured as an unfinished upload", h)
                 found.add(h)
         return found
 
-    def _written_since_snapshot(self, host: str) -> bool:
+    def _written_since_snapshot(self, host: str, newest: Optional[Snapshot]) -> bool:
+        """Whether host's current was written since newest, its newest snapshot (None: it has none)."""
         current = self.current(host)
-        snaps = self.snapshots(host)
-        if not snaps or not is_btrfs_subvolume(current):
+        if newest is None or not is_btrfs_subvolume(current):
             return False
         try:
             info = subvolume_info_at(current)
-            newest = self.snapshot_path(snaps[-1])
+            newest = self.snapshot_path(newest)
             # A current made after the newest (a roll-back's, from a copy of it) counts
             # from its own making; a newest that is no subvolume (hardlink-made) tells nothing.
             since = max(info.created, subvolume_info_at(newest).created if is_btrfs_subvolume(newest) else 0)
@@ -6077,11 +6086,13 @@ def read_prune_state(store: Store, now: Optional[dt.datetime] = None,
     hosts = {}
     clock = now.timestamp() if now is not None else time.time()
     names = store.hosts()
-    unfinished = store.unfinished_hosts(names)
+    snapshots = {h: tuple(store.snapshots(h)) for h in names}
+    # Each host's snapshots listed once: unfinished_hosts looks at the newest of them.
+    unfinished = store.unfinished_hosts(names, {h: snaps[-1] if snaps else None for h, snaps in snapshots.items()})
     for h in names:
         pending = store.pending_bytes(h) if h in unfinished else None
         running = pending is not None and session_state(store.session_lock_path(h), clock, timeout)[0] == "running"
-        hosts[h] = HostFacts(tuple(store.snapshots(h)), tuple(store.read_history(h)), pending, running)
+        hosts[h] = HostFacts(snapshots[h], tuple(store.read_history(h)), pending, running)
     return PruneState(hosts, store.free_bytes(), store.total_bytes(), store.unaccounted_bytes())
 
 
@@ -7191,8 +7202,7 @@ def _open_receive(args: argparse.Namespace, host: str) -> Receive:
 
 def _snapshot_refusal(r: Receive) -> Optional[str]:
     """Why a snapshot of this host now would be refused (the minimum interval), or None."""
-    snaps = r.store.snapshots(r.host)
-    return interval_refusal(snaps[-1] if snaps else None, now_local(), r.config.min_interval)
+    return interval_refusal(r.store.newest_snapshot(r.host), now_local(), r.config.min_interval)
 
 
 def _receive_ping(r: Receive, request: Request) -> int:
@@ -9463,8 +9473,7 @@ def backup_local(plan: BackupPlan, args: argparse.Namespace,
     # A dry run changes nothing: no store, host or marker is created for it.
     store = open_store(plan.destination.path, runner, create=not args.dry_run)
     config = load_server_config(plan.config_dir)
-    snaps = store.snapshots(plan.host)
-    refusal = interval_refusal(snaps[-1] if snaps else None, now_local(), config.min_interval)
+    refusal = interval_refusal(store.newest_snapshot(plan.host), now_local(), config.min_interval)
     if refusal and not args.dry_run:    # say so before copying anything, not after
         raise ByteBackError(refusal)
     if args.dry_run:
