@@ -5210,6 +5210,13 @@ class Store:
             with contextlib.suppress(OSError):
                 os.unlink(path)
 
+    def forget_plan(self) -> None:
+        """root's last plan no longer describes the store (a snapshot just changed a history):
+        gone until the next prune notes its own."""
+        if self.as_root:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.last_plan_path())
+
     def last_plan_settled(self, hosts: Sequence[str]) -> bool:
         """Whether root's last plan, made for these very hosts, was settled and the disc still
         has its goal free: a prune now would do nothing that one did not.  Only a file of
@@ -6051,6 +6058,7 @@ def snapshot_host(store: Store, host: str, config: ServerConfig, *, now: dt.date
         entry = history_entry(backups, record, name=name, now=now, first=newest is None, config=config)
         suspicious = entry["suspicious"]
         store.write_history(host, backups + [entry])
+        store.forget_plan()
         store.clear_dirty(host)
     log.info("snapshot host=%s name=%s size=%s added=%s", host, name,
              format_size(record["size"]), format_size(record["added"]))
@@ -6339,13 +6347,18 @@ def prune_would_act(store: Store, config: ServerConfig, now: dt.datetime) -> boo
     hosts = store.hosts()
     if store.unfinished_hosts(hosts):
         return True
+    # Root's last plan answers for the store where it was settled, for these very hosts,
+    # and the disc still has its goal free: every snapshot forgets the one before and its
+    # prune notes its own, so it was made from the histories the store holds.  That spares
+    # each push of a big server a read of every host's history and a plan (~0.6 s at 1,000
+    # hosts), and hosts with accounts of their own (receiver = userns), who cannot list
+    # each other's snapshots, a root prune before every push.
+    if store.last_plan_settled(hosts):
+        return False
     try:
         state = read_prune_state(store, now, config.rsync_timeout)
     except PermissionError:
-        # Hosts with accounts of their own (receiver = userns) cannot list each other's
-        # snapshots: root's last plan answers for them (every snapshot's prune writes it).
-        # Without it, every push of a store of several such hosts ran a root prune first.
-        return not store.last_plan_settled(hosts)
+        return True         # nothing else to go by: ask root
     plan = plan_prune(state, now=now, config=config)
     return bool(plan.rollbacks or plan.accepted or plan.short(plan.free))
 

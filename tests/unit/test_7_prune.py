@@ -448,6 +448,37 @@ def test_a_push_skips_its_prune_only_where_the_plan_would_do_nothing(tiny):
     assert len(tiny.names("web1")) == 5                       # it only looked
 
 
+def test_a_push_takes_root_s_settled_plan_for_the_store(tiny):
+    """Root's last plan, settled for these very hosts with its goal still free, answers without
+    a read of every history; any other plan, or one not root's, is the plan's to decide."""
+    _week(tiny)
+    tiny.disc(total=1000, per_snapshot=170, fixed=10)         # short: prune_store would delete
+    path = tiny.store.last_plan_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"settled": true, "goal": 100, "hosts": ["web1"]}')     # 140 free
+    assert byteback.prune_would_act(tiny.store, CONFIG, NOW) is False
+    for note in ('{"settled": true, "goal": 150, "hosts": ["web1"]}',          # its goal is not free
+                 '{"settled": false, "goal": 100, "hosts": ["web1"]}',
+                 '{"settled": true, "goal": 100, "hosts": ["web1", "db1"]}'):   # made for other hosts
+        path.write_text(note)
+        assert byteback.prune_would_act(tiny.store, CONFIG, NOW) is True, note
+    path.write_text('{"settled": true, "goal": 100, "hosts": ["web1"]}')
+    os.chown(path, 1000, 1000)                                 # the backup user's: not believed
+    assert byteback.prune_would_act(tiny.store, CONFIG, NOW) is True
+
+
+def test_a_snapshot_forgets_root_s_last_plan(tiny):
+    """A snapshot changes its host's history: the plan before it no longer answers for the store."""
+    _week(tiny)
+    tiny.store.as_root = True
+    path = tiny.store.last_plan_path()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"settled": true, "goal": 0, "hosts": ["web1"]}')
+    (tiny.store.current("web1") / "file").write_bytes(b"new")
+    byteback.snapshot_host(tiny.store, "web1", CONFIG, now=NOW + dt.timedelta(hours=7))
+    assert not path.exists()
+
+
 def test_a_push_prunes_first_where_any_upload_is_unfinished(tiny):
     _week(tiny)
     tiny.disc(total=10000, per_snapshot=100)
